@@ -1,0 +1,115 @@
+//! Locating server binaries and asking them for their version.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::Error;
+
+/// Finds the executable `name` on `PATH`.
+///
+/// `setup_hint` is the command that installs the binary (for example
+/// `scripts/setup`); it is named in the [`Error::MissingBinary`] message so
+/// that a developer running the tests knows what to do.
+///
+/// See [`find_binary_in`] to also search directories that are not on `PATH`.
+pub fn find_binary(name: &str, setup_hint: &str) -> Result<PathBuf, Error> {
+    find_binary_in(name, &[], setup_hint)
+}
+
+/// Finds the executable `name` in `extra_dirs` or on `PATH`.
+///
+/// The extra directories are searched first, in order, then the `PATH`
+/// entries: a binary installed for the project (for example by a setup
+/// script into a project-local directory) wins over whatever happens to be
+/// installed system-wide. Use [`find_binary_candidates`] and
+/// [`binary_version`] when the choice must depend on the version.
+///
+/// Returns [`Error::MissingBinary`], naming `setup_hint` as the install
+/// command, when no executable file called `name` is found.
+pub fn find_binary_in(
+    name: &str,
+    extra_dirs: &[PathBuf],
+    setup_hint: &str,
+) -> Result<PathBuf, Error> {
+    find_binary_candidates(name, extra_dirs)
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::MissingBinary {
+            name: name.to_owned(),
+            dirs: extra_dirs.to_vec(),
+            setup: setup_hint.to_owned(),
+        })
+}
+
+/// Lists every executable called `name` in `extra_dirs` and on `PATH`, in
+/// search order (extra directories first), without duplicates.
+///
+/// Useful to pick a binary by its version (see [`binary_version`]) rather
+/// than by its position on `PATH`.
+pub fn find_binary_candidates(name: &str, extra_dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    let path_dirs = std::env::split_paths(&path_var).filter(|dir| !dir.as_os_str().is_empty());
+    let mut found: Vec<PathBuf> = Vec::new();
+    for dir in extra_dirs.iter().cloned().chain(path_dirs) {
+        let candidate = dir.join(name);
+        if is_executable(&candidate) && !found.contains(&candidate) {
+            found.push(candidate);
+        }
+    }
+    found
+}
+
+/// Runs the binary at `path` with `args` (typically `["--version"]`) and
+/// returns its standard output followed by its standard error, each
+/// trimmed, joined by a newline when both are non-empty.
+///
+/// Both streams are included because some servers print their version on
+/// standard error. This blocks the calling thread until the binary exits,
+/// which is fine for a version query.
+///
+/// Returns [`Error::CommandFailed`] if the binary exits unsuccessfully, and
+/// [`Error::Io`] if it cannot be run at all.
+pub fn binary_version(path: &Path, args: &[&str]) -> Result<String, Error> {
+    let command = command_line(path, args);
+    let output = Command::new(path)
+        .args(args)
+        .output()
+        .map_err(|e| Error::io(format!("running `{command}`"), e))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let text = [stdout.trim(), stderr.trim()]
+        .into_iter()
+        .filter(|stream| !stream.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    if output.status.success() {
+        Ok(text)
+    } else {
+        Err(Error::CommandFailed {
+            command,
+            status: output.status,
+            output: text,
+        })
+    }
+}
+
+fn command_line(path: &Path, args: &[&str]) -> String {
+    std::iter::once(path.as_os_str())
+        .chain(args.iter().map(OsStr::new))
+        .map(OsStr::to_string_lossy)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(unix)]
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(not(unix))]
+fn is_executable(path: &Path) -> bool {
+    path.is_file()
+}

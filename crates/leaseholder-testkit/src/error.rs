@@ -1,0 +1,60 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+
+/// Everything that can go wrong while setting up test infrastructure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A required binary is neither on `PATH` nor in the extra directories
+    /// that were searched.
+    #[error("{name} not found on PATH or in {dirs:?}; install it with `{setup}`")]
+    MissingBinary {
+        /// The binary that was looked for, e.g. `nats-server`.
+        name: String,
+        /// The extra directories that were searched besides `PATH`.
+        dirs: Vec<PathBuf>,
+        /// The command that installs the binary, e.g. `scripts/setup`.
+        setup: String,
+    },
+
+    /// An I/O operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, e.g. `binding 127.0.0.1:0`.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A command ran but exited unsuccessfully.
+    #[error("`{command}` failed with {status}: {output}")]
+    CommandFailed {
+        /// The command line that was run.
+        command: String,
+        /// How it exited.
+        status: ExitStatus,
+        /// Its trimmed standard output and standard error.
+        output: String,
+    },
+
+    /// The child process has already exited and been reaped, so it can no
+    /// longer be signalled (its PID may belong to another process by now).
+    #[error("process {pid} has already exited")]
+    ProcessExited {
+        /// The PID the process had.
+        pid: u32,
+    },
+}
+
+impl Error {
+    /// Wraps an I/O error with a description of what was being done.
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

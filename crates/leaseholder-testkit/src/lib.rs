@@ -1,0 +1,31 @@
+//! Test support for `leaseholder`.
+//!
+//! This crate is meant for tests only (it is not published). It provides:
+//!
+//! - [`free_port`]: a free TCP port on the loopback interface;
+//! - [`find_binary`], [`find_binary_in`] and [`binary_version`]: locating the
+//!   server binaries a test needs, and checking their versions, with an error
+//!   that tells the developer how to install what is missing;
+//! - [`ChildGuard`] and [`TempDir`]: servers run as child processes listening
+//!   on free loopback ports, each with its own scratch directory; both are
+//!   cleaned up on drop, so a failing or panicking test leaks neither
+//!   processes nor files;
+//! - [`TcpProxy`]: a TCP proxy placed between a client and a server to inject
+//!   faults (cut the link, blackhole it, add latency) and heal it again.
+//!
+//! Wrappers that start real servers (NATS, Postgres, Redis, etcd) build on
+//! these pieces, one module per server.
+
+#![warn(missing_docs)]
+
+mod binary;
+mod error;
+mod port;
+mod process;
+mod proxy;
+
+pub use binary::{binary_version, find_binary, find_binary_candidates, find_binary_in};
+pub use error::Error;
+pub use port::free_port;
+pub use process::{ChildGuard, TempDir};
+pub use proxy::{LinkState, TcpProxy};

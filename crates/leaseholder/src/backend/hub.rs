@@ -1,0 +1,166 @@
+//! One watch subscription per backend, demultiplexed to the keys' campaigns.
+//!
+//! The first [`Subscription`] starts a watcher task. The task calls
+//! `BackendEdge::watch`, forwards each event to the subscribers of its key
+//! (and [`WatchEvent::Resync`] to all), and when the stream ends it
+//! reconnects with capped backoff and sends `Resync` once it is back, since
+//! events may have been missed. The task ends when the backend is dropped
+//! (its `Hub` aborts it) or when the backend cannot watch.
+//!
+//! Lock order: only `Hub::state` is ever locked, never across an `.await`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::{Key, WatchEvent, WatchStream};
+use crate::error::BackendError;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+pub(crate) struct Hub {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    subs: HashMap<Key, Vec<(u64, mpsc::UnboundedSender<WatchEvent>)>>,
+    next_id: u64,
+    task: Option<JoinHandle<()>>,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic while holding this lock cannot leave the map inconsistent
+    // (every critical section is a single insert, remove or iteration), so a
+    // poisoned lock is safe to keep using.
+    state.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl Hub {
+    pub(crate) fn subscribe<C, F>(&self, key: &Key, connect: C) -> Subscription
+    where
+        C: Fn() -> F + Send + 'static,
+        F: Future<Output = Option<Result<Option<WatchStream>, BackendError>>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut state = lock(&self.state);
+        let id = state.next_id;
+        state.next_id += 1;
+        state.subs.entry(key.clone()).or_default().push((id, tx));
+        if state.task.is_none() {
+            let weak = Arc::downgrade(&self.state);
+            state.task = Some(tokio::spawn(run(weak, connect)));
+        }
+        Subscription {
+            key: key.clone(),
+            id,
+            rx,
+            hub: Arc::downgrade(&self.state),
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.state).task.take() {
+            task.abort();
+        }
+    }
+}
+
+fn dispatch(state: &Weak<Mutex<State>>, event: WatchEvent) -> bool {
+    let Some(state) = state.upgrade() else {
+        return false;
+    };
+    let state = lock(&state);
+    match &event {
+        WatchEvent::Released(key) | WatchEvent::Updated(key, _) => {
+            for (_, tx) in state.subs.get(key).into_iter().flatten() {
+                let _ = tx.send(event.clone());
+            }
+        }
+        WatchEvent::Resync => {
+            for (_, tx) in state.subs.values().flatten() {
+                let _ = tx.send(WatchEvent::Resync);
+            }
+        }
+    }
+    true
+}
+
+async fn run<C, F>(state: Weak<Mutex<State>>, connect: C)
+where
+    C: Fn() -> F,
+    F: Future<Output = Option<Result<Option<WatchStream>, BackendError>>>,
+{
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match connect().await {
+            None => return,
+            Some(Ok(None)) => {
+                tracing::debug!("backend has no watch; followers poll");
+                return;
+            }
+            Some(Ok(Some(mut stream))) => {
+                backoff = BACKOFF_MIN;
+                if !dispatch(&state, WatchEvent::Resync) {
+                    return;
+                }
+                while let Some(event) = stream.next().await {
+                    if !dispatch(&state, event) {
+                        return;
+                    }
+                }
+                tracing::debug!("watch stream ended; reconnecting");
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "watch failed; followers fall back to timers");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// The watch events of one key, from its backend's single watch.
+///
+/// Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    key: Key,
+    id: u64,
+    rx: mpsc::UnboundedReceiver<WatchEvent>,
+    hub: Weak<Mutex<State>>,
+}
+
+impl Subscription {
+    /// The next event. Pending forever if the backend cannot watch or was
+    /// dropped; use it in a `select!` beside timers.
+    pub async fn next(&mut self) -> WatchEvent {
+        match self.rx.recv().await {
+            Some(event) => event,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(state) = self.hub.upgrade() {
+            let mut state = lock(&state);
+            if let Some(list) = state.subs.get_mut(&self.key) {
+                list.retain(|(id, _)| *id != self.id);
+                if list.is_empty() {
+                    state.subs.remove(&self.key);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,574 @@
+//! An in-process store: no server, leases expire on tokio's clock.
+//!
+//! A [`MemoryStore`] is shared by many candidates in one process; each
+//! candidate talks to it through its own [`MemoryBackend`], which can inject
+//! faults into that candidate's calls only (fail, hang, lose the reply,
+//! delay, partition). Because expiry uses `tokio::time`, tests under
+//! `#[tokio::test(start_paused = true)]` run a ttl in no wall time.
+//!
+//! ```
+//! use std::time::Duration;
+//! use leaseholder::{Backend, Leader, MemoryStore};
+//!
+//! # fn main() -> Result<(), leaseholder::Error> {
+//! let store = MemoryStore::new();
+//! let edge = store.backend();
+//! let faults = edge.faults();
+//! let leader = Leader::builder("jobs")
+//!     .backend(Backend::new(edge))
+//!     .ttl(Duration::from_secs(2))
+//!     .build()?;
+//! faults.fail_next(1); // the next call of this candidate fails
+//! # let _ = leader;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::broadcast;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use super::{
+    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Renewed,
+    WatchEvent, WatchStream,
+};
+use crate::error::{BackendError, Op};
+
+/// An in-process lease store. Cheap to clone; clones share the store.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    inner: Arc<StoreInner>,
+}
+
+struct StoreInner {
+    state: Mutex<StoreState>,
+    events: broadcast::Sender<WatchEvent>,
+    delayed: Mutex<Vec<AbortHandle>>,
+}
+
+impl Default for StoreInner {
+    fn default() -> Self {
+        StoreInner {
+            state: Mutex::default(),
+            events: broadcast::channel(4096).0,
+            delayed: Mutex::default(),
+        }
+    }
+}
+
+impl Drop for StoreInner {
+    fn drop(&mut self) {
+        for task in lock(&self.delayed).drain(..) {
+            task.abort();
+        }
+    }
+}
+
+#[derive(Default)]
+struct StoreState {
+    entries: HashMap<Key, Entry>,
+    /// The last token issued per key; never decreases, survives release.
+    tokens: HashMap<Key, u64>,
+    revision: u64,
+    setups: u64,
+}
+
+struct Entry {
+    value: Bytes,
+    token: Option<FencingToken>,
+    revision: u64,
+    expires_at: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section below leaves the state consistent before it can
+    // panic, so a poisoned lock is safe to keep using.
+    m.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    /// A new client of this store, with its own fault injector.
+    pub fn backend(&self) -> MemoryBackend {
+        MemoryBackend {
+            store: self.clone(),
+            faults: Faults::default(),
+        }
+    }
+
+    /// Writes a raw value under `key` that lives for `ttl`, bypassing the
+    /// lease rules: a foreign lease, as another program would leave it.
+    pub fn put_raw(&self, key: &Key, value: impl Into<Bytes>, ttl: Duration) {
+        let now = Instant::now();
+        let mut state = self.lock_swept(now);
+        state.revision += 1;
+        let revision = state.revision;
+        state.entries.insert(
+            key.clone(),
+            Entry {
+                value: value.into(),
+                token: None,
+                revision,
+                expires_at: now + ttl,
+            },
+        );
+        drop(state);
+        let _ = self
+            .inner
+            .events
+            .send(WatchEvent::Updated(key.clone(), None));
+    }
+
+    /// Removes whatever is stored under `key`, as an operator would.
+    pub fn force_delete(&self, key: &Key) {
+        let removed = self.lock_swept(Instant::now()).entries.remove(key);
+        if removed.is_some() {
+            let _ = self.inner.events.send(WatchEvent::Released(key.clone()));
+        }
+    }
+
+    /// The last fencing token issued for `key`.
+    pub fn last_token(&self, key: &Key) -> Option<FencingToken> {
+        lock(&self.inner.state)
+            .tokens
+            .get(key)
+            .copied()
+            .map(FencingToken::new)
+    }
+
+    /// How many times `setup` has run.
+    pub fn setups(&self) -> u64 {
+        lock(&self.inner.state).setups
+    }
+
+    /// Locks the state after removing expired entries, and tells watchers
+    /// about each one.
+    fn lock_swept(&self, now: Instant) -> MutexGuard<'_, StoreState> {
+        let mut state = lock(&self.inner.state);
+        let expired: Vec<Key> = state
+            .entries
+            .iter()
+            .filter(|(_, e)| e.expires_at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in expired {
+            state.entries.remove(&key);
+            let _ = self.inner.events.send(WatchEvent::Released(key));
+        }
+        state
+    }
+
+    fn next_expiry(&self) -> Option<Instant> {
+        lock(&self.inner.state)
+            .entries
+            .values()
+            .map(|e| e.expires_at)
+            .min()
+    }
+
+    fn apply(&self, call: &Call) -> Result<Reply, BackendError> {
+        let now = Instant::now();
+        let mut state = self.lock_swept(now);
+        let event;
+        let reply = match call {
+            Call::Setup => {
+                state.setups += 1;
+                return Ok(Reply::Setup);
+            }
+            Call::Holder(key) => {
+                return Ok(Reply::Holder(
+                    state.entries.get(key).map(|e| e.holder(now)),
+                ));
+            }
+            Call::Acquire(key, claim, ttl) => {
+                if let Some(entry) = state.entries.get(key) {
+                    return Ok(Reply::Acquire(Acquired::Held(entry.holder(now))));
+                }
+                let token = state.tokens.get(key).copied().unwrap_or(0) + 1;
+                state.tokens.insert(key.clone(), token);
+                state.revision += 1;
+                let lease = Lease::new(claim, FencingToken::new(token), state.revision);
+                let entry = Entry {
+                    value: lease.value().encode(),
+                    token: Some(lease.token()),
+                    revision: lease.revision(),
+                    expires_at: now + *ttl,
+                };
+                event = WatchEvent::Updated(key.clone(), Some(entry.holder(now)));
+                state.entries.insert(key.clone(), entry);
+                Reply::Acquire(Acquired::Won(lease))
+            }
+            Call::Renew(key, lease, ttl) => {
+                state.revision += 1;
+                let revision = state.revision;
+                match state.entries.get_mut(key) {
+                    Some(entry) if entry.nonce() == Some(lease.nonce()) => {
+                        entry.revision = revision;
+                        entry.expires_at = now + *ttl;
+                        event = WatchEvent::Updated(key.clone(), Some(entry.holder(now)));
+                        Reply::Renew(Renewed::Renewed(lease.with_revision(revision)))
+                    }
+                    _ => return Ok(Reply::Renew(Renewed::Lost)),
+                }
+            }
+            Call::Release(key, lease) => {
+                let ours = state
+                    .entries
+                    .get(key)
+                    .is_some_and(|e| e.nonce() == Some(lease.nonce()));
+                if !ours {
+                    return Ok(Reply::Release);
+                }
+                state.entries.remove(key);
+                event = WatchEvent::Released(key.clone());
+                Reply::Release
+            }
+        };
+        drop(state);
+        let _ = self.inner.events.send(event);
+        Ok(reply)
+    }
+}
+
+impl Entry {
+    fn nonce(&self) -> Option<super::Nonce> {
+        LeaseValue::decode(&self.value).ok().map(|v| v.nonce)
+    }
+
+    fn holder(&self, now: Instant) -> Holder {
+        Holder::decode(
+            &self.value,
+            self.token,
+            self.revision,
+            Some(self.expires_at.saturating_duration_since(now)),
+        )
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = lock(&self.inner.state);
+        f.debug_struct("MemoryStore")
+            .field("leases", &state.entries.len())
+            .field("revision", &state.revision)
+            .finish()
+    }
+}
+
+enum Call {
+    Setup,
+    Acquire(Key, Claim, Duration),
+    Renew(Key, Lease, Duration),
+    Release(Key, Lease),
+    Holder(Key),
+}
+
+impl Call {
+    fn op(&self) -> Op {
+        match self {
+            Call::Setup => Op::Setup,
+            Call::Acquire(..) => Op::Acquire,
+            Call::Renew(..) => Op::Renew,
+            Call::Release(..) => Op::Release,
+            Call::Holder(..) => Op::Holder,
+        }
+    }
+}
+
+enum Reply {
+    Setup,
+    Acquire(Acquired),
+    Renew(Renewed),
+    Release,
+    Holder(Option<Holder>),
+}
+
+/// A fault to inject into one candidate's calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// The call fails with [`BackendError::Unavailable`] and does nothing.
+    Fail,
+    /// The call never replies and does nothing (the campaign's timeout ends
+    /// it).
+    Hang,
+    /// The call takes effect, but its reply is lost: it fails with
+    /// [`BackendError::Unavailable`].
+    LoseReply,
+    /// The request arrives after the delay, takes effect then, and replies.
+    /// It takes effect even if the caller gave up in the meantime, like a
+    /// request stuck in the network.
+    Delay(Duration),
+}
+
+/// A candidate's fault injector. Cheap to clone; clones control the same
+/// [`MemoryBackend`].
+#[derive(Clone, Default)]
+pub struct Faults {
+    inner: Arc<Mutex<FaultState>>,
+}
+
+#[derive(Default)]
+struct FaultState {
+    queue: VecDeque<(Option<Op>, Fault)>,
+    partitioned: bool,
+    calls: u64,
+}
+
+impl Faults {
+    /// Queues `fault` for the next `n` calls (of any operation).
+    pub fn inject(&self, fault: Fault, n: usize) {
+        let mut state = lock(&self.inner);
+        state.queue.extend(std::iter::repeat_n((None, fault), n));
+    }
+
+    /// Queues `fault` for the next `n` calls of `op` only; calls of other
+    /// operations pass.
+    pub fn inject_on(&self, op: Op, fault: Fault, n: usize) {
+        let mut state = lock(&self.inner);
+        state.queue.extend(std::iter::repeat_n((Some(op), fault), n));
+    }
+
+    /// The next `n` calls fail.
+    pub fn fail_next(&self, n: usize) {
+        self.inject(Fault::Fail, n);
+    }
+
+    /// The next `n` calls hang.
+    pub fn hang_next(&self, n: usize) {
+        self.inject(Fault::Hang, n);
+    }
+
+    /// The next `n` calls take effect but lose their reply.
+    pub fn lose_reply_next(&self, n: usize) {
+        self.inject(Fault::LoseReply, n);
+    }
+
+    /// Cuts this candidate off the store: every call fails and its watch
+    /// ends, until [`heal`](Self::heal).
+    pub fn partition(&self) {
+        lock(&self.inner).partitioned = true;
+    }
+
+    /// Ends a [`partition`](Self::partition).
+    pub fn heal(&self) {
+        lock(&self.inner).partitioned = false;
+    }
+
+    /// Drops every queued fault (a partition stays).
+    pub fn clear(&self) {
+        lock(&self.inner).queue.clear();
+    }
+
+    /// `true` while partitioned.
+    pub fn is_partitioned(&self) -> bool {
+        lock(&self.inner).partitioned
+    }
+
+    /// How many calls this candidate has made (faulted ones included).
+    pub fn calls(&self) -> u64 {
+        lock(&self.inner).calls
+    }
+
+    fn take(&self, op: Op) -> Option<Fault> {
+        let mut state = lock(&self.inner);
+        state.calls += 1;
+        if state.partitioned {
+            return Some(Fault::Fail);
+        }
+        let at = state
+            .queue
+            .iter()
+            .position(|(only, _)| only.is_none_or(|o| o == op))?;
+        state.queue.remove(at).map(|(_, fault)| fault)
+    }
+}
+
+impl fmt::Debug for Faults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = lock(&self.inner);
+        f.debug_struct("Faults")
+            .field("queued", &state.queue.len())
+            .field("partitioned", &state.partitioned)
+            .finish()
+    }
+}
+
+/// One candidate's client of a [`MemoryStore`], with its own [`Faults`].
+#[derive(Clone, Debug)]
+pub struct MemoryBackend {
+    store: MemoryStore,
+    faults: Faults,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Injected {
+    #[error("injected failure")]
+    Fail,
+    #[error("injected lost reply (the call took effect)")]
+    LostReply,
+    #[error("partitioned from the store")]
+    Partitioned,
+}
+
+impl MemoryBackend {
+    /// This candidate's fault injector.
+    pub fn faults(&self) -> Faults {
+        self.faults.clone()
+    }
+
+    /// The store behind it.
+    pub fn store(&self) -> &MemoryStore {
+        &self.store
+    }
+
+    async fn call(&self, call: Call) -> Result<Reply, BackendError> {
+        match self.faults.take(call.op()) {
+            None => self.store.apply(&call),
+            Some(Fault::Fail) if self.faults.is_partitioned() => {
+                Err(BackendError::unavailable(Injected::Partitioned))
+            }
+            Some(Fault::Fail) => Err(BackendError::unavailable(Injected::Fail)),
+            Some(Fault::Hang) => std::future::pending().await,
+            Some(Fault::LoseReply) => {
+                let _ = self.store.apply(&call);
+                Err(BackendError::unavailable(Injected::LostReply))
+            }
+            Some(Fault::Delay(delay)) => {
+                let store = self.store.clone();
+                let task = tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    store.apply(&call)
+                });
+                lock(&self.store.inner.delayed).push(task.abort_handle());
+                match task.await {
+                    Ok(reply) => reply,
+                    Err(e) => Err(BackendError::unavailable(e)),
+                }
+            }
+        }
+    }
+}
+
+fn unexpected() -> BackendError {
+    BackendError::fatal("memory store replied to a different call")
+}
+
+impl BackendEdge for MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn setup(&self) -> Result<(), BackendError> {
+        match self.call(Call::Setup).await? {
+            Reply::Setup => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn acquire(
+        &self,
+        key: &Key,
+        claim: &Claim,
+        ttl: Duration,
+    ) -> Result<Acquired, BackendError> {
+        match self
+            .call(Call::Acquire(key.clone(), claim.clone(), ttl))
+            .await?
+        {
+            Reply::Acquire(a) => Ok(a),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn renew(&self, key: &Key, lease: &Lease, ttl: Duration) -> Result<Renewed, BackendError> {
+        match self.call(Call::Renew(key.clone(), lease.clone(), ttl)).await? {
+            Reply::Renew(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+        match self.call(Call::Release(key.clone(), lease.clone())).await? {
+            Reply::Release => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+        match self.call(Call::Holder(key.clone())).await? {
+            Reply::Holder(h) => Ok(h),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {
+        if self.faults.is_partitioned() {
+            return Err(BackendError::unavailable(Injected::Partitioned));
+        }
+        let state = WatchState {
+            rx: self.store.inner.events.subscribe(),
+            store: self.store.clone(),
+            faults: self.faults.clone(),
+        };
+        let stream = futures_util::stream::unfold(state, |mut s| async move {
+            let event = s.next().await?;
+            Some((event, s))
+        });
+        Ok(Some(Box::pin(stream)))
+    }
+
+    fn watch_reports_expiry(&self) -> bool {
+        true
+    }
+}
+
+struct WatchState {
+    rx: broadcast::Receiver<WatchEvent>,
+    store: MemoryStore,
+    faults: Faults,
+}
+
+impl WatchState {
+    /// The next event, sweeping expired leases when the earliest expires;
+    /// `None` (the stream ends) once this candidate is partitioned.
+    async fn next(&mut self) -> Option<WatchEvent> {
+        loop {
+            if self.faults.is_partitioned() {
+                return None;
+            }
+            let sweep_at = self.store.next_expiry();
+            tokio::select! {
+                received = self.rx.recv() => match received {
+                    Ok(event) if self.faults.is_partitioned() => {
+                        let _ = event;
+                        return None;
+                    }
+                    Ok(event) => return Some(event),
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Some(WatchEvent::Resync),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                () = sleep_until(sweep_at) => {
+                    drop(self.store.lock_swept(Instant::now()));
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,814 @@
+//! The lease contract: the [`BackendEdge`] trait every store implements, the
+//! values it trades in, and [`Backend`], the cheap, shareable handle the
+//! campaign uses.
+//!
+//! # The contract
+//!
+//! A backend stores, per [`Key`], at most one *lease*. A lease carries a
+//! random [`Nonce`] minted by the campaign for each attempt, a
+//! [`FencingToken`], the candidate's [`LeaderId`] and small metadata.
+//! Ownership is the nonce, never the candidate id: two handles with the same
+//! id never adopt each other's lease.
+//!
+//! | method | must |
+//! |---|---|
+//! | [`setup`](BackendEdge::setup) | be idempotent and safe when many candidates call it at once |
+//! | [`acquire`](BackendEdge::acquire) | atomically create a lease if none is live, with a token greater than every token ever issued for the key; else report the holder. Never overwrite a live lease |
+//! | [`renew`](BackendEdge::renew) | atomically extend the lease with this nonce; [`Renewed::Lost`] if it is gone or another's. Never resurrect an expired lease |
+//! | [`release`](BackendEdge::release) | end the lease only if it still has this nonce (compare-and-delete); idempotent; never make a later token smaller |
+//! | [`holder`](BackendEdge::holder) | return the live lease with an expiry hint |
+//! | [`watch`](BackendEdge::watch) | optionally stream change events for all keys |
+//!
+//! **Whose clock.** Expiry is decided by the store's clock (a message TTL, a
+//! database's `clock_timestamp()`, an in-process tokio clock); two
+//! machines' clocks are never compared. The expiry hint returned by
+//! [`holder`](BackendEdge::holder) only times followers' wake-ups; the
+//! leader's deadline comes from its own monotonic clock.
+//!
+//! **Ambiguous replies.** A write whose reply was lost may have taken
+//! effect. The campaign then calls [`holder`](BackendEdge::holder) and
+//! compares nonces, so `holder` must return the nonce of the lease it sees.
+//!
+//! **Foreign values.** A value the backend cannot decode (another library's,
+//! garbage) is a live lease held by someone unknown: report it as
+//! [`Holder::foreign`], never as free and never by panicking.
+//!
+//! The [`conformance`](crate::conformance) module (feature `conformance`)
+//! checks every row of this contract against a real store.
+
+mod hub;
+pub mod memory;
+mod value;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_core::Stream;
+
+use crate::error::{BackendError, ConfigError};
+
+pub use hub::Subscription;
+pub use value::{DecodeError, LeaseValue};
+
+/// The longest key, in bytes, that any backend accepts.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// The largest candidate metadata, in bytes.
+pub const MAX_METADATA_LEN: usize = 512;
+
+/// The name of a lease: one leader per key.
+///
+/// Cheap to clone. Built by [`Key::new`], which applies the rules every
+/// backend shares (not empty, at most [`MAX_KEY_LEN`] bytes, no control
+/// characters); a backend may add its own in
+/// [`BackendEdge::validate_key`].
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(Arc<str>);
+
+impl Key {
+    /// Checks the rules every backend shares and returns the key.
+    ///
+    /// ```
+    /// use leaseholder::Key;
+    /// assert!(Key::new("scheduler").is_ok());
+    /// assert!(Key::new("").is_err());
+    /// ```
+    pub fn new(key: impl AsRef<str>) -> Result<Key, ConfigError> {
+        let key = key.as_ref();
+        if key.is_empty() {
+            return Err(ConfigError::EmptyKey);
+        }
+        if key.len() > MAX_KEY_LEN {
+            return Err(ConfigError::KeyTooLong {
+                len: key.len(),
+                max: MAX_KEY_LEN,
+            });
+        }
+        if let Some(ch) = key.chars().find(|c| c.is_control()) {
+            return Err(ConfigError::KeyCharacter {
+                key: key.to_owned(),
+                ch,
+                backend: "any",
+                rule: "control characters are never allowed",
+            });
+        }
+        Ok(Key(key.into()))
+    }
+
+    /// A key that skipped the checks (only to name a rejected key).
+    pub(crate) fn unchecked(key: &str) -> Key {
+        Key(key.into())
+    }
+
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for Key {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A candidate's identity: a UUID v7, new for every [`Leader`](crate::Leader).
+///
+/// It tells followers and observers *who* leads. It never decides
+/// ownership of a lease; the per-term [`Nonce`] does.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaderId(uuid::Uuid);
+
+impl LeaderId {
+    /// A new, time-ordered id.
+    pub fn new() -> LeaderId {
+        LeaderId(uuid::Uuid::now_v7())
+    }
+
+    /// The id as a UUID.
+    pub fn as_uuid(&self) -> uuid::Uuid {
+        self.0
+    }
+
+    /// The id's 16 bytes.
+    pub const fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+}
+
+impl Default for LeaderId {
+    fn default() -> Self {
+        LeaderId::new()
+    }
+}
+
+impl From<uuid::Uuid> for LeaderId {
+    fn from(value: uuid::Uuid) -> Self {
+        LeaderId(value)
+    }
+}
+
+impl From<LeaderId> for uuid::Uuid {
+    fn from(value: LeaderId) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Debug for LeaderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaderId({})", self.0)
+    }
+}
+
+impl fmt::Display for LeaderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// A random 128-bit value minted for each acquisition attempt. It is what
+/// makes a lease *ours*.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Nonce(u128);
+
+impl Nonce {
+    /// A fresh random nonce.
+    pub fn random() -> Nonce {
+        Nonce(uuid::Uuid::new_v4().as_u128())
+    }
+
+    /// From raw bits (decoding, tests).
+    pub const fn from_u128(bits: u128) -> Nonce {
+        Nonce(bits)
+    }
+
+    /// The raw bits.
+    pub const fn as_u128(&self) -> u128 {
+        self.0
+    }
+}
+
+impl fmt::Debug for Nonce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Nonce({:08x}..)", (self.0 >> 96) as u32)
+    }
+}
+
+/// A number that grows with every term of a key: each lease gets a token
+/// strictly greater than every token issued before it for the same key.
+///
+/// Pass it along with every write the leader makes downstream, and have the
+/// downstream store reject writes with a token lower than the highest it has
+/// seen. That is the only protection against a leader that was paused (GC,
+/// SIGSTOP, a VM migration) past its lease and acts once before it notices.
+///
+/// ```
+/// use leaseholder::FencingToken;
+/// assert!(FencingToken::new(7) > FencingToken::new(3));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FencingToken(u64);
+
+impl FencingToken {
+    /// Wraps a raw token.
+    pub const fn new(value: u64) -> FencingToken {
+        FencingToken(value)
+    }
+
+    /// The raw value.
+    pub const fn get(&self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl From<FencingToken> for u64 {
+    fn from(value: FencingToken) -> Self {
+        value.0
+    }
+}
+
+/// What a candidate asks a backend to store when it tries to acquire a key.
+#[derive(Clone, Debug)]
+pub struct Claim {
+    /// The nonce that will identify the lease.
+    pub nonce: Nonce,
+    /// The candidate's id.
+    pub id: LeaderId,
+    /// The candidate's metadata (at most [`MAX_METADATA_LEN`] bytes).
+    pub metadata: Bytes,
+    /// The candidate's wall clock when it asked; informational only.
+    pub at: SystemTime,
+}
+
+impl Claim {
+    /// A claim with a fresh nonce.
+    pub fn new(id: LeaderId, metadata: Bytes) -> Claim {
+        Claim {
+            nonce: Nonce::random(),
+            id,
+            metadata,
+            at: SystemTime::now(),
+        }
+    }
+
+    /// The value to store for this claim with the token the store assigned.
+    pub fn value(&self, token: FencingToken) -> LeaseValue {
+        LeaseValue {
+            nonce: self.nonce,
+            id: self.id,
+            token: Some(token),
+            acquired_at: self.at,
+            metadata: self.metadata.clone(),
+        }
+    }
+}
+
+/// A lease this candidate holds, as returned by
+/// [`acquire`](BackendEdge::acquire) and [`renew`](BackendEdge::renew).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Lease {
+    nonce: Nonce,
+    token: FencingToken,
+    revision: u64,
+    id: LeaderId,
+    metadata: Bytes,
+    acquired_at: SystemTime,
+}
+
+impl Lease {
+    /// The lease created for `claim`, with the token and the store revision
+    /// (a version number the backend may use for compare-and-set; `0` if it
+    /// has none).
+    pub fn new(claim: &Claim, token: FencingToken, revision: u64) -> Lease {
+        Lease {
+            nonce: claim.nonce,
+            token,
+            revision,
+            id: claim.id,
+            metadata: claim.metadata.clone(),
+            acquired_at: claim.at,
+        }
+    }
+
+    /// The same lease at a new store revision (after a renewal).
+    pub fn with_revision(&self, revision: u64) -> Lease {
+        Lease {
+            revision,
+            ..self.clone()
+        }
+    }
+
+    /// The lease's nonce.
+    pub fn nonce(&self) -> Nonce {
+        self.nonce
+    }
+    /// The lease's fencing token.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+    /// The store revision of the last write.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+    /// The holder's id.
+    pub fn id(&self) -> LeaderId {
+        self.id
+    }
+    /// The holder's metadata.
+    pub fn metadata(&self) -> &Bytes {
+        &self.metadata
+    }
+    /// When the holder acquired it, by the holder's wall clock.
+    pub fn acquired_at(&self) -> SystemTime {
+        self.acquired_at
+    }
+
+    /// The value to store for this lease.
+    pub fn value(&self) -> LeaseValue {
+        LeaseValue {
+            nonce: self.nonce,
+            id: self.id,
+            token: Some(self.token),
+            acquired_at: self.acquired_at,
+            metadata: self.metadata.clone(),
+        }
+    }
+
+    /// The lease seen from outside, with an expiry hint.
+    pub fn holder(&self, expires_in: Option<Duration>) -> Holder {
+        Holder {
+            id: Some(self.id),
+            nonce: Some(self.nonce),
+            token: Some(self.token),
+            metadata: self.metadata.clone(),
+            acquired_at: Some(self.acquired_at),
+            revision: self.revision,
+            expires_in,
+        }
+    }
+}
+
+/// Who holds a key, as the store shows it.
+///
+/// A holder whose value could not be decoded is *foreign*
+/// ([`is_foreign`](Self::is_foreign)): a live lease of someone unknown.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Holder {
+    id: Option<LeaderId>,
+    nonce: Option<Nonce>,
+    token: Option<FencingToken>,
+    metadata: Bytes,
+    acquired_at: Option<SystemTime>,
+    revision: u64,
+    expires_in: Option<Duration>,
+}
+
+impl Holder {
+    /// The holder of a decoded value. `token` is the store's token when the
+    /// backend keeps it outside the value (it wins over the value's own).
+    pub fn from_value(
+        value: &LeaseValue,
+        token: Option<FencingToken>,
+        revision: u64,
+        expires_in: Option<Duration>,
+    ) -> Holder {
+        Holder {
+            id: Some(value.id),
+            nonce: Some(value.nonce),
+            token: token.or(value.token),
+            metadata: value.metadata.clone(),
+            acquired_at: Some(value.acquired_at),
+            revision,
+            expires_in,
+        }
+    }
+
+    /// Decodes a stored value; a value that does not decode gives a
+    /// [foreign](Self::foreign) holder.
+    pub fn decode(
+        bytes: &[u8],
+        token: Option<FencingToken>,
+        revision: u64,
+        expires_in: Option<Duration>,
+    ) -> Holder {
+        match LeaseValue::decode(bytes) {
+            Ok(value) => Holder::from_value(&value, token, revision, expires_in),
+            Err(_) => Holder::foreign(revision, expires_in),
+        }
+    }
+
+    /// A live lease whose value we cannot read.
+    pub fn foreign(revision: u64, expires_in: Option<Duration>) -> Holder {
+        Holder {
+            id: None,
+            nonce: None,
+            token: None,
+            metadata: Bytes::new(),
+            acquired_at: None,
+            revision,
+            expires_in,
+        }
+    }
+
+    /// The leader's id; `None` for a foreign lease.
+    pub fn id(&self) -> Option<LeaderId> {
+        self.id
+    }
+    /// The lease's nonce; `None` for a foreign lease.
+    pub fn nonce(&self) -> Option<Nonce> {
+        self.nonce
+    }
+    /// The lease's fencing token; `None` for a foreign lease.
+    pub fn token(&self) -> Option<FencingToken> {
+        self.token
+    }
+    /// The leader's metadata (empty for a foreign lease).
+    pub fn metadata(&self) -> &Bytes {
+        &self.metadata
+    }
+    /// When the leader acquired the lease, by the leader's wall clock.
+    pub fn since(&self) -> Option<SystemTime> {
+        self.acquired_at
+    }
+    /// The store's revision of the lease's last write.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+    /// How long until the store expires the lease unless it is renewed, as
+    /// far as the backend can tell. A hint for waking up, not a deadline.
+    pub fn expires_in(&self) -> Option<Duration> {
+        self.expires_in
+    }
+    /// `true` if the value could not be decoded.
+    pub fn is_foreign(&self) -> bool {
+        self.nonce.is_none()
+    }
+    /// `true` if this is the lease with `nonce`.
+    pub fn is_nonce(&self, nonce: Nonce) -> bool {
+        self.nonce == Some(nonce)
+    }
+}
+
+/// The result of [`BackendEdge::acquire`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Acquired {
+    /// The key was free; this is our new lease.
+    Won(Lease),
+    /// Someone holds a live lease.
+    Held(Holder),
+}
+
+/// The result of [`BackendEdge::renew`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Renewed {
+    /// The lease was extended by a full ttl from the store's point of view.
+    Renewed(Lease),
+    /// The lease with this nonce is no longer live (expired, released, or
+    /// replaced). Final: the campaign never tries to revive it.
+    Lost,
+}
+
+/// A change a backend's watch reports.
+///
+/// A watch is a hint: the campaign re-reads the store before acting on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WatchEvent {
+    /// The key became free (released, deleted, or expired).
+    Released(Key),
+    /// The key was written: acquired or renewed. Carries the holder when the
+    /// backend has it at hand.
+    Updated(Key, Option<Holder>),
+    /// Events may have been missed (reconnect, lag): re-read every key.
+    Resync,
+}
+
+/// The stream [`BackendEdge::watch`] returns. It ends when the
+/// subscription breaks; the backend's watcher then calls `watch` again.
+pub type WatchStream = Pin<Box<dyn Stream<Item = WatchEvent> + Send + 'static>>;
+
+/// A store that can hold leases: implement this for your own store, and run
+/// the [`conformance`](crate::conformance) suite against it.
+///
+/// The module docs above give the contract. Methods are called by one
+/// campaign task per key, at most one at a time per key; different keys'
+/// calls run concurrently. The campaign bounds every call with a timeout and
+/// drops the future when it passes, so a call must be cancel safe in the
+/// ordinary sense: a dropped call may or may not have taken effect, exactly
+/// like a reply lost in the network.
+///
+/// # Implementing
+///
+/// ```
+/// use std::time::Duration;
+/// use leaseholder::{Acquired, BackendEdge, BackendError, Claim, Holder, Key, Lease, Renewed};
+///
+/// struct MyStore;
+///
+/// impl BackendEdge for MyStore {
+///     fn name(&self) -> &'static str { "my-store" }
+///     async fn setup(&self) -> Result<(), BackendError> { Ok(()) }
+///     async fn acquire(&self, key: &Key, claim: &Claim, ttl: Duration) -> Result<Acquired, BackendError> {
+///         todo!("atomically create the lease if the key is free")
+///     }
+///     async fn renew(&self, key: &Key, lease: &Lease, ttl: Duration) -> Result<Renewed, BackendError> {
+///         todo!("extend the lease if its nonce still matches")
+///     }
+///     async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+///         todo!("compare-and-delete on the nonce")
+///     }
+///     async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+///         todo!("the live lease, decoded with Holder::decode")
+///     }
+/// }
+/// ```
+pub trait BackendEdge: Send + Sync + 'static {
+    /// A short name for messages, e.g. `"nats"`.
+    fn name(&self) -> &'static str;
+
+    /// The shortest ttl this store can express. Default: 1 ms.
+    fn min_ttl(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+
+    /// Extra rules for keys, beyond those of [`Key::new`]. Called by
+    /// `build()`. Default: accept.
+    fn validate_key(&self, key: &Key) -> Result<(), ConfigError> {
+        let _ = key;
+        Ok(())
+    }
+
+    /// Creates or validates what the store needs (bucket, table).
+    ///
+    /// Idempotent; safe when many candidates call it at once. An existing
+    /// object with settings that break the contract gives
+    /// [`BackendError::Misconfigured`] saying what to change.
+    fn setup(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Atomically: if `key` has no live lease, create one for `claim` with a
+    /// token strictly greater than every token ever issued for `key`, live
+    /// for at least `ttl` by the store's clock, and return it; otherwise
+    /// return the current holder. Never overwrites a live lease.
+    fn acquire(
+        &self,
+        key: &Key,
+        claim: &Claim,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Acquired, BackendError>> + Send;
+
+    /// Atomically extends the lease with `lease`'s nonce to at least `ttl`
+    /// from now by the store's clock, keeping its token. Returns
+    /// [`Renewed::Lost`] if that lease is no longer live; never resurrects
+    /// an expired lease. If the lease is still ours under a newer revision
+    /// (an earlier renewal whose reply was lost), renew that one rather than
+    /// reporting `Lost`.
+    fn renew(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Renewed, BackendError>> + Send;
+
+    /// Ends the lease only if it still has `lease`'s nonce. Idempotent.
+    /// Must not make the next token smaller.
+    fn release(
+        &self,
+        key: &Key,
+        lease: &Lease,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// The live lease for `key`, if any, with an expiry hint.
+    fn holder(
+        &self,
+        key: &Key,
+    ) -> impl Future<Output = Result<Option<Holder>, BackendError>> + Send;
+
+    /// One subscription to change events for all keys of this backend, or
+    /// `None` if the store cannot watch (then followers poll). Default:
+    /// `None`.
+    fn watch(&self) -> impl Future<Output = Result<Option<WatchStream>, BackendError>> + Send {
+        async { Ok(None) }
+    }
+
+    /// `true` if the watch reports expiry as [`WatchEvent::Released`]. When
+    /// it does and the watch is up, idle followers make no store calls at
+    /// all. Default: `false`.
+    fn watch_reports_expiry(&self) -> bool {
+        false
+    }
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The object-safe twin of [`BackendEdge`].
+trait DynEdge: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn min_ttl(&self) -> Duration;
+    fn validate_key(&self, key: &Key) -> Result<(), ConfigError>;
+    fn setup(&self) -> BoxFuture<'_, Result<(), BackendError>>;
+    fn acquire<'a>(
+        &'a self,
+        key: &'a Key,
+        claim: &'a Claim,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Acquired, BackendError>>;
+    fn renew<'a>(
+        &'a self,
+        key: &'a Key,
+        lease: &'a Lease,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Renewed, BackendError>>;
+    fn release<'a>(&'a self, key: &'a Key, lease: &'a Lease)
+    -> BoxFuture<'a, Result<(), BackendError>>;
+    fn holder<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Result<Option<Holder>, BackendError>>;
+    fn watch(&self) -> BoxFuture<'_, Result<Option<WatchStream>, BackendError>>;
+    fn watch_reports_expiry(&self) -> bool;
+}
+
+impl<T: BackendEdge> DynEdge for T {
+    fn name(&self) -> &'static str {
+        BackendEdge::name(self)
+    }
+    fn min_ttl(&self) -> Duration {
+        BackendEdge::min_ttl(self)
+    }
+    fn validate_key(&self, key: &Key) -> Result<(), ConfigError> {
+        BackendEdge::validate_key(self, key)
+    }
+    fn setup(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(BackendEdge::setup(self))
+    }
+    fn acquire<'a>(
+        &'a self,
+        key: &'a Key,
+        claim: &'a Claim,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Acquired, BackendError>> {
+        Box::pin(BackendEdge::acquire(self, key, claim, ttl))
+    }
+    fn renew<'a>(
+        &'a self,
+        key: &'a Key,
+        lease: &'a Lease,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Renewed, BackendError>> {
+        Box::pin(BackendEdge::renew(self, key, lease, ttl))
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a Key,
+        lease: &'a Lease,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(BackendEdge::release(self, key, lease))
+    }
+    fn holder<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Result<Option<Holder>, BackendError>> {
+        Box::pin(BackendEdge::holder(self, key))
+    }
+    fn watch(&self) -> BoxFuture<'_, Result<Option<WatchStream>, BackendError>> {
+        Box::pin(BackendEdge::watch(self))
+    }
+    fn watch_reports_expiry(&self) -> bool {
+        BackendEdge::watch_reports_expiry(self)
+    }
+}
+
+/// A store connection shared by many [`Leader`](crate::Leader)s.
+///
+/// Cheap to clone: clones share the store client and one watch subscription,
+/// demultiplexed to the keys' campaigns. A process campaigning for many keys
+/// should build one `Backend` and pass clones of it.
+///
+/// ```
+/// use leaseholder::{Backend, MemoryStore};
+/// let store = MemoryStore::new();
+/// let backend = Backend::memory(&store);
+/// let shared = backend.clone();
+/// # let _ = shared;
+/// ```
+#[derive(Clone)]
+pub struct Backend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    edge: Box<dyn DynEdge>,
+    hub: hub::Hub,
+}
+
+impl Backend {
+    /// Wraps any [`BackendEdge`].
+    pub fn new(edge: impl BackendEdge) -> Backend {
+        Backend {
+            inner: Arc::new(Inner {
+                edge: Box::new(edge),
+                hub: hub::Hub::default(),
+            }),
+        }
+    }
+
+    /// A backend on an in-process [`MemoryStore`](memory::MemoryStore).
+    pub fn memory(store: &memory::MemoryStore) -> Backend {
+        Backend::new(store.backend())
+    }
+
+    /// The backend's name.
+    pub fn name(&self) -> &'static str {
+        self.inner.edge.name()
+    }
+
+    /// See [`BackendEdge::min_ttl`].
+    pub fn min_ttl(&self) -> Duration {
+        self.inner.edge.min_ttl()
+    }
+
+    /// See [`BackendEdge::validate_key`].
+    pub fn validate_key(&self, key: &Key) -> Result<(), ConfigError> {
+        self.inner.edge.validate_key(key)
+    }
+
+    /// See [`BackendEdge::setup`].
+    pub async fn setup(&self) -> Result<(), BackendError> {
+        self.inner.edge.setup().await
+    }
+
+    /// See [`BackendEdge::acquire`].
+    pub async fn acquire(
+        &self,
+        key: &Key,
+        claim: &Claim,
+        ttl: Duration,
+    ) -> Result<Acquired, BackendError> {
+        self.inner.edge.acquire(key, claim, ttl).await
+    }
+
+    /// See [`BackendEdge::renew`].
+    pub async fn renew(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<Renewed, BackendError> {
+        self.inner.edge.renew(key, lease, ttl).await
+    }
+
+    /// See [`BackendEdge::release`].
+    pub async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+        self.inner.edge.release(key, lease).await
+    }
+
+    /// See [`BackendEdge::holder`].
+    pub async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+        self.inner.edge.holder(key).await
+    }
+
+    /// See [`BackendEdge::watch_reports_expiry`].
+    pub fn watch_reports_expiry(&self) -> bool {
+        self.inner.edge.watch_reports_expiry()
+    }
+
+    /// Subscribes to the watch events of one key. The first subscription
+    /// starts the backend's single watcher task; it stops when the last
+    /// `Backend` clone is dropped. Must be called inside a tokio runtime.
+    pub fn subscribe(&self, key: &Key) -> Subscription {
+        let weak = Arc::downgrade(&self.inner);
+        self.inner.hub.subscribe(key, move || {
+            let weak = weak.clone();
+            async move {
+                match weak.upgrade() {
+                    Some(inner) => Some(inner.edge.watch().await),
+                    None => None,
+                }
+            }
+        })
+    }
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name())
+            .finish_non_exhaustive()
+    }
+}

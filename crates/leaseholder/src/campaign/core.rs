@@ -1,0 +1,1027 @@
+//! The election state machine, free of I/O: events in, actions out.
+//!
+//! ```text
+//!            Start
+//!   Idle ───────────► SettingUp ──ok──► Follower ◄─────────────────────────┐
+//!                                        │  ▲  wake: watch Released/Resync, │
+//!                                acquire │  │  expiry hint + jitter, retry  │
+//!                                        ▼  │ held / not ours               │
+//!                                     Acquiring ──(ambiguous: read back)    │
+//!                                        │ won, reply before its deadline   │
+//!                                        ▼                                  │
+//!                                     Leading ── renew every interval       │
+//!                                        │  deadline passed, Lost, stop,    │
+//!                                        │  or the work returned            │
+//!                                        ▼                                  │
+//!                                     Ending: token cancelled; wait for the │
+//!                                     work, release (CAS), then ────────────┘
+//!                                                          or ──► Stopped
+//! ```
+//!
+//! Invariants (checked by the model tests in `tests/model.rs` and the unit
+//! tests below):
+//!
+//! 1. At most one store call is in flight ([`Core::op`]).
+//! 2. A term begins only if the acquire reply (or its read-back) arrived
+//!    before `sent_at + ttl - drift`, where `sent_at` is when the acquire was
+//!    sent; the store cannot expire the lease before `sent_at + ttl`.
+//! 3. A term's deadline is `sent_at + ttl - drift` of the latest request
+//!    known to have extended the lease; it only moves forward, and only on a
+//!    reply (or read-back) that proves the extension.
+//! 4. A term is cancelled at its deadline at the latest, and a cancelled
+//!    term is never revived: it is released (compare-and-delete) after its
+//!    work has returned, and the next term needs a new acquisition.
+//! 5. While the work of a term runs, no new term begins.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::backend::{Acquired, FencingToken, Holder, Lease, Nonce, Renewed, WatchEvent};
+use crate::config::Timing;
+use crate::error::{BackendError, Op};
+use crate::state::State;
+
+/// Why a term ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum EndReason {
+    /// The local deadline passed without a confirmed renewal.
+    Deadline,
+    /// The store says the lease is no longer ours.
+    Lost,
+    /// The work returned while we led.
+    WorkDone,
+    /// `resign()`.
+    Resign,
+    /// `shutdown()`, or the run was abandoned.
+    Shutdown,
+    /// A fatal store error.
+    Fatal,
+}
+
+/// How the campaign was asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum StopKind {
+    /// Step down from the current term, then keep campaigning.
+    Resign,
+    /// Drain, release, stop.
+    Shutdown,
+    /// Drop the work at once, release, stop (the runner went away).
+    Abandon,
+}
+
+/// Inputs to the machine.
+#[derive(Debug)]
+pub(crate) enum Input {
+    Start,
+    /// A timer fired (the machine checks what is due).
+    Tick,
+    Watch(WatchEvent),
+    Setup(Result<(), BackendError>),
+    Acquire(Result<Acquired, BackendError>),
+    Renew(Result<Renewed, BackendError>),
+    Holder(Result<Option<Holder>, BackendError>),
+    Release(Result<(), BackendError>),
+    WorkStarted(u64),
+    WorkEnded(u64),
+    Stop(StopKind),
+}
+
+/// Actions for the driver.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Output {
+    Setup,
+    Acquire { nonce: Nonce, timeout: Duration },
+    Renew { lease: Lease, timeout: Duration },
+    Release { lease: Lease, timeout: Duration },
+    ReadHolder { timeout: Duration },
+    BeginTerm { id: u64, lease: Lease, deadline: Instant },
+    Extend { id: u64, deadline: Instant },
+    CancelTerm { id: u64, reason: EndReason },
+    AbortWork { id: u64 },
+    TermEnded { id: u64 },
+    State(StateOut),
+    Stopped { error: Option<FatalError> },
+}
+
+/// A fatal store error that stopped the campaign. Compared by operation
+/// only (the model tests hash machine states).
+#[derive(Clone, Debug)]
+pub(crate) struct FatalError(pub(crate) Op, pub(crate) Arc<BackendError>);
+
+impl PartialEq for FatalError {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for FatalError {}
+
+impl std::hash::Hash for FatalError {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+/// A state to publish (a copy of [`State`] that is `PartialEq` for tests).
+#[derive(Debug, Clone)]
+pub(crate) struct StateOut(pub(crate) State);
+
+impl PartialEq for StateOut {
+    fn eq(&self, other: &Self) -> bool {
+        use State::*;
+        match (&self.0, &other.0) {
+            (Idle, Idle) | (Stopped, Stopped) => true,
+            (Follower { leader: a }, Follower { leader: b }) => a == b,
+            (Leader { token: a, since: s }, Leader { token: b, since: t }) => a == b && s == t,
+            (Unknown { since: a, .. }, Unknown { since: b, .. }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum InFlight {
+    Setup,
+    Acquire,
+    Renew { sent_at: Instant },
+    /// Reading the key back after an ambiguous reply: of the acquire
+    /// (`None`) or of the renewal sent at this time.
+    ReadBack { renewal: Option<Instant> },
+    Release,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Phase {
+    Idle,
+    SettingUp {
+        retry_at: Option<Instant>,
+    },
+    Follower {
+        wake_at: Instant,
+        quiet_until: Option<Instant>,
+    },
+    Acquiring {
+        nonce: Nonce,
+        sent_at: Instant,
+        /// Reading back after an ambiguous reply; retry the read at this time.
+        confirming: Option<Option<Instant>>,
+    },
+    Leading(Term),
+    Ending(Ending),
+    Stopped,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Term {
+    id: u64,
+    lease: Lease,
+    deadline: Instant,
+    renew_at: Instant,
+    failures: u32,
+    work: bool,
+    /// Set once the token is cancelled for a stop (resign, shutdown): keep
+    /// renewing until the work returns or this time passes.
+    drain_until: Option<(Instant, EndReason)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Ending {
+    id: u64,
+    /// The lease to release, while it may still be ours.
+    lease: Option<Lease>,
+    /// After this the lease has expired in the store anyway.
+    release_by: Instant,
+    work: bool,
+    abort_at: Option<Instant>,
+    retry_at: Option<Instant>,
+    failures: u32,
+    quiet: bool,
+}
+
+/// The machine. See the module docs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Core {
+    t: TimingKey,
+    rng: u64,
+    phase: Phase,
+    op: Option<InFlight>,
+    stop: Option<StopKind>,
+    /// Consecutive store errors (the backoff exponent).
+    errors: u32,
+    unknown_since: Option<Instant>,
+    next_term: u64,
+    /// The last holder seen, for the follower state.
+    leader: Option<Holder>,
+    /// A fatal error to report once the lease is given back.
+    fatal: Option<FatalError>,
+}
+
+/// `Timing` with `jitter` as parts per million, so the machine is `Hash`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct TimingKey {
+    ttl: Duration,
+    renew: Duration,
+    retry: Duration,
+    drift: Duration,
+    jitter_ppm: u32,
+    drain: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
+}
+
+impl Core {
+    pub(crate) fn new(timing: &Timing, seed: u64) -> Core {
+        Core {
+            t: TimingKey {
+                ttl: timing.ttl,
+                renew: timing.renew_interval,
+                retry: timing.retry_interval,
+                drift: timing.drift_margin,
+                jitter_ppm: (timing.jitter * 1e6) as u32,
+                drain: timing.drain_timeout,
+                backoff_min: timing.backoff_min,
+                backoff_max: timing.backoff_max,
+            },
+            rng: seed | 1,
+            phase: Phase::Idle,
+            op: None,
+            stop: None,
+            errors: 0,
+            unknown_since: None,
+            next_term: 1,
+            leader: None,
+            fatal: None,
+        }
+    }
+
+    /// `true` once stopped.
+    #[cfg(test)]
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.phase == Phase::Stopped
+    }
+
+    /// `true` while a term is live (begun, not cancelled).
+    #[cfg(test)]
+    pub(crate) fn is_leading(&self) -> bool {
+        matches!(&self.phase, Phase::Leading(t) if t.drain_until.is_none())
+    }
+
+    /// The earliest time at which [`Input::Tick`] has something to do.
+    pub(crate) fn next_wake(&self) -> Option<Instant> {
+        let idle = self.op.is_none();
+        match &self.phase {
+            Phase::Idle | Phase::Stopped => None,
+            Phase::SettingUp { retry_at } => retry_at.filter(|_| idle),
+            Phase::Follower { wake_at, .. } => idle.then_some(*wake_at),
+            Phase::Acquiring { confirming, .. } => confirming.flatten().filter(|_| idle),
+            Phase::Leading(term) => {
+                let mut at = term.deadline;
+                if idle {
+                    at = at.min(term.renew_at);
+                }
+                if let Some((d, _)) = term.drain_until.filter(|_| term.work) {
+                    at = at.min(d);
+                }
+                Some(at)
+            }
+            Phase::Ending(e) if e.work => e.abort_at,
+            Phase::Ending(e) => e.retry_at.filter(|_| idle),
+        }
+    }
+
+    /// Feeds one input at `now` and returns the actions to take, in order.
+    pub(crate) fn handle(&mut self, now: Instant, input: Input) -> Vec<Output> {
+        let mut out = Vec::new();
+        self.step(now, input, &mut out);
+        // Anything that became due at `now` is done at once.
+        for _ in 0..4 {
+            match self.next_wake() {
+                Some(at) if at <= now => self.step(now, Input::Tick, &mut out),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    fn step(&mut self, now: Instant, input: Input, out: &mut Vec<Output>) {
+        match input {
+            Input::Start => {
+                if self.phase == Phase::Idle {
+                    self.phase = Phase::SettingUp { retry_at: None };
+                    self.send(InFlight::Setup, Output::Setup, out);
+                    self.publish(State::Follower { leader: None }, out);
+                }
+            }
+            Input::Tick => self.tick(now, out),
+            Input::Watch(event) => self.watch(now, event, out),
+            Input::Setup(result) => self.on_setup(now, result, out),
+            Input::Acquire(result) => self.on_acquire(now, result, out),
+            Input::Renew(result) => self.on_renew(now, result, out),
+            Input::Holder(result) => self.on_holder(now, result, out),
+            Input::Release(result) => self.on_release(now, result),
+            Input::WorkStarted(id) => match &mut self.phase {
+                Phase::Leading(term) if term.id == id => term.work = true,
+                _ => {}
+            },
+            Input::WorkEnded(id) => self.on_work_ended(now, id, out),
+            Input::Stop(kind) => self.on_stop(now, kind, out),
+        }
+    }
+
+    // ----- helpers -------------------------------------------------------
+
+    fn rand_unit(&mut self) -> f64 {
+        // xorshift64*: deterministic for a seed, which the model tests need.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// `d` shortened by up to the jitter fraction.
+    fn jittered(&mut self, d: Duration) -> Duration {
+        let j = f64::from(self.t.jitter_ppm) / 1e6;
+        d.mul_f64(1.0 - j * self.rand_unit())
+    }
+
+    /// A random extra wait in `[0, jitter x retry]`, so followers woken by
+    /// the same expiry do not all call at once.
+    fn spread(&mut self) -> Duration {
+        let j = f64::from(self.t.jitter_ppm) / 1e6;
+        self.t.retry.mul_f64(j * self.rand_unit())
+    }
+
+    /// Capped, jittered exponential backoff for the `n`th consecutive error.
+    fn backoff(&mut self, n: u32) -> Duration {
+        let exp = self
+            .t
+            .backoff_min
+            .saturating_mul(1u32 << n.min(20))
+            .min(self.t.backoff_max);
+        self.jittered(exp)
+    }
+
+    fn send(&mut self, op: InFlight, output: Output, out: &mut Vec<Output>) {
+        debug_assert!(self.op.is_none(), "one store call at a time");
+        self.op = Some(op);
+        out.push(output);
+    }
+
+    fn publish(&mut self, state: State, out: &mut Vec<Output>) {
+        out.push(Output::State(StateOut(state)));
+    }
+
+    fn store_ok(&mut self) {
+        self.errors = 0;
+        self.unknown_since = None;
+    }
+
+    /// Records a transient error while not leading; returns the backoff.
+    fn store_down(&mut self, now: Instant, error: BackendError, out: &mut Vec<Output>) -> Duration {
+        let since = *self.unknown_since.get_or_insert(now);
+        let wait = self.backoff(self.errors);
+        self.errors = self.errors.saturating_add(1);
+        self.publish(
+            State::Unknown {
+                since,
+                error: Arc::new(error),
+            },
+            out,
+        );
+        wait
+    }
+
+    /// A fatal store error: give back a live term first, then stop.
+    fn fatal(&mut self, now: Instant, op: Op, error: BackendError, out: &mut Vec<Output>) {
+        tracing::error!(%op, %error, "fatal store error; the campaign stops");
+        self.fatal = Some(FatalError(op, Arc::new(error)));
+        self.stop = Some(StopKind::Shutdown);
+        match self.phase {
+            Phase::Leading(_) => self.end_term(now, EndReason::Fatal, out),
+            Phase::Ending(_) => {}
+            _ => self.stopped(out),
+        }
+    }
+
+    fn stopped(&mut self, out: &mut Vec<Output>) {
+        self.phase = Phase::Stopped;
+        self.publish(State::Stopped, out);
+        out.push(Output::Stopped {
+            error: self.fatal.take(),
+        });
+    }
+
+    fn follow(&mut self, wake_at: Instant, quiet_until: Option<Instant>, out: &mut Vec<Output>) {
+        if matches!(self.stop, Some(StopKind::Shutdown | StopKind::Abandon)) {
+            return self.stopped(out);
+        }
+        self.phase = Phase::Follower {
+            wake_at,
+            quiet_until,
+        };
+    }
+
+    /// When a follower that saw `holder` should try again.
+    fn wake_for(&mut self, now: Instant, holder: Option<&Holder>) -> Instant {
+        match holder.and_then(Holder::expires_in) {
+            Some(left) => now + left + self.spread(),
+            None => now + self.jittered(self.t.retry),
+        }
+    }
+
+    fn acquire(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let nonce = Nonce::random();
+        self.phase = Phase::Acquiring {
+            nonce,
+            sent_at: now,
+            confirming: None,
+        };
+        let timeout = self.t.ttl - self.t.drift;
+        self.send(InFlight::Acquire, Output::Acquire { nonce, timeout }, out);
+    }
+
+    fn begin(&mut self, now: Instant, lease: Lease, sent_at: Instant, out: &mut Vec<Output>) {
+        let deadline = sent_at + self.t.ttl - self.t.drift;
+        let id = self.next_term;
+        self.next_term += 1;
+        if now >= deadline {
+            tracing::warn!(token = %lease.token(), "acquire reply came after its deadline; releasing");
+            self.phase = Phase::Ending(Ending {
+                id,
+                release_by: sent_at + self.t.ttl,
+                lease: Some(lease),
+                work: false,
+                abort_at: None,
+                retry_at: Some(now),
+                failures: 0,
+                quiet: false,
+            });
+            return;
+        }
+        if self.stop.is_some() {
+            // Asked to stop while the acquire was in flight: give it back.
+            self.phase = Phase::Ending(Ending {
+                id,
+                release_by: sent_at + self.t.ttl,
+                lease: Some(lease),
+                work: false,
+                abort_at: None,
+                retry_at: Some(now),
+                failures: 0,
+                quiet: true,
+            });
+            return;
+        }
+        tracing::info!(token = %lease.token(), "won leadership");
+        let renew_at = now + self.jittered(self.t.renew);
+        out.push(Output::BeginTerm {
+            id,
+            lease: lease.clone(),
+            deadline,
+        });
+        self.publish(
+            State::Leader {
+                token: lease.token(),
+                since: now,
+            },
+            out,
+        );
+        self.phase = Phase::Leading(Term {
+            id,
+            lease,
+            deadline,
+            renew_at,
+            failures: 0,
+            work: false,
+            drain_until: None,
+        });
+    }
+
+    /// Cancels the current term and moves to `Ending`.
+    fn end_term(&mut self, now: Instant, reason: EndReason, out: &mut Vec<Output>) {
+        let Phase::Leading(term) = &self.phase else {
+            return;
+        };
+        let term = term.clone();
+        if term.drain_until.is_none() {
+            out.push(Output::CancelTerm {
+                id: term.id,
+                reason,
+            });
+        }
+        match reason {
+            EndReason::Deadline | EndReason::Lost | EndReason::Fatal => {
+                tracing::warn!(token = %term.lease.token(), ?reason, "lost leadership")
+            }
+            _ => tracing::info!(token = %term.lease.token(), ?reason, "stepped down"),
+        }
+        let keep_lease = !matches!(reason, EndReason::Lost);
+        // The store cannot expire the lease before deadline + drift.
+        let release_by = term.deadline + self.t.drift;
+        let abort_at = if matches!(self.stop, Some(StopKind::Abandon)) {
+            Some(now)
+        } else if term.work {
+            Some(term.drain_until.map_or(now + self.t.drain, |(at, _)| at))
+        } else {
+            None
+        };
+        self.phase = Phase::Ending(Ending {
+            id: term.id,
+            lease: keep_lease.then_some(term.lease),
+            release_by,
+            work: term.work,
+            abort_at,
+            retry_at: Some(now),
+            failures: 0,
+            quiet: matches!(reason, EndReason::Resign | EndReason::WorkDone),
+        });
+        self.publish(State::Follower { leader: None }, out);
+    }
+
+    fn finish_ending(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let Phase::Ending(e) = &self.phase else {
+            return;
+        };
+        let (id, quiet) = (e.id, e.quiet);
+        out.push(Output::TermEnded { id });
+        if quiet {
+            let wake = now + self.jittered(self.t.retry);
+            self.follow(wake, Some(wake), out);
+        } else {
+            self.follow(now, None, out);
+        }
+    }
+
+    // ----- inputs --------------------------------------------------------
+
+    fn tick(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let idle = self.op.is_none();
+        match &mut self.phase {
+            Phase::Idle | Phase::Stopped => {}
+            Phase::SettingUp { retry_at } => {
+                if idle && retry_at.is_some_and(|at| at <= now) {
+                    *retry_at = None;
+                    self.send(InFlight::Setup, Output::Setup, out);
+                }
+            }
+            Phase::Follower { wake_at, .. } => {
+                if idle && *wake_at <= now {
+                    self.acquire(now, out);
+                }
+            }
+            Phase::Acquiring { confirming, .. } => {
+                if idle && confirming.flatten().is_some_and(|at| at <= now) {
+                    *confirming = Some(None);
+                    let timeout = self.t.renew;
+                    self.send(InFlight::ReadBack { renewal: None }, Output::ReadHolder { timeout }, out);
+                }
+            }
+            Phase::Leading(term) => {
+                if now >= term.deadline {
+                    return self.end_term(now, EndReason::Deadline, out);
+                }
+                if term.work
+                    && let Some((until, reason)) = term.drain_until
+                    && now >= until
+                {
+                    // Ending drops the work (its abort time has passed) and
+                    // waits until it has really stopped before releasing.
+                    return self.end_term(now, reason, out);
+                }
+                if idle && term.renew_at <= now {
+                    let timeout = term.deadline - now;
+                    let lease = term.lease.clone();
+                    self.send(
+                        InFlight::Renew { sent_at: now },
+                        Output::Renew { lease, timeout },
+                        out,
+                    );
+                }
+            }
+            Phase::Ending(e) => {
+                if e.work && e.abort_at.is_some_and(|at| at <= now) {
+                    tracing::warn!("work outlived its term by the drain timeout; dropping it");
+                    e.abort_at = None;
+                    out.push(Output::AbortWork { id: e.id });
+                    return;
+                }
+                if e.work || !idle || e.retry_at.is_none_or(|at| at > now) {
+                    return;
+                }
+                e.retry_at = None;
+                match e.lease.clone() {
+                    Some(lease) if now < e.release_by => {
+                        let timeout = self.t.renew.min(e.release_by - now);
+                        self.send(InFlight::Release, Output::Release { lease, timeout }, out);
+                    }
+                    _ => self.finish_ending(now, out),
+                }
+            }
+        }
+    }
+
+    fn watch(&mut self, now: Instant, event: WatchEvent, out: &mut Vec<Output>) {
+        match (&mut self.phase, event) {
+            (Phase::Follower { wake_at, quiet_until }, WatchEvent::Released(_) | WatchEvent::Resync) => {
+                if quiet_until.is_none_or(|q| q <= now) {
+                    *wake_at = now;
+                }
+            }
+            (Phase::Follower { .. }, WatchEvent::Updated(_, Some(holder))) => {
+                // A renewal or a new leader: push the expiry wake-up out,
+                // with no store call.
+                if let Some(left) = holder.expires_in() {
+                    let at = now + left + self.spread();
+                    if let Phase::Follower { wake_at, .. } = &mut self.phase {
+                        *wake_at = (*wake_at).max(at);
+                    }
+                }
+                if self.leader.as_ref() != Some(&holder) {
+                    self.publish(
+                        State::Follower {
+                            leader: Some(holder.clone()),
+                        },
+                        out,
+                    );
+                }
+                self.leader = Some(holder);
+            }
+            (Phase::Leading(term), WatchEvent::Updated(_, Some(holder))) => {
+                if !holder.is_nonce(term.lease.nonce()) {
+                    // Someone else wrote the key: check now rather than at
+                    // the next renewal.
+                    term.renew_at = now;
+                }
+            }
+            (Phase::Leading(term), WatchEvent::Released(_) | WatchEvent::Resync) => {
+                term.renew_at = now;
+            }
+            _ => {}
+        }
+    }
+
+    fn on_setup(&mut self, now: Instant, result: Result<(), BackendError>, out: &mut Vec<Output>) {
+        if self.op.take() != Some(InFlight::Setup) {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.store_ok();
+                if self.stop.is_some() {
+                    return self.stopped(out);
+                }
+                self.phase = Phase::Follower {
+                    wake_at: now,
+                    quiet_until: None,
+                };
+            }
+            Err(e) if e.is_transient() => {
+                if self.stop.is_some() {
+                    return self.stopped(out);
+                }
+                let wait = self.store_down(now, e, out);
+                self.phase = Phase::SettingUp {
+                    retry_at: Some(now + wait),
+                };
+            }
+            Err(e) => self.fatal(now, Op::Setup, e, out),
+        }
+    }
+
+    fn on_acquire(
+        &mut self,
+        now: Instant,
+        result: Result<Acquired, BackendError>,
+        out: &mut Vec<Output>,
+    ) {
+        if self.op.take() != Some(InFlight::Acquire) {
+            return;
+        }
+        let Phase::Acquiring { nonce, sent_at, .. } = self.phase else {
+            return;
+        };
+        match result {
+            Ok(Acquired::Won(lease)) if lease.nonce() == nonce => {
+                self.store_ok();
+                self.begin(now, lease, sent_at, out);
+            }
+            Ok(Acquired::Won(_)) => {
+                // A backend that hands back someone else's lease breaks the
+                // contract; never act on it.
+                tracing::error!("backend returned a lease with another nonce; treating as held");
+                let wake = now + self.jittered(self.t.retry);
+                self.follow(wake, None, out);
+            }
+            Ok(Acquired::Held(holder)) => {
+                self.store_ok();
+                if self.stop.is_some() {
+                    return self.stopped(out);
+                }
+                let wake = self.wake_for(now, Some(&holder));
+                self.leader = Some(holder.clone());
+                self.publish(State::Follower { leader: Some(holder) }, out);
+                self.follow(wake, None, out);
+            }
+            Err(e) if e.is_transient() => {
+                // The acquire may have taken effect: read back.
+                tracing::debug!(error = %e, "acquire reply lost; reading back");
+                self.phase = Phase::Acquiring {
+                    nonce,
+                    sent_at,
+                    confirming: Some(None),
+                };
+                let timeout = self.t.renew;
+                self.send(InFlight::ReadBack { renewal: None }, Output::ReadHolder { timeout }, out);
+            }
+            Err(e) => self.fatal(now, Op::Acquire, e, out),
+        }
+    }
+
+
+    fn on_renew(
+        &mut self,
+        now: Instant,
+        result: Result<Renewed, BackendError>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(InFlight::Renew { sent_at }) = self.op.take() else {
+            return;
+        };
+        let Phase::Leading(term) = &self.phase else {
+            // The term already ended; its Ending releases the lease.
+            return;
+        };
+        let nonce = term.lease.nonce();
+        let deadline = term.deadline;
+        match result {
+            Ok(Renewed::Renewed(lease)) if lease.nonce() == nonce => {
+                tracing::debug!(token = %lease.token(), "renewed");
+                self.store_ok();
+                self.extend(now, lease, sent_at, out);
+            }
+            Ok(Renewed::Renewed(_) | Renewed::Lost) => self.end_term(now, EndReason::Lost, out),
+            Err(e) if e.is_transient() => {
+                // The renewal may have taken effect: read back.
+                tracing::debug!(error = %e, "renewal failed; reading back");
+                let timeout = self.t.renew.min(deadline.saturating_duration_since(now));
+                self.send(
+                    InFlight::ReadBack {
+                        renewal: Some(sent_at),
+                    },
+                    Output::ReadHolder { timeout },
+                    out,
+                );
+            }
+            Err(e) => self.fatal(now, Op::Renew, e, out),
+        }
+    }
+
+    /// A renewal sent at `sent_at` is confirmed: move the deadline forward.
+    fn extend(&mut self, now: Instant, lease: Lease, sent_at: Instant, out: &mut Vec<Output>) {
+        let next = self.jittered(self.t.renew);
+        let Phase::Leading(term) = &mut self.phase else {
+            return;
+        };
+        term.lease = lease;
+        term.failures = 0;
+        term.renew_at = now + next;
+        let deadline = sent_at + self.t.ttl - self.t.drift;
+        if deadline > term.deadline {
+            term.deadline = deadline;
+            out.push(Output::Extend {
+                id: term.id,
+                deadline,
+            });
+        }
+    }
+
+    /// A renewal failed without a verdict: try again soon, but well before
+    /// the deadline.
+    fn retry_renew(&mut self, now: Instant) {
+        let Phase::Leading(term) = &self.phase else {
+            return;
+        };
+        let n = term.failures;
+        let room = term.deadline.saturating_duration_since(now) / 2;
+        let wait = self.backoff(n).min(room);
+        if let Phase::Leading(term) = &mut self.phase {
+            term.failures = n.saturating_add(1);
+            term.renew_at = now + wait;
+        }
+    }
+
+    fn on_holder(
+        &mut self,
+        now: Instant,
+        result: Result<Option<Holder>, BackendError>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(InFlight::ReadBack { renewal }) = self.op.take() else {
+            return;
+        };
+        match (renewal, &self.phase) {
+            (None, Phase::Acquiring { nonce, sent_at, .. }) => {
+                let (nonce, sent_at) = (*nonce, *sent_at);
+                self.confirm_acquire(now, nonce, sent_at, result, out);
+            }
+            (Some(sent_at), Phase::Leading(term)) => {
+                let lease = term.lease.clone();
+                match result {
+                    Ok(Some(h)) if h.is_nonce(lease.nonce()) => {
+                        self.store_ok();
+                        if h.revision() != lease.revision() {
+                            // The renewal took effect; its reply was lost.
+                            self.extend(now, lease.with_revision(h.revision()), sent_at, out);
+                        } else {
+                            self.retry_renew(now);
+                        }
+                    }
+                    Ok(_) => self.end_term(now, EndReason::Lost, out),
+                    Err(e) if e.is_transient() => self.retry_renew(now),
+                    Err(e) => self.fatal(now, Op::Holder, e, out),
+                }
+            }
+            // The phase moved on (deadline, stop) while the read was in
+            // flight; the new phase decides.
+            _ => {}
+        }
+    }
+
+    fn confirm_acquire(
+        &mut self,
+        now: Instant,
+        nonce: Nonce,
+        sent_at: Instant,
+        result: Result<Option<Holder>, BackendError>,
+        out: &mut Vec<Output>,
+    ) {
+        match result {
+            Ok(Some(h)) if h.is_nonce(nonce) => match lease_of(&h) {
+                Some(lease) => {
+                    self.store_ok();
+                    self.begin(now, lease, sent_at, out);
+                }
+                None => {
+                    let wake = now + self.jittered(self.t.retry);
+                    self.follow(wake, None, out);
+                }
+            },
+            Ok(holder) => {
+                self.store_ok();
+                if self.stop.is_some() {
+                    return self.stopped(out);
+                }
+                let wake = match &holder {
+                    Some(h) => self.wake_for(now, Some(h)),
+                    None => now + self.backoff(0),
+                };
+                self.leader = holder.clone();
+                self.publish(State::Follower { leader: holder }, out);
+                self.follow(wake, None, out);
+            }
+            Err(_) if self.stop.is_some() => {
+                // No work was started, so stopping is safe; a lease the
+                // attempt may have made expires on its own.
+                self.stopped(out);
+            }
+            Err(e) if e.is_transient() => {
+                let wait = self.store_down(now, e, out);
+                if now + wait < sent_at + self.t.ttl {
+                    self.phase = Phase::Acquiring {
+                        nonce,
+                        sent_at,
+                        confirming: Some(Some(now + wait)),
+                    };
+                } else {
+                    // Any lease that attempt made has expired by now.
+                    self.follow(now + wait, None, out);
+                }
+            }
+            Err(e) => self.fatal(now, Op::Holder, e, out),
+        }
+    }
+
+    fn on_release(&mut self, now: Instant, result: Result<(), BackendError>) {
+        if self.op.take() != Some(InFlight::Release) {
+            return;
+        }
+        let wait = match &result {
+            Err(e) if e.is_transient() => {
+                let n = match &self.phase {
+                    Phase::Ending(e) => e.failures,
+                    _ => 0,
+                };
+                Some(self.backoff(n))
+            }
+            _ => None,
+        };
+        let Phase::Ending(e) = &mut self.phase else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!("released");
+                e.lease = None;
+                e.retry_at = Some(now);
+            }
+            Err(err) => match wait {
+                Some(wait) if now + wait < e.release_by => {
+                    tracing::debug!(error = %err, "release failed; retrying");
+                    e.failures = e.failures.saturating_add(1);
+                    e.retry_at = Some(now + wait);
+                }
+                _ => {
+                    tracing::warn!(error = %err, "release failed; the lease will expire in the store");
+                    e.lease = None;
+                    e.retry_at = Some(now);
+                }
+            },
+        }
+    }
+
+    fn on_work_ended(&mut self, now: Instant, id: u64, out: &mut Vec<Output>) {
+        match &mut self.phase {
+            Phase::Leading(term) if term.id == id => {
+                term.work = false;
+                let reason = term.drain_until.map_or(EndReason::WorkDone, |(_, r)| r);
+                self.end_term(now, reason, out);
+            }
+            Phase::Ending(e) if e.id == id => {
+                e.work = false;
+                e.abort_at = None;
+            }
+            _ => {}
+        }
+    }
+
+    fn on_stop(&mut self, now: Instant, kind: StopKind, out: &mut Vec<Output>) {
+        if kind == StopKind::Resign {
+            if let Phase::Leading(term) = &self.phase
+                && term.drain_until.is_none()
+            {
+                self.drain(now, EndReason::Resign, false, out);
+            }
+            return;
+        }
+        if self.stop != Some(StopKind::Abandon) {
+            self.stop = Some(kind);
+        }
+        let abandon = self.stop == Some(StopKind::Abandon);
+        let idle = self.op.is_none();
+        match &mut self.phase {
+            Phase::Idle | Phase::Follower { .. } => self.stopped(out),
+            Phase::SettingUp { .. } | Phase::Acquiring { .. } if idle => self.stopped(out),
+            // A call is in flight: its reply decides (a won lease is given
+            // back, never used).
+            Phase::SettingUp { .. } | Phase::Acquiring { .. } => {}
+            Phase::Leading(_) => self.drain(now, EndReason::Shutdown, abandon, out),
+            Phase::Ending(e) => {
+                if abandon && e.work {
+                    e.abort_at = Some(now);
+                }
+            }
+            Phase::Stopped => {}
+        }
+    }
+
+    /// Cancels the term's token for a stop and keeps renewing while the work
+    /// drains; releases once it has returned (at once if `abandon`, after
+    /// dropping the work).
+    fn drain(&mut self, now: Instant, reason: EndReason, abandon: bool, out: &mut Vec<Output>) {
+        let until = now + self.t.drain;
+        let Phase::Leading(term) = &mut self.phase else {
+            return;
+        };
+        if term.drain_until.is_none() {
+            out.push(Output::CancelTerm {
+                id: term.id,
+                reason,
+            });
+            term.drain_until = Some((until, reason));
+            self.publish(State::Follower { leader: None }, out);
+        }
+        if let Phase::Leading(term) = &self.phase
+            && (abandon || !term.work)
+        {
+            self.end_term(now, reason, out);
+        }
+    }
+}
+
+/// Our lease as a read-back shows it.
+fn lease_of(h: &Holder) -> Option<Lease> {
+    let claim = crate::backend::Claim {
+        nonce: h.nonce()?,
+        id: h.id()?,
+        metadata: h.metadata().clone(),
+        at: h.since()?,
+    };
+    Some(Lease::new(&claim, h.token()?, h.revision()))
+}
+
+#[allow(dead_code)]
+fn _assert_token(_: FencingToken) {}

@@ -1,0 +1,359 @@
+//! The campaign: one spawned task per campaigning [`Leader`](crate::Leader)
+//! that drives the pure state machine in [`core`] against the store.
+//!
+//! The task owns everything with a deadline: the one store call in flight
+//! (bounded by a timeout the machine chooses), the timers, the key's watch
+//! subscription, and the user's work, which it spawns as a task of its own
+//! so that a panic or a slow poll there never stops the campaign, and so
+//! that it can wait for the work to have really stopped before it releases
+//! the lease.
+
+pub(crate) mod core;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use self::core::{Core, Input, Output, StopKind};
+use crate::backend::{Backend, Claim, Key, LeaderId};
+use crate::error::BackendError;
+use crate::config::LeaderConfig;
+use crate::error::BoxError;
+use crate::state::State;
+use crate::term::Term;
+
+pub(crate) type WorkFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'static>>;
+type OpFuture = Pin<Box<dyn Future<Output = Input> + Send + 'static>>;
+
+/// A fatal store error that stopped a campaign.
+pub(crate) type Fatal = self::core::FatalError;
+
+/// Requests to the campaign task.
+pub(crate) enum Command {
+    Stop(StopKind),
+    /// Run `work` in term `term`, if that term is still live.
+    Spawn {
+        term: u64,
+        work: WorkFuture,
+        reply: oneshot::Sender<WorkOutcome>,
+    },
+}
+
+/// How a piece of work ended.
+#[derive(Debug)]
+pub(crate) enum WorkOutcome {
+    /// The term was no longer live; the work was not started.
+    NotStarted,
+    /// Returned `Ok`; `cancelled` tells whether its token had fired.
+    Ok { cancelled: bool },
+    Err(BoxError),
+    Panicked,
+    /// Dropped by the campaign (drain timeout, or the run was abandoned).
+    Aborted,
+}
+
+/// Whether a campaign runs.
+#[derive(Clone, Debug)]
+pub(crate) enum Run {
+    NotStarted,
+    Running,
+    Stopped(Option<Fatal>),
+}
+
+/// What the `Leader` handles and the campaign task share.
+pub(crate) struct Shared {
+    pub(crate) config: LeaderConfig,
+    /// Set for a `Leader::new` handle whose key was rejected.
+    pub(crate) invalid: Option<crate::error::ConfigError>,
+    pub(crate) key: Key,
+    pub(crate) id: LeaderId,
+    pub(crate) backend: Backend,
+    pub(crate) state: watch::Sender<State>,
+    pub(crate) term: watch::Sender<Option<Term>>,
+    pub(crate) run: watch::Sender<Run>,
+    pub(crate) control: Mutex<Control>,
+}
+
+#[derive(Default)]
+pub(crate) struct Control {
+    pub(crate) commands: Option<mpsc::UnboundedSender<Command>>,
+    pub(crate) task: Option<JoinHandle<()>>,
+    pub(crate) shut_down: bool,
+    pub(crate) busy: bool,
+}
+
+impl Shared {
+    pub(crate) fn control(&self) -> MutexGuard<'_, Control> {
+        // Each critical section is a few field assignments; a poisoned lock
+        // leaves nothing half-done.
+        self.control
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Sends a command to the running campaign; `false` if none runs.
+    pub(crate) fn command(&self, command: Command) -> bool {
+        match &self.control().commands {
+            Some(tx) => tx.send(command).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Spawns the campaign task. The caller holds the control lock.
+pub(crate) fn spawn(shared: &Arc<Shared>, control: &mut Control) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    control.commands = Some(tx);
+    shared.run.send_replace(Run::Running);
+    let span = tracing::info_span!("campaign", key = %shared.key, candidate = %shared.id);
+    let seed = uuid::Uuid::new_v4().as_u64_pair().0;
+    let task = tokio::spawn(
+        run(shared.clone(), shared.config.clone(), rx, seed).instrument(span),
+    );
+    control.task = Some(task);
+}
+
+struct Running {
+    term: Term,
+}
+
+struct Work {
+    term: u64,
+    handle: JoinHandle<Result<(), BoxError>>,
+    reply: Option<oneshot::Sender<WorkOutcome>>,
+}
+
+enum WorkEvent {
+    Joined(Result<Result<(), BoxError>, tokio::task::JoinError>),
+    RunnerGone,
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    config: LeaderConfig,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    seed: u64,
+) {
+    let timing = config.timing;
+    let mut core = Core::new(&timing, seed);
+    let mut subscription = shared.backend.subscribe(&shared.key);
+    let mut op: Option<OpFuture> = None;
+    let mut term: Option<Running> = None;
+    let mut work: Option<Work> = None;
+    let mut outputs = core.handle(Instant::now(), Input::Start);
+    let fatal = loop {
+        let mut stopped = None;
+        for output in outputs.drain(..) {
+            match output {
+                Output::Setup => {
+                    let backend = shared.backend.clone();
+                    let limit = timing.renew_interval;
+                    op = Some(Box::pin(async move {
+                        Input::Setup(bounded(limit, backend.setup()).await)
+                    }));
+                }
+                Output::Acquire { nonce, timeout } => {
+                    let backend = shared.backend.clone();
+                    let key = shared.key.clone();
+                    let claim = Claim {
+                        nonce,
+                        id: shared.id,
+                        metadata: config.metadata.clone(),
+                        at: SystemTime::now(),
+                    };
+                    let ttl = timing.ttl;
+                    op = Some(Box::pin(async move {
+                        Input::Acquire(bounded(timeout, backend.acquire(&key, &claim, ttl)).await)
+                    }));
+                }
+                Output::Renew { lease, timeout } => {
+                    let backend = shared.backend.clone();
+                    let key = shared.key.clone();
+                    let ttl = timing.ttl;
+                    op = Some(Box::pin(async move {
+                        Input::Renew(bounded(timeout, backend.renew(&key, &lease, ttl)).await)
+                    }));
+                }
+                Output::Release { lease, timeout } => {
+                    let backend = shared.backend.clone();
+                    let key = shared.key.clone();
+                    op = Some(Box::pin(async move {
+                        Input::Release(bounded(timeout, backend.release(&key, &lease)).await)
+                    }));
+                }
+                Output::ReadHolder { timeout } => {
+                    let backend = shared.backend.clone();
+                    let key = shared.key.clone();
+                    op = Some(Box::pin(async move {
+                        Input::Holder(bounded(timeout, backend.holder(&key)).await)
+                    }));
+                }
+                Output::BeginTerm {
+                    id,
+                    lease,
+                    deadline,
+                } => {
+                    let t = Term::new(shared.key.clone(), id, lease.token(), deadline);
+                    shared.term.send_replace(Some(t.clone()));
+                    term = Some(Running { term: t });
+                }
+                Output::Extend { id, deadline } => {
+                    if let Some(r) = term.as_ref().filter(|r| r.term.id() == id) {
+                        r.term.extend(deadline);
+                    }
+                }
+                Output::CancelTerm { id, reason } => {
+                    if let Some(r) = term.as_ref().filter(|r| r.term.id() == id) {
+                        tracing::debug!(?reason, "cancelling the term's token");
+                        r.term.cancel();
+                    }
+                    shared
+                        .term
+                        .send_if_modified(|t| t.take().is_some());
+                }
+                Output::AbortWork { id } => {
+                    if let Some(w) = work.as_ref().filter(|w| w.term == id) {
+                        w.handle.abort();
+                    }
+                }
+                Output::TermEnded { id } => {
+                    if let Some(r) = term.take() {
+                        if r.term.id() == id {
+                            r.term.end();
+                        } else {
+                            term = Some(r);
+                        }
+                    }
+                }
+                Output::State(state) => {
+                    shared.state.send_replace(state.0);
+                }
+                Output::Stopped { error } => stopped = Some(error),
+            }
+        }
+        if let Some(error) = stopped {
+            break error;
+        }
+
+        let wake = core.next_wake();
+        let input = tokio::select! {
+            biased;
+            command = commands.recv() => match command {
+                Some(Command::Stop(kind)) => Input::Stop(kind),
+                Some(Command::Spawn { term: id, work: fut, reply }) => {
+                    match (&term, &work) {
+                        (Some(r), None) if r.term.id() == id && r.term.is_valid() => {
+                            let handle = tokio::spawn(fut);
+                            work = Some(Work { term: id, handle, reply: Some(reply) });
+                            Input::WorkStarted(id)
+                        }
+                        _ => {
+                            let _ = reply.send(WorkOutcome::NotStarted);
+                            continue;
+                        }
+                    }
+                }
+                // Every handle is gone: nobody can stop us any more.
+                None => Input::Stop(StopKind::Abandon),
+            },
+            event = work_event(&mut work) => match event {
+                WorkEvent::Joined(joined) => {
+                    let Some(mut w) = work.take() else { continue };
+                    // Whether the token had fired when the work returned; the
+                    // machine has not reacted to the return yet.
+                    let cancelled = term
+                        .as_ref()
+                        .filter(|r| r.term.id() == w.term)
+                        .is_none_or(|r| r.term.is_cancelled());
+                    let outcome = match joined {
+                        Ok(Ok(())) => WorkOutcome::Ok { cancelled },
+                        Ok(Err(e)) => WorkOutcome::Err(e),
+                        Err(e) if e.is_panic() => {
+                            tracing::error!("the leader's work panicked");
+                            WorkOutcome::Panicked
+                        }
+                        Err(_) => WorkOutcome::Aborted,
+                    };
+                    if let Some(reply) = w.reply.take() {
+                        let _ = reply.send(outcome);
+                    }
+                    Input::WorkEnded(w.term)
+                }
+                WorkEvent::RunnerGone => {
+                    // The runner was dropped: drop its work too. The machine
+                    // hears of it when the task has really stopped.
+                    if let Some(w) = work.as_mut() {
+                        w.handle.abort();
+                        w.reply = None;
+                    }
+                    continue;
+                }
+            },
+            input = maybe(&mut op) => { op = None; input },
+            () = sleep_until(wake) => Input::Tick,
+            event = subscription.next() => Input::Watch(event),
+        };
+        outputs = core.handle(Instant::now(), input);
+    };
+
+    // Stopped: nothing of ours may outlive the campaign.
+    if let Some(w) = work.take() {
+        w.handle.abort();
+        let _ = w.handle.await;
+    }
+    if let Some(r) = term.take() {
+        r.term.cancel();
+        r.term.end();
+    }
+    shared.term.send_replace(None);
+    let mut control = shared.control();
+    control.commands = None;
+    shared.run.send_replace(Run::Stopped(fatal));
+}
+
+async fn work_event(work: &mut Option<Work>) -> WorkEvent {
+    let Some(w) = work else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        joined = &mut w.handle => WorkEvent::Joined(joined),
+        () = closed(&mut w.reply) => WorkEvent::RunnerGone,
+    }
+}
+
+async fn closed(reply: &mut Option<oneshot::Sender<WorkOutcome>>) {
+    match reply {
+        Some(reply) => reply.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn maybe(op: &mut Option<OpFuture>) -> Input {
+    match op {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn bounded<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    let limit = limit.max(Duration::from_millis(1));
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or(Err(BackendError::Timeout(limit)))
+}

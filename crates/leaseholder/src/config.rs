@@ -1,0 +1,305 @@
+//! [`LeaderBuilder`]: every setting of a [`Leader`], checked once in
+//! [`build`](LeaderBuilder::build).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::Leader;
+use crate::backend::{Backend, Key, MAX_METADATA_LEN};
+use crate::error::ConfigError;
+
+/// The validated settings of a [`Leader`]. Read them with
+/// [`Leader::config`].
+#[derive(Clone, Debug)]
+pub struct LeaderConfig {
+    pub(crate) key: Key,
+    pub(crate) timing: Timing,
+    pub(crate) metadata: Bytes,
+}
+
+/// The timing settings, validated (see [`LeaderBuilder`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Timing {
+    pub(crate) ttl: Duration,
+    pub(crate) renew_interval: Duration,
+    pub(crate) retry_interval: Duration,
+    pub(crate) drift_margin: Duration,
+    pub(crate) jitter: f64,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+}
+
+impl LeaderConfig {
+    /// The key campaigned for.
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+    /// The lease's time to live in the store.
+    pub fn ttl(&self) -> Duration {
+        self.timing.ttl
+    }
+    /// How often the leader renews (before jitter).
+    pub fn renew_interval(&self) -> Duration {
+        self.timing.renew_interval
+    }
+    /// How often a follower retries when it has no better hint.
+    pub fn retry_interval(&self) -> Duration {
+        self.timing.retry_interval
+    }
+    /// How much earlier than the store the leader gives up its lease.
+    pub fn drift_margin(&self) -> Duration {
+        self.timing.drift_margin
+    }
+    /// The jitter fraction applied to intervals.
+    pub fn jitter(&self) -> f64 {
+        self.timing.jitter
+    }
+    /// How long shutdown and resign wait for the work to return.
+    pub fn drain_timeout(&self) -> Duration {
+        self.timing.drain_timeout
+    }
+    /// The backoff range for store errors.
+    pub fn backoff(&self) -> (Duration, Duration) {
+        (self.timing.backoff_min, self.timing.backoff_max)
+    }
+    /// The candidate's metadata.
+    pub fn metadata(&self) -> &Bytes {
+        &self.metadata
+    }
+}
+
+/// Builds a [`Leader`]; every rule is checked in [`build`](Self::build), so
+/// a built `Leader` never fails on its configuration.
+///
+/// ```
+/// use std::time::Duration;
+/// use leaseholder::{Backend, Leader, MemoryStore};
+///
+/// let store = MemoryStore::new();
+/// let leader = Leader::builder("scheduler")
+///     .backend(Backend::memory(&store))
+///     .ttl(Duration::from_secs(10))
+///     .metadata("10.0.0.7:8080")
+///     .build()
+///     .unwrap();
+/// assert_eq!(leader.config().renew_interval(), Duration::from_secs(10) / 3);
+///
+/// // Rules are checked at build time:
+/// let err = Leader::builder("scheduler")
+///     .backend(Backend::memory(&store))
+///     .ttl(Duration::from_secs(10))
+///     .renew_interval(Duration::from_secs(5))
+///     .build()
+///     .unwrap_err();
+/// assert!(err.to_string().contains("renew_interval"));
+/// ```
+#[derive(Debug)]
+#[must_use = "call .build() to get a Leader"]
+pub struct LeaderBuilder {
+    key: String,
+    backend: Option<Backend>,
+    ttl: Duration,
+    renew_interval: Option<Duration>,
+    retry_interval: Option<Duration>,
+    drift_margin: Option<Duration>,
+    jitter: f64,
+    drain_timeout: Duration,
+    backoff: Option<(Duration, Duration)>,
+    metadata: Bytes,
+}
+
+impl LeaderBuilder {
+    pub(crate) fn new(key: impl Into<String>) -> LeaderBuilder {
+        LeaderBuilder {
+            key: key.into(),
+            backend: None,
+            ttl: Duration::from_secs(10),
+            renew_interval: None,
+            retry_interval: None,
+            drift_margin: None,
+            jitter: 0.1,
+            drain_timeout: Duration::from_secs(10),
+            backoff: None,
+            metadata: Bytes::new(),
+        }
+    }
+
+    /// The store to hold the lease in. Required.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// The lease's time to live in the store. Default 10 s. A crashed
+    /// leader is replaced within about one ttl; a shorter ttl fails over
+    /// faster and costs more store writes (about three per ttl). At least
+    /// the backend's minimum (1 s for stores with second resolution).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How often the leader renews. Default ttl/3. Must satisfy
+    /// `ttl - drift_margin >= 2 x renew_interval x (1 + jitter)`, so that a
+    /// renewal that fails can be retried before the deadline.
+    pub fn renew_interval(mut self, interval: Duration) -> Self {
+        self.renew_interval = Some(interval);
+        self
+    }
+
+    /// How often a follower retries when neither a watch event nor the
+    /// holder's expiry wakes it sooner. Default ttl/5.
+    pub fn retry_interval(mut self, interval: Duration) -> Self {
+        self.retry_interval = Some(interval);
+        self
+    }
+
+    /// How much earlier than the store's expiry the leader considers its
+    /// lease lost: the allowance for clock-rate drift between this host and
+    /// the store, and for scheduling delay. Default max(100 ms, ttl/10), but
+    /// at most ttl/4. Must be > 0 and < ttl/2.
+    pub fn drift_margin(mut self, margin: Duration) -> Self {
+        self.drift_margin = Some(margin);
+        self
+    }
+
+    /// The random fraction by which intervals are shortened, so candidates
+    /// do not act in lockstep. Default 0.1. In `[0, 1)`.
+    pub fn jitter(mut self, jitter: f64) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// How long [`Leader::shutdown`] and [`Leader::resign`] wait for the
+    /// work to return after its token is cancelled, while the lease is still
+    /// renewed. When it passes, the work is dropped, then the lease released.
+    /// Default 10 s.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// The range of the capped, jittered exponential backoff after store
+    /// errors. Default 50 ms up to the retry interval.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff = Some((min, max));
+        self
+    }
+
+    /// Small data followers and observers see about the leader (an
+    /// address, a hostname). At most 512 bytes.
+    pub fn metadata(mut self, metadata: impl Into<Bytes>) -> Self {
+        self.metadata = metadata.into();
+        self
+    }
+
+    /// Checks every rule and builds the [`Leader`].
+    pub fn build(self) -> Result<Leader, ConfigError> {
+        let backend = self.backend.clone().ok_or(ConfigError::MissingBackend)?;
+        let config = self.validate(&backend)?;
+        Ok(Leader::from_config(config, backend))
+    }
+
+    /// The settings as given, unchecked, for a `Leader::new` handle whose
+    /// key was rejected: it reports that error instead of campaigning.
+    pub(crate) fn unchecked(&self) -> LeaderConfig {
+        let ttl = self.ttl;
+        let retry = self.retry_interval.unwrap_or(ttl / 5);
+        LeaderConfig {
+            key: Key::unchecked(&self.key),
+            timing: Timing {
+                ttl,
+                renew_interval: self.renew_interval.unwrap_or(ttl / 3),
+                retry_interval: retry,
+                drift_margin: self.drift_margin.unwrap_or(ttl / 10),
+                jitter: self.jitter,
+                drain_timeout: self.drain_timeout,
+                backoff_min: Duration::from_millis(50),
+                backoff_max: retry,
+            },
+            metadata: self.metadata.clone(),
+        }
+    }
+
+    pub(crate) fn validate(&self, backend: &Backend) -> Result<LeaderConfig, ConfigError> {
+        let key = Key::new(&self.key)?;
+        backend.validate_key(&key)?;
+        let ttl = self.ttl;
+        if ttl.is_zero() {
+            return Err(ConfigError::Zero { field: "ttl" });
+        }
+        if ttl < backend.min_ttl() {
+            return Err(ConfigError::TtlTooShort {
+                ttl,
+                min: backend.min_ttl(),
+                backend: backend.name(),
+            });
+        }
+        if !(self.jitter.is_finite() && (0.0..1.0).contains(&self.jitter)) {
+            return Err(ConfigError::Jitter(self.jitter.to_string()));
+        }
+        let drift = self
+            .drift_margin
+            .unwrap_or_else(|| (ttl / 10).max(Duration::from_millis(100)).min(ttl / 4));
+        if drift.is_zero() || drift >= ttl / 2 {
+            return Err(ConfigError::DriftMargin { drift, ttl });
+        }
+        let renew = self.renew_interval.unwrap_or(ttl / 3);
+        if renew.is_zero() {
+            return Err(ConfigError::Zero {
+                field: "renew_interval",
+            });
+        }
+        let usable = ttl - drift;
+        if usable.as_secs_f64() < 2.0 * renew.as_secs_f64() * (1.0 + self.jitter) {
+            return Err(ConfigError::RenewInterval { renew, usable });
+        }
+        let retry = self.retry_interval.unwrap_or(ttl / 5);
+        if retry.is_zero() {
+            return Err(ConfigError::Zero {
+                field: "retry_interval",
+            });
+        }
+        if self.drain_timeout.is_zero() {
+            return Err(ConfigError::Zero {
+                field: "drain_timeout",
+            });
+        }
+        let (backoff_min, backoff_max) = self
+            .backoff
+            .unwrap_or((Duration::from_millis(50).min(retry), retry));
+        if backoff_min.is_zero() {
+            return Err(ConfigError::Zero {
+                field: "backoff minimum",
+            });
+        }
+        if backoff_min > backoff_max {
+            return Err(ConfigError::Backoff {
+                min: backoff_min,
+                max: backoff_max,
+            });
+        }
+        if self.metadata.len() > MAX_METADATA_LEN {
+            return Err(ConfigError::MetadataTooLarge {
+                len: self.metadata.len(),
+                max: MAX_METADATA_LEN,
+            });
+        }
+        Ok(LeaderConfig {
+            key,
+            timing: Timing {
+                ttl,
+                renew_interval: renew,
+                retry_interval: retry,
+                drift_margin: drift,
+                jitter: self.jitter,
+                drain_timeout: self.drain_timeout,
+                backoff_min,
+                backoff_max,
+            },
+            metadata: self.metadata.clone(),
+        })
+    }
+}

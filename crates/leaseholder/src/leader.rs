@@ -1,0 +1,477 @@
+//! [`Leader`]: the handle a service holds for one key.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, FencingToken, Holder, Key, LeaderId};
+use crate::campaign::core::StopKind;
+use crate::campaign::{self, Command, Fatal, Run, Shared, WorkOutcome};
+use crate::config::{LeaderBuilder, LeaderConfig};
+use crate::error::{BoxError, Error, Op};
+use crate::state::{State, Status};
+use crate::term::Term;
+
+/// A candidate for the leadership of one key.
+///
+/// Cheap to clone; clones share the campaign. Build one with
+/// [`Leader::builder`], run work while leading with
+/// [`acquire_and_run`](Self::acquire_and_run), and observe it with
+/// [`state`](Self::state).
+///
+/// ```
+/// use std::time::Duration;
+/// use leaseholder::{Backend, Leader, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), leaseholder::Error> {
+/// let store = MemoryStore::new();
+/// let leader = Leader::builder("scheduler")
+///     .backend(Backend::memory(&store))
+///     .ttl(Duration::from_secs(10))
+///     .build()?;
+///
+/// leader
+///     .acquire_and_run(|term| async move {
+///         // Leader-only work. `term` fires when leadership is lost.
+///         println!("leading with fencing token {}", term.fencing_token());
+///         Ok::<_, std::io::Error>(()) // done: release and return
+///     })
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Leader {
+    shared: Arc<Shared>,
+}
+
+impl Leader {
+    /// Starts building a `Leader` for `key`.
+    pub fn builder(key: impl Into<String>) -> LeaderBuilder {
+        LeaderBuilder::new(key)
+    }
+
+    /// A `Leader` for `key` with default settings, in noleader's shape.
+    ///
+    /// It cannot fail here: if the key is invalid for the backend, the first
+    /// call that campaigns returns [`Error::Config`]. Prefer
+    /// [`Leader::builder`], which reports it at once.
+    pub fn new(key: &str, backend: Backend) -> Leader {
+        let builder = LeaderBuilder::new(key);
+        match builder.validate(&backend) {
+            Ok(config) => Leader::from_config(config, backend),
+            Err(invalid) => Leader::with(builder.unchecked(), backend, Some(invalid)),
+        }
+    }
+
+    pub(crate) fn from_config(config: LeaderConfig, backend: Backend) -> Leader {
+        Leader::with(config, backend, None)
+    }
+
+    fn with(
+        config: LeaderConfig,
+        backend: Backend,
+        invalid: Option<crate::error::ConfigError>,
+    ) -> Leader {
+        Leader {
+            shared: Arc::new(Shared {
+                key: config.key.clone(),
+                id: LeaderId::new(),
+                config,
+                invalid,
+                backend,
+                state: watch::Sender::new(State::Idle),
+                term: watch::Sender::new(None),
+                run: watch::Sender::new(Run::NotStarted),
+                control: Default::default(),
+            }),
+        }
+    }
+
+    /// The key this candidate campaigns for.
+    pub fn key(&self) -> &Key {
+        &self.shared.key
+    }
+
+    /// This candidate's id (a UUID v7, new for every `Leader`).
+    pub fn leader_id(&self) -> LeaderId {
+        self.shared.id
+    }
+
+    /// The settings this `Leader` was built with.
+    pub fn config(&self) -> &LeaderConfig {
+        &self.shared.config
+    }
+
+    /// A receiver of the campaign's [`State`]. Wait for a change with
+    /// `changed()` or `wait_for(..)`.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use leaseholder::{Backend, Leader, MemoryStore};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let store = MemoryStore::new();
+    /// # let leader = Leader::builder("k").backend(Backend::memory(&store)).build()?;
+    /// let runner = leader.clone();
+    /// let task = tokio::spawn(async move { runner.start(Default::default()).await });
+    /// let mut state = leader.state();
+    /// state.wait_for(|s| s.is_leader()).await?;
+    /// leader.shutdown().await?;
+    /// task.await??;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn state(&self) -> watch::Receiver<State> {
+        self.shared.state.subscribe()
+    }
+
+    /// [`Status::Leader`] while this candidate leads, else
+    /// [`Status::Candidate`].
+    pub fn is_leader(&self) -> Status {
+        if self.fencing_token().is_some() {
+            Status::Leader
+        } else {
+            Status::Candidate
+        }
+    }
+
+    /// The current term's fencing token, while leading.
+    pub fn fencing_token(&self) -> Option<FencingToken> {
+        self.current_term().map(|t| t.fencing_token())
+    }
+
+    /// The current term, while leading.
+    pub fn current_term(&self) -> Option<Term> {
+        self.shared
+            .term
+            .borrow()
+            .as_ref()
+            .filter(|t| t.is_valid())
+            .cloned()
+    }
+
+    /// Asks the store who leads the key now (one read).
+    pub async fn current_leader(&self) -> Result<Option<Holder>, Error> {
+        let limit = self.shared.config.timing.renew_interval;
+        match tokio::time::timeout(limit, self.shared.backend.holder(&self.shared.key)).await {
+            Ok(Ok(holder)) => Ok(holder),
+            Ok(Err(e)) => Err(self.backend_error(Op::Holder, Arc::new(e))),
+            Err(_) => Err(self.backend_error(
+                Op::Holder,
+                Arc::new(crate::error::BackendError::Timeout(limit)),
+            )),
+        }
+    }
+
+    /// Campaigns and runs `work` while this candidate leads.
+    ///
+    /// `work` is called with a [`Term`] at the start of each term and its
+    /// future is spawned as a task. What happens next:
+    ///
+    /// | event | behaviour |
+    /// |---|---|
+    /// | work returns `Ok` after its token was cancelled (leadership lost) | campaign again; run `work` again on the next term |
+    /// | work returns `Ok` while still leading | release, return `Ok` (the job is done) |
+    /// | work returns `Err(e)` | release, return [`Error::Work`] |
+    /// | work panics | release, return [`Error::Panicked`] (the panic does not unwind into the campaign) |
+    /// | [`shutdown()`](Self::shutdown) | cancel the token, keep renewing while the work drains, release, return `Ok` |
+    /// | transient store errors | retried forever with backoff, visible in [`state`](Self::state) as [`State::Unknown`] |
+    /// | fatal store errors | returned at once ([`Error::Backend`]) |
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the returned future cancels the work's token, drops the
+    /// work, and releases the lease in the background once the work has
+    /// stopped. [`shutdown`](Self::shutdown) waits for that.
+    ///
+    /// # Errors
+    ///
+    /// Besides the table: [`Error::Config`] for a `Leader::new` handle with
+    /// an invalid key, [`Error::AlreadyRunning`] if work already runs on this
+    /// handle, [`Error::Shutdown`] after `shutdown()`.
+    pub async fn acquire_and_run<F, Fut, E>(&self, work: F) -> Result<(), Error>
+    where
+        F: FnMut(Term) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let busy = Busy::take(&self.shared)?;
+        let owner = self.ensure_campaign()?;
+        let result = self.run_work(work).await;
+        if let Some(owner) = owner {
+            owner.disarm();
+            // The campaign was ours alone: stop it (the lease is already
+            // released, or being drained by a shutdown).
+            let stopped = self.stop_campaign(StopKind::Shutdown).await;
+            if result.is_ok() {
+                stopped?;
+            }
+        }
+        drop(busy);
+        result
+    }
+
+    /// Runs `work` whenever this candidate leads, like
+    /// [`acquire_and_run`](Self::acquire_and_run) (same table), but does
+    /// not campaign by itself: pair it with [`start`](Self::start), as with
+    /// noleader. Returns `Ok` when the campaign is shut down.
+    pub async fn do_while_leader<F, Fut, E>(&self, work: F) -> Result<(), Error>
+    where
+        F: FnMut(Term) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        if let Some(e) = &self.shared.invalid {
+            return Err(Error::Config(e.clone()));
+        }
+        let _busy = Busy::take(&self.shared)?;
+        self.run_work(work).await
+    }
+
+    /// Campaigns until `token` is cancelled, then shuts the campaign down
+    /// (drain, release). Leadership shows in [`state`](Self::state) and
+    /// [`is_leader`](Self::is_leader); run work with
+    /// [`do_while_leader`](Self::do_while_leader).
+    ///
+    /// Returns early with an error if the store fails fatally. Dropping
+    /// the future stops the campaign and releases in the background.
+    pub async fn start(&self, token: CancellationToken) -> Result<(), Error> {
+        let owner = self.ensure_campaign()?;
+        let mut run = self.shared.run.subscribe();
+        tokio::select! {
+            () = token.cancelled() => {
+                if let Some(owner) = owner {
+                    owner.disarm();
+                }
+                self.stop_campaign(StopKind::Shutdown).await
+            }
+            result = wait_stopped(&mut run) => {
+                if let Some(owner) = owner {
+                    owner.disarm();
+                }
+                self.fatal(result)
+            }
+        }
+    }
+
+    /// Steps down now if leading: cancels the work's token, keeps renewing
+    /// while the work drains (at most the drain timeout), releases the lease
+    /// so another candidate takes over at once, then keeps campaigning.
+    /// Returns when the lease is released. Does nothing if not leading.
+    pub async fn resign(&self) -> Result<(), Error> {
+        let Some(term) = self.shared.term.borrow().clone() else {
+            return Ok(());
+        };
+        if !self.shared.command(Command::Stop(StopKind::Resign)) {
+            return Ok(());
+        }
+        let mut run = self.shared.run.subscribe();
+        tokio::select! {
+            () = term.ended() => Ok(()),
+            result = wait_stopped(&mut run) => self.fatal(result),
+        }
+    }
+
+    /// Stops for good: cancels the work's token, keeps renewing while the
+    /// work drains (at most the drain timeout; then the work is dropped),
+    /// releases the lease, and stops campaigning. Idempotent. Later calls
+    /// that would campaign return [`Error::Shutdown`].
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        self.shared.control().shut_down = true;
+        let result = self.stop_campaign(StopKind::Shutdown).await;
+        self.shared.state.send_replace(State::Stopped);
+        result
+    }
+
+    // ----- internals -------------------------------------------------------
+
+    /// Starts the campaign unless one runs; `Some` if this call started it.
+    fn ensure_campaign(&self) -> Result<Option<Owner<'_>>, Error> {
+        if let Some(e) = &self.shared.invalid {
+            return Err(Error::Config(e.clone()));
+        }
+        let mut control = self.shared.control();
+        if control.shut_down {
+            return Err(Error::Shutdown {
+                key: self.shared.key.clone(),
+            });
+        }
+        if control.commands.is_some() {
+            return Ok(None);
+        }
+        campaign::spawn(&self.shared, &mut control);
+        Ok(Some(Owner {
+            shared: &self.shared,
+            armed: true,
+        }))
+    }
+
+    /// Asks the campaign to stop and waits until it has.
+    async fn stop_campaign(&self, kind: StopKind) -> Result<(), Error> {
+        let mut run = self.shared.run.subscribe();
+        if !self.shared.command(Command::Stop(kind)) {
+            return Ok(());
+        }
+        let result = wait_stopped(&mut run).await;
+        self.fatal(result)
+    }
+
+    fn fatal(&self, stopped: Option<Fatal>) -> Result<(), Error> {
+        match stopped {
+            None => Ok(()),
+            Some(crate::campaign::core::FatalError(op, source)) => {
+                Err(self.backend_error(op, source))
+            }
+        }
+    }
+
+    fn backend_error(&self, op: Op, source: Arc<crate::error::BackendError>) -> Error {
+        Error::Backend {
+            op,
+            key: self.shared.key.clone(),
+            source,
+        }
+    }
+
+    async fn run_work<F, Fut, E>(&self, mut work: F) -> Result<(), Error>
+    where
+        F: FnMut(Term) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let mut terms = self.shared.term.subscribe();
+        let mut run = self.shared.run.subscribe();
+        loop {
+            let term = tokio::select! {
+                biased;
+                result = wait_stopped(&mut run) => return self.fatal(result),
+                term = next_term(&mut terms) => term,
+            };
+            let fut = work(term.clone());
+            let (reply, outcome) = oneshot::channel();
+            let command = Command::Spawn {
+                term: term.id(),
+                work: Box::pin(async move { fut.await.map_err(Into::into) }),
+                reply,
+            };
+            if !self.shared.command(command) {
+                continue; // the campaign is gone; the next turn sees it
+            }
+            let outcome = outcome.await.unwrap_or(WorkOutcome::Aborted);
+            if let WorkOutcome::NotStarted = outcome {
+                // That term ended before the work could start.
+                let id = term.id();
+                let _ = terms
+                    .wait_for(|t| t.as_ref().is_none_or(|t| t.id() != id))
+                    .await;
+                continue;
+            }
+            // Whatever happened, the term is over or ending: wait until the
+            // lease is released (or known gone) before going on.
+            tokio::select! {
+                () = term.ended() => {}
+                _ = wait_stopped(&mut run) => {}
+            }
+            match outcome {
+                WorkOutcome::NotStarted
+                | WorkOutcome::Aborted
+                | WorkOutcome::Ok { cancelled: true } => continue,
+                WorkOutcome::Ok { cancelled: false } => return Ok(()),
+                WorkOutcome::Err(e) => return Err(Error::Work(e)),
+                WorkOutcome::Panicked => {
+                    return Err(Error::Panicked {
+                        key: self.shared.key.clone(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the next live term.
+async fn next_term(terms: &mut watch::Receiver<Option<Term>>) -> Term {
+    loop {
+        if let Some(term) = terms.borrow_and_update().as_ref().filter(|t| t.is_valid()) {
+            return term.clone();
+        }
+        if terms.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Waits until the campaign has stopped; its fatal error, if any.
+async fn wait_stopped(run: &mut watch::Receiver<Run>) -> Option<Fatal> {
+    let stopped = match run.wait_for(|r| matches!(r, Run::Stopped(_))).await {
+        Ok(r) => match &*r {
+            Run::Stopped(fatal) => Some(fatal.clone()),
+            _ => Some(None),
+        },
+        Err(_) => None,
+    };
+    match stopped {
+        Some(fatal) => fatal,
+        // The sender lives in `Shared`, which outlives every receiver.
+        None => std::future::pending().await,
+    }
+}
+
+/// Marks the one work runner of a handle.
+struct Busy<'a>(&'a Shared);
+
+impl<'a> Busy<'a> {
+    fn take(shared: &'a Shared) -> Result<Busy<'a>, Error> {
+        let mut control = shared.control();
+        if control.busy {
+            return Err(Error::AlreadyRunning {
+                key: shared.key.clone(),
+            });
+        }
+        control.busy = true;
+        Ok(Busy(shared))
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.control().busy = false;
+    }
+}
+
+/// Held by the call that started the campaign: if that call's future is
+/// dropped, the campaign is abandoned (work dropped, lease released in the
+/// background, campaign stopped).
+struct Owner<'a> {
+    shared: &'a Shared,
+    armed: bool,
+}
+
+impl Owner<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Owner<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.command(Command::Stop(StopKind::Abandon));
+        }
+    }
+}
+
+impl fmt::Debug for Leader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Leader")
+            .field("key", &self.shared.key)
+            .field("id", &self.shared.id)
+            .field("state", &*self.shared.state.borrow())
+            .field("token", &self.fencing_token())
+            .finish()
+    }
+}

@@ -1,0 +1,33 @@
+#![doc = include_str!("../../../README.md")]
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod backend;
+mod campaign;
+mod config;
+mod error;
+mod leader;
+mod observer;
+mod state;
+mod term;
+
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
+
+#[cfg(any())]
+#[cfg_attr(docsrs, doc(cfg(feature = "noleader")))]
+pub mod noleader;
+
+pub use backend::memory::{Fault, Faults, MemoryBackend, MemoryStore};
+pub use backend::{
+    Acquired, Backend, BackendEdge, Claim, FencingToken, Holder, Key, LeaderId, Lease, LeaseValue,
+    Nonce, Renewed, WatchEvent, WatchStream,
+};
+pub use config::{LeaderBuilder, LeaderConfig};
+pub use error::{BackendError, BoxError, ConfigError, Error, Op};
+pub use leader::Leader;
+pub use observer::{Observed, Observer};
+pub use state::{State, Status};
+pub use term::Term;

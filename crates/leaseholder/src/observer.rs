@@ -1,0 +1,180 @@
+//! [`Observer`]: who leads a key, without campaigning.
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::backend::{Backend, Holder, Key, WatchEvent};
+use crate::error::ConfigError;
+
+/// What an [`Observer`] knows about a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Observed {
+    /// Not read yet, or the store cannot be reached: who leads is unknown.
+    Unknown,
+    /// Nobody holds the key.
+    Vacant,
+    /// Someone holds the key.
+    Held(Holder),
+}
+
+impl Observed {
+    /// The holder, if the key is held.
+    pub fn holder(&self) -> Option<&Holder> {
+        match self {
+            Observed::Held(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// `true` if it is the same lease (nonce and token) as `other`,
+    /// whatever renewals happened between.
+    fn same_term(&self, other: &Observed) -> bool {
+        match (self, other) {
+            (Observed::Held(a), Observed::Held(b)) => {
+                a.nonce() == b.nonce() && a.token() == b.token() && a.id() == b.id()
+            }
+            (Observed::Unknown, Observed::Unknown) | (Observed::Vacant, Observed::Vacant) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Watches who leads a key without campaigning for it.
+///
+/// It reads the key once, then re-reads on every watch event of the
+/// backend, at the current lease's expiry (stores such as PostgreSQL send
+/// nothing when a lease expires), and every `poll` interval otherwise. The
+/// value changes only when the term changes (a renewal is not a change).
+///
+/// Dropping the observer stops its task.
+///
+/// ```
+/// use std::time::Duration;
+/// use leaseholder::{Backend, MemoryStore, Observed, Observer};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let observer = Observer::new("scheduler", Backend::memory(&store), Duration::from_secs(1))?;
+/// let mut seen = observer.watch();
+/// let now = seen.wait_for(|o| *o != Observed::Unknown).await?.clone();
+/// assert_eq!(now, Observed::Vacant);
+/// # Ok(())
+/// # }
+/// ```
+pub struct Observer {
+    key: Key,
+    rx: watch::Receiver<Observed>,
+    task: JoinHandle<()>,
+}
+
+impl Observer {
+    /// Starts observing `key`; `poll` bounds the time between reads when
+    /// no event or expiry comes sooner. Must be called inside a tokio
+    /// runtime.
+    pub fn new(key: &str, backend: Backend, poll: Duration) -> Result<Observer, ConfigError> {
+        let key = Key::new(key)?;
+        backend.validate_key(&key)?;
+        if poll.is_zero() {
+            return Err(ConfigError::Zero { field: "poll" });
+        }
+        let (tx, rx) = watch::channel(Observed::Unknown);
+        let task = tokio::spawn(observe(backend, key.clone(), poll, tx));
+        Ok(Observer { key, rx, task })
+    }
+
+    /// The key observed.
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// What is known now.
+    pub fn current(&self) -> Observed {
+        self.rx.borrow().clone()
+    }
+
+    /// A receiver that sees every change of term.
+    pub fn watch(&self) -> watch::Receiver<Observed> {
+        self.rx.clone()
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl fmt::Debug for Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Observer")
+            .field("key", &self.key)
+            .field("observed", &*self.rx.borrow())
+            .finish()
+    }
+}
+
+async fn observe(backend: Backend, key: Key, poll: Duration, tx: watch::Sender<Observed>) {
+    let mut subscription = backend.subscribe(&key);
+    let mut failures = 0u32;
+    loop {
+        let now = Instant::now();
+        let next = match tokio::time::timeout(poll, backend.holder(&key)).await {
+            Ok(Ok(holder)) => {
+                failures = 0;
+                let wake = holder
+                    .as_ref()
+                    .and_then(Holder::expires_in)
+                    .map_or(poll, |left| (left + Duration::from_millis(1)).min(poll));
+                let seen = holder.map_or(Observed::Vacant, Observed::Held);
+                publish(&tx, seen);
+                now + wake
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, key = %key, "observer cannot read the store");
+                failures = failures.saturating_add(1);
+                publish(&tx, Observed::Unknown);
+                now + backoff(failures, poll)
+            }
+            Err(_) => {
+                failures = failures.saturating_add(1);
+                publish(&tx, Observed::Unknown);
+                now + backoff(failures, poll)
+            }
+        };
+        // Wait for the next reason to read.
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => break,
+                event = subscription.next() => match event {
+                    WatchEvent::Updated(_, Some(holder)) => {
+                        publish(&tx, Observed::Held(holder));
+                    }
+                    _ => break,
+                },
+            }
+        }
+    }
+}
+
+fn publish(tx: &watch::Sender<Observed>, seen: Observed) {
+    tx.send_if_modified(|current| {
+        if current.same_term(&seen) {
+            false
+        } else {
+            *current = seen;
+            true
+        }
+    });
+}
+
+fn backoff(failures: u32, cap: Duration) -> Duration {
+    Duration::from_millis(50)
+        .saturating_mul(1 << failures.min(16))
+        .min(cap)
+}

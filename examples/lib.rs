@@ -1,0 +1,1 @@
+//! Runnable examples for leaseholder; see the files in this directory.
