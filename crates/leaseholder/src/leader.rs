@@ -155,6 +155,20 @@ impl Leader {
             .cloned()
     }
 
+    /// Creates or validates what the store needs (bucket, table) now, so
+    /// that a misconfigured or unsupported store shows at startup. The
+    /// campaign also does this before it first acquires. Idempotent.
+    pub async fn setup(&self) -> Result<(), Error> {
+        if let Some(e) = &self.shared.invalid {
+            return Err(Error::Config(e.clone()));
+        }
+        self.shared
+            .backend
+            .setup()
+            .await
+            .map_err(|e| self.backend_error(Op::Setup, Arc::new(e)))
+    }
+
     /// Asks the store who leads the key now (one read).
     pub async fn current_leader(&self) -> Result<Option<Holder>, Error> {
         let limit = self.shared.config.timing.renew_interval;

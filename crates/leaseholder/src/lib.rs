@@ -16,7 +16,7 @@ mod term;
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 
-#[cfg(any())]
+#[cfg(feature = "noleader")]
 #[cfg_attr(docsrs, doc(cfg(feature = "noleader")))]
 pub mod noleader;
 

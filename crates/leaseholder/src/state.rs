@@ -45,6 +45,11 @@ impl State {
         matches!(self, State::Leader { .. })
     }
 
+    /// `true` in [`State::Stopped`].
+    pub fn is_stopped(&self) -> bool {
+        matches!(self, State::Stopped)
+    }
+
     /// The fencing token while leading.
     pub fn token(&self) -> Option<FencingToken> {
         match self {

@@ -321,6 +321,7 @@ pub struct Faults {
 #[derive(Default)]
 struct FaultState {
     queue: VecDeque<(Option<Op>, Fault)>,
+    always: Option<Fault>,
     partitioned: bool,
     calls: u64,
 }
@@ -354,6 +355,13 @@ impl Faults {
         self.inject(Fault::LoseReply, n);
     }
 
+    /// Applies `fault` to every call from now on (after any queued faults),
+    /// until [`clear`](Self::clear). `always(Fault::Hang)` is a store that
+    /// stopped answering.
+    pub fn always(&self, fault: Fault) {
+        lock(&self.inner).always = Some(fault);
+    }
+
     /// Cuts this candidate off the store: every call fails and its watch
     /// ends, until [`heal`](Self::heal).
     pub fn partition(&self) {
@@ -365,9 +373,12 @@ impl Faults {
         lock(&self.inner).partitioned = false;
     }
 
-    /// Drops every queued fault (a partition stays).
+    /// Drops every queued fault and an [`always`](Self::always) fault (a
+    /// partition stays).
     pub fn clear(&self) {
-        lock(&self.inner).queue.clear();
+        let mut state = lock(&self.inner);
+        state.queue.clear();
+        state.always = None;
     }
 
     /// `true` while partitioned.
@@ -386,11 +397,14 @@ impl Faults {
         if state.partitioned {
             return Some(Fault::Fail);
         }
-        let at = state
+        let queued = state
             .queue
             .iter()
-            .position(|(only, _)| only.is_none_or(|o| o == op))?;
-        state.queue.remove(at).map(|(_, fault)| fault)
+            .position(|(only, _)| only.is_none_or(|o| o == op));
+        match queued {
+            Some(at) => state.queue.remove(at).map(|(_, fault)| fault),
+            None => state.always,
+        }
     }
 }
 

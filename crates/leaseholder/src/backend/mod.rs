@@ -715,6 +715,7 @@ pub struct Backend {
 struct Inner {
     edge: Box<dyn DynEdge>,
     hub: hub::Hub,
+    setup: tokio::sync::OnceCell<()>,
 }
 
 impl Backend {
@@ -724,6 +725,7 @@ impl Backend {
             inner: Arc::new(Inner {
                 edge: Box::new(edge),
                 hub: hub::Hub::default(),
+                setup: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -748,9 +750,15 @@ impl Backend {
         self.inner.edge.validate_key(key)
     }
 
-    /// See [`BackendEdge::setup`].
+    /// See [`BackendEdge::setup`]. Runs once per `Backend` (and its
+    /// clones) after it first succeeds: many `Leader`s sharing a backend set
+    /// the store up once.
     pub async fn setup(&self) -> Result<(), BackendError> {
-        self.inner.edge.setup().await
+        self.inner
+            .setup
+            .get_or_try_init(|| self.inner.edge.setup())
+            .await
+            .map(|_| ())
     }
 
     /// See [`BackendEdge::acquire`].

@@ -627,9 +627,12 @@ impl Core {
     fn watch(&mut self, now: Instant, event: WatchEvent, out: &mut Vec<Output>) {
         match (&mut self.phase, event) {
             (Phase::Follower { wake_at, quiet_until }, WatchEvent::Released(_) | WatchEvent::Resync) => {
-                if quiet_until.is_none_or(|q| q <= now) {
-                    *wake_at = now;
-                }
+                // The key is free. Just after resigning, wait out the quiet
+                // period first, so that others take over.
+                *wake_at = match quiet_until {
+                    Some(q) if *q > now => (*wake_at).min(*q),
+                    _ => now,
+                };
             }
             (Phase::Follower { .. }, WatchEvent::Updated(_, Some(holder))) => {
                 // A renewal or a new leader: push the expiry wake-up out,

@@ -1,0 +1,629 @@
+//! The backend conformance suite: every row of the lease contract, run
+//! against a real store.
+//!
+//! A backend author implements [`Harness`] (how to get a fresh client of the
+//! store, how to plant a value the way a foreign program would) and calls
+//! [`run`] from a test. Each row is also public on its own, so a failing row
+//! can be run alone.
+//!
+//! ```
+//! use std::time::Duration;
+//! use leaseholder::conformance::{self, Harness};
+//! use leaseholder::{Backend, BoxError, Key, MemoryStore};
+//!
+//! struct Memory(MemoryStore);
+//!
+//! impl Harness for Memory {
+//!     async fn backend(&self) -> Backend {
+//!         Backend::memory(&self.0)
+//!     }
+//!     async fn put_foreign(&self, key: &Key, value: &[u8], ttl: Duration) -> Result<(), BoxError> {
+//!         self.0.put_raw(key, value.to_vec(), ttl);
+//!         Ok(())
+//!     }
+//!     fn ttl(&self) -> Duration {
+//!         Duration::from_millis(300)
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let report = conformance::run(&Memory(MemoryStore::new())).await;
+//! assert!(report.is_ok(), "{report}");
+//! # }
+//! ```
+//!
+//! Rows wait for the store's clock with `tokio::time`, so the memory
+//! backend runs them under paused time in no wall time; a real store takes a
+//! few multiples of [`Harness::ttl`] in all.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use tokio::time::Instant;
+
+use crate::backend::{Acquired, Backend, Claim, Key, LeaderId, Lease, Renewed, WatchEvent};
+use crate::error::{BackendError, BoxError};
+
+/// What the suite needs from the store under test.
+pub trait Harness: Send + Sync {
+    /// A new client of the store under test, as a separate candidate (a
+    /// separate process) would have: its own connection where the store has
+    /// connections.
+    fn backend(&self) -> impl Future<Output = Backend> + Send;
+
+    /// Writes `value` under `key`, bypassing the lease contract, as another
+    /// program (noleader, an operator) would; it should live about `ttl`.
+    fn put_foreign(
+        &self,
+        key: &Key,
+        value: &[u8],
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send;
+
+    /// The ttl the rows use: the shortest the store supports comfortably
+    /// (e.g. 1 s for stores with second resolution).
+    fn ttl(&self) -> Duration;
+
+    /// How long past `ttl` the store may take to remove an expired lease.
+    /// Default: half the ttl plus 500 ms.
+    fn expiry_slack(&self) -> Duration {
+        self.ttl() / 2 + Duration::from_millis(500)
+    }
+
+    /// A fresh key for one row, so rows and runs never share state.
+    fn key(&self, row: &str) -> Key {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        // Row names are short ASCII identifiers; the fallback never fires.
+        Key::new(format!("conformance-{row}-{}", &suffix[..12]))
+            .unwrap_or_else(|_| Key::unchecked("conformance"))
+    }
+}
+
+/// A contract row that did not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{row}: {detail}")]
+pub struct Failure {
+    /// The row's name.
+    pub row: &'static str,
+    /// What went wrong.
+    pub detail: String,
+}
+
+/// The outcome of [`run`].
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Rows that held.
+    pub passed: Vec<&'static str>,
+    /// Rows the backend does not claim to support (e.g. watch), with why.
+    pub unsupported: Vec<(&'static str, String)>,
+    /// Rows that did not hold.
+    pub failed: Vec<Failure>,
+}
+
+impl Report {
+    /// `true` if no row failed.
+    pub fn is_ok(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} passed, {} failed, {} unsupported",
+            self.passed.len(),
+            self.failed.len(),
+            self.unsupported.len()
+        )?;
+        for failure in &self.failed {
+            writeln!(f, "  FAILED {failure}")?;
+        }
+        for (row, why) in &self.unsupported {
+            writeln!(f, "  unsupported {row}: {why}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What one row found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The row held.
+    Passed,
+    /// The backend does not support what the row checks.
+    Unsupported(String),
+}
+
+type RowResult = Result<Outcome, Failure>;
+
+/// Runs every row, one after the other, and reports.
+pub async fn run<H: Harness>(h: &H) -> Report {
+    let mut report = Report::default();
+    let rows: Vec<(&'static str, RowResult)> = vec![
+        ("setup_is_idempotent", setup_is_idempotent(h).await),
+        ("one_winner_among_racers", one_winner_among_racers(h).await),
+        ("tokens_increase_across_terms", tokens_increase_across_terms(h).await),
+        ("renew_extends_the_lease", renew_extends_the_lease(h).await),
+        ("renew_of_a_lost_lease_is_lost", renew_of_a_lost_lease_is_lost(h).await),
+        ("same_candidate_id_never_shares", same_candidate_id_never_shares(h).await),
+        ("release_is_compare_and_delete", release_is_compare_and_delete(h).await),
+        ("expiry_by_the_store_clock", expiry_by_the_store_clock(h).await),
+        ("reacquired_lease_expires_too", reacquired_lease_expires_too(h).await),
+        ("lost_reply_recognized_on_read_back", lost_reply_recognized_on_read_back(h).await),
+        ("watch_fires_on_release_and_expiry", watch_fires_on_release_and_expiry(h).await),
+        ("foreign_values_are_held", foreign_values_are_held(h).await),
+    ];
+    for (row, result) in rows {
+        match result {
+            Ok(Outcome::Passed) => report.passed.push(row),
+            Ok(Outcome::Unsupported(why)) => report.unsupported.push((row, why)),
+            Err(failure) => report.failed.push(failure),
+        }
+    }
+    report
+}
+
+fn fail(row: &'static str, detail: impl fmt::Display) -> Failure {
+    Failure {
+        row,
+        detail: detail.to_string(),
+    }
+}
+
+fn claim() -> Claim {
+    Claim::new(LeaderId::new(), Bytes::from_static(b"conformance"))
+}
+
+/// Unwraps a store reply or fails the row.
+fn ok<T>(row: &'static str, what: &str, r: Result<T, BackendError>) -> Result<T, Failure> {
+    r.map_err(|e| fail(row, format!("{what} failed: {e} ({e:?})")))
+}
+
+async fn acquire_won(
+    row: &'static str,
+    b: &Backend,
+    key: &Key,
+    claim: &Claim,
+    ttl: Duration,
+) -> Result<Lease, Failure> {
+    match ok(row, "acquire", b.acquire(key, claim, ttl).await)? {
+        Acquired::Won(lease) => {
+            if lease.nonce() != claim.nonce {
+                return Err(fail(row, "acquire returned a lease with another nonce"));
+            }
+            Ok(lease)
+        }
+        Acquired::Held(h) => Err(fail(row, format!("expected a free key, found {h:?}"))),
+    }
+}
+
+/// Polls `holder` until the key is free; fails after `limit`. Returns how
+/// long it took from `since`.
+async fn wait_free(
+    row: &'static str,
+    b: &Backend,
+    key: &Key,
+    since: Instant,
+    limit: Duration,
+) -> Result<Duration, Failure> {
+    let step = (limit / 100).clamp(Duration::from_millis(5), Duration::from_millis(50));
+    loop {
+        if ok(row, "holder", b.holder(key).await)?.is_none() {
+            return Ok(since.elapsed());
+        }
+        if since.elapsed() > limit {
+            return Err(fail(
+                row,
+                format!("lease still present {limit:?} after it was written"),
+            ));
+        }
+        tokio::time::sleep(step).await;
+    }
+}
+
+/// `setup` is idempotent, and safe when 16 candidates call it at once.
+pub async fn setup_is_idempotent<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "setup_is_idempotent";
+    let backends = join_all((0..16).map(|_| h.backend())).await;
+    let results = join_all(backends.iter().map(Backend::setup)).await;
+    for r in results {
+        ok(ROW, "concurrent setup", r)?;
+    }
+    // A second round on fresh clients, after the store exists.
+    ok(ROW, "repeated setup", h.backend().await.setup().await)?;
+    Ok(Outcome::Passed)
+}
+
+/// Exactly one of 16 concurrent racers wins; the others see the winner.
+pub async fn one_winner_among_racers<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "one_winner_among_racers";
+    let key = h.key("race");
+    let backends = join_all((0..16).map(|_| h.backend())).await;
+    ok(ROW, "setup", backends[0].setup().await)?;
+    let claims: Vec<Claim> = (0..16).map(|_| claim()).collect();
+    let ttl = h.ttl() * 4;
+    let results = join_all(
+        backends
+            .iter()
+            .zip(&claims)
+            .map(|(b, c)| b.acquire(&key, c, ttl)),
+    )
+    .await;
+    let mut winners = Vec::new();
+    let mut held = Vec::new();
+    for r in results {
+        match ok(ROW, "acquire", r)? {
+            Acquired::Won(lease) => winners.push(lease),
+            Acquired::Held(holder) => held.push(holder),
+        }
+    }
+    if winners.len() != 1 {
+        return Err(fail(ROW, format!("{} winners among 16 racers", winners.len())));
+    }
+    let winner = &winners[0];
+    if let Some(other) = held.iter().find(|h| !h.is_nonce(winner.nonce())) {
+        return Err(fail(ROW, format!("a loser saw {other:?}, not the winner")));
+    }
+    Ok(Outcome::Passed)
+}
+
+/// Tokens strictly increase across terms: after release, after expiry, and
+/// for another candidate.
+pub async fn tokens_increase_across_terms<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "tokens_increase_across_terms";
+    let key = h.key("tokens");
+    let (a, b) = (h.backend().await, h.backend().await);
+    ok(ROW, "setup", a.setup().await)?;
+    let ttl = h.ttl();
+    let first = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    ok(ROW, "release", a.release(&key, &first).await)?;
+    let second = acquire_won(ROW, &b, &key, &claim(), ttl).await?;
+    if second.token() <= first.token() {
+        return Err(fail(
+            ROW,
+            format!(
+                "after release: token {} is not above {}",
+                second.token(),
+                first.token()
+            ),
+        ));
+    }
+    let since = Instant::now();
+    wait_free(ROW, &b, &key, since, ttl + h.expiry_slack()).await?;
+    let third = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    if third.token() <= second.token() {
+        return Err(fail(
+            ROW,
+            format!(
+                "after expiry: token {} is not above {}",
+                third.token(),
+                second.token()
+            ),
+        ));
+    }
+    ok(ROW, "release", a.release(&key, &third).await)?;
+    Ok(Outcome::Passed)
+}
+
+/// Renewals keep a lease alive past its first ttl, keep its token, and the
+/// holder's expiry hint stays within the ttl (rounded up to a second).
+pub async fn renew_extends_the_lease<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "renew_extends_the_lease";
+    let key = h.key("renew");
+    let a = h.backend().await;
+    ok(ROW, "setup", a.setup().await)?;
+    let ttl = h.ttl();
+    let mut lease = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    let token = lease.token();
+    let start = Instant::now();
+    while start.elapsed() < ttl * 2 {
+        tokio::time::sleep(ttl / 3).await;
+        lease = match ok(ROW, "renew", a.renew(&key, &lease, ttl).await)? {
+            Renewed::Renewed(l) => l,
+            Renewed::Lost => return Err(fail(ROW, "renewal of a live lease said Lost")),
+        };
+        if lease.token() != token {
+            return Err(fail(ROW, "renewal changed the token"));
+        }
+    }
+    let holder = ok(ROW, "holder", a.holder(&key).await)?
+        .ok_or_else(|| fail(ROW, "renewed lease is gone"))?;
+    if !holder.is_nonce(lease.nonce()) || holder.token() != Some(token) {
+        return Err(fail(ROW, format!("holder shows {holder:?}")));
+    }
+    let bound = Duration::from_secs(ttl.as_secs_f64().ceil() as u64) + Duration::from_millis(50);
+    match holder.expires_in() {
+        Some(left) if left > bound => {
+            return Err(fail(ROW, format!("expiry hint {left:?} exceeds the ttl")));
+        }
+        _ => {}
+    }
+    ok(ROW, "release", a.release(&key, &lease).await)?;
+    Ok(Outcome::Passed)
+}
+
+/// Renewing a released lease, or one that expired and was taken by another
+/// candidate, says `Lost` and does not disturb the new holder.
+pub async fn renew_of_a_lost_lease_is_lost<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "renew_of_a_lost_lease_is_lost";
+    let key = h.key("lost");
+    let (a, b) = (h.backend().await, h.backend().await);
+    ok(ROW, "setup", a.setup().await)?;
+    let ttl = h.ttl();
+    let released = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    ok(ROW, "release", a.release(&key, &released).await)?;
+    if ok(ROW, "renew", a.renew(&key, &released, ttl).await)? != Renewed::Lost {
+        return Err(fail(ROW, "renewing a released lease did not say Lost"));
+    }
+    if ok(ROW, "holder", a.holder(&key).await)?.is_some() {
+        return Err(fail(ROW, "renewing a released lease resurrected it"));
+    }
+    let expired = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    wait_free(ROW, &a, &key, Instant::now(), ttl + h.expiry_slack()).await?;
+    if ok(ROW, "renew", a.renew(&key, &expired, ttl).await)? != Renewed::Lost {
+        return Err(fail(ROW, "renewing an expired lease did not say Lost"));
+    }
+    let expired2 = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    wait_free(ROW, &a, &key, Instant::now(), ttl + h.expiry_slack()).await?;
+    let taken = acquire_won(ROW, &b, &key, &claim(), ttl * 4).await?;
+    if ok(ROW, "renew", a.renew(&key, &expired2, ttl).await)? != Renewed::Lost {
+        return Err(fail(ROW, "renewing a lease another candidate took did not say Lost"));
+    }
+    let holder = ok(ROW, "holder", b.holder(&key).await)?;
+    if !holder.is_some_and(|h| h.is_nonce(taken.nonce())) {
+        return Err(fail(ROW, "a stale renewal disturbed the new holder"));
+    }
+    ok(ROW, "release", b.release(&key, &taken).await)?;
+    Ok(Outcome::Passed)
+}
+
+/// Two handles with the same candidate id never both hold the lease:
+/// ownership is the nonce.
+pub async fn same_candidate_id_never_shares<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "same_candidate_id_never_shares";
+    let key = h.key("sameid");
+    let (a, b) = (h.backend().await, h.backend().await);
+    ok(ROW, "setup", a.setup().await)?;
+    let id = LeaderId::new();
+    let first = Claim::new(id, Bytes::new());
+    let second = Claim::new(id, Bytes::new());
+    let ttl = h.ttl() * 4;
+    let lease = acquire_won(ROW, &a, &key, &first, ttl).await?;
+    match ok(ROW, "acquire", b.acquire(&key, &second, ttl).await)? {
+        Acquired::Won(_) => return Err(fail(ROW, "a second handle with the same id won")),
+        Acquired::Held(holder) if !holder.is_nonce(first.nonce) => {
+            return Err(fail(ROW, format!("holder is {holder:?}")));
+        }
+        Acquired::Held(_) => {}
+    }
+    // A lease forged from the second claim with the first's token and
+    // revision must not renew or release the first.
+    let forged = Lease::new(&second, lease.token(), lease.revision());
+    if ok(ROW, "renew", b.renew(&key, &forged, ttl).await)? != Renewed::Lost {
+        return Err(fail(ROW, "a same-id handle renewed another's lease"));
+    }
+    ok(ROW, "release", b.release(&key, &forged).await)?;
+    let holder = ok(ROW, "holder", a.holder(&key).await)?;
+    if !holder.is_some_and(|h| h.is_nonce(first.nonce)) {
+        return Err(fail(ROW, "a same-id handle released another's lease"));
+    }
+    ok(ROW, "release", a.release(&key, &lease).await)?;
+    Ok(Outcome::Passed)
+}
+
+/// Release removes only our own lease, and is idempotent.
+pub async fn release_is_compare_and_delete<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "release_is_compare_and_delete";
+    let key = h.key("release");
+    let (a, b) = (h.backend().await, h.backend().await);
+    ok(ROW, "setup", a.setup().await)?;
+    let ttl = h.ttl() * 4;
+    let ours = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    let stranger = Lease::new(&claim(), ours.token(), ours.revision());
+    ok(ROW, "release", b.release(&key, &stranger).await)?;
+    if !ok(ROW, "holder", a.holder(&key).await)?.is_some_and(|h| h.is_nonce(ours.nonce())) {
+        return Err(fail(ROW, "another candidate's release removed our lease"));
+    }
+    ok(ROW, "release", a.release(&key, &ours).await)?;
+    if ok(ROW, "holder", a.holder(&key).await)?.is_some() {
+        return Err(fail(ROW, "release left the lease in place"));
+    }
+    ok(ROW, "second release", a.release(&key, &ours).await)?;
+    let next = acquire_won(ROW, &b, &key, &claim(), ttl).await?;
+    ok(ROW, "stale release", a.release(&key, &ours).await)?;
+    if !ok(ROW, "holder", b.holder(&key).await)?.is_some_and(|h| h.is_nonce(next.nonce())) {
+        return Err(fail(ROW, "a stale release removed the next holder's lease"));
+    }
+    ok(ROW, "release", b.release(&key, &next).await)?;
+    Ok(Outcome::Passed)
+}
+
+/// A lease expires by the store's clock: never before `ttl` after it was
+/// sent, and within the store's slack after that.
+pub async fn expiry_by_the_store_clock<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "expiry_by_the_store_clock";
+    let key = h.key("expiry");
+    let a = h.backend().await;
+    ok(ROW, "setup", a.setup().await)?;
+    let ttl = h.ttl();
+    let sent = Instant::now();
+    acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    let took = wait_free(ROW, &a, &key, sent, ttl + h.expiry_slack()).await?;
+    if took < ttl {
+        return Err(fail(
+            ROW,
+            format!("lease gone {took:?} after it was sent, before its ttl {ttl:?}"),
+        ));
+    }
+    Ok(Outcome::Passed)
+}
+
+/// A lease acquired right after the previous one expired (while a store may
+/// still hold an expiry marker) expires too.
+pub async fn reacquired_lease_expires_too<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "reacquired_lease_expires_too";
+    let key = h.key("reacquire");
+    let a = h.backend().await;
+    ok(ROW, "setup", a.setup().await)?;
+    let ttl = h.ttl();
+    acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    wait_free(ROW, &a, &key, Instant::now(), ttl + h.expiry_slack()).await?;
+    let sent = Instant::now();
+    acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    let took = wait_free(ROW, &a, &key, sent, ttl + h.expiry_slack()).await?;
+    if took < ttl {
+        return Err(fail(ROW, format!("re-acquired lease gone after {took:?}")));
+    }
+    Ok(Outcome::Passed)
+}
+
+/// A write that took effect but whose reply was lost is recognized by
+/// reading back: `holder` shows our nonce, and the lease it shows can be
+/// renewed. An acquire dropped mid-flight leaves either our lease or none.
+pub async fn lost_reply_recognized_on_read_back<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "lost_reply_recognized_on_read_back";
+    let key = h.key("readback");
+    let a = h.backend().await;
+    ok(ROW, "setup", a.setup().await)?;
+    let ttl = h.ttl() * 4;
+    let c = claim();
+    // The reply is "lost": we ignore it and read back.
+    let _ = a.acquire(&key, &c, ttl).await;
+    let seen = ok(ROW, "holder", a.holder(&key).await)?
+        .ok_or_else(|| fail(ROW, "acquire took no effect"))?;
+    if !seen.is_nonce(c.nonce) {
+        return Err(fail(ROW, format!("read-back shows {seen:?}, not our nonce")));
+    }
+    let token = seen
+        .token()
+        .ok_or_else(|| fail(ROW, "read-back of our lease has no token"))?;
+    let lease = Lease::new(&c, token, seen.revision());
+    let _ = a.renew(&key, &lease, ttl).await;
+    let after = ok(ROW, "holder", a.holder(&key).await)?
+        .ok_or_else(|| fail(ROW, "lease gone after renewal"))?;
+    if !after.is_nonce(c.nonce) || after.token() != Some(token) {
+        return Err(fail(ROW, format!("after a lost renewal reply: {after:?}")));
+    }
+    let adopted = lease.with_revision(after.revision());
+    match ok(ROW, "renew", a.renew(&key, &adopted, ttl).await)? {
+        Renewed::Renewed(l) => ok(ROW, "release", a.release(&key, &l).await)?,
+        Renewed::Lost => return Err(fail(ROW, "the read-back lease could not be renewed")),
+    }
+    // Drop an acquire after its first poll.
+    let d = claim();
+    {
+        let mut call = std::pin::pin!(a.acquire(&key, &d, ttl));
+        let _ = futures_util::poll!(call.as_mut());
+    }
+    match ok(ROW, "holder", a.holder(&key).await)? {
+        None => {}
+        Some(h) if h.is_nonce(d.nonce) => {
+            let token = h.token().ok_or_else(|| fail(ROW, "no token"))?;
+            ok(
+                ROW,
+                "release",
+                a.release(&key, &Lease::new(&d, token, h.revision())).await,
+            )?;
+        }
+        Some(other) => return Err(fail(ROW, format!("dropped acquire left {other:?}"))),
+    }
+    Ok(Outcome::Passed)
+}
+
+/// The watch reports a release, and an expiry where the backend says it
+/// does.
+pub async fn watch_fires_on_release_and_expiry<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "watch_fires_on_release_and_expiry";
+    let key = h.key("watch");
+    let a = h.backend().await;
+    ok(ROW, "setup", a.setup().await)?;
+    let ttl = h.ttl();
+    let limit = ttl * 2 + h.expiry_slack() + Duration::from_secs(2);
+    let watcher = h.backend().await;
+    let mut sub = watcher.subscribe(&key);
+    // The watcher says Resync once its subscription is up.
+    match tokio::time::timeout(limit, sub.next()).await {
+        Ok(WatchEvent::Resync) => {}
+        Ok(other) => return Err(fail(ROW, format!("first event was {other:?}"))),
+        Err(_) => return Ok(Outcome::Unsupported("the backend has no watch".into())),
+    }
+    let lease = acquire_won(ROW, &a, &key, &claim(), ttl * 4).await?;
+    ok(ROW, "release", a.release(&key, &lease).await)?;
+    wait_event(ROW, &mut sub, limit, |e| matches!(e, WatchEvent::Released(k) if *k == key))
+        .await
+        .map_err(|f| fail(ROW, format!("no Released after release: {}", f.detail)))?;
+    if !a.watch_reports_expiry() {
+        return Ok(Outcome::Passed);
+    }
+    acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    wait_event(ROW, &mut sub, limit, |e| matches!(e, WatchEvent::Released(k) if *k == key))
+        .await
+        .map_err(|f| fail(ROW, format!("no Released after expiry: {}", f.detail)))?;
+    Ok(Outcome::Passed)
+}
+
+async fn wait_event(
+    row: &'static str,
+    sub: &mut crate::backend::Subscription,
+    limit: Duration,
+    want: impl Fn(&WatchEvent) -> bool,
+) -> Result<(), Failure> {
+    let until = Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(until, sub.next()).await {
+            Ok(event) if want(&event) => return Ok(()),
+            Ok(_) => continue,
+            Err(_) => return Err(fail(row, format!("nothing within {limit:?}"))),
+        }
+    }
+}
+
+/// A value the backend cannot decode (garbage, a noleader UUID) is a live
+/// lease held by someone unknown: acquire reports it held, and renew and
+/// release leave it alone.
+pub async fn foreign_values_are_held<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "foreign_values_are_held";
+    let a = h.backend().await;
+    ok(ROW, "setup", a.setup().await)?;
+    let ttl = h.ttl() * 4;
+    let noleader = *uuid::Uuid::new_v4().as_bytes();
+    for (name, value) in [
+        ("garbage", b"\xff\x00 not a lease".as_slice()),
+        ("uuid", noleader.as_slice()),
+        ("empty", b"".as_slice()),
+        ("future-version", b"LH\x7fsomething".as_slice()),
+    ] {
+        let key = h.key(name);
+        h.put_foreign(&key, value, ttl)
+            .await
+            .map_err(|e| fail(ROW, format!("put_foreign failed: {e}")))?;
+        let c = claim();
+        match ok(ROW, "acquire", a.acquire(&key, &c, ttl).await)? {
+            Acquired::Won(_) => {
+                return Err(fail(ROW, format!("acquired over a foreign {name} value")));
+            }
+            Acquired::Held(holder) if !holder.is_foreign() => {
+                return Err(fail(ROW, format!("{name} value read as {holder:?}")));
+            }
+            Acquired::Held(_) => {}
+        }
+        let held = ok(ROW, "holder", a.holder(&key).await)?;
+        if !held.as_ref().is_some_and(|h| h.is_foreign()) {
+            return Err(fail(ROW, format!("holder of a {name} value: {held:?}")));
+        }
+        let forged = Lease::new(&c, crate::backend::FencingToken::new(1), 1);
+        if ok(ROW, "renew", a.renew(&key, &forged, ttl).await)? != Renewed::Lost {
+            return Err(fail(ROW, format!("renewed over a foreign {name} value")));
+        }
+        ok(ROW, "release", a.release(&key, &forged).await)?;
+        if ok(ROW, "holder", a.holder(&key).await)?.is_none() {
+            return Err(fail(ROW, format!("release removed a foreign {name} value")));
+        }
+    }
+    Ok(Outcome::Passed)
+}
