@@ -604,7 +604,11 @@ impl Core {
             }
             Phase::Ending(e) => {
                 if e.work && e.abort_at.is_some_and(|at| at <= now) {
-                    tracing::warn!("work outlived its term by the drain timeout; dropping it");
+                    if self.stop == Some(StopKind::Abandon) {
+                        tracing::debug!("the runner went away; dropping the work");
+                    } else {
+                        tracing::warn!("work outlived its term by the drain timeout; dropping it");
+                    }
                     e.abort_at = None;
                     out.push(Output::AbortWork { id: e.id });
                     return;
@@ -643,7 +647,11 @@ impl Core {
                         *wake_at = (*wake_at).max(at);
                     }
                 }
-                if self.leader.as_ref() != Some(&holder) {
+                let same_term = self
+                    .leader
+                    .as_ref()
+                    .is_some_and(|l| l.nonce() == holder.nonce() && l.token() == holder.token());
+                if !same_term {
                     self.publish(
                         State::Follower {
                             leader: Some(holder.clone()),
@@ -653,12 +661,12 @@ impl Core {
                 }
                 self.leader = Some(holder);
             }
-            (Phase::Leading(term), WatchEvent::Updated(_, Some(holder))) => {
-                if !holder.is_nonce(term.lease.nonce()) {
-                    // Someone else wrote the key: check now rather than at
-                    // the next renewal.
-                    term.renew_at = now;
-                }
+            (Phase::Leading(term), WatchEvent::Updated(_, Some(holder)))
+                if !holder.is_nonce(term.lease.nonce()) =>
+            {
+                // Someone else wrote the key: check now rather than at the
+                // next renewal.
+                term.renew_at = now;
             }
             (Phase::Leading(term), WatchEvent::Released(_) | WatchEvent::Resync) => {
                 term.renew_at = now;
@@ -983,7 +991,7 @@ impl Core {
             Phase::SettingUp { .. } | Phase::Acquiring { .. } => {}
             Phase::Leading(_) => self.drain(now, EndReason::Shutdown, abandon, out),
             Phase::Ending(e) => {
-                if abandon && e.work {
+                if kind == StopKind::Abandon && e.work {
                     e.abort_at = Some(now);
                 }
             }
