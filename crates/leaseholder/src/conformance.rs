@@ -147,15 +147,39 @@ pub async fn run<H: Harness>(h: &H) -> Report {
     let rows: Vec<(&'static str, RowResult)> = vec![
         ("setup_is_idempotent", setup_is_idempotent(h).await),
         ("one_winner_among_racers", one_winner_among_racers(h).await),
-        ("tokens_increase_across_terms", tokens_increase_across_terms(h).await),
+        (
+            "tokens_increase_across_terms",
+            tokens_increase_across_terms(h).await,
+        ),
         ("renew_extends_the_lease", renew_extends_the_lease(h).await),
-        ("renew_of_a_lost_lease_is_lost", renew_of_a_lost_lease_is_lost(h).await),
-        ("same_candidate_id_never_shares", same_candidate_id_never_shares(h).await),
-        ("release_is_compare_and_delete", release_is_compare_and_delete(h).await),
-        ("expiry_by_the_store_clock", expiry_by_the_store_clock(h).await),
-        ("reacquired_lease_expires_too", reacquired_lease_expires_too(h).await),
-        ("lost_reply_recognized_on_read_back", lost_reply_recognized_on_read_back(h).await),
-        ("watch_fires_on_release_and_expiry", watch_fires_on_release_and_expiry(h).await),
+        (
+            "renew_of_a_lost_lease_is_lost",
+            renew_of_a_lost_lease_is_lost(h).await,
+        ),
+        (
+            "same_candidate_id_never_shares",
+            same_candidate_id_never_shares(h).await,
+        ),
+        (
+            "release_is_compare_and_delete",
+            release_is_compare_and_delete(h).await,
+        ),
+        (
+            "expiry_by_the_store_clock",
+            expiry_by_the_store_clock(h).await,
+        ),
+        (
+            "reacquired_lease_expires_too",
+            reacquired_lease_expires_too(h).await,
+        ),
+        (
+            "lost_reply_recognized_on_read_back",
+            lost_reply_recognized_on_read_back(h).await,
+        ),
+        (
+            "watch_fires_on_release_and_expiry",
+            watch_fires_on_release_and_expiry(h).await,
+        ),
         ("foreign_values_are_held", foreign_values_are_held(h).await),
     ];
     for (row, result) in rows {
@@ -263,7 +287,10 @@ pub async fn one_winner_among_racers<H: Harness>(h: &H) -> RowResult {
         }
     }
     if winners.len() != 1 {
-        return Err(fail(ROW, format!("{} winners among 16 racers", winners.len())));
+        return Err(fail(
+            ROW,
+            format!("{} winners among 16 racers", winners.len()),
+        ));
     }
     let winner = &winners[0];
     if let Some(other) = held.iter().find(|h| !h.is_nonce(winner.nonce())) {
@@ -372,7 +399,10 @@ pub async fn renew_of_a_lost_lease_is_lost<H: Harness>(h: &H) -> RowResult {
     wait_free(ROW, &a, &key, Instant::now(), ttl + h.expiry_slack()).await?;
     let taken = acquire_won(ROW, &b, &key, &claim(), ttl * 4).await?;
     if ok(ROW, "renew", a.renew(&key, &expired2, ttl).await)? != Renewed::Lost {
-        return Err(fail(ROW, "renewing a lease another candidate took did not say Lost"));
+        return Err(fail(
+            ROW,
+            "renewing a lease another candidate took did not say Lost",
+        ));
     }
     let holder = ok(ROW, "holder", b.holder(&key).await)?;
     if !holder.is_some_and(|h| h.is_nonce(taken.nonce())) {
@@ -497,7 +527,10 @@ pub async fn lost_reply_recognized_on_read_back<H: Harness>(h: &H) -> RowResult 
     let seen = ok(ROW, "holder", a.holder(&key).await)?
         .ok_or_else(|| fail(ROW, "acquire took no effect"))?;
     if !seen.is_nonce(c.nonce) {
-        return Err(fail(ROW, format!("read-back shows {seen:?}, not our nonce")));
+        return Err(fail(
+            ROW,
+            format!("read-back shows {seen:?}, not our nonce"),
+        ));
     }
     let token = seen
         .token()
@@ -554,16 +587,26 @@ pub async fn watch_fires_on_release_and_expiry<H: Harness>(h: &H) -> RowResult {
     }
     let lease = acquire_won(ROW, &a, &key, &claim(), ttl * 4).await?;
     ok(ROW, "release", a.release(&key, &lease).await)?;
-    wait_event(ROW, &mut sub, limit, |e| matches!(e, WatchEvent::Released(k) if *k == key))
-        .await
-        .map_err(|f| fail(ROW, format!("no Released after release: {}", f.detail)))?;
+    wait_event(
+        ROW,
+        &mut sub,
+        limit,
+        |e| matches!(e, WatchEvent::Released(k) if *k == key),
+    )
+    .await
+    .map_err(|f| fail(ROW, format!("no Released after release: {}", f.detail)))?;
     if !a.watch_reports_expiry() {
         return Ok(Outcome::Passed);
     }
     acquire_won(ROW, &a, &key, &claim(), ttl).await?;
-    wait_event(ROW, &mut sub, limit, |e| matches!(e, WatchEvent::Released(k) if *k == key))
-        .await
-        .map_err(|f| fail(ROW, format!("no Released after expiry: {}", f.detail)))?;
+    wait_event(
+        ROW,
+        &mut sub,
+        limit,
+        |e| matches!(e, WatchEvent::Released(k) if *k == key),
+    )
+    .await
+    .map_err(|f| fail(ROW, format!("no Released after expiry: {}", f.detail)))?;
     Ok(Outcome::Passed)
 }
 

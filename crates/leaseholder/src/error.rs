@@ -182,7 +182,10 @@ impl BackendError {
     /// `true` for errors the campaign retries ([`Unavailable`](Self::Unavailable),
     /// [`Timeout`](Self::Timeout)).
     pub fn is_transient(&self) -> bool {
-        matches!(self, BackendError::Unavailable(_) | BackendError::Timeout(_))
+        matches!(
+            self,
+            BackendError::Unavailable(_) | BackendError::Timeout(_)
+        )
     }
 
     /// Shorthand for [`BackendError::Unavailable`] from any error.

@@ -35,6 +35,12 @@ use crate::error::Error;
 /// not run yet. Only fencing protects a write that is already on its way to
 /// a store; pass [`fencing_token`](Self::fencing_token) with it.
 ///
+/// When the token fires because leadership was lost (not for a resign or
+/// shutdown, which wait for the work), the work has about the drift margin
+/// (see [`LeaderBuilder::drift_margin`](crate::LeaderBuilder::drift_margin))
+/// to stop before the store may let another candidate in: stop at once,
+/// and leave slow cleanup to code that does not need leadership.
+///
 /// The work must yield to the runtime (`.await`) regularly: a loop that
 /// never awaits starves the campaign on the same thread, which then cannot
 /// cancel the token in time. Put blocking code in

@@ -79,11 +79,16 @@ async fn deadline_cancels_the_token_before_the_store_expires_the_lease() {
     timeout(WAIT, term.cancelled()).await.unwrap();
     let cancelled_at = Instant::now();
     // The store still holds A's lease when A gives up: the drift margin.
-    let still = holder(&store).await.expect("lease expired before the token fired");
+    let still = holder(&store)
+        .await
+        .expect("lease expired before the token fired");
     assert!(still.is_nonce(still.nonce().unwrap()));
     assert_eq!(still.token(), Some(term.fencing_token()));
     let left = still.expires_in().unwrap();
-    assert!(left >= a.config().drift_margin(), "only {left:?} left in the store");
+    assert!(
+        left >= a.config().drift_margin(),
+        "only {left:?} left in the store"
+    );
     assert!(!term.is_valid());
     assert!(term.check().unwrap_err().is_lost());
     // B takes over after the store expires the lease, not before.
@@ -115,7 +120,10 @@ async fn failed_renewal_is_retried_before_the_deadline() {
     // renewal was retried and the deadline moved on.
     tokio::time::sleep_until(deadline).await;
     assert!(term.deadline() > deadline);
-    assert!(faults.calls() >= calls + 3, "renew, read-back, retried renew");
+    assert!(
+        faults.calls() >= calls + 3,
+        "renew, read-back, retried renew"
+    );
     assert!(!term.is_cancelled());
     assert!(term.is_valid());
     assert_eq!(a.fencing_token(), Some(token));
@@ -170,13 +178,20 @@ async fn resign_hands_over_through_the_watch_at_once() {
     let first = wait(&mut sa, State::is_leader).await.token().unwrap();
     let tb = started(&b);
     let mut sb = b.state();
-    wait(&mut sb, |s| matches!(s, State::Follower { leader: Some(_) })).await;
+    wait(&mut sb, |s| {
+        matches!(s, State::Follower { leader: Some(_) })
+    })
+    .await;
     let t0 = Instant::now();
     a.resign().await.unwrap();
     let second = wait(&mut sb, State::is_leader).await.token().unwrap();
     // No timer had to fire: the handoff took no (paused) time at all,
     // far less than a retry interval.
-    assert!(t0.elapsed() < b.config().retry_interval() / 10, "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < b.config().retry_interval() / 10,
+        "{:?}",
+        t0.elapsed()
+    );
     assert!(second > first);
     // A does not grab it back: it stays a follower of B.
     assert_eq!(a.is_leader(), Status::Candidate);
@@ -214,14 +229,20 @@ async fn shutdown_keeps_renewing_until_slow_work_has_drained() {
     let token = wait(&mut sa, State::is_leader).await.token().unwrap();
     let tb = started(&b);
     let mut sb = b.state();
-    wait(&mut sb, |s| matches!(s, State::Follower { leader: Some(_) })).await;
+    wait(&mut sb, |s| {
+        matches!(s, State::Follower { leader: Some(_) })
+    })
+    .await;
     let asked = Instant::now();
     let stopping = tokio::spawn({
         let a = a.clone();
         async move { a.shutdown().await }
     });
     let state = wait(&mut sb, State::is_leader).await;
-    let done = drained.lock().unwrap().expect("B led before A's work drained");
+    let done = drained
+        .lock()
+        .unwrap()
+        .expect("B led before A's work drained");
     assert!(done >= asked + TTL * 2);
     assert!(Instant::now() >= done);
     assert!(state.token().unwrap() > token);
@@ -274,7 +295,10 @@ async fn crashed_leader_is_replaced_after_the_ttl() {
     let first = wait(&mut sa, State::is_leader).await.token().unwrap();
     let tb = started(&b);
     let mut sb = b.state();
-    wait(&mut sb, |s| matches!(s, State::Follower { leader: Some(_) })).await;
+    wait(&mut sb, |s| {
+        matches!(s, State::Follower { leader: Some(_) })
+    })
+    .await;
     // "Crash": A's link dies and its task is gone; nothing is released.
     faults.partition();
     let left = holder(&store).await.unwrap().expires_in().unwrap();
@@ -282,7 +306,10 @@ async fn crashed_leader_is_replaced_after_the_ttl() {
     ta.abort();
     let second = wait(&mut sb, State::is_leader).await.token().unwrap();
     let took = crashed.elapsed();
-    assert!(took >= left, "took over {took:?} after the crash, lease had {left:?}");
+    assert!(
+        took >= left,
+        "took over {took:?} after the crash, lease had {left:?}"
+    );
     // Woken by the expiry (watch or hint), not a later poll.
     assert!(took <= left + b.config().retry_interval(), "{took:?}");
     assert!(second > first);
@@ -347,7 +374,10 @@ async fn store_errors_back_off_exponentially_up_to_the_cap() {
     for (n, gap) in gaps.iter().enumerate() {
         let ideal = min.saturating_mul(1 << n.min(20)).min(max);
         assert!(*gap <= ideal, "gap {n} is {gap:?}, over {ideal:?}");
-        assert!(*gap >= ideal.mul_f64(0.9), "gap {n} is {gap:?}, under {ideal:?} - 10%");
+        assert!(
+            *gap >= ideal.mul_f64(0.9),
+            "gap {n} is {gap:?}, under {ideal:?} - 10%"
+        );
     }
     assert!(gaps.iter().rev().take(10).all(|g| *g >= max.mul_f64(0.9)));
     a.shutdown().await.unwrap();
@@ -473,7 +503,11 @@ async fn work_error_releases_and_is_returned() {
         Error::Work(e) => assert_eq!(e.to_string(), "boom"),
         other => panic!("{other:?}"),
     }
-    assert!(holder(&store).await.map_or(true, |h| h.id() != Some(a.leader_id())));
+    assert!(
+        holder(&store)
+            .await
+            .map_or(true, |h| h.id() != Some(a.leader_id()))
+    );
     // B takes over at once (release, not expiry).
     let t0 = Instant::now();
     wait(&mut sb, State::is_leader).await;
@@ -563,12 +597,19 @@ async fn dropping_acquire_and_run_cancels_the_work_and_releases() {
     let term = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
     let tb = started(&b);
     let mut sb = b.state();
-    wait(&mut sb, |s| matches!(s, State::Follower { leader: Some(_) })).await;
+    wait(&mut sb, |s| {
+        matches!(s, State::Follower { leader: Some(_) })
+    })
+    .await;
     runner.abort();
     let t0 = Instant::now();
     wait(&mut sb, State::is_leader).await;
     assert!(term.is_cancelled());
-    assert!(t0.elapsed() < TTL / 2, "released, not expired: {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < TTL / 2,
+        "released, not expired: {:?}",
+        t0.elapsed()
+    );
     b.shutdown().await.unwrap();
     tb.await.unwrap().unwrap();
 }
@@ -635,10 +676,17 @@ async fn followers_make_no_store_calls_while_the_watch_is_up() {
     let ta = started(&a);
     wait(&mut a.state(), State::is_leader).await;
     let tb = started(&b);
-    wait(&mut b.state(), |s| matches!(s, State::Follower { leader: Some(_) })).await;
+    wait(&mut b.state(), |s| {
+        matches!(s, State::Follower { leader: Some(_) })
+    })
+    .await;
     let before = b_faults.calls();
     tokio::time::sleep(TTL * 20).await;
-    assert_eq!(b_faults.calls(), before, "an idle follower called the store");
+    assert_eq!(
+        b_faults.calls(),
+        before,
+        "an idle follower called the store"
+    );
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
     ta.await.unwrap().unwrap();
@@ -667,12 +715,22 @@ async fn observer_sees_terms_change_without_campaigning() {
     let (b, _) = candidate(&store);
     let observer = Observer::new("job", Backend::memory(&store), Duration::from_secs(1)).unwrap();
     let mut seen = observer.watch();
-    timeout(WAIT, seen.wait_for(|o| *o == Observed::Vacant)).await.unwrap().unwrap();
+    timeout(WAIT, seen.wait_for(|o| *o == Observed::Vacant))
+        .await
+        .unwrap()
+        .unwrap();
     let ta = started(&a);
-    let o = timeout(WAIT, seen.wait_for(|o| o.holder().is_some())).await.unwrap().unwrap().clone();
+    let o = timeout(WAIT, seen.wait_for(|o| o.holder().is_some()))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
     assert_eq!(o.holder().unwrap().id(), Some(a.leader_id()));
     let tb = started(&b);
-    wait(&mut b.state(), |s| matches!(s, State::Follower { leader: Some(_) })).await;
+    wait(&mut b.state(), |s| {
+        matches!(s, State::Follower { leader: Some(_) })
+    })
+    .await;
     a.resign().await.unwrap();
     let o = timeout(
         WAIT,
@@ -702,13 +760,66 @@ async fn followers_see_the_leader_and_its_metadata() {
     let ta = started(&a);
     wait(&mut a.state(), State::is_leader).await;
     let tb = started(&b);
-    let state = wait(&mut b.state(), |s| matches!(s, State::Follower { leader: Some(_) })).await;
+    let state = wait(&mut b.state(), |s| {
+        matches!(s, State::Follower { leader: Some(_) })
+    })
+    .await;
     let State::Follower { leader: Some(h) } = state else {
         unreachable!()
     };
     assert_eq!(h.id(), Some(a.leader_id()));
     assert_eq!(&h.metadata()[..], b"10.0.0.7:8080");
-    assert_eq!(b.current_leader().await.unwrap().unwrap().id(), Some(a.leader_id()));
+    assert_eq!(
+        b.current_leader().await.unwrap().unwrap().id(),
+        Some(a.leader_id())
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    ta.await.unwrap().unwrap();
+    tb.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_do_while_leader_under_start_drops_the_work_and_releases() {
+    let store = MemoryStore::new();
+    let (a, _) = candidate(&store);
+    let (b, _) = candidate(&store);
+    let ta = started(&a);
+    wait(&mut a.state(), State::is_leader).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let runner = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.do_while_leader(move |term| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(term.clone()).unwrap();
+                    std::future::pending::<()>().await;
+                    Ok::<_, std::io::Error>(())
+                }
+            })
+            .await
+        }
+    });
+    let term = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    let tb = started(&b);
+    let mut sb = b.state();
+    wait(&mut sb, |s| {
+        matches!(s, State::Follower { leader: Some(_) })
+    })
+    .await;
+    // The campaign belongs to `start`; dropping the work's runner drops the
+    // work and gives the lease up, and the campaign goes on.
+    runner.abort();
+    let t0 = Instant::now();
+    wait(&mut sb, State::is_leader).await;
+    assert!(
+        t0.elapsed() < TTL / 2,
+        "released, not expired: {:?}",
+        t0.elapsed()
+    );
+    assert!(term.is_cancelled());
+    assert!(matches!(*a.state().borrow(), State::Follower { .. }));
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
     ta.await.unwrap().unwrap();

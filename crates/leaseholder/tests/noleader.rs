@@ -51,7 +51,10 @@ async fn start_and_do_while_leader_as_in_noleader() {
     assert_eq!(leader.is_leader().await, Status::Candidate);
     let probe = Backend::memory(&store);
     let key = leaseholder::Key::new("election_key").unwrap();
-    assert!(probe.holder(&key).await.unwrap().is_none(), "released on stop");
+    assert!(
+        probe.holder(&key).await.unwrap().is_none(),
+        "released on stop"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -33,8 +33,14 @@ fn check(log: &[Event]) {
     for e in log {
         match *e {
             Event::Start(c, token) => {
-                assert!(running.is_none(), "{c} started while {running:?} ran: {log:?}");
-                assert!(last.is_none_or(|t| token > t), "token {token} not increasing: {log:?}");
+                assert!(
+                    running.is_none(),
+                    "{c} started while {running:?} ran: {log:?}"
+                );
+                assert!(
+                    last.is_none_or(|t| token > t),
+                    "token {token} not increasing: {log:?}"
+                );
                 running = Some(c);
                 last = Some(token);
             }
@@ -73,7 +79,9 @@ async fn handoff_and_failover_on_the_multi_thread_runtime() {
                         let log = log.clone();
                         let started_tx = started_tx.clone();
                         async move {
-                            log.lock().unwrap().push(Event::Start(c, term.fencing_token()));
+                            log.lock()
+                                .unwrap()
+                                .push(Event::Start(c, term.fencing_token()));
                             started_tx.send(c).unwrap();
                             let _stop = StopGuard(log, c);
                             while !term.is_cancelled() {
@@ -91,7 +99,12 @@ async fn handoff_and_failover_on_the_multi_thread_runtime() {
         }));
         leaders.push(leader);
     }
-    let mut next = async || timeout(Duration::from_secs(10), started.recv()).await.unwrap().unwrap();
+    let mut next = async || {
+        timeout(Duration::from_secs(10), started.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    };
     let first = next().await;
     // Handoff.
     leaders[first].resign().await.unwrap();

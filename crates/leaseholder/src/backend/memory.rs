@@ -186,9 +186,7 @@ impl MemoryStore {
                 return Ok(Reply::Setup);
             }
             Call::Holder(key) => {
-                return Ok(Reply::Holder(
-                    state.entries.get(key).map(|e| e.holder(now)),
-                ));
+                return Ok(Reply::Holder(state.entries.get(key).map(|e| e.holder(now))));
             }
             Call::Acquire(key, claim, ttl) => {
                 if let Some(entry) = state.entries.get(key) {
@@ -337,7 +335,9 @@ impl Faults {
     /// operations pass.
     pub fn inject_on(&self, op: Op, fault: Fault, n: usize) {
         let mut state = lock(&self.inner);
-        state.queue.extend(std::iter::repeat_n((Some(op), fault), n));
+        state
+            .queue
+            .extend(std::iter::repeat_n((Some(op), fault), n));
     }
 
     /// The next `n` calls fail.
@@ -505,8 +505,16 @@ impl BackendEdge for MemoryBackend {
         }
     }
 
-    async fn renew(&self, key: &Key, lease: &Lease, ttl: Duration) -> Result<Renewed, BackendError> {
-        match self.call(Call::Renew(key.clone(), lease.clone(), ttl)).await? {
+    async fn renew(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<Renewed, BackendError> {
+        match self
+            .call(Call::Renew(key.clone(), lease.clone(), ttl))
+            .await?
+        {
             Reply::Renew(r) => Ok(r),
             _ => Err(unexpected()),
         }

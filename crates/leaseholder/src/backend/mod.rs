@@ -640,8 +640,11 @@ trait DynEdge: Send + Sync + 'static {
         lease: &'a Lease,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Renewed, BackendError>>;
-    fn release<'a>(&'a self, key: &'a Key, lease: &'a Lease)
-    -> BoxFuture<'a, Result<(), BackendError>>;
+    fn release<'a>(
+        &'a self,
+        key: &'a Key,
+        lease: &'a Lease,
+    ) -> BoxFuture<'a, Result<(), BackendError>>;
     fn holder<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Result<Option<Holder>, BackendError>>;
     fn watch(&self) -> BoxFuture<'_, Result<Option<WatchStream>, BackendError>>;
     fn watch_reports_expiry(&self) -> bool;

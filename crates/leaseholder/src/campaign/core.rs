@@ -92,17 +92,44 @@ pub(crate) enum Input {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Output {
     Setup,
-    Acquire { nonce: Nonce, timeout: Duration },
-    Renew { lease: Lease, timeout: Duration },
-    Release { lease: Lease, timeout: Duration },
-    ReadHolder { timeout: Duration },
-    BeginTerm { id: u64, lease: Lease, deadline: Instant },
-    Extend { id: u64, deadline: Instant },
-    CancelTerm { id: u64, reason: EndReason },
-    AbortWork { id: u64 },
-    TermEnded { id: u64 },
+    Acquire {
+        nonce: Nonce,
+        timeout: Duration,
+    },
+    Renew {
+        lease: Lease,
+        timeout: Duration,
+    },
+    Release {
+        lease: Lease,
+        timeout: Duration,
+    },
+    ReadHolder {
+        timeout: Duration,
+    },
+    BeginTerm {
+        id: u64,
+        lease: Lease,
+        deadline: Instant,
+    },
+    Extend {
+        id: u64,
+        deadline: Instant,
+    },
+    CancelTerm {
+        id: u64,
+        reason: EndReason,
+    },
+    AbortWork {
+        id: u64,
+    },
+    TermEnded {
+        id: u64,
+    },
     State(StateOut),
-    Stopped { error: Option<FatalError> },
+    Stopped {
+        error: Option<FatalError>,
+    },
 }
 
 /// A fatal store error that stopped the campaign. Compared by operation
@@ -145,10 +172,14 @@ impl PartialEq for StateOut {
 enum InFlight {
     Setup,
     Acquire,
-    Renew { sent_at: Instant },
+    Renew {
+        sent_at: Instant,
+    },
     /// Reading the key back after an ambiguous reply: of the acquire
     /// (`None`) or of the renewal sent at this time.
-    ReadBack { renewal: Option<Instant> },
+    ReadBack {
+        renewal: Option<Instant>,
+    },
     Release,
 }
 
@@ -577,7 +608,11 @@ impl Core {
                 if idle && confirming.flatten().is_some_and(|at| at <= now) {
                     *confirming = Some(None);
                     let timeout = self.t.renew;
-                    self.send(InFlight::ReadBack { renewal: None }, Output::ReadHolder { timeout }, out);
+                    self.send(
+                        InFlight::ReadBack { renewal: None },
+                        Output::ReadHolder { timeout },
+                        out,
+                    );
                 }
             }
             Phase::Leading(term) => {
@@ -630,7 +665,13 @@ impl Core {
 
     fn watch(&mut self, now: Instant, event: WatchEvent, out: &mut Vec<Output>) {
         match (&mut self.phase, event) {
-            (Phase::Follower { wake_at, quiet_until }, WatchEvent::Released(_) | WatchEvent::Resync) => {
+            (
+                Phase::Follower {
+                    wake_at,
+                    quiet_until,
+                },
+                WatchEvent::Released(_) | WatchEvent::Resync,
+            ) => {
                 // The key is free. Just after resigning, wait out the quiet
                 // period first, so that others take over.
                 *wake_at = match quiet_until {
@@ -734,7 +775,12 @@ impl Core {
                 }
                 let wake = self.wake_for(now, Some(&holder));
                 self.leader = Some(holder.clone());
-                self.publish(State::Follower { leader: Some(holder) }, out);
+                self.publish(
+                    State::Follower {
+                        leader: Some(holder),
+                    },
+                    out,
+                );
                 self.follow(wake, None, out);
             }
             Err(e) if e.is_transient() => {
@@ -746,12 +792,15 @@ impl Core {
                     confirming: Some(None),
                 };
                 let timeout = self.t.renew;
-                self.send(InFlight::ReadBack { renewal: None }, Output::ReadHolder { timeout }, out);
+                self.send(
+                    InFlight::ReadBack { renewal: None },
+                    Output::ReadHolder { timeout },
+                    out,
+                );
             }
             Err(e) => self.fatal(now, Op::Acquire, e, out),
         }
     }
-
 
     fn on_renew(
         &mut self,
