@@ -506,7 +506,7 @@ async fn work_error_releases_and_is_returned() {
     assert!(
         holder(&store)
             .await
-            .map_or(true, |h| h.id() != Some(a.leader_id()))
+            .is_none_or(|h| h.id() != Some(a.leader_id()))
     );
     // B takes over at once (release, not expiry).
     let t0 = Instant::now();

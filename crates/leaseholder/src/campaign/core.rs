@@ -18,20 +18,25 @@
 //!                                                          or ──► Stopped
 //! ```
 //!
-//! Invariants (checked by the model tests in `tests/model.rs` and the unit
-//! tests below):
+//! Invariants (checked by the model checker and scenario tests in
+//! `campaign/model.rs`, and by the proptest in `tests/safety_proptest.rs`):
 //!
 //! 1. At most one store call is in flight ([`Core::op`]).
 //! 2. A term begins only if the acquire reply (or its read-back) arrived
 //!    before `sent_at + ttl - drift`, where `sent_at` is when the acquire was
 //!    sent; the store cannot expire the lease before `sent_at + ttl`.
-//! 3. A term's deadline is `sent_at + ttl - drift` of the latest request
-//!    known to have extended the lease; it only moves forward, and only on a
-//!    reply (or read-back) that proves the extension.
+//! 3. A term's deadline is `sent_at + ttl - drift` of a request known to
+//!    have extended the lease: a renewal whose reply came back, or, when a
+//!    read-back shows that an unanswered renewal landed, the earliest
+//!    renewal of the term whose outcome was ambiguous. It only moves
+//!    forward.
 //! 4. A term is cancelled at its deadline at the latest, and a cancelled
 //!    term is never revived: it is released (compare-and-delete) after its
 //!    work has returned, and the next term needs a new acquisition.
 //! 5. While the work of a term runs, no new term begins.
+//! 6. Work still running when its term ends is dropped before the store can
+//!    let anyone else in: at once when the lease is known gone, by
+//!    `deadline + drift/2` otherwise, even in the middle of a drain.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -212,6 +217,11 @@ struct Term {
     renew_at: Instant,
     failures: u32,
     work: bool,
+    /// The send time of the earliest renewal of this term whose outcome was
+    /// ambiguous. A read-back that shows a newer revision proves only that
+    /// *some* renewal since then landed, so it credits this time, never a
+    /// later one. Never cleared: such a renewal may land at any time.
+    unconfirmed: Option<Instant>,
     /// Set once the token is cancelled for a stop (resign, shutdown): keep
     /// renewing until the work returns or this time passes.
     drain_until: Option<(Instant, EndReason)>,
@@ -528,6 +538,7 @@ impl Core {
             renew_at,
             failures: 0,
             work: false,
+            unconfirmed: None,
             drain_until: None,
         });
     }
@@ -553,10 +564,20 @@ impl Core {
         let keep_lease = !matches!(reason, EndReason::Lost);
         // The store cannot expire the lease before deadline + drift.
         let release_by = term.deadline + self.t.drift;
+        // Work that is still running when the term ends is dropped before
+        // anyone else can lead: at once if the lease is gone, else halfway
+        // through the drift margin (the token fired at the deadline; the
+        // store lets others in at deadline + drift). A drain for resign or
+        // shutdown ends there too if the deadline passed meanwhile.
+        let last_safe = match reason {
+            EndReason::Lost => now,
+            _ => (term.deadline + self.t.drift / 2).max(now),
+        };
         let abort_at = if matches!(self.stop, Some(StopKind::Abandon)) {
             Some(now)
         } else if term.work {
-            Some(term.drain_until.map_or(now + self.t.drain, |(at, _)| at))
+            let drain = term.drain_until.map_or(now + self.t.drain, |(at, _)| at);
+            Some(drain.min(last_safe))
         } else {
             None
         };
@@ -811,10 +832,13 @@ impl Core {
         let Some(InFlight::Renew { sent_at }) = self.op.take() else {
             return;
         };
-        let Phase::Leading(term) = &self.phase else {
+        let Phase::Leading(term) = &mut self.phase else {
             // The term already ended; its Ending releases the lease.
             return;
         };
+        if matches!(&result, Err(e) if e.is_transient()) {
+            term.unconfirmed.get_or_insert(sent_at);
+        }
         let nonce = term.lease.nonce();
         let deadline = term.deadline;
         match result {
@@ -890,12 +914,14 @@ impl Core {
             }
             (Some(sent_at), Phase::Leading(term)) => {
                 let lease = term.lease.clone();
+                let credit = term.unconfirmed.map_or(sent_at, |t| t.min(sent_at));
                 match result {
                     Ok(Some(h)) if h.is_nonce(lease.nonce()) => {
                         self.store_ok();
                         if h.revision() != lease.revision() {
-                            // The renewal took effect; its reply was lost.
-                            self.extend(now, lease.with_revision(h.revision()), sent_at, out);
+                            // A renewal took effect whose reply was lost: the
+                            // earliest ambiguous one, as far as we can tell.
+                            self.extend(now, lease.with_revision(h.revision()), credit, out);
                         } else {
                             self.retry_renew(now);
                         }

@@ -9,6 +9,8 @@
 //! the lease.
 
 pub(crate) mod core;
+#[cfg(test)]
+mod model;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,8 +24,8 @@ use tracing::Instrument;
 
 use self::core::{Core, Input, Output, StopKind};
 use crate::backend::{Backend, Claim, Key, LeaderId};
-use crate::error::BackendError;
 use crate::config::LeaderConfig;
+use crate::error::BackendError;
 use crate::error::BoxError;
 use crate::state::State;
 use crate::term::Term;
@@ -51,7 +53,9 @@ pub(crate) enum WorkOutcome {
     /// The term was no longer live; the work was not started.
     NotStarted,
     /// Returned `Ok`; `cancelled` tells whether its token had fired.
-    Ok { cancelled: bool },
+    Ok {
+        cancelled: bool,
+    },
     Err(BoxError),
     Panicked,
     /// Dropped by the campaign (drain timeout, or the run was abandoned).
@@ -113,9 +117,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>, control: &mut Control) {
     shared.run.send_replace(Run::Running);
     let span = tracing::info_span!("campaign", key = %shared.key, candidate = %shared.id);
     let seed = uuid::Uuid::new_v4().as_u64_pair().0;
-    let task = tokio::spawn(
-        run(shared.clone(), shared.config.clone(), rx, seed).instrument(span),
-    );
+    let task = tokio::spawn(run(shared.clone(), shared.config.clone(), rx, seed).instrument(span));
     control.task = Some(task);
 }
 
@@ -213,9 +215,7 @@ async fn run(
                         tracing::debug!(?reason, "cancelling the term's token");
                         r.term.cancel();
                     }
-                    shared
-                        .term
-                        .send_if_modified(|t| t.take().is_some());
+                    shared.term.send_if_modified(|t| t.take().is_some());
                 }
                 Output::AbortWork { id } => {
                     if let Some(w) = work.as_ref().filter(|w| w.term == id) {
@@ -267,10 +267,12 @@ async fn run(
                     let Some(mut w) = work.take() else { continue };
                     // Whether the token had fired when the work returned; the
                     // machine has not reacted to the return yet.
+                    // Past the deadline counts as lost even if the token has
+                    // not been cancelled yet (work that checked `is_valid`).
                     let cancelled = term
                         .as_ref()
                         .filter(|r| r.term.id() == w.term)
-                        .is_none_or(|r| r.term.is_cancelled());
+                        .is_none_or(|r| !r.term.is_valid());
                     let outcome = match joined {
                         Ok(Ok(())) => WorkOutcome::Ok { cancelled },
                         Ok(Err(e)) => WorkOutcome::Err(e),

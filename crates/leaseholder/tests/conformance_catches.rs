@@ -1,0 +1,455 @@
+//! Proof that the conformance suite can fail: a wrapper around the memory
+//! backend that breaks one rule of the lease contract at a time, and the
+//! rows that must catch each break.
+#![cfg(feature = "conformance")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use leaseholder::conformance::{self, Failure, Harness, Outcome};
+use leaseholder::{
+    Acquired, Backend, BackendEdge, BackendError, BoxError, Claim, FencingToken, Holder, Key,
+    Lease, LeaseValue, MemoryBackend, MemoryStore, Renewed, WatchEvent, WatchStream,
+};
+
+/// One deliberate violation of the lease contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flaw {
+    /// No violation: the control.
+    None,
+    /// `setup` fails when the store was already set up ("table exists").
+    SetupNotIdempotent,
+    /// `release` deletes whatever is stored, not only our lease.
+    ReleaseDeletesAnything,
+    /// Every lease gets token 1: tokens restart instead of increasing.
+    TokensReset,
+    /// `renew` of a lease that is gone creates it again.
+    RenewResurrects,
+    /// `renew` says `Renewed` whatever lease is there.
+    RenewIgnoresNonce,
+    /// `holder` hides who holds the lease (always foreign).
+    HolderHidesNonce,
+    /// `acquire` treats a value it cannot decode as free.
+    ForeignIsFree,
+    /// `acquire` deletes the current lease first: everyone wins.
+    EveryoneWins,
+    /// Leases never expire (they are written for a thousand ttls).
+    NeverExpires,
+    /// Leases expire after half their ttl.
+    ExpiresEarly,
+    /// The watch drops `Released` events but claims to report expiry.
+    WatchDropsReleased,
+}
+
+/// The memory backend with one [`Flaw`].
+struct Broken {
+    inner: MemoryBackend,
+    flaw: Flaw,
+}
+
+impl BackendEdge for Broken {
+    fn name(&self) -> &'static str {
+        "broken-memory"
+    }
+
+    async fn setup(&self) -> Result<(), BackendError> {
+        if self.flaw == Flaw::SetupNotIdempotent && self.inner.store().setups() > 0 {
+            return Err(BackendError::fatal("the lease table already exists"));
+        }
+        self.inner.setup().await
+    }
+
+    async fn acquire(
+        &self,
+        key: &Key,
+        claim: &Claim,
+        ttl: Duration,
+    ) -> Result<Acquired, BackendError> {
+        let free_it = match self.flaw {
+            Flaw::EveryoneWins => true,
+            Flaw::ForeignIsFree => self
+                .inner
+                .holder(key)
+                .await?
+                .is_some_and(|h| h.is_foreign()),
+            _ => false,
+        };
+        if free_it {
+            self.inner.store().force_delete(key);
+        }
+        let ttl = match self.flaw {
+            Flaw::NeverExpires => ttl * 1000,
+            Flaw::ExpiresEarly => ttl / 2,
+            _ => ttl,
+        };
+        let acquired = self.inner.acquire(key, claim, ttl).await?;
+        Ok(match (self.flaw, acquired) {
+            (Flaw::TokensReset, Acquired::Won(lease)) => {
+                Acquired::Won(Lease::new(claim, FencingToken::new(1), lease.revision()))
+            }
+            (Flaw::TokensReset, Acquired::Held(h)) => Acquired::Held(token_one(h)),
+            (_, acquired) => acquired,
+        })
+    }
+
+    async fn renew(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<Renewed, BackendError> {
+        let ttl = match self.flaw {
+            Flaw::NeverExpires => ttl * 1000,
+            Flaw::ExpiresEarly => ttl / 2,
+            _ => ttl,
+        };
+        let renewed = self.inner.renew(key, lease, ttl).await?;
+        match (self.flaw, renewed) {
+            (Flaw::RenewResurrects, Renewed::Lost) if self.inner.holder(key).await?.is_none() => {
+                let claim = Claim {
+                    nonce: lease.nonce(),
+                    id: lease.id(),
+                    metadata: lease.metadata().clone(),
+                    at: lease.acquired_at(),
+                };
+                match self.inner.acquire(key, &claim, ttl).await? {
+                    Acquired::Won(l) => Ok(Renewed::Renewed(l)),
+                    Acquired::Held(_) => Ok(Renewed::Lost),
+                }
+            }
+            (Flaw::RenewIgnoresNonce, Renewed::Lost) if self.inner.holder(key).await?.is_some() => {
+                Ok(Renewed::Renewed(lease.clone()))
+            }
+            (_, renewed) => Ok(renewed),
+        }
+    }
+
+    async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+        if self.flaw == Flaw::ReleaseDeletesAnything {
+            self.inner.store().force_delete(key);
+            return Ok(());
+        }
+        self.inner.release(key, lease).await
+    }
+
+    async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+        let holder = self.inner.holder(key).await?;
+        Ok(match self.flaw {
+            Flaw::HolderHidesNonce => holder.map(|h| Holder::foreign(h.revision(), h.expires_in())),
+            Flaw::TokensReset => holder.map(token_one),
+            _ => holder,
+        })
+    }
+
+    async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {
+        let stream = self.inner.watch().await?;
+        if self.flaw != Flaw::WatchDropsReleased {
+            return Ok(stream);
+        }
+        Ok(stream.map(|s| -> WatchStream {
+            Box::pin(s.filter(|e| std::future::ready(!matches!(e, WatchEvent::Released(_)))))
+        }))
+    }
+
+    fn watch_reports_expiry(&self) -> bool {
+        self.inner.watch_reports_expiry()
+    }
+}
+
+/// The holder as a store whose tokens restart would show it: token 1.
+fn token_one(h: Holder) -> Holder {
+    match (h.nonce(), h.id(), h.since()) {
+        (Some(nonce), Some(id), Some(acquired_at)) => {
+            let value = LeaseValue {
+                nonce,
+                id,
+                token: Some(FencingToken::new(1)),
+                acquired_at,
+                metadata: h.metadata().clone(),
+            };
+            Holder::from_value(
+                &value,
+                Some(FencingToken::new(1)),
+                h.revision(),
+                h.expires_in(),
+            )
+        }
+        _ => h,
+    }
+}
+
+struct BrokenHarness {
+    store: MemoryStore,
+    flaw: Flaw,
+}
+
+impl BrokenHarness {
+    fn new(flaw: Flaw) -> Self {
+        BrokenHarness {
+            store: MemoryStore::new(),
+            flaw,
+        }
+    }
+}
+
+impl Harness for BrokenHarness {
+    async fn backend(&self) -> Backend {
+        Backend::new(Broken {
+            inner: self.store.backend(),
+            flaw: self.flaw,
+        })
+    }
+
+    async fn put_foreign(&self, key: &Key, value: &[u8], ttl: Duration) -> Result<(), BoxError> {
+        self.store.put_raw(key, value.to_vec(), ttl);
+        Ok(())
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn expiry_slack(&self) -> Duration {
+        Duration::from_millis(100)
+    }
+}
+
+type RowResult = Result<Outcome, Failure>;
+
+/// Asserts that a row failed, and that it named itself.
+fn assert_caught(flaw: Flaw, row: &'static str, result: RowResult) {
+    match result {
+        Err(failure) => {
+            assert_eq!(failure.row, row, "{flaw:?}: failure names another row");
+            println!("{flaw:?} caught by {failure}");
+        }
+        Ok(outcome) => panic!("{flaw:?}: row {row} did not catch it ({outcome:?})"),
+    }
+}
+
+/// Runs the whole suite on a fresh store with `flaw` and asserts that
+/// every row in `rows` is among the failures.
+async fn assert_run_catches(flaw: Flaw, rows: &[&'static str]) {
+    let report = conformance::run(&BrokenHarness::new(flaw)).await;
+    println!("{flaw:?}: {report}");
+    assert!(!report.is_ok(), "{flaw:?}: the suite passed\n{report}");
+    for row in rows {
+        assert!(
+            report.failed.iter().any(|f| f.row == *row),
+            "{flaw:?}: run() did not report {row} as failed\n{report}"
+        );
+        assert!(
+            !report.passed.contains(row),
+            "{flaw:?}: {row} also reported as passed\n{report}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_wrapper_without_a_flaw_passes() {
+    // The control: the wrapper itself breaks nothing, so each failure below
+    // comes from its flaw.
+    let report = conformance::run(&BrokenHarness::new(Flaw::None)).await;
+    assert!(report.is_ok(), "{report}");
+    assert!(report.unsupported.is_empty(), "{report}");
+    assert_eq!(report.passed.len(), 12, "{report}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn setup_that_is_not_idempotent() {
+    let flaw = Flaw::SetupNotIdempotent;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "setup_is_idempotent",
+        conformance::setup_is_idempotent(&h).await,
+    );
+    assert_run_catches(flaw, &["setup_is_idempotent"]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_that_deletes_anything() {
+    let flaw = Flaw::ReleaseDeletesAnything;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "release_is_compare_and_delete",
+        conformance::release_is_compare_and_delete(&h).await,
+    );
+    assert_caught(
+        flaw,
+        "same_candidate_id_never_shares",
+        conformance::same_candidate_id_never_shares(&h).await,
+    );
+    assert_caught(
+        flaw,
+        "foreign_values_are_held",
+        conformance::foreign_values_are_held(&h).await,
+    );
+    assert_run_catches(
+        flaw,
+        &[
+            "release_is_compare_and_delete",
+            "same_candidate_id_never_shares",
+            "foreign_values_are_held",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_that_reset() {
+    let flaw = Flaw::TokensReset;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "tokens_increase_across_terms",
+        conformance::tokens_increase_across_terms(&h).await,
+    );
+    assert_run_catches(flaw, &["tokens_increase_across_terms"]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn renew_that_resurrects_a_released_lease() {
+    let flaw = Flaw::RenewResurrects;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "renew_of_a_lost_lease_is_lost",
+        conformance::renew_of_a_lost_lease_is_lost(&h).await,
+    );
+    assert_run_catches(flaw, &["renew_of_a_lost_lease_is_lost"]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn renew_that_ignores_the_nonce() {
+    let flaw = Flaw::RenewIgnoresNonce;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "same_candidate_id_never_shares",
+        conformance::same_candidate_id_never_shares(&h).await,
+    );
+    assert_caught(
+        flaw,
+        "renew_of_a_lost_lease_is_lost",
+        conformance::renew_of_a_lost_lease_is_lost(&h).await,
+    );
+    assert_caught(
+        flaw,
+        "foreign_values_are_held",
+        conformance::foreign_values_are_held(&h).await,
+    );
+    assert_run_catches(
+        flaw,
+        &[
+            "same_candidate_id_never_shares",
+            "renew_of_a_lost_lease_is_lost",
+            "foreign_values_are_held",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn holder_that_hides_the_nonce() {
+    let flaw = Flaw::HolderHidesNonce;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "lost_reply_recognized_on_read_back",
+        conformance::lost_reply_recognized_on_read_back(&h).await,
+    );
+    assert_caught(
+        flaw,
+        "renew_extends_the_lease",
+        conformance::renew_extends_the_lease(&h).await,
+    );
+    assert_run_catches(
+        flaw,
+        &[
+            "lost_reply_recognized_on_read_back",
+            "renew_extends_the_lease",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn foreign_value_treated_as_free() {
+    let flaw = Flaw::ForeignIsFree;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "foreign_values_are_held",
+        conformance::foreign_values_are_held(&h).await,
+    );
+    assert_run_catches(flaw, &["foreign_values_are_held"]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn acquire_that_lets_everyone_win() {
+    let flaw = Flaw::EveryoneWins;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "one_winner_among_racers",
+        conformance::one_winner_among_racers(&h).await,
+    );
+    assert_caught(
+        flaw,
+        "same_candidate_id_never_shares",
+        conformance::same_candidate_id_never_shares(&h).await,
+    );
+    assert_run_catches(
+        flaw,
+        &["one_winner_among_racers", "same_candidate_id_never_shares"],
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_that_never_expire() {
+    let flaw = Flaw::NeverExpires;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "expiry_by_the_store_clock",
+        conformance::expiry_by_the_store_clock(&h).await,
+    );
+    assert_caught(
+        flaw,
+        "reacquired_lease_expires_too",
+        conformance::reacquired_lease_expires_too(&h).await,
+    );
+    assert_run_catches(
+        flaw,
+        &["expiry_by_the_store_clock", "reacquired_lease_expires_too"],
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_that_expire_early() {
+    let flaw = Flaw::ExpiresEarly;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "expiry_by_the_store_clock",
+        conformance::expiry_by_the_store_clock(&h).await,
+    );
+    assert_run_catches(flaw, &["expiry_by_the_store_clock"]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn watch_that_drops_releases() {
+    let flaw = Flaw::WatchDropsReleased;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "watch_fires_on_release_and_expiry",
+        conformance::watch_fires_on_release_and_expiry(&h).await,
+    );
+    assert_run_catches(flaw, &["watch_fires_on_release_and_expiry"]).await;
+}
