@@ -208,6 +208,27 @@ fn ok<T>(row: &'static str, what: &str, r: Result<T, BackendError>) -> Result<T,
     r.map_err(|e| fail(row, format!("{what} failed: {e} ({e:?})")))
 }
 
+/// A fresh key for a row and a set-up client of the store.
+async fn one_client<H: Harness>(
+    h: &H,
+    row: &'static str,
+    name: &str,
+) -> Result<(Key, Backend), Failure> {
+    let a = h.backend().await;
+    ok(row, "setup", a.setup().await)?;
+    Ok((h.key(name), a))
+}
+
+/// A fresh key for a row and two clients of the store, as two candidates.
+async fn two_clients<H: Harness>(
+    h: &H,
+    row: &'static str,
+    name: &str,
+) -> Result<(Key, Backend, Backend), Failure> {
+    let (key, a) = one_client(h, row, name).await?;
+    Ok((key, a, h.backend().await))
+}
+
 async fn acquire_won(
     row: &'static str,
     b: &Backend,
@@ -303,9 +324,7 @@ pub async fn one_winner_among_racers<H: Harness>(h: &H) -> RowResult {
 /// for another candidate.
 pub async fn tokens_increase_across_terms<H: Harness>(h: &H) -> RowResult {
     const ROW: &str = "tokens_increase_across_terms";
-    let key = h.key("tokens");
-    let (a, b) = (h.backend().await, h.backend().await);
-    ok(ROW, "setup", a.setup().await)?;
+    let (key, a, b) = two_clients(h, ROW, "tokens").await?;
     let ttl = h.ttl();
     let first = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
     ok(ROW, "release", a.release(&key, &first).await)?;
@@ -341,9 +360,7 @@ pub async fn tokens_increase_across_terms<H: Harness>(h: &H) -> RowResult {
 /// holder's expiry hint stays within the ttl (rounded up to a second).
 pub async fn renew_extends_the_lease<H: Harness>(h: &H) -> RowResult {
     const ROW: &str = "renew_extends_the_lease";
-    let key = h.key("renew");
-    let a = h.backend().await;
-    ok(ROW, "setup", a.setup().await)?;
+    let (key, a) = one_client(h, ROW, "renew").await?;
     let ttl = h.ttl();
     let mut lease = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
     let token = lease.token();
@@ -378,9 +395,7 @@ pub async fn renew_extends_the_lease<H: Harness>(h: &H) -> RowResult {
 /// candidate, says `Lost` and does not disturb the new holder.
 pub async fn renew_of_a_lost_lease_is_lost<H: Harness>(h: &H) -> RowResult {
     const ROW: &str = "renew_of_a_lost_lease_is_lost";
-    let key = h.key("lost");
-    let (a, b) = (h.backend().await, h.backend().await);
-    ok(ROW, "setup", a.setup().await)?;
+    let (key, a, b) = two_clients(h, ROW, "lost").await?;
     let ttl = h.ttl();
     let released = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
     ok(ROW, "release", a.release(&key, &released).await)?;
@@ -416,9 +431,7 @@ pub async fn renew_of_a_lost_lease_is_lost<H: Harness>(h: &H) -> RowResult {
 /// ownership is the nonce.
 pub async fn same_candidate_id_never_shares<H: Harness>(h: &H) -> RowResult {
     const ROW: &str = "same_candidate_id_never_shares";
-    let key = h.key("sameid");
-    let (a, b) = (h.backend().await, h.backend().await);
-    ok(ROW, "setup", a.setup().await)?;
+    let (key, a, b) = two_clients(h, ROW, "sameid").await?;
     let id = LeaderId::new();
     let first = Claim::new(id, Bytes::new());
     let second = Claim::new(id, Bytes::new());
@@ -449,9 +462,7 @@ pub async fn same_candidate_id_never_shares<H: Harness>(h: &H) -> RowResult {
 /// Release removes only our own lease, and is idempotent.
 pub async fn release_is_compare_and_delete<H: Harness>(h: &H) -> RowResult {
     const ROW: &str = "release_is_compare_and_delete";
-    let key = h.key("release");
-    let (a, b) = (h.backend().await, h.backend().await);
-    ok(ROW, "setup", a.setup().await)?;
+    let (key, a, b) = two_clients(h, ROW, "release").await?;
     let ttl = h.ttl() * 4;
     let ours = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
     let stranger = Lease::new(&claim(), ours.token(), ours.revision());
@@ -477,9 +488,7 @@ pub async fn release_is_compare_and_delete<H: Harness>(h: &H) -> RowResult {
 /// sent, and within the store's slack after that.
 pub async fn expiry_by_the_store_clock<H: Harness>(h: &H) -> RowResult {
     const ROW: &str = "expiry_by_the_store_clock";
-    let key = h.key("expiry");
-    let a = h.backend().await;
-    ok(ROW, "setup", a.setup().await)?;
+    let (key, a) = one_client(h, ROW, "expiry").await?;
     let ttl = h.ttl();
     let sent = Instant::now();
     acquire_won(ROW, &a, &key, &claim(), ttl).await?;
@@ -497,9 +506,7 @@ pub async fn expiry_by_the_store_clock<H: Harness>(h: &H) -> RowResult {
 /// still hold an expiry marker) expires too.
 pub async fn reacquired_lease_expires_too<H: Harness>(h: &H) -> RowResult {
     const ROW: &str = "reacquired_lease_expires_too";
-    let key = h.key("reacquire");
-    let a = h.backend().await;
-    ok(ROW, "setup", a.setup().await)?;
+    let (key, a) = one_client(h, ROW, "reacquire").await?;
     let ttl = h.ttl();
     acquire_won(ROW, &a, &key, &claim(), ttl).await?;
     wait_free(ROW, &a, &key, Instant::now(), ttl + h.expiry_slack()).await?;
@@ -517,9 +524,7 @@ pub async fn reacquired_lease_expires_too<H: Harness>(h: &H) -> RowResult {
 /// renewed. An acquire dropped mid-flight leaves either our lease or none.
 pub async fn lost_reply_recognized_on_read_back<H: Harness>(h: &H) -> RowResult {
     const ROW: &str = "lost_reply_recognized_on_read_back";
-    let key = h.key("readback");
-    let a = h.backend().await;
-    ok(ROW, "setup", a.setup().await)?;
+    let (key, a) = one_client(h, ROW, "readback").await?;
     let ttl = h.ttl() * 4;
     let c = claim();
     // The reply is "lost": we ignore it and read back.
@@ -572,9 +577,7 @@ pub async fn lost_reply_recognized_on_read_back<H: Harness>(h: &H) -> RowResult 
 /// does.
 pub async fn watch_fires_on_release_and_expiry<H: Harness>(h: &H) -> RowResult {
     const ROW: &str = "watch_fires_on_release_and_expiry";
-    let key = h.key("watch");
-    let a = h.backend().await;
-    ok(ROW, "setup", a.setup().await)?;
+    let (key, a) = one_client(h, ROW, "watch").await?;
     let ttl = h.ttl();
     let limit = ttl * 2 + h.expiry_slack() + Duration::from_secs(2);
     let watcher = h.backend().await;

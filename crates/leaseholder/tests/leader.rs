@@ -47,6 +47,17 @@ fn started(leader: &Leader) -> JoinHandle<Result<(), Error>> {
     tokio::spawn(async move { leader.start(Default::default()).await })
 }
 
+/// Shuts every leader down (drain, release) and checks its `start` task
+/// returned `Ok`.
+async fn stop(leaders: Vec<(Leader, JoinHandle<Result<(), Error>>)>) {
+    for (leader, _) in &leaders {
+        leader.shutdown().await.unwrap();
+    }
+    for (_, task) in leaders {
+        task.await.unwrap().unwrap();
+    }
+}
+
 /// A store view that is not any candidate's, for asserting on the store.
 async fn holder(store: &MemoryStore) -> Option<Holder> {
     Backend::memory(store).holder(&key()).await.unwrap()
@@ -96,8 +107,7 @@ async fn deadline_cancels_the_token_before_the_store_expires_the_lease() {
     let state = wait(&mut sb, State::is_leader).await;
     assert!(Instant::now() >= cancelled_at + left);
     assert!(state.token().unwrap() > term.fencing_token());
-    b.shutdown().await.unwrap();
-    tb.await.unwrap().unwrap();
+    stop(vec![(b, tb)]).await;
     faults.clear();
     drop(runner);
 }
@@ -127,8 +137,7 @@ async fn failed_renewal_is_retried_before_the_deadline() {
     assert!(!term.is_cancelled());
     assert!(term.is_valid());
     assert_eq!(a.fencing_token(), Some(token));
-    a.shutdown().await.unwrap();
-    ta.await.unwrap().unwrap();
+    stop(vec![(a, ta)]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -148,8 +157,7 @@ async fn lost_renewal_reply_is_adopted_on_read_back() {
     assert!(term.deadline() > before);
     assert_eq!(faults.calls(), calls + 2, "renew, read-back");
     assert!(!term.is_cancelled());
-    a.shutdown().await.unwrap();
-    ta.await.unwrap().unwrap();
+    stop(vec![(a, ta)]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -164,8 +172,7 @@ async fn lost_acquire_reply_is_adopted_on_read_back() {
     // Adopted at once by reading back, not after the lease expired.
     assert!(began.elapsed() < TTL);
     assert_eq!(store.last_token(&key()), Some(token));
-    a.shutdown().await.unwrap();
-    ta.await.unwrap().unwrap();
+    stop(vec![(a, ta)]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -195,10 +202,7 @@ async fn resign_hands_over_through_the_watch_at_once() {
     assert!(second > first);
     // A does not grab it back: it stays a follower of B.
     assert_eq!(a.is_leader(), Status::Candidate);
-    a.shutdown().await.unwrap();
-    b.shutdown().await.unwrap();
-    ta.await.unwrap().unwrap();
-    tb.await.unwrap().unwrap();
+    stop(vec![(a, ta), (b, tb)]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -250,8 +254,7 @@ async fn shutdown_keeps_renewing_until_slow_work_has_drained() {
     assert!(Instant::now() - done < Duration::from_millis(50));
     stopping.await.unwrap().unwrap();
     runner.await.unwrap().unwrap();
-    b.shutdown().await.unwrap();
-    tb.await.unwrap().unwrap();
+    stop(vec![(b, tb)]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -313,8 +316,7 @@ async fn crashed_leader_is_replaced_after_the_ttl() {
     // Woken by the expiry (watch or hint), not a later poll.
     assert!(took <= left + b.config().retry_interval(), "{took:?}");
     assert!(second > first);
-    b.shutdown().await.unwrap();
-    tb.await.unwrap().unwrap();
+    stop(vec![(b, tb)]).await;
 }
 
 /// Records the instant of every call and fails them all.
@@ -380,8 +382,7 @@ async fn store_errors_back_off_exponentially_up_to_the_cap() {
         );
     }
     assert!(gaps.iter().rev().take(10).all(|g| *g >= max.mul_f64(0.9)));
-    a.shutdown().await.unwrap();
-    ta.await.unwrap().unwrap();
+    stop(vec![(a, ta)]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -394,8 +395,7 @@ async fn transient_errors_show_unknown_then_recover() {
     wait(&mut sa, |s| matches!(s, State::Unknown { .. })).await;
     faults.heal();
     wait(&mut sa, State::is_leader).await;
-    a.shutdown().await.unwrap();
-    ta.await.unwrap().unwrap();
+    stop(vec![(a, ta)]).await;
 }
 
 /// A backend whose setup says the server is unsupported.
@@ -512,8 +512,7 @@ async fn work_error_releases_and_is_returned() {
     let t0 = Instant::now();
     wait(&mut sb, State::is_leader).await;
     assert!(t0.elapsed() < TTL / 2);
-    b.shutdown().await.unwrap();
-    tb.await.unwrap().unwrap();
+    stop(vec![(b, tb)]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -563,8 +562,7 @@ async fn work_is_run_again_after_leadership_is_lost() {
     wait(&mut sb, State::is_leader).await;
     wait(&mut sa, |s| !s.is_leader()).await;
     // B steps down; A runs its work again in a new term.
-    b.shutdown().await.unwrap();
-    tb.await.unwrap().unwrap();
+    stop(vec![(b, tb)]).await;
     wait(&mut sa, State::is_leader).await;
     let first = timeout(WAIT, runs.recv()).await.unwrap().unwrap();
     let second = timeout(WAIT, runs.recv()).await.unwrap().unwrap();
@@ -610,8 +608,7 @@ async fn dropping_acquire_and_run_cancels_the_work_and_releases() {
         "released, not expired: {:?}",
         t0.elapsed()
     );
-    b.shutdown().await.unwrap();
-    tb.await.unwrap().unwrap();
+    stop(vec![(b, tb)]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -635,8 +632,7 @@ async fn one_runner_per_handle_and_no_campaign_after_shutdown() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::AlreadyRunning { .. }), "{err:?}");
-    a.shutdown().await.unwrap();
-    runner.await.unwrap().unwrap();
+    stop(vec![(a.clone(), runner)]).await;
     a.shutdown().await.unwrap(); // idempotent
     let err = a.start(Default::default()).await.unwrap_err();
     assert!(matches!(err, Error::Shutdown { .. }), "{err:?}");
@@ -687,10 +683,7 @@ async fn followers_make_no_store_calls_while_the_watch_is_up() {
         before,
         "an idle follower called the store"
     );
-    a.shutdown().await.unwrap();
-    b.shutdown().await.unwrap();
-    ta.await.unwrap().unwrap();
-    tb.await.unwrap().unwrap();
+    stop(vec![(a, ta), (b, tb)]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -703,8 +696,7 @@ async fn the_leader_writes_about_three_times_per_ttl() {
     tokio::time::sleep(TTL * 10).await;
     let per_ttl = (faults.calls() - before) as f64 / 10.0;
     assert!((3.0..=4.0).contains(&per_ttl), "{per_ttl} writes per ttl");
-    a.shutdown().await.unwrap();
-    ta.await.unwrap().unwrap();
+    stop(vec![(a, ta)]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -741,10 +733,7 @@ async fn observer_sees_terms_change_without_campaigning() {
     .unwrap()
     .clone();
     assert!(o.holder().unwrap().token() > Some(leaseholder::FencingToken::new(0)));
-    a.shutdown().await.unwrap();
-    b.shutdown().await.unwrap();
-    ta.await.unwrap().unwrap();
-    tb.await.unwrap().unwrap();
+    stop(vec![(a, ta), (b, tb)]).await;
     drop(observer);
 }
 
@@ -773,10 +762,7 @@ async fn followers_see_the_leader_and_its_metadata() {
         b.current_leader().await.unwrap().unwrap().id(),
         Some(a.leader_id())
     );
-    a.shutdown().await.unwrap();
-    b.shutdown().await.unwrap();
-    ta.await.unwrap().unwrap();
-    tb.await.unwrap().unwrap();
+    stop(vec![(a, ta), (b, tb)]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -820,8 +806,5 @@ async fn dropping_do_while_leader_under_start_drops_the_work_and_releases() {
     );
     assert!(term.is_cancelled());
     assert!(matches!(*a.state().borrow(), State::Follower { .. }));
-    a.shutdown().await.unwrap();
-    b.shutdown().await.unwrap();
-    ta.await.unwrap().unwrap();
-    tb.await.unwrap().unwrap();
+    stop(vec![(a, ta), (b, tb)]).await;
 }
