@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::time::Duration;
 
 /// Everything that can go wrong while setting up test infrastructure.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,17 @@ pub enum Error {
     ProcessExited {
         /// The PID the process had.
         pid: u32,
+    },
+
+    /// A server was started but did not answer its readiness probe in time.
+    #[error("{server} was not ready after {waited:?}: {last_error}")]
+    NotReady {
+        /// The server, e.g. `nats-server at 127.0.0.1:4222`.
+        server: String,
+        /// How long readiness was probed for.
+        waited: Duration,
+        /// Why the last probe failed.
+        last_error: String,
     },
 }
 

@@ -1,0 +1,130 @@
+//! Real `nats-server` processes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use leaseholder_testkit::{
+    DEBIAN_NATS_SERVER, Error, MIN_NATS_VERSION, NatsServer, find_nats_server,
+};
+use tokio::time::timeout;
+
+/// Bound on a probe that should succeed promptly.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Bound on a probe that should hang (against a paused server).
+const SHORT: Duration = Duration::from_millis(300);
+
+async fn start() -> NatsServer {
+    NatsServer::start()
+        .await
+        .unwrap_or_else(|e| panic!("starting nats-server failed (run scripts/setup?): {e}"))
+}
+
+#[tokio::test]
+async fn starts_ready_with_a_supported_version() {
+    let server = start().await;
+    assert_eq!(server.url(), format!("nats://127.0.0.1:{}", server.port()));
+    assert_eq!(server.addr().port(), server.port());
+    assert!(server.addr().ip().is_loopback());
+    let version = server.version_major_minor().expect("version parses");
+    assert!(
+        version >= MIN_NATS_VERSION,
+        "version {} is older than {MIN_NATS_VERSION:?}",
+        server.version()
+    );
+    let pinged = timeout(PATIENCE, server.ping()).await.unwrap().unwrap();
+    assert_eq!(pinged, server.version());
+    assert!(server.dir().join("jetstream").is_dir());
+}
+
+#[tokio::test]
+async fn restart_keeps_the_port_and_answers_again() {
+    let mut server = start().await;
+    let port = server.port();
+    let pid = server.pid();
+
+    server.kill().await.unwrap();
+    assert!(
+        timeout(PATIENCE, server.ping()).await.unwrap().is_err(),
+        "a killed server must not answer"
+    );
+
+    server.restart().await.unwrap();
+    assert_eq!(server.port(), port);
+    assert_ne!(server.pid(), pid);
+    timeout(PATIENCE, server.ping()).await.unwrap().unwrap();
+
+    // Restarting a running server works too.
+    server.restart().await.unwrap();
+    assert_eq!(server.port(), port);
+    timeout(PATIENCE, server.ping()).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn pause_stops_answers_and_resume_brings_them_back() {
+    let server = start().await;
+    server.pause().unwrap();
+    assert!(
+        timeout(SHORT, server.ping()).await.is_err(),
+        "a paused server must not answer PING"
+    );
+    server.resume().unwrap();
+    timeout(PATIENCE, server.ping()).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn two_servers_run_side_by_side() {
+    let (a, b) = tokio::join!(start(), start());
+    assert_ne!(a.port(), b.port());
+    assert_ne!(a.name(), b.name());
+    assert_ne!(a.dir(), b.dir());
+    timeout(PATIENCE, a.ping()).await.unwrap().unwrap();
+    timeout(PATIENCE, b.ping()).await.unwrap().unwrap();
+}
+
+#[test]
+fn missing_version_names_the_setup_script() {
+    let error = find_nats_server((99, 0), None).unwrap_err();
+    assert!(
+        matches!(error, Error::MissingBinary { .. }),
+        "unexpected error: {error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("scripts/setup"), "{message}");
+    assert!(message.contains("99.0"), "{message}");
+}
+
+/// Debian's 2.9 build is the "unsupported server" of the backend tests, so
+/// it must be installed: this fails (rather than skips) without it.
+#[tokio::test]
+async fn debian_nats_server_2_9_starts() {
+    assert!(
+        Path::new(DEBIAN_NATS_SERVER).is_file(),
+        "{DEBIAN_NATS_SERVER} is missing; install it with scripts/setup"
+    );
+    let binary = find_nats_server((2, 9), Some((2, 9)))
+        .unwrap_or_else(|e| panic!("no nats-server 2.9 (run scripts/setup): {e}"));
+    let server = NatsServer::start_with(&binary).await.unwrap();
+    assert_eq!(server.version_major_minor(), Some((2, 9)));
+    assert!(server.version().starts_with("2.9."), "{}", server.version());
+
+    let server = NatsServer::start_version((2, 9), Some((2, 9)))
+        .await
+        .unwrap();
+    assert_eq!(server.version_major_minor(), Some((2, 9)));
+}
+
+#[tokio::test]
+async fn a_binary_that_exits_fails_fast_instead_of_waiting() {
+    let started = std::time::Instant::now();
+    let error = NatsServer::start_with(Path::new("/bin/false"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::CommandFailed { .. }),
+        "unexpected error: {error:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
