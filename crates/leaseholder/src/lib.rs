@@ -21,6 +21,8 @@ pub mod conformance;
 pub mod noleader;
 
 pub use backend::memory::{Fault, Faults, MemoryBackend, MemoryStore};
+#[cfg(feature = "nats")]
+pub use backend::nats::NatsBackend;
 pub use backend::{
     Acquired, Backend, BackendEdge, Claim, FencingToken, Holder, Key, LeaderId, Lease, LeaseValue,
     Nonce, Renewed, WatchEvent, WatchStream,

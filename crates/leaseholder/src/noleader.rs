@@ -61,6 +61,14 @@ impl Leader {
         }
     }
 
+    /// A candidate for `key` on the NATS KV bucket `bucket` (feature
+    /// `nats`), as in noleader.
+    #[cfg(feature = "nats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+    pub fn new_nats(key: &str, bucket: &str, client: async_nats::Client) -> Self {
+        Leader::new(key, Backend::nats(client, bucket))
+    }
+
     /// The leaseholder handle underneath: state, fencing tokens, typed
     /// errors, resign and shutdown.
     pub fn inner(&self) -> &crate::Leader {

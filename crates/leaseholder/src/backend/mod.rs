@@ -38,6 +38,9 @@
 
 mod hub;
 pub mod memory;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod nats;
 mod value;
 
 use std::fmt;
@@ -731,6 +734,13 @@ impl Backend {
                 setup: tokio::sync::OnceCell::new(),
             }),
         }
+    }
+
+    /// A backend on the NATS JetStream KV bucket `bucket` (feature `nats`).
+    #[cfg(feature = "nats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+    pub fn nats(client: async_nats::Client, bucket: &str) -> Backend {
+        Backend::new(nats::NatsBackend::new(client, bucket))
     }
 
     /// A backend on an in-process [`MemoryStore`](memory::MemoryStore).

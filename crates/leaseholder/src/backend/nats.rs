@@ -1,0 +1,374 @@
+//! NATS JetStream KV (feature `nats`, nats-server 2.11 or newer).
+//!
+//! How the lease contract maps onto a KV bucket:
+//!
+//! | op | on the bucket |
+//! |---|---|
+//! | setup | check the server version (per-message TTL needs 2.11); create the bucket's stream with per-message TTL and expiry markers, seeding its first sequence from the wall clock in microseconds so a re-created bucket still issues larger tokens; or validate an existing one |
+//! | acquire | read the key; if a live value is there it is held. Else publish with `Nats-TTL` and `Nats-Expected-Last-Subject-Sequence` (0, or the revision of the delete or expiry marker) — never `create_with_ttl`, which drops the TTL after a marker |
+//! | renew | read the key: only a message with our nonce is renewed, by publishing with `Nats-TTL` on its revision (a newer one after a lost reply); anything else is `Lost` |
+//! | release | read the key; if the message has our nonce, delete on its revision (compare-and-delete); the marker keeps the sequence moving |
+//! | token | the stream sequence of the acquiring publish, carried in the value from the first renewal on |
+//! | watch | one wildcard KV watch per backend; a value is `Updated`, a delete or expiry marker is `Released` |
+//!
+//! The TTL sent is the ttl rounded up to whole seconds; the leader's
+//! deadline uses the configured ttl, which is never longer.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::OnceCell;
+
+use super::{
+    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Renewed,
+    WatchEvent, WatchStream,
+};
+use crate::error::{BackendError, ConfigError};
+
+/// The oldest nats-server with per-message TTL.
+const MIN_VERSION: (u64, u64) = (2, 11);
+/// How long expiry markers stay in the bucket.
+const MARKER_TTL: Duration = Duration::from_secs(60);
+
+/// A NATS JetStream KV bucket as a lease store.
+#[derive(Clone, Debug)]
+pub struct NatsBackend {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    bucket: String,
+    store: std::sync::Arc<OnceCell<kv::Store>>,
+}
+
+impl NatsBackend {
+    /// A backend on `bucket`, created by [`setup`](BackendEdge::setup) if
+    /// missing.
+    pub fn new(client: async_nats::Client, bucket: &str) -> NatsBackend {
+        NatsBackend {
+            js: jetstream::new(client.clone()),
+            client,
+            bucket: bucket.to_owned(),
+            store: Default::default(),
+        }
+    }
+
+    fn subject(&self, key: &Key) -> String {
+        format!("$KV.{}.{}", self.bucket, key)
+    }
+
+    async fn store(&self) -> Result<&kv::Store, BackendError> {
+        self.store
+            .get_or_try_init(|| async {
+                self.js
+                    .get_key_value(&self.bucket)
+                    .await
+                    .map_err(BackendError::unavailable)
+            })
+            .await
+    }
+
+    async fn entry(&self, key: &Key) -> Result<Option<kv::Entry>, BackendError> {
+        self.store()
+            .await?
+            .entry(key.as_str())
+            .await
+            .map_err(BackendError::unavailable)
+    }
+
+    /// Publishes `value` under `key` with a TTL, if the key's last message
+    /// is `expected` (0: none). `Ok(None)` on a sequence mismatch.
+    async fn publish(
+        &self,
+        key: &Key,
+        value: Bytes,
+        ttl: Duration,
+        expected: u64,
+    ) -> Result<Option<u64>, BackendError> {
+        let mut headers = HeaderMap::new();
+        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        headers.insert("Nats-TTL", format!("{}s", secs.max(1)).as_str());
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            expected.to_string().as_str(),
+        );
+        let ack = self
+            .js
+            .publish_with_headers(self.subject(key), headers, value)
+            .await
+            .map_err(BackendError::unavailable)?;
+        match ack.await {
+            Ok(ack) => Ok(Some(ack.sequence)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                Err(BackendError::Misconfigured {
+                    problem: format!("bucket {} does not exist", self.bucket),
+                    fix: "run setup (the campaign does) or create the bucket".into(),
+                })
+            }
+            Err(e) => Err(BackendError::unavailable(e)),
+        }
+    }
+
+    fn holder(entry: &kv::Entry) -> Option<Holder> {
+        if entry.operation != kv::Operation::Put {
+            return None;
+        }
+        let holder = Holder::decode(&entry.value, None, entry.revision, None);
+        if holder.is_foreign() || holder.token().is_some() {
+            return Some(holder);
+        }
+        // Not renewed yet: the token is the acquiring revision.
+        Some(Holder::decode(
+            &entry.value,
+            Some(FencingToken::new(entry.revision)),
+            entry.revision,
+            None,
+        ))
+    }
+
+    async fn check_version(&self) -> Result<(), BackendError> {
+        let version = self.client.server_info().version;
+        let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+        let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if found < MIN_VERSION {
+            return Err(BackendError::Unsupported {
+                what: format!("per-message TTL (nats-server {version})"),
+                needed: "nats-server 2.11 or newer".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn validate(&self, config: &stream::Config) -> Result<(), BackendError> {
+        let fix = |problem: String, fix: &str| BackendError::Misconfigured {
+            problem: format!("bucket {}: {problem}", self.bucket),
+            fix: fix.into(),
+        };
+        if !config.allow_message_ttl || config.subject_delete_marker_ttl.is_none() {
+            return Err(fix(
+                "per-message TTL or limit markers are off".into(),
+                "enable limit markers (allow_msg_ttl and subject_delete_marker_ttl) on the bucket, or use a new bucket",
+            ));
+        }
+        if !config.max_age.is_zero() && config.max_age < Duration::from_secs(3600) {
+            return Err(fix(
+                format!("max_age is {:?}", config.max_age),
+                "set max_age to 0 (or hours): it would drop live leases",
+            ));
+        }
+        if config.discard == stream::DiscardPolicy::Old
+            && (config.max_bytes > 0 || config.max_messages > 0)
+        {
+            return Err(fix(
+                "discard-old with a size or message limit".into(),
+                "use discard new, or remove max_bytes/max_msgs: they could drop a live lease",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+impl BackendEdge for NatsBackend {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    fn min_ttl(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn validate_key(&self, key: &Key) -> Result<(), ConfigError> {
+        const RULE: &str =
+            "NATS KV keys use A-Z a-z 0-9 - _ = / . and do not start or end with '.'";
+        let s = key.as_str();
+        if let Some(ch) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "-_=/.".contains(*c)))
+        {
+            return Err(ConfigError::KeyCharacter {
+                key: s.to_owned(),
+                ch,
+                backend: "nats",
+                rule: RULE,
+            });
+        }
+        if s.starts_with('.') || s.ends_with('.') || s.contains("..") {
+            return Err(ConfigError::KeyRejected {
+                key: s.to_owned(),
+                backend: "nats",
+                rule: RULE,
+            });
+        }
+        Ok(())
+    }
+
+    async fn setup(&self) -> Result<(), BackendError> {
+        self.check_version().await?;
+        let name = format!("KV_{}", self.bucket);
+        let config = stream::Config {
+            name: name.clone(),
+            description: Some("leaseholder leases".into()),
+            subjects: vec![format!("$KV.{}.>", self.bucket)],
+            max_messages_per_subject: 1,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            allow_message_ttl: true,
+            subject_delete_marker_ttl: Some(MARKER_TTL),
+            // A re-created bucket still issues larger tokens than any
+            // earlier one: sequences start at the wall clock in µs.
+            first_sequence: Some(now_micros()),
+            ..Default::default()
+        };
+        let existing = match self.js.get_stream(&name).await {
+            Ok(mut s) => Some(
+                s.info()
+                    .await
+                    .map_err(BackendError::unavailable)?
+                    .config
+                    .clone(),
+            ),
+            Err(_) => None,
+        };
+        let config = match existing {
+            Some(config) => config,
+            None => match self.js.create_stream(config).await {
+                Ok(mut s) => s
+                    .info()
+                    .await
+                    .map_err(BackendError::unavailable)?
+                    .config
+                    .clone(),
+                // Another candidate created it first.
+                Err(_) => self
+                    .js
+                    .get_stream(&name)
+                    .await
+                    .map_err(BackendError::unavailable)?
+                    .info()
+                    .await
+                    .map_err(BackendError::unavailable)?
+                    .config
+                    .clone(),
+            },
+        };
+        self.validate(&config)?;
+        self.store().await?;
+        Ok(())
+    }
+
+    async fn acquire(
+        &self,
+        key: &Key,
+        claim: &Claim,
+        ttl: Duration,
+    ) -> Result<Acquired, BackendError> {
+        let expected = match self.entry(key).await? {
+            Some(e) => match Self::holder(&e) {
+                Some(h) => return Ok(Acquired::Held(h)),
+                None => e.revision, // a delete or expiry marker
+            },
+            None => 0,
+        };
+        let value = LeaseValue {
+            token: None,
+            ..claim.value(FencingToken::new(0))
+        }
+        .encode();
+        match self.publish(key, value, ttl, expected).await? {
+            Some(seq) => Ok(Acquired::Won(Lease::new(
+                claim,
+                FencingToken::new(seq),
+                seq,
+            ))),
+            None => match self.entry(key).await?.as_ref().and_then(Self::holder) {
+                Some(h) => Ok(Acquired::Held(h)),
+                None => Err(BackendError::unavailable("the key changed during acquire")),
+            },
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<Renewed, BackendError> {
+        // The revision alone does not prove ownership: read the key and
+        // renew only the message with our nonce, on its revision (a newer
+        // one if an earlier renewal's reply was lost).
+        for _ in 0..2 {
+            let revision = match self.entry(key).await?.as_ref().and_then(Self::holder) {
+                Some(h) if h.is_nonce(lease.nonce()) => h.revision(),
+                _ => return Ok(Renewed::Lost),
+            };
+            if let Some(seq) = self
+                .publish(key, lease.value().encode(), ttl, revision)
+                .await?
+            {
+                return Ok(Renewed::Renewed(lease.with_revision(seq)));
+            }
+        }
+        Err(BackendError::unavailable(
+            "the key kept changing during renew",
+        ))
+    }
+
+    async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+        let store = self.store().await?;
+        for _ in 0..2 {
+            let revision = match self.entry(key).await?.as_ref().and_then(Self::holder) {
+                Some(h) if h.is_nonce(lease.nonce()) => h.revision(),
+                // Gone or another's: nothing of ours to release.
+                _ => return Ok(()),
+            };
+            if store
+                .delete_expect_revision(key.as_str(), Some(revision))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        Err(BackendError::unavailable(
+            "the key kept changing during release",
+        ))
+    }
+
+    async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+        Ok(self.entry(key).await?.as_ref().and_then(Self::holder))
+    }
+
+    async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {
+        let watch = self
+            .store()
+            .await?
+            .watch_all()
+            .await
+            .map_err(BackendError::unavailable)?;
+        let stream = watch
+            .take_while(|e| std::future::ready(e.is_ok()))
+            .filter_map(|e| async move {
+                let entry = e.ok()?;
+                let key = Key::new(&entry.key).ok()?;
+                Some(match Self::holder(&entry) {
+                    Some(h) => WatchEvent::Updated(key, Some(h)),
+                    None => WatchEvent::Released(key),
+                })
+            });
+        Ok(Some(Box::pin(stream)))
+    }
+
+    fn watch_reports_expiry(&self) -> bool {
+        true
+    }
+}
