@@ -171,3 +171,79 @@ async fn a_cut_off_leader_is_replaced_after_its_lease_expires() {
     tb.await.unwrap().unwrap();
     ta.abort();
 }
+
+/// Waits until some leader of `leaders` leads; its index.
+async fn wait_any_leader(leaders: &[&Leader]) -> usize {
+    let mut states: Vec<_> = leaders.iter().map(|l| l.state()).collect();
+    loop {
+        if let Some(i) = states.iter().position(|s| s.borrow().is_leader()) {
+            return i;
+        }
+        let changes = states.iter_mut().map(|s| Box::pin(s.changed()));
+        let _ = futures_util::future::select_all(changes).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_campaign_recovers_after_the_server_restarts_on_its_data_dir() {
+    let mut s = server().await;
+    let ttl = Duration::from_secs(2);
+    let a = leader(&s.url(), ttl).await;
+    let b = leader(&s.url(), ttl).await;
+    let (ta, tb) = (started(&a), started(&b));
+    let first = timeout(WAIT, wait_any_leader(&[&a, &b])).await.unwrap();
+    let before = [&a, &b][first].fencing_token().unwrap();
+    s.restart().await.unwrap();
+    // Whoever leads after the restart has a larger token, with no action
+    // from the user: clients reconnect and campaigns retry.
+    let t0 = Instant::now();
+    loop {
+        let i = timeout(WAIT, wait_any_leader(&[&a, &b])).await.unwrap();
+        if let Some(token) = [&a, &b][i].fencing_token()
+            && token > before
+        {
+            break;
+        }
+        assert!(t0.elapsed() < WAIT, "no new term after the restart");
+        // The old term is still live (renewals resumed): end it to force
+        // a new one through the restarted server.
+        [&a, &b][i].resign().await.unwrap();
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    ta.await.unwrap().unwrap();
+    tb.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_server_past_the_ttl_cancels_the_leader_then_recovers() {
+    let s = server().await;
+    let ttl = Duration::from_secs(2);
+    let a = leader(&s.url(), ttl).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let ta = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.acquire_and_run(move |term| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(term.clone()).unwrap();
+                    term.cancelled().await;
+                    Ok::<_, std::io::Error>(())
+                }
+            })
+            .await
+        }
+    });
+    let term = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    s.pause().unwrap();
+    // No renewal can succeed: the token fires by the deadline.
+    timeout(WAIT, term.cancelled()).await.unwrap();
+    assert!(!term.is_valid());
+    s.resume().unwrap();
+    // After the resume the campaign wins a new term with a larger token.
+    let next = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    assert!(next.fencing_token() > term.fencing_token());
+    a.shutdown().await.unwrap();
+    ta.await.unwrap().unwrap();
+}

@@ -130,6 +130,12 @@ impl NatsBackend {
 
     async fn check_version(&self) -> Result<(), BackendError> {
         let version = self.client.server_info().version;
+        if version.is_empty() {
+            // Not connected yet: nothing is known about the server.
+            return Err(BackendError::unavailable(
+                "not connected to a NATS server yet",
+            ));
+        }
         let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
         let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
         if found < MIN_VERSION {
