@@ -27,7 +27,7 @@ mod proxy;
 
 pub use binary::{binary_version, find_binary, find_binary_candidates, find_binary_in};
 pub use error::Error;
-pub use nats::{DEBIAN_NATS_SERVER, MIN_NATS_VERSION, NatsServer, find_nats_server};
+pub use nats::{DEBIAN_NATS_SERVER, MIN_NATS_VERSION, NatsCluster, NatsServer, find_nats_server};
 pub use port::free_port;
 pub use process::{ChildGuard, TempDir};
 pub use proxy::{LinkState, TcpProxy};

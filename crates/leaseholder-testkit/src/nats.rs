@@ -58,6 +58,8 @@ pub struct NatsServer {
     port: u16,
     name: String,
     version: String,
+    /// Arguments after the standalone ones (cluster and monitoring flags).
+    extra_args: Vec<String>,
 }
 
 impl NatsServer {
@@ -83,31 +85,35 @@ impl NatsServer {
     /// Starts the `nats-server` binary at `binary`, whatever its version,
     /// and waits until it answers `PING`.
     pub async fn start_with(binary: &Path) -> Result<Self, Error> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let name = format!(
-            "leaseholder-testkit-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
+        let mut server = Self::spawn_new(binary, free_port()?, unique_name(), Vec::new())?;
+        server.version = server.wait_ready().await?;
+        tracing::debug!(
+            binary = %server.binary.display(),
+            port = server.port,
+            version = %server.version,
+            "nats-server ready"
         );
+        Ok(server)
+    }
+
+    /// Spawns the server without waiting for it to be ready.
+    fn spawn_new(
+        binary: &Path,
+        port: u16,
+        name: String,
+        extra_args: Vec<String>,
+    ) -> Result<Self, Error> {
         let dir = TempDir::new("leaseholder-nats")?;
-        let port = free_port()?;
-        let child = spawn(binary, port, &name, dir.path())?;
-        let mut server = Self {
+        let child = spawn(binary, &args(port, &name, dir.path(), &extra_args))?;
+        Ok(Self {
             child,
             dir,
             binary: binary.to_owned(),
             port,
             name,
             version: String::new(),
-        };
-        server.version = server.wait_ready().await?;
-        tracing::debug!(
-            binary = %server.binary.display(),
-            port,
-            version = %server.version,
-            "nats-server ready"
-        );
-        Ok(server)
+            extra_args,
+        })
     }
 
     /// The client URL, `nats://127.0.0.1:PORT`.
@@ -182,7 +188,7 @@ impl NatsServer {
     /// answers `PING`.
     pub async fn restart(&mut self) -> Result<(), Error> {
         self.child.kill().await?;
-        self.child = spawn(&self.binary, self.port, &self.name, self.dir.path())?;
+        self.child = spawn(&self.binary, &self.args())?;
         self.version = self.wait_ready().await?;
         Ok(())
     }
@@ -227,7 +233,239 @@ impl NatsServer {
     }
 
     fn args(&self) -> Vec<String> {
-        args(self.port, &self.name, self.dir.path())
+        args(self.port, &self.name, self.dir.path(), &self.extra_args)
+    }
+}
+
+/// How long a started cluster has to elect a JetStream meta leader.
+const CLUSTER_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How many times [`NatsCluster::start`] tries fresh ports.
+const CLUSTER_ATTEMPTS: u32 = 3;
+
+/// A cluster of `nats-server`s with JetStream, each node a [`NatsServer`]
+/// on its own free client, cluster and monitoring ports, with its own
+/// store directory, a unique `--server_name`, a shared `--cluster_name`
+/// and `--routes` to every other node.
+///
+/// [`kill`](Self::kill) and [`restart`](Self::restart) act on one node;
+/// a restarted node keeps its ports and store, and rejoins the cluster.
+/// Every node is killed when the value is dropped.
+#[derive(Debug)]
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+    monitor_ports: Vec<u16>,
+    name: String,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes (the first `nats-server` with a version of at least
+    /// [`MIN_NATS_VERSION`]), waits until each answers `PING`, then until
+    /// every node's JetStream reports a meta leader.
+    ///
+    /// A node that loses the race for one of its ports (to another process
+    /// that took it after [`free_port`] released it) fails to bind; the
+    /// whole cluster is then started again on fresh ports, a few times.
+    pub async fn start(n: usize) -> Result<Self, Error> {
+        let binary = find_nats_server(MIN_NATS_VERSION, None)?;
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(&binary, n).await {
+                Err(Error::CommandFailed { output, .. })
+                    if attempt < CLUSTER_ATTEMPTS && output.contains("address already in use") =>
+                {
+                    tracing::debug!(attempt, "a cluster port was taken; starting again");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(binary: &Path, n: usize) -> Result<Self, Error> {
+        let name = format!("{}-cluster", unique_name());
+        // Three distinct ports per node, none repeated within the cluster.
+        let mut taken = std::collections::HashSet::new();
+        let mut distinct_port = || loop {
+            let port = free_port()?;
+            if taken.insert(port) {
+                return Ok::<_, Error>(port);
+            }
+        };
+        let ports = (0..n)
+            .map(|_| Ok((distinct_port()?, distinct_port()?, distinct_port()?)))
+            .collect::<Result<Vec<(u16, u16, u16)>, Error>>()?;
+        let cluster_url = |port: u16| format!("nats://{}:{port}", Ipv4Addr::LOCALHOST);
+        let mut nodes = Vec::with_capacity(n);
+        for (i, &(client, cluster, monitor)) in ports.iter().enumerate() {
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, &(_, route, _))| cluster_url(route))
+                .collect();
+            let mut extra = vec![
+                "--cluster_name".to_owned(),
+                name.clone(),
+                "--cluster".to_owned(),
+                cluster_url(cluster),
+                "-m".to_owned(),
+                monitor.to_string(),
+            ];
+            if !routes.is_empty() {
+                extra.push("--routes".to_owned());
+                extra.push(routes.join(","));
+            }
+            nodes.push(NatsServer::spawn_new(binary, client, unique_name(), extra)?);
+        }
+        for node in &mut nodes {
+            node.version = node.wait_ready().await?;
+        }
+        let cluster = Self {
+            nodes,
+            monitor_ports: ports.iter().map(|&(_, _, monitor)| monitor).collect(),
+            name,
+        };
+        for i in 0..n {
+            cluster.wait_meta_leader(i).await?;
+        }
+        tracing::debug!(name = %cluster.name, urls = %cluster.urls(), "nats cluster ready");
+        Ok(cluster)
+    }
+
+    /// The nodes, in start order.
+    pub fn nodes(&self) -> &[NatsServer] {
+        &self.nodes
+    }
+
+    /// Node `i`. Panics if there is no such node.
+    pub fn node(&self, i: usize) -> &NatsServer {
+        &self.nodes[i]
+    }
+
+    /// The number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the cluster has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The client URL of node `i`.
+    pub fn url(&self, i: usize) -> String {
+        self.nodes[i].url()
+    }
+
+    /// Every node's client URL, comma-separated, as clients accept them.
+    pub fn urls(&self) -> String {
+        self.urls_except(usize::MAX)
+    }
+
+    /// The client URLs of every node but `i`, comma-separated.
+    pub fn urls_except(&self, i: usize) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .map(|(_, node)| node.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The `--cluster_name` shared by the nodes.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The HTTP monitoring port of node `i`.
+    pub fn monitor_port(&self, i: usize) -> u16 {
+        self.monitor_ports[i]
+    }
+
+    /// Kills node `i` with `SIGKILL` and waits until it has exited; its
+    /// ports and store are kept for [`restart`](Self::restart).
+    pub async fn kill(&mut self, i: usize) -> Result<(), Error> {
+        self.nodes[i].kill().await
+    }
+
+    /// Restarts node `i` (killing it first if it runs) on the same ports
+    /// and store, then waits until it answers `PING` and its JetStream
+    /// knows a meta leader.
+    pub async fn restart(&mut self, i: usize) -> Result<(), Error> {
+        self.nodes[i].restart().await?;
+        self.wait_meta_leader(i).await
+    }
+
+    /// The JSON of node `i`'s `GET /jsz` monitoring endpoint.
+    pub async fn jsz(&self, i: usize) -> Result<String, Error> {
+        http_get(self.monitor_ports[i], "/jsz").await
+    }
+
+    /// Polls node `i`'s `/jsz` until it names a meta leader, or fails after
+    /// [`CLUSTER_DEADLINE`].
+    async fn wait_meta_leader(&self, i: usize) -> Result<(), Error> {
+        let start = Instant::now();
+        loop {
+            let last_error = match tokio::time::timeout(PROBE_TIMEOUT, self.jsz(i)).await {
+                Ok(Ok(body)) if meta_leader(&body).is_some() => return Ok(()),
+                Ok(Ok(body)) => format!("no meta leader in /jsz: {body}"),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {PROBE_TIMEOUT:?}"),
+            };
+            if start.elapsed() + PROBE_BACKOFF >= CLUSTER_DEADLINE {
+                return Err(Error::NotReady {
+                    server: format!(
+                        "JetStream meta leader on node {i} ({}) of cluster {}",
+                        self.nodes[i].url(),
+                        self.name
+                    ),
+                    waited: start.elapsed(),
+                    last_error,
+                });
+            }
+            tokio::time::sleep(PROBE_BACKOFF * 5).await;
+        }
+    }
+}
+
+/// The meta leader named in a `/jsz` body, if any.
+fn meta_leader(jsz: &str) -> Option<String> {
+    let meta = &jsz[jsz.find("\"meta_cluster\"")?..];
+    let meta = &meta[..meta.find(['}', '[']).unwrap_or(meta.len())];
+    json_string_field(meta, "leader").filter(|leader| !leader.is_empty())
+}
+
+/// `GET path` on `127.0.0.1:port` over HTTP/1.0; the body.
+async fn http_get(port: u16, path: &str) -> Result<String, Error> {
+    use tokio::io::AsyncReadExt;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let context = || format!("GET http://{addr}{path}");
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| Error::io(context(), e))?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| Error::io(context(), e))?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .await
+        .map_err(|e| Error::io(context(), e))?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if head.starts_with("HTTP/1.") && head.split(' ').nth(1) == Some("200") {
+        Ok(body.to_owned())
+    } else {
+        Err(Error::io(
+            context(),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unexpected response: {}", head.lines().next().unwrap_or("")),
+            ),
+        ))
     }
 }
 
@@ -285,8 +523,18 @@ fn pip_scripts_dir() -> Option<PathBuf> {
     .clone()
 }
 
-fn args(port: u16, name: &str, dir: &Path) -> Vec<String> {
-    vec![
+/// A server name unique within this process.
+fn unique_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "leaseholder-testkit-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn args(port: u16, name: &str, dir: &Path, extra: &[String]) -> Vec<String> {
+    let mut args = vec![
         "-js".to_owned(),
         "-a".to_owned(),
         Ipv4Addr::LOCALHOST.to_string(),
@@ -298,13 +546,15 @@ fn args(port: u16, name: &str, dir: &Path) -> Vec<String> {
         name.to_owned(),
         "-l".to_owned(),
         dir.join("nats-server.log").to_string_lossy().into_owned(),
-    ]
+    ];
+    args.extend_from_slice(extra);
+    args
 }
 
-fn spawn(binary: &Path, port: u16, name: &str, dir: &Path) -> Result<ChildGuard, Error> {
+fn spawn(binary: &Path, args: &[String]) -> Result<ChildGuard, Error> {
     ChildGuard::spawn(
         Command::new(binary)
-            .args(args(port, name, dir))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
@@ -398,7 +648,16 @@ fn log_tail(path: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{json_string_field, parse_version};
+    use super::{json_string_field, meta_leader, parse_version};
+
+    #[test]
+    fn finds_the_meta_leader_in_jsz() {
+        let jsz = r#"{"memory":0,"meta_cluster":{"name":"c","leader":"n2","peer":"x","replicas":[{"name":"n1"}],"cluster_size":3}}"#;
+        assert_eq!(meta_leader(jsz), Some("n2".to_owned()));
+        let none = r#"{"meta_cluster":{"name":"c","cluster_size":3,"replicas":[{"name":"n1","leader":"x"}]}}"#;
+        assert_eq!(meta_leader(none), None);
+        assert_eq!(meta_leader(r#"{"memory":0}"#), None);
+    }
 
     #[test]
     fn parses_versions() {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use leaseholder_testkit::{
-    DEBIAN_NATS_SERVER, Error, MIN_NATS_VERSION, NatsServer, find_nats_server,
+    DEBIAN_NATS_SERVER, Error, MIN_NATS_VERSION, NatsCluster, NatsServer, find_nats_server,
 };
 use tokio::time::timeout;
 
@@ -127,4 +127,47 @@ async fn a_binary_that_exits_fails_fast_instead_of_waiting() {
         "unexpected error: {error:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_survives_losing_a_node() {
+    let started = std::time::Instant::now();
+    let mut cluster = NatsCluster::start(3)
+        .await
+        .unwrap_or_else(|e| panic!("starting a nats cluster failed (run scripts/setup?): {e}"));
+    println!("3-node cluster ready in {:?}", started.elapsed());
+    assert_eq!(cluster.len(), 3);
+    let urls = cluster.urls();
+    assert_eq!(urls.split(',').count(), 3, "{urls}");
+    let names: std::collections::HashSet<_> = cluster.nodes().iter().map(|n| n.name()).collect();
+    assert_eq!(names.len(), 3);
+    for node in cluster.nodes() {
+        assert!(urls.contains(&node.url()), "{urls}");
+        timeout(PATIENCE, node.ping()).await.unwrap().unwrap();
+    }
+    for i in 0..3 {
+        let jsz = timeout(PATIENCE, cluster.jsz(i)).await.unwrap().unwrap();
+        assert!(jsz.contains("\"meta_cluster\""), "{jsz}");
+    }
+
+    cluster.kill(1).await.unwrap();
+    assert!(
+        timeout(PATIENCE, cluster.node(1).ping())
+            .await
+            .unwrap()
+            .is_err(),
+        "a killed node must not answer"
+    );
+    for i in [0, 2] {
+        timeout(PATIENCE, cluster.node(i).ping())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert!(!cluster.urls_except(1).contains(&cluster.url(1)));
+
+    cluster.restart(1).await.unwrap();
+    for node in cluster.nodes() {
+        timeout(PATIENCE, node.ping()).await.unwrap().unwrap();
+    }
 }

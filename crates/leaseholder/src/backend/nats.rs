@@ -100,7 +100,7 @@ impl NatsBackend {
             .map_err(BackendError::unavailable)?;
         match ack.await {
             Ok(ack) => Ok(Some(ack.sequence)),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+            Err(e) if lost_race(&e) => Ok(None),
             Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
                 Err(BackendError::Misconfigured {
                     problem: format!("bucket {} does not exist", self.bucket),
@@ -174,6 +174,24 @@ impl NatsBackend {
         }
         Ok(())
     }
+}
+
+/// A publish refused because the key's last sequence was not the expected
+/// one: 10071 from a single server, 10164 from a replicated stream (which
+/// async-nats 0.51 reports as `Other`).
+fn lost_race(e: &async_nats::jetstream::context::PublishError) -> bool {
+    if e.kind() == PublishErrorKind::WrongLastSequence {
+        return true;
+    }
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .is_some_and(|s| {
+            matches!(
+                s.error_code(),
+                jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                    | jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            )
+        })
 }
 
 fn now_micros() -> u64 {
