@@ -33,6 +33,30 @@ fn started(l: &Leader) -> tokio::task::JoinHandle<Result<(), Error>> {
     tokio::spawn(async move { l.start(Default::default()).await })
 }
 
+/// Runs `acquire_and_run` on `l` with work that reports each term and
+/// waits for its token.
+fn run_reporting_terms(
+    l: &Leader,
+) -> (
+    tokio::task::JoinHandle<Result<(), Error>>,
+    tokio::sync::mpsc::UnboundedReceiver<leaseholder::Term>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let l = l.clone();
+    let task = tokio::spawn(async move {
+        l.acquire_and_run(move |term| {
+            let tx = tx.clone();
+            async move {
+                tx.send(term.clone()).unwrap();
+                term.cancelled().await;
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+    });
+    (task, rx)
+}
+
 #[tokio::test]
 async fn nats_2_9_is_refused_with_the_version_needed() {
     let old = NatsServer::start_with(Path::new(DEBIAN_NATS_SERVER))
@@ -125,21 +149,7 @@ async fn a_cut_off_leader_is_replaced_after_its_lease_expires() {
     let ttl = Duration::from_secs(2);
     let a = leader(&format!("nats://{}", proxy.addr()), ttl).await;
     let b = leader(&s.url(), ttl).await;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let ta = tokio::spawn({
-        let a = a.clone();
-        async move {
-            a.acquire_and_run(move |term| {
-                let tx = tx.clone();
-                async move {
-                    tx.send(term.clone()).unwrap();
-                    term.cancelled().await;
-                    Ok::<_, std::io::Error>(())
-                }
-            })
-            .await
-        }
-    });
+    let (ta, mut rx) = run_reporting_terms(&a);
     let term = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
     let tb = started(&b);
     let mut sb = b.state();
@@ -220,21 +230,7 @@ async fn a_paused_server_past_the_ttl_cancels_the_leader_then_recovers() {
     let s = server().await;
     let ttl = Duration::from_secs(2);
     let a = leader(&s.url(), ttl).await;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let ta = tokio::spawn({
-        let a = a.clone();
-        async move {
-            a.acquire_and_run(move |term| {
-                let tx = tx.clone();
-                async move {
-                    tx.send(term.clone()).unwrap();
-                    term.cancelled().await;
-                    Ok::<_, std::io::Error>(())
-                }
-            })
-            .await
-        }
-    });
+    let (ta, mut rx) = run_reporting_terms(&a);
     let term = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
     s.pause().unwrap();
     // No renewal can succeed: the token fires by the deadline.
