@@ -1,16 +1,20 @@
-//! noleader's README example, on leaseholder: only the crate path changed
-//! (and, until the NATS backend lands, the in-memory store stands in for
-//! `Leader::new_nats(key, bucket, client)`).
+//! noleader 0.1.3's example program on leaseholder: the crate path is the
+//! only change to its code. Two lines are added so it can run unattended:
+//! the server address comes from `NATS_URL` (default `localhost:4222`, as
+//! in noleader's example), and the program stops after a few seconds,
+//! releasing the lease on the way out.
 //!
-//! Run: `cargo run -p leaseholder-examples --example noleader_compat`
-//! (it stops by itself after a few seconds).
+//! ```sh
+//! NATS_URL=localhost:4222 cargo run -p leaseholder-examples --example noleader_compat
+//! ```
+//!
+//! Needs nats-server 2.11 or newer with JetStream (`nats-server -js`).
 
 use leaseholder::noleader::Leader;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Set up logging
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::from_default_env()
@@ -19,18 +23,17 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
 
-    let key = "election_key";
-    let store = leaseholder::MemoryStore::new();
-
-    // Create a new leader election instance
-    let leader = Leader::new(key, leaseholder::Backend::memory(&store));
+    let mybucket = "mytestbucket";
+    let mykey = "basic";
+    // Added: the address from NATS_URL.
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "localhost:4222".into());
+    let client = async_nats::connect(url).await?;
+    let leader = Leader::new_nats(mykey, mybucket, client);
     let leader_id = leader.leader_id().await.to_string();
 
-    // Ensure the KV bucket exists
+    tracing::info!("creating bucket");
     leader.create_bucket().await?;
 
-    // Attempts to acquire election loop, will call inner function if it
-    // wins, if it loses it will retry over again.
     let run = leader.acquire_and_run({
         move |token| {
             let leader_id = leader_id.clone();
@@ -46,8 +49,7 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    // Not in noleader's example: stop after a few seconds, releasing the
-    // lease on the way out.
+    // Added: stop after 3 s, releasing the lease.
     tokio::select! {
         result = run => result?,
         () = tokio::time::sleep(std::time::Duration::from_secs(3)) => {

@@ -128,6 +128,14 @@ impl ChildGuard {
         self.signal("CONT")
     }
 
+    /// Asks the child to shut down gracefully with `SIGTERM`, the way an
+    /// orchestrator stops a pod; does not wait for it to exit.
+    ///
+    /// Returns [`Error::ProcessExited`] if the child has been reaped.
+    pub fn terminate(&self) -> Result<(), Error> {
+        self.signal("TERM")
+    }
+
     /// Sends signal `name` (without the `SIG` prefix) with the `kill`
     /// command, which avoids both unsafe code and a `libc` dependency.
     fn signal(&self, name: &str) -> Result<(), Error> {

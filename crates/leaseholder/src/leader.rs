@@ -68,6 +68,24 @@ impl Leader {
         }
     }
 
+    /// A `Leader` for `key` on the NATS KV `bucket`, with default settings:
+    /// noleader's `Leader::new_nats`. Same as
+    /// `Leader::new(key, Backend::nats(client, bucket))`.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = async_nats::connect("localhost:4222").await?;
+    /// let leader = leaseholder::Leader::new_nats("scheduler", "leases", client);
+    /// leader.setup().await?; // creates or validates the bucket
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "nats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+    pub fn new_nats(key: &str, bucket: &str, client: async_nats::Client) -> Leader {
+        Leader::new(key, Backend::nats(client, bucket))
+    }
+
     pub(crate) fn from_config(config: LeaderConfig, backend: Backend) -> Leader {
         Leader::with(config, backend, None)
     }

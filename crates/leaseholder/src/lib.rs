@@ -22,6 +22,7 @@ pub mod noleader;
 
 pub use backend::memory::{Fault, Faults, MemoryBackend, MemoryStore};
 #[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use backend::nats::NatsBackend;
 pub use backend::{
     Acquired, Backend, BackendEdge, Claim, FencingToken, Holder, Key, LeaderId, Lease, LeaseValue,

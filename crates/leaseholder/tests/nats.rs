@@ -243,3 +243,179 @@ async fn a_paused_server_past_the_ttl_cancels_the_leader_then_recovers() {
     a.shutdown().await.unwrap();
     ta.await.unwrap().unwrap();
 }
+
+/// What noleader 0.1.3 writes: the leader's UUID as 16 raw bytes, with a
+/// per-message TTL (`create_with_ttl`).
+async fn put_noleader_value(url: &str, key: &str, ttl: Duration) {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-TTL", format!("{}s", ttl.as_secs()).as_str());
+    let uuid = *b"\x8f\x1b\x6c\x3a\x52\x0e\x4d\x1f\x9a\x7e\x33\x0c\x12\xab\xcd\xef";
+    js.publish_with_headers(format!("$KV.leases.{key}"), headers, uuid.to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_noleader_value_is_a_foreign_lease_until_it_expires() {
+    let s = server().await;
+    let ttl = Duration::from_secs(10);
+    let a = leader(&s.url(), ttl).await;
+    a.setup().await.unwrap();
+    let foreign_ttl = Duration::from_secs(2);
+    put_noleader_value(&s.url(), "scheduler", foreign_ttl).await;
+    let written = Instant::now();
+
+    let ta = started(&a);
+    let mut sa = a.state();
+    let seen = timeout(
+        WAIT,
+        sa.wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    let State::Follower {
+        leader: Some(holder),
+    } = seen
+    else {
+        unreachable!()
+    };
+    assert!(holder.is_foreign(), "{holder:?}");
+    assert_eq!(holder.token(), None);
+    // The hint comes from the message's timestamp and TTL header.
+    let hint = holder.expires_in().expect("an expiry hint");
+    assert!(hint <= foreign_ttl, "{hint:?}");
+    let current = a.current_leader().await.unwrap().unwrap();
+    assert!(current.is_foreign());
+
+    // Respected until the store expires it; then A leads.
+    timeout(WAIT, sa.wait_for(State::is_leader))
+        .await
+        .unwrap()
+        .unwrap();
+    let took = written.elapsed();
+    println!("foreign value written {took:?} before A led");
+    assert!(took >= foreign_ttl, "{took:?}");
+    a.shutdown().await.unwrap();
+    ta.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_see_the_leaders_expiry_hint() {
+    let s = server().await;
+    let ttl = Duration::from_secs(4);
+    let a = leader(&s.url(), ttl).await;
+    let ta = started(&a);
+    timeout(WAIT, a.state().wait_for(State::is_leader))
+        .await
+        .unwrap()
+        .unwrap();
+    let b = leader(&s.url(), ttl).await;
+    let holder = b.current_leader().await.unwrap().unwrap();
+    assert_eq!(holder.id(), Some(a.leader_id()), "{holder:?}");
+    assert_eq!(holder.token(), a.fencing_token());
+    let hint = holder.expires_in().expect("an expiry hint");
+    // Renewed at most a renew interval ago (ttl/3), with the TTL rounded
+    // up to whole seconds; loopback clocks agree.
+    assert!(hint <= ttl, "{hint:?}");
+    assert!(
+        hint >= ttl - ttl / 3 - Duration::from_millis(500),
+        "{hint:?}"
+    );
+    a.shutdown().await.unwrap();
+    ta.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_bucket_whose_sequences_start_at_1_is_rejected() {
+    let s = server().await;
+    let client = async_nats::connect(s.url()).await.unwrap();
+    // A bucket made by hand (as `nats kv add` would) with every other
+    // setting right.
+    async_nats::jetstream::new(client.clone())
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "KV_leases".into(),
+            subjects: vec!["$KV.leases.>".into()],
+            max_messages_per_subject: 1,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: async_nats::jetstream::stream::DiscardPolicy::New,
+            allow_message_ttl: true,
+            subject_delete_marker_ttl: Some(Duration::from_secs(60)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = Backend::nats(client, "leases").setup().await.unwrap_err();
+    match err {
+        BackendError::Misconfigured { problem, fix } => {
+            assert!(problem.contains("go back to 1"), "{problem}");
+            assert!(fix.contains("first_seq"), "{fix}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_keep_increasing_when_the_bucket_is_deleted_and_created_again() {
+    let s = server().await;
+    let ttl = Duration::from_secs(10);
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let a = leader(&s.url(), ttl).await;
+        let ta = started(&a);
+        timeout(WAIT, a.state().wait_for(State::is_leader))
+            .await
+            .unwrap()
+            .unwrap();
+        tokens.push(a.fencing_token().unwrap());
+        a.shutdown().await.unwrap();
+        ta.await.unwrap().unwrap();
+        // The operator deletes the bucket; the next setup creates it anew.
+        let client = async_nats::connect(s.url()).await.unwrap();
+        assert!(
+            async_nats::jetstream::new(client)
+                .delete_stream("KV_leases")
+                .await
+                .unwrap()
+                .success
+        );
+    }
+    println!("tokens across re-created buckets: {tokens:?}");
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_deleted_under_a_leader_stops_the_campaign_and_is_not_recreated() {
+    let s = server().await;
+    let ttl = Duration::from_secs(2);
+    let a = leader(&s.url(), ttl).await;
+    let (ta, mut terms) = run_reporting_terms(&a);
+    let term = timeout(WAIT, terms.recv()).await.unwrap().unwrap();
+    let client = async_nats::connect(s.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    assert!(js.delete_stream("KV_leases").await.unwrap().success);
+    // The next renewal finds no bucket: the work is cancelled and the
+    // campaign ends with an error that says what is wrong.
+    timeout(WAIT, term.cancelled()).await.unwrap();
+    let err = timeout(WAIT, ta).await.unwrap().unwrap().unwrap_err();
+    match &err {
+        Error::Backend { source, .. } => {
+            assert!(
+                matches!(**source, BackendError::Misconfigured { .. }),
+                "{err}"
+            );
+        }
+        other => panic!("{other}"),
+    }
+    println!("{err}");
+    assert!(a.state().borrow().is_stopped());
+    // Nobody re-created the bucket.
+    assert!(js.get_stream("KV_leases").await.is_err());
+}

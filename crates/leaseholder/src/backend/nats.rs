@@ -9,14 +9,26 @@
 //! | renew | read the key: only a message with our nonce is renewed, by publishing with `Nats-TTL` on its revision (a newer one after a lost reply); anything else is `Lost` |
 //! | release | read the key; if the message has our nonce, delete on its revision (compare-and-delete); the marker keeps the sequence moving |
 //! | token | the stream sequence of the acquiring publish, carried in the value from the first renewal on |
+//! | holder | read the key; a value is the holder (undecodable: a foreign lease, e.g. noleader's), with an expiry hint from the message's server timestamp and its `Nats-TTL` |
 //! | watch | one wildcard KV watch per backend; a value is `Updated`, a delete or expiry marker is `Released` |
 //!
+//! Every read goes to the stream's leader (`STREAM.MSG.GET`), never a
+//! direct get: on a replicated bucket a replica may answer a direct get
+//! from behind the leader, and a read right after a lost race would then
+//! show the key as it was before. Writes are compare-and-set on the
+//! subject's last sequence, so a stale read can cost a retry but never
+//! safety; reading from the leader keeps it from costing the retry.
+//!
 //! The TTL sent is the ttl rounded up to whole seconds; the leader's
-//! deadline uses the configured ttl, which is never longer.
+//! deadline uses the configured ttl, which is never longer. The expiry hint
+//! compares the server's clock with ours, so it is only a hint: one that
+//! has already passed by our clock is dropped, and followers learn of the
+//! expiry from the watch (the server's expiry marker) anyway.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -32,6 +44,47 @@ use crate::error::{BackendError, ConfigError};
 const MIN_VERSION: (u64, u64) = (2, 11);
 /// How long expiry markers stay in the bucket.
 const MARKER_TTL: Duration = Duration::from_secs(60);
+
+/// The last message under a key.
+struct Read {
+    revision: u64,
+    /// `None` for a delete, purge or expiry marker.
+    value: Option<Bytes>,
+    expires_in: Option<Duration>,
+}
+
+/// Parses a `Nats-TTL` header: whole seconds, or a Go duration such as
+/// `10s`, `1m30s`, `1500ms`. `never` and anything unparsable are `None`.
+fn parse_ttl(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|&n| n > 0)?;
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total = total.checked_add(Duration::try_from_secs_f64(number * scale).ok()?)?;
+    }
+    (!total.is_zero()).then_some(total)
+}
 
 /// A NATS JetStream KV bucket as a lease store.
 #[derive(Clone, Debug)]
@@ -69,12 +122,58 @@ impl NatsBackend {
             .await
     }
 
-    async fn entry(&self, key: &Key) -> Result<Option<kv::Entry>, BackendError> {
-        self.store()
-            .await?
-            .entry(key.as_str())
+    /// The key's last message, read from the stream leader.
+    ///
+    /// Not a direct get: on a replicated stream any replica answers those,
+    /// and a replica can be behind the leader, so right after a lost race
+    /// it would show the state from before it. The leader's `MSG.GET`
+    /// sees every write that has been acknowledged.
+    async fn entry(&self, key: &Key) -> Result<Option<Read>, BackendError> {
+        let store = self.store().await?;
+        let message = match store
+            .stream
+            .get_last_raw_message_by_subject(&self.subject(key))
             .await
-            .map_err(BackendError::unavailable)
+        {
+            Ok(message) => message,
+            Err(e) => {
+                return match e.kind() {
+                    LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                    LastRawMessageErrorKind::JetStream(js)
+                        if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                    {
+                        Err(self.bucket_missing())
+                    }
+                    _ => Err(BackendError::unavailable(e)),
+                };
+            }
+        };
+        let headers = &message.headers;
+        let is_put = match headers.get("KV-Operation").map(|op| op.as_str()) {
+            Some("DEL" | "PURGE") => false,
+            // An operation we do not know: someone's value, a foreign lease.
+            Some(_) => true,
+            None => headers.get("Nats-Marker-Reason").is_none(),
+        };
+        // The server stamps the message with its clock; with the TTL header
+        // that says when it expires, as far as our clock agrees with the
+        // server's. A hint that has already passed by our clock is dropped
+        // rather than trusted (the follower falls back to its retry timer).
+        let expires_in = headers
+            .get("Nats-TTL")
+            .and_then(|ttl| parse_ttl(ttl.as_str()))
+            .and_then(|ttl| {
+                let stamped =
+                    Duration::from_nanos(u64::try_from(message.time.unix_timestamp_nanos()).ok()?);
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+                let left = (stamped + ttl).checked_sub(now)?;
+                (!left.is_zero()).then_some(left.min(ttl))
+            });
+        Ok(Some(Read {
+            revision: message.sequence,
+            value: is_put.then_some(message.payload),
+            expires_in,
+        }))
     }
 
     /// Publishes `value` under `key` with a TTL, if the key's last message
@@ -101,30 +200,33 @@ impl NatsBackend {
         match ack.await {
             Ok(ack) => Ok(Some(ack.sequence)),
             Err(e) if lost_race(&e) => Ok(None),
-            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
-                Err(BackendError::Misconfigured {
-                    problem: format!("bucket {} does not exist", self.bucket),
-                    fix: "run setup (the campaign does) or create the bucket".into(),
-                })
-            }
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => Err(self.bucket_missing()),
             Err(e) => Err(BackendError::unavailable(e)),
         }
     }
 
-    fn holder(entry: &kv::Entry) -> Option<Holder> {
-        if entry.operation != kv::Operation::Put {
-            return None;
+    /// The bucket was there at setup and is gone: someone deleted it. It is
+    /// not created again behind the user's back.
+    fn bucket_missing(&self) -> BackendError {
+        BackendError::Misconfigured {
+            problem: format!("bucket {} does not exist (deleted?)", self.bucket),
+            fix: "create it again with setup() (a new Leader runs it), then restart the campaigns"
+                .into(),
         }
-        let holder = Holder::decode(&entry.value, None, entry.revision, None);
+    }
+
+    fn holder(read: &Read) -> Option<Holder> {
+        let value = read.value.as_ref()?;
+        let holder = Holder::decode(value, None, read.revision, read.expires_in);
         if holder.is_foreign() || holder.token().is_some() {
             return Some(holder);
         }
         // Not renewed yet: the token is the acquiring revision.
         Some(Holder::decode(
-            &entry.value,
-            Some(FencingToken::new(entry.revision)),
-            entry.revision,
-            None,
+            value,
+            Some(FencingToken::new(read.revision)),
+            read.revision,
+            read.expires_in,
         ))
     }
 
@@ -170,6 +272,16 @@ impl NatsBackend {
             return Err(fix(
                 "discard-old with a size or message limit".into(),
                 "use discard new, or remove max_bytes/max_msgs: they could drop a live lease",
+            ));
+        }
+        // Fencing tokens are stream sequences. A bucket whose sequences
+        // start at 1 hands out small tokens again if it is ever deleted and
+        // re-created, below tokens a downstream store has already seen.
+        if config.first_sequence.is_none_or(|first| first <= 1) {
+            return Err(fix(
+                "its sequences start at 1, so fencing tokens would go back to 1 if it were re-created".into(),
+                "let setup create the bucket (it seeds the first sequence from the clock in microseconds), \
+                 or create its stream with first_seq set to the current Unix time in microseconds",
             ));
         }
         Ok(())
@@ -384,7 +496,13 @@ impl BackendEdge for NatsBackend {
             .filter_map(|e| async move {
                 let entry = e.ok()?;
                 let key = Key::new(&entry.key).ok()?;
-                Some(match Self::holder(&entry) {
+                let read = Read {
+                    revision: entry.revision,
+                    value: (entry.operation == kv::Operation::Put).then_some(entry.value),
+                    // A watched entry carries no headers, so no TTL.
+                    expires_in: None,
+                };
+                Some(match Self::holder(&read) {
                     Some(h) => WatchEvent::Updated(key, Some(h)),
                     None => WatchEvent::Released(key),
                 })
@@ -394,5 +512,25 @@ impl BackendEdge for NatsBackend {
 
     fn watch_reports_expiry(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::parse_ttl;
+
+    #[test]
+    fn nats_ttl_headers_parse_as_the_server_writes_them() {
+        assert_eq!(parse_ttl("10"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_ttl("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_ttl("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_ttl("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_ttl("1500ms"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_ttl("1.5s"), Some(Duration::from_millis(1500)));
+        for bad in ["never", "", "s", "10x", "-1s", "0s", "1e400h"] {
+            assert_eq!(parse_ttl(bad), None, "{bad:?}");
+        }
     }
 }

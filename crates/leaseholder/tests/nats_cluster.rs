@@ -1,0 +1,236 @@
+//! The `Leader` on a 3-node nats-server cluster with a replicated (R3)
+//! bucket: the conformance suite passes against it, and a leader whose only
+//! node dies is replaced by a leader on the surviving nodes.
+#![cfg(feature = "nats")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{self, DiscardPolicy};
+use leaseholder::{Backend, Error, Leader, State};
+use leaseholder_testkit::NatsCluster;
+use tokio::time::{Instant, timeout};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+const BUCKET: &str = "leases";
+
+/// The servers in a comma-separated URL list (async-nats parses a `&str`
+/// as one URL, so a list is passed as a `Vec`).
+fn servers(urls: &str) -> Vec<async_nats::ServerAddr> {
+    urls.split(',').map(|url| url.parse().unwrap()).collect()
+}
+
+async fn cluster() -> NatsCluster {
+    let t0 = Instant::now();
+    let cluster = NatsCluster::start(3)
+        .await
+        .expect("a 3-node cluster of nats-server 2.11+ is needed: run scripts/setup");
+    println!("3-node cluster ready in {:?}", t0.elapsed());
+    cluster
+}
+
+/// Creates the bucket's stream replicated on all three nodes, as the
+/// backend's setup would have created it with one replica; returns the
+/// name of the server leading the stream.
+async fn create_replicated_bucket(urls: &str, bucket: &str) -> String {
+    let client = async_nats::connect(servers(urls)).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let config = stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: DiscardPolicy::New,
+        allow_message_ttl: true,
+        subject_delete_marker_ttl: Some(Duration::from_secs(60)),
+        num_replicas: 3,
+        // As setup would: tokens keep increasing if the bucket is ever
+        // re-created (setup refuses a bucket without this).
+        first_sequence: Some(
+            u64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_micros(),
+            )
+            .unwrap(),
+        ),
+        ..Default::default()
+    };
+    // A young cluster can time out placing an R3 stream while its peers
+    // catch up with the meta leader; creating the same config again is
+    // idempotent, so retry until it lands.
+    let deadline = Instant::now() + WAIT;
+    let mut stream = loop {
+        match js.create_stream(config.clone()).await {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() < deadline => {
+                println!("creating the R3 stream: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the R3 stream was not created within {WAIT:?}: {e}"),
+        }
+    };
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.num_replicas, 3);
+    info.cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("the replicated stream has a leader")
+}
+
+#[cfg(feature = "conformance")]
+mod conformance_on_a_cluster {
+    use std::time::Duration;
+
+    use async_nats::HeaderMap;
+    use leaseholder::conformance::{self, Harness};
+    use leaseholder::{Backend, BoxError, Key};
+    use leaseholder_testkit::NatsCluster;
+
+    use super::{BUCKET, cluster, create_replicated_bucket, servers};
+
+    struct Nats {
+        cluster: NatsCluster,
+        bucket: String,
+    }
+
+    impl Harness for Nats {
+        async fn backend(&self) -> Backend {
+            let client = async_nats::connect(servers(&self.cluster.urls()))
+                .await
+                .unwrap();
+            Backend::nats(client, &self.bucket)
+        }
+
+        async fn put_foreign(
+            &self,
+            key: &Key,
+            value: &[u8],
+            ttl: Duration,
+        ) -> Result<(), BoxError> {
+            let client = async_nats::connect(servers(&self.cluster.urls())).await?;
+            let js = async_nats::jetstream::new(client);
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-TTL", format!("{}s", ttl.as_secs().max(1)).as_str());
+            js.publish_with_headers(
+                format!("$KV.{}.{key}", self.bucket),
+                headers,
+                value.to_vec().into(),
+            )
+            .await?
+            .await?;
+            Ok(())
+        }
+
+        fn ttl(&self) -> Duration {
+            Duration::from_secs(1)
+        }
+
+        fn expiry_slack(&self) -> Duration {
+            Duration::from_secs(2)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_cluster_passes_the_contract() {
+        let cluster = cluster().await;
+        create_replicated_bucket(&cluster.urls(), BUCKET).await;
+        let harness = Nats {
+            cluster,
+            bucket: BUCKET.into(),
+        };
+        let report = conformance::run(&harness).await;
+        println!("{report}");
+        assert!(report.is_ok(), "{report}\n{:#?}", report.failed);
+        assert!(report.unsupported.is_empty(), "{report}");
+    }
+}
+
+/// A leader whose client talks to `urls` only: servers the cluster
+/// advertises are ignored, so losing those nodes cuts it off.
+async fn leader(urls: &str, ttl: Duration) -> Leader {
+    let client = async_nats::ConnectOptions::new()
+        .ignore_discovered_servers()
+        .connect(servers(urls))
+        .await
+        .unwrap();
+    Leader::builder("scheduler")
+        .backend(Backend::nats(client, BUCKET))
+        .ttl(ttl)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_leaders_node_hands_over_to_a_leader_on_the_others() {
+    let mut cluster = cluster().await;
+    let stream_leader = create_replicated_bucket(&cluster.urls(), BUCKET).await;
+    // A talks to the node leading the bucket's stream: killing it takes
+    // away both A's link and the stream's leader.
+    let i = cluster
+        .nodes()
+        .iter()
+        .position(|n| n.name() == stream_leader)
+        .expect("the stream leader is a node of the cluster");
+    let ttl = Duration::from_secs(2);
+    let a = leader(&cluster.url(i), ttl).await;
+    let b = leader(&cluster.urls_except(i), ttl).await;
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let ta = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.acquire_and_run(move |term| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(term.clone()).unwrap();
+                    term.cancelled().await;
+                    Ok::<_, std::io::Error>(())
+                }
+            })
+            .await
+        }
+    });
+    let term = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    let tb = tokio::spawn({
+        let b = b.clone();
+        async move { b.start(Default::default()).await }
+    });
+    let mut sb = b.state();
+    timeout(
+        WAIT,
+        sb.wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    cluster.kill(i).await.unwrap();
+    let killed = Instant::now();
+    // A cannot renew through a dead node: its token fires.
+    timeout(WAIT, term.cancelled()).await.unwrap();
+    let cancelled = Instant::now();
+    assert!(!term.is_valid());
+    // The two survivors keep a quorum: B is elected through them.
+    timeout(WAIT, sb.wait_for(State::is_leader))
+        .await
+        .unwrap()
+        .unwrap();
+    let took_over = Instant::now();
+    println!(
+        "killed node {i} (stream leader {stream_leader}): A's token fired {:?} after the kill; \
+         B led {:?} after the kill",
+        cancelled - killed,
+        took_over - killed
+    );
+    assert!(cancelled <= took_over, "B led before A's token fired");
+    assert!(b.fencing_token().unwrap() > term.fencing_token());
+    b.shutdown().await.unwrap();
+    let tb: Result<(), Error> = tb.await.unwrap();
+    tb.unwrap();
+    ta.abort();
+}

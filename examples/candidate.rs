@@ -1,0 +1,105 @@
+//! A candidate as its own process, for tests and benchmarks that kill or
+//! pause one.
+//!
+//! `leaseholder-candidate <nats-url> <key> <ttl-ms> [write-delay-ms]`
+//! campaigns for `key` and prints one line per event on stdout:
+//!
+//! - `READY` once the bucket is set up and the campaign starts;
+//! - `START <token>` when its work starts, `STOP <token>` when the work
+//!   returns (work dropped at its deadline prints nothing);
+//! - `WRITE <token>` for every write the work sends to a downstream sink
+//!   (one per 50 ms while it leads). Writes leave through an outbox that
+//!   delivers each one `write-delay-ms` (default 0) after the work issued
+//!   it, the way a request sits in a queue or a socket buffer: a write
+//!   issued just before the process is paused is delivered after it
+//!   resumes, and only a fenced sink can refuse it;
+//! - `LOST <token>` when the campaign stops leading that term;
+//! - `EXIT` after a clean shutdown. SIGTERM shuts down gracefully (drain,
+//!   release).
+
+use std::io::Write;
+use std::time::Duration;
+
+use leaseholder::{Backend, Leader, State};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (Some(url), Some(key), Some(ttl)) = (args.next(), args.next(), args.next()) else {
+        anyhow::bail!("usage: leaseholder-candidate <nats-url> <key> <ttl-ms> [write-delay-ms]");
+    };
+    let ttl = Duration::from_millis(ttl.parse()?);
+    let write_delay = Duration::from_millis(match args.next() {
+        Some(ms) => ms.parse()?,
+        None => 0,
+    });
+    let client = async_nats::connect(&url).await?;
+    let leader = Leader::builder(key)
+        .backend(Backend::nats(client, "leases"))
+        .ttl(ttl)
+        .build()?;
+    leader.setup().await?;
+
+    let mut term_signal = signal(SignalKind::terminate())?;
+    let stopper = leader.clone();
+    tokio::spawn(async move {
+        term_signal.recv().await;
+        let _ = stopper.shutdown().await;
+    });
+
+    let mut states = leader.state();
+    tokio::spawn(async move {
+        let mut leading = None;
+        loop {
+            let token = states.borrow_and_update().token();
+            if leading.is_some() && leading != token {
+                if let Some(lost) = leading {
+                    say(&format!("LOST {lost}"));
+                }
+            }
+            leading = token;
+            if matches!(*states.borrow(), State::Stopped) || states.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let (outbox, mut queued) = mpsc::unbounded_channel::<(Instant, u64)>();
+    tokio::spawn(async move {
+        while let Some((issued, token)) = queued.recv().await {
+            tokio::time::sleep_until(issued + write_delay).await;
+            say(&format!("WRITE {token}"));
+        }
+    });
+
+    say("READY");
+    leader
+        .acquire_and_run(|term| {
+            let outbox = outbox.clone();
+            async move {
+                let token = term.fencing_token();
+                say(&format!("START {token}"));
+                while !term.is_cancelled() {
+                    let _ = outbox.send((Instant::now(), token.get()));
+                    tokio::select! {
+                        () = term.cancelled() => {}
+                        () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+                say(&format!("STOP {token}"));
+                Ok::<_, anyhow::Error>(())
+            }
+        })
+        .await?;
+    say("EXIT");
+    Ok(())
+}

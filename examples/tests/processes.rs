@@ -1,0 +1,330 @@
+//! Candidates as separate OS processes on a real nats-server: graceful
+//! handoff (SIGTERM) and crash failover (SIGKILL) measured at ttl 10 s, and
+//! a leader process paused (SIGSTOP) past its ttl whose stale writes a
+//! fenced sink refuses.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::time::Duration;
+
+use leaseholder_testkit::{ChildGuard, NatsServer};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout_at};
+
+/// The longest any single wait for an event may take.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One line a candidate printed, with the candidate's index and the time
+/// the test read it.
+type Event = (usize, Instant, String);
+
+/// A downstream store guarded by fencing tokens: it refuses every write
+/// whose token is below the highest it has accepted.
+#[derive(Default, Debug)]
+struct Sink {
+    highest: u64,
+    accepted: u64,
+    /// `(candidate, token)` of every refused write.
+    rejected: Vec<(usize, u64)>,
+}
+
+impl Sink {
+    fn write(&mut self, from: usize, token: u64) {
+        if token >= self.highest {
+            self.highest = token;
+            self.accepted += 1;
+        } else {
+            self.rejected.push((from, token));
+        }
+    }
+}
+
+/// Candidate processes on one key, and everything they printed.
+struct Fleet {
+    url: String,
+    key: &'static str,
+    ttl: Duration,
+    write_delay: Duration,
+    procs: Vec<ChildGuard>,
+    tx: mpsc::UnboundedSender<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
+    sink: Sink,
+    /// Events read but not yet waited for.
+    backlog: VecDeque<Event>,
+    /// The last lines read, for failure messages.
+    log: Vec<String>,
+}
+
+impl Fleet {
+    fn new(url: String, key: &'static str, ttl: Duration, write_delay: Duration) -> Fleet {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Fleet {
+            url,
+            key,
+            ttl,
+            write_delay,
+            procs: Vec::new(),
+            tx,
+            rx,
+            sink: Sink::default(),
+            backlog: VecDeque::new(),
+            log: Vec::new(),
+        }
+    }
+
+    /// Starts one more candidate and waits until it campaigns.
+    async fn spawn(&mut self) -> usize {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_leaseholder-candidate"));
+        cmd.args([
+            self.url.clone(),
+            self.key.to_owned(),
+            self.ttl.as_millis().to_string(),
+            self.write_delay.as_millis().to_string(),
+        ])
+        .stdout(Stdio::piped());
+        let mut guard = ChildGuard::spawn(&mut cmd).unwrap();
+        let stdout = guard.child_mut().stdout.take().unwrap();
+        let index = self.procs.len();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send((index, Instant::now(), line));
+            }
+        });
+        self.procs.push(guard);
+        self.until("READY", |i, l| i == index && l == "READY").await;
+        index
+    }
+
+    /// Returns the first event `want` matches, for at most [`WAIT`] in all
+    /// (other candidates' lines keep arriving, so a per-line timeout would
+    /// never fire). Events not matched are kept for later waits, except
+    /// writes, which go to the sink as they are read.
+    async fn until(&mut self, what: &str, mut want: impl FnMut(usize, &str) -> bool) -> Event {
+        if let Some(at) = self.backlog.iter().position(|(i, _, l)| want(*i, l)) {
+            return self.backlog.remove(at).expect("the position is in range");
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let Ok(next) = timeout_at(deadline, self.rx.recv()).await else {
+                panic!("no {what} within {WAIT:?}; last events: {:#?}", self.log);
+            };
+            let (i, at, line) = next.expect("the fleet holds a sender");
+            if let Some(token) = line.strip_prefix("WRITE ") {
+                self.sink.write(i, token.parse().unwrap());
+            } else {
+                self.log.push(format!("{i}: {line}"));
+                if self.log.len() > 100 {
+                    self.log.drain(..50);
+                }
+            }
+            if want(i, &line) {
+                return (i, at, line);
+            }
+            if !line.starts_with("WRITE ") {
+                self.backlog.push_back((i, at, line));
+            }
+        }
+    }
+
+    /// Waits for the next `START`: who, when, and the term's token.
+    async fn next_start(&mut self) -> (usize, Instant, u64) {
+        let (i, at, line) = self
+            .until("work start", |_, l| l.starts_with("START "))
+            .await;
+        (i, at, line["START ".len()..].parse().unwrap())
+    }
+}
+
+fn median_max(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], v[v.len() - 1])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_and_crash_failover_between_processes_at_ttl_10s() {
+    let server = NatsServer::start()
+        .await
+        .expect("nats-server 2.11+: run scripts/setup");
+    let ttl = Duration::from_secs(10);
+    let mut fleet = Fleet::new(server.url(), "jobs", ttl, Duration::ZERO);
+    for _ in 0..3 {
+        fleet.spawn().await;
+    }
+    let (mut leader, _, mut token) = fleet.next_start().await;
+    let (mut handoffs, mut failovers) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        // Graceful: SIGTERM drains the work and releases the lease; a
+        // follower's watch sees the release and takes over.
+        let t0 = Instant::now();
+        fleet.procs[leader].terminate().unwrap();
+        let stop = format!("STOP {token}");
+        let (_, stopped, _) = fleet
+            .until("the leader's work stop", |i, l| i == leader && l == stop)
+            .await;
+        let (next, at, next_token) = fleet.next_start().await;
+        assert_ne!(next, leader);
+        assert!(next_token > token, "{next_token} after {token}");
+        assert!(
+            stopped <= at,
+            "the successor started before the leader stopped"
+        );
+        handoffs.push(at - t0);
+        fleet
+            .until("the leader's exit", |i, l| i == leader && l == "EXIT")
+            .await;
+        fleet.spawn().await;
+
+        // Crash: SIGKILL releases nothing; the lease has to expire first.
+        let t0 = Instant::now();
+        fleet.procs[next].kill().await.unwrap();
+        let (after, at, after_token) = fleet.next_start().await;
+        assert_ne!(after, next);
+        assert!(after_token > next_token, "{after_token} after {next_token}");
+        failovers.push(at - t0);
+        fleet.spawn().await;
+        (leader, token) = (after, after_token);
+    }
+    let (hm, hx) = median_max(handoffs.clone());
+    let (fm, fx) = median_max(failovers.clone());
+    println!(
+        "graceful handoff (SIGTERM -> successor's work starts), ttl 10 s, 5 runs: median {hm:?}, max {hx:?}; all {handoffs:?}"
+    );
+    println!(
+        "crash failover (SIGKILL -> successor's work starts), ttl 10 s, 5 runs: median {fm:?}, max {fx:?}; all {failovers:?}"
+    );
+    // A handoff is driven by the watch, not by the retry timer (2 s).
+    assert!(hx < ttl / 5, "{handoffs:?}");
+    // A failover waits for the store to expire the lease, renewed at most
+    // a renew interval before the kill: about a ttl, never much more.
+    assert!(fx <= ttl + ttl / 5, "{failovers:?}");
+    assert!(fleet.sink.rejected.is_empty(), "{:?}", fleet.sink);
+    assert!(fleet.sink.accepted > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_process_paused_past_its_ttl_is_refused_by_the_fence() {
+    let server = NatsServer::start()
+        .await
+        .expect("nats-server 2.11+: run scripts/setup");
+    // Each write sits 300 ms in the candidate's outbox, so the writes a
+    // leader issued just before it froze go out after it thaws.
+    let mut fleet = Fleet::new(
+        server.url(),
+        "fenced",
+        Duration::from_secs(2),
+        Duration::from_millis(300),
+    );
+    let a = fleet.spawn().await;
+    let (first, _, stale) = fleet.next_start().await;
+    assert_eq!(first, a);
+    let write = format!("WRITE {stale}");
+    fleet
+        .until("a write from the first leader", |i, l| i == a && l == write)
+        .await;
+    let b = fleet.spawn().await;
+
+    // Freeze the leader's whole process past its ttl: B takes over.
+    fleet.procs[a].pause().unwrap();
+    let (next, _, fresh) = fleet.next_start().await;
+    assert_eq!(next, b);
+    assert!(fresh > stale);
+    let write = format!("WRITE {fresh}");
+    fleet
+        .until("a write from the new leader", |i, l| i == b && l == write)
+        .await;
+    assert!(fleet.sink.rejected.is_empty(), "{:?}", fleet.sink);
+
+    // Thaw A. Its queued writes carry the old token and reach the sink
+    // after B's; the fence refuses every one. A then learns it lost.
+    fleet.procs[a].resume().unwrap();
+    let lost = format!("LOST {stale}");
+    fleet
+        .until("the old leader's loss", |i, l| i == a && l == lost)
+        .await;
+    // Give the outbox its delay to drain whatever is left.
+    let drained = format!("WRITE {fresh}");
+    for _ in 0..10 {
+        fleet
+            .until("more writes from the new leader", |i, l| {
+                i == b && l == drained
+            })
+            .await;
+    }
+    println!("sink after the pause: {:?}", fleet.sink);
+    assert!(
+        !fleet.sink.rejected.is_empty(),
+        "no stale write reached the sink: {:?}",
+        fleet.sink
+    );
+    assert!(
+        fleet
+            .sink
+            .rejected
+            .iter()
+            .all(|&(from, token)| from == a && token == stale),
+        "{:?}",
+        fleet.sink
+    );
+    assert_eq!(fleet.sink.highest, fresh);
+}
+
+/// The path of example `name`, which cargo builds next to the test
+/// binaries (`target/<profile>/examples/`) whenever it builds the tests.
+fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo test` / `cargo nextest run` build the examples with the tests",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noleaders_example_program_runs_on_nats_with_only_the_crate_path_changed() {
+    let server = NatsServer::start()
+        .await
+        .expect("nats-server 2.11+: run scripts/setup");
+    let run = |url: String| {
+        let mut cmd = tokio::process::Command::new(example("noleader_compat"));
+        cmd.env("NATS_URL", url)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .kill_on_drop(true);
+        cmd.output()
+    };
+    let output = tokio::time::timeout(WAIT, run(server.url()))
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("do work as leader"), "{stdout}\n{stderr}");
+    assert!(stdout.contains("stopped after 3 s"), "{stdout}\n{stderr}");
+
+    // It released on the way out: a second run leads at once, again.
+    let output = tokio::time::timeout(WAIT, run(server.url()))
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("do work as leader"), "{stdout}");
+
+    // Nothing listening: an error message and a failing exit, no panic.
+    let free = leaseholder_testkit::free_port().unwrap();
+    let output = tokio::time::timeout(WAIT, run(format!("nats://127.0.0.1:{free}")))
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("Error"), "{stderr}");
+}
