@@ -11,7 +11,9 @@
 //!   cleaned up on drop, so a failing or panicking test leaks neither
 //!   processes nor files;
 //! - [`TcpProxy`]: a TCP proxy placed between a client and a server to inject
-//!   faults (cut the link, blackhole it, add latency) and heal it again.
+//!   faults (cut the link, blackhole it, add latency) and heal it again;
+//! - [`WorkLog`]: when each candidate's work ran, checked against the safety
+//!   property (no overlap, tokens strictly increasing).
 //!
 //! Wrappers that start real servers (NATS, Postgres, Redis, etcd) build on
 //! these pieces, one module per server.
@@ -24,6 +26,7 @@ mod nats;
 mod port;
 mod process;
 mod proxy;
+mod worklog;
 
 pub use binary::{binary_version, find_binary, find_binary_candidates, find_binary_in};
 pub use error::Error;
@@ -31,3 +34,4 @@ pub use nats::{DEBIAN_NATS_SERVER, MIN_NATS_VERSION, NatsCluster, NatsServer, fi
 pub use port::free_port;
 pub use process::{ChildGuard, TempDir};
 pub use proxy::{LinkState, TcpProxy};
+pub use worklog::{Interval, Violation, WorkGuard, WorkLog};
