@@ -1,8 +1,9 @@
 //! A candidate as its own process, for tests and benchmarks that kill or
 //! pause one.
 //!
-//! `leaseholder-candidate <nats-url> <key> <ttl-ms> [write-delay-ms]`
-//! campaigns for `key` and prints one line per event on stdout:
+//! `leaseholder-candidate <url> <key> <ttl-ms> [write-delay-ms]` campaigns
+//! for `key` on NATS (`nats://…`) or PostgreSQL (`postgres://…`) and prints
+//! one line per event on stdout:
 //!
 //! - `READY` once the bucket is set up and the campaign starts;
 //! - `START <token>` when its work starts, `STOP <token>` when the work
@@ -20,7 +21,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use leaseholder::{Backend, Leader, State};
+use leaseholder::{Backend, Leader, PostgresBackend, State};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -35,18 +36,21 @@ fn say(line: &str) {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(url), Some(key), Some(ttl)) = (args.next(), args.next(), args.next()) else {
-        anyhow::bail!("usage: leaseholder-candidate <nats-url> <key> <ttl-ms> [write-delay-ms]");
+        anyhow::bail!(
+            "usage: leaseholder-candidate <nats-or-postgres-url> <key> <ttl-ms> [write-delay-ms]"
+        );
     };
     let ttl = Duration::from_millis(ttl.parse()?);
     let write_delay = Duration::from_millis(match args.next() {
         Some(ms) => ms.parse()?,
         None => 0,
     });
-    let client = async_nats::connect(&url).await?;
-    let leader = Leader::builder(key)
-        .backend(Backend::nats(client, "leases"))
-        .ttl(ttl)
-        .build()?;
+    let backend = if url.starts_with("postgres") {
+        Backend::postgres(PostgresBackend::builder().url(url).build()?)
+    } else {
+        Backend::nats(async_nats::connect(&url).await?, "leases")
+    };
+    let leader = Leader::builder(key).backend(backend).ttl(ttl).build()?;
     leader.setup().await?;
 
     let mut term_signal = signal(SignalKind::terminate())?;

@@ -1,5 +1,6 @@
-//! Candidates as separate OS processes on a real nats-server: graceful
-//! handoff (SIGTERM) and crash failover (SIGKILL) measured at ttl 10 s, and
+//! Candidates as separate OS processes on a real nats-server and a real
+//! PostgreSQL: graceful handoff (SIGTERM) and crash failover (SIGKILL)
+//! measured at ttl 10 s, and
 //! a leader process paused (SIGSTOP) past its ttl whose stale writes a
 //! fenced sink refuses.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -8,7 +9,7 @@ use std::collections::VecDeque;
 use std::process::Stdio;
 use std::time::Duration;
 
-use leaseholder_testkit::{ChildGuard, NatsServer};
+use leaseholder_testkit::{ChildGuard, NatsServer, PostgresServer};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
@@ -145,12 +146,27 @@ fn median_max(mut v: Vec<Duration>) -> (Duration, Duration) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handoff_and_crash_failover_between_processes_at_ttl_10s() {
+async fn handoff_and_crash_failover_between_processes_at_ttl_10s_on_nats() {
     let server = NatsServer::start()
         .await
         .expect("nats-server 2.11+: run scripts/setup");
+    handoff_and_crash_failover("NATS", server.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_and_crash_failover_between_processes_at_ttl_10s_on_postgres() {
+    let server = PostgresServer::start()
+        .await
+        .expect("PostgreSQL 15+: run scripts/setup");
+    handoff_and_crash_failover("PostgreSQL", server.url()).await;
+}
+
+/// Three candidate processes on `url`; five rounds of: SIGTERM the leader
+/// (graceful handoff), start a replacement, SIGKILL the new leader (crash
+/// failover), start a replacement. Prints median and max of each.
+async fn handoff_and_crash_failover(store: &str, url: String) {
     let ttl = Duration::from_secs(10);
-    let mut fleet = Fleet::new(server.url(), "jobs", ttl, Duration::ZERO);
+    let mut fleet = Fleet::new(url, "jobs", ttl, Duration::ZERO);
     for _ in 0..3 {
         fleet.spawn().await;
     }
@@ -191,10 +207,10 @@ async fn handoff_and_crash_failover_between_processes_at_ttl_10s() {
     let (hm, hx) = median_max(handoffs.clone());
     let (fm, fx) = median_max(failovers.clone());
     println!(
-        "graceful handoff (SIGTERM -> successor's work starts), ttl 10 s, 5 runs: median {hm:?}, max {hx:?}; all {handoffs:?}"
+        "{store}: graceful handoff (SIGTERM -> successor's work starts), ttl 10 s, 5 runs: median {hm:?}, max {hx:?}; all {handoffs:?}"
     );
     println!(
-        "crash failover (SIGKILL -> successor's work starts), ttl 10 s, 5 runs: median {fm:?}, max {fx:?}; all {failovers:?}"
+        "{store}: crash failover (SIGKILL -> successor's work starts), ttl 10 s, 5 runs: median {fm:?}, max {fx:?}; all {failovers:?}"
     );
     // A handoff is driven by the watch, not by the retry timer (2 s).
     assert!(hx < ttl / 5, "{handoffs:?}");

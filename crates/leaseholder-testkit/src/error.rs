@@ -59,6 +59,16 @@ pub enum Error {
         /// Why the last probe failed.
         last_error: String,
     },
+
+    /// A PostgreSQL client operation (connecting, a query) failed.
+    #[error("{context}: {source}")]
+    Postgres {
+        /// What was being done, e.g. `connecting to postgres://...`.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
 }
 
 impl Error {

@@ -13,7 +13,10 @@
 //! - [`TcpProxy`]: a TCP proxy placed between a client and a server to inject
 //!   faults (cut the link, blackhole it, add latency) and heal it again;
 //! - [`WorkLog`]: when each candidate's work ran, checked against the safety
-//!   property (no overlap, tokens strictly increasing).
+//!   property (no overlap, tokens strictly increasing);
+//! - [`NatsServer`] and [`NatsCluster`]: real `nats-server`s with JetStream;
+//! - [`PostgresServer`]: a real PostgreSQL server with a fresh cluster
+//!   (run as the `postgres` user when the tests run as root).
 //!
 //! Wrappers that start real servers (NATS, Postgres, Redis, etcd) build on
 //! these pieces, one module per server.
@@ -24,6 +27,7 @@ mod binary;
 mod error;
 mod nats;
 mod port;
+mod postgres;
 mod process;
 mod proxy;
 mod worklog;
@@ -32,6 +36,10 @@ pub use binary::{binary_version, find_binary, find_binary_candidates, find_binar
 pub use error::Error;
 pub use nats::{DEBIAN_NATS_SERVER, MIN_NATS_VERSION, NatsCluster, NatsServer, find_nats_server};
 pub use port::free_port;
+pub use postgres::{
+    DEBIAN_POSTGRES_LIB, MIN_POSTGRES_VERSION, POSTGRES_MAX_CONNECTIONS, PostgresServer,
+    find_postgres,
+};
 pub use process::{ChildGuard, TempDir};
 pub use proxy::{LinkState, TcpProxy};
 pub use worklog::{Interval, Violation, WorkGuard, WorkLog};

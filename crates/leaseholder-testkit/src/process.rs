@@ -138,7 +138,7 @@ impl ChildGuard {
 
     /// Sends signal `name` (without the `SIG` prefix) with the `kill`
     /// command, which avoids both unsafe code and a `libc` dependency.
-    fn signal(&self, name: &str) -> Result<(), Error> {
+    pub(crate) fn signal(&self, name: &str) -> Result<(), Error> {
         // Once Tokio has reaped the child its PID may be reused, so refuse
         // to signal it.
         if self.child.id().is_none() {

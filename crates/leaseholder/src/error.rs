@@ -246,6 +246,16 @@ pub enum ConfigError {
         rule: &'static str,
     },
 
+    /// A backend's own settings are invalid (a table name, a connection
+    /// string, a pool size).
+    #[error("{backend} backend: {problem}")]
+    Backend {
+        /// The backend's name.
+        backend: &'static str,
+        /// What is wrong, and what to change.
+        problem: String,
+    },
+
     /// The ttl is shorter than the backend can express.
     #[error("ttl {ttl:?} is below {min:?}, the shortest the {backend} backend supports")]
     TtlTooShort {

@@ -24,6 +24,9 @@ pub use backend::memory::{Fault, Faults, MemoryBackend, MemoryStore};
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use backend::nats::NatsBackend;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use backend::postgres::{PostgresBackend, PostgresBuilder};
 pub use backend::{
     Acquired, Backend, BackendEdge, Claim, FencingToken, Holder, Key, LeaderId, Lease, LeaseValue,
     Nonce, Renewed, WatchEvent, WatchStream,

@@ -93,8 +93,9 @@ impl BackendEdge for Strict {
         key: &Key,
         lease: &Lease,
         ttl: Duration,
+        budget: Duration,
     ) -> Result<Renewed, BackendError> {
-        self.inner.renew(key, lease, ttl).await
+        self.inner.renew(key, lease, ttl, budget).await
     }
 
     async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {

@@ -98,13 +98,14 @@ impl BackendEdge for Broken {
         key: &Key,
         lease: &Lease,
         ttl: Duration,
+        budget: Duration,
     ) -> Result<Renewed, BackendError> {
         let ttl = match self.flaw {
             Flaw::NeverExpires => ttl * 1000,
             Flaw::ExpiresEarly => ttl / 2,
             _ => ttl,
         };
-        let renewed = self.inner.renew(key, lease, ttl).await?;
+        let renewed = self.inner.renew(key, lease, ttl, budget).await?;
         match (self.flaw, renewed) {
             (Flaw::RenewResurrects, Renewed::Lost) if self.inner.holder(key).await?.is_none() => {
                 let claim = Claim {

@@ -342,7 +342,13 @@ impl BackendEdge for AlwaysDown {
     async fn acquire(&self, _: &Key, _: &Claim, _: Duration) -> Result<Acquired, BackendError> {
         Err(self.fail())
     }
-    async fn renew(&self, _: &Key, _: &Lease, _: Duration) -> Result<Renewed, BackendError> {
+    async fn renew(
+        &self,
+        _: &Key,
+        _: &Lease,
+        _: Duration,
+        _: Duration,
+    ) -> Result<Renewed, BackendError> {
         Err(self.fail())
     }
     async fn release(&self, _: &Key, _: &Lease) -> Result<(), BackendError> {
@@ -414,7 +420,13 @@ impl BackendEdge for Unsupported {
     async fn acquire(&self, _: &Key, _: &Claim, _: Duration) -> Result<Acquired, BackendError> {
         unreachable!("no acquire after a failed setup")
     }
-    async fn renew(&self, _: &Key, _: &Lease, _: Duration) -> Result<Renewed, BackendError> {
+    async fn renew(
+        &self,
+        _: &Key,
+        _: &Lease,
+        _: Duration,
+        _: Duration,
+    ) -> Result<Renewed, BackendError> {
         unreachable!()
     }
     async fn release(&self, _: &Key, _: &Lease) -> Result<(), BackendError> {

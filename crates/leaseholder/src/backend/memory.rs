@@ -510,6 +510,7 @@ impl BackendEdge for MemoryBackend {
         key: &Key,
         lease: &Lease,
         ttl: Duration,
+        _budget: Duration,
     ) -> Result<Renewed, BackendError> {
         match self
             .call(Call::Renew(key.clone(), lease.clone(), ttl))

@@ -41,6 +41,9 @@ pub mod memory;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres;
 mod value;
 
 use std::fmt;
@@ -536,7 +539,7 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = WatchEvent> + Send + 'static>>;
 ///     async fn acquire(&self, key: &Key, claim: &Claim, ttl: Duration) -> Result<Acquired, BackendError> {
 ///         todo!("atomically create the lease if the key is free")
 ///     }
-///     async fn renew(&self, key: &Key, lease: &Lease, ttl: Duration) -> Result<Renewed, BackendError> {
+///     async fn renew(&self, key: &Key, lease: &Lease, ttl: Duration, budget: Duration) -> Result<Renewed, BackendError> {
 ///         todo!("extend the lease if its nonce still matches")
 ///     }
 ///     async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
@@ -587,11 +590,20 @@ pub trait BackendEdge: Send + Sync + 'static {
     /// an expired lease. If the lease is still ours under a newer revision
     /// (an earlier renewal whose reply was lost), renew that one rather than
     /// reporting `Lost`.
+    ///
+    /// `budget` is the time left before the leader's deadline: by then the
+    /// campaign drops the call and gives the term up, so a renewal that
+    /// takes effect later is of no use. A store that can bound how long the
+    /// server works on a request (a statement or lock timeout) should bound
+    /// it by `budget`, so that a renewal never takes effect after its
+    /// leader gave up. Stores that cannot may ignore it: safety does not
+    /// depend on it, only how soon an abandoned lease frees up.
     fn renew(
         &self,
         key: &Key,
         lease: &Lease,
         ttl: Duration,
+        budget: Duration,
     ) -> impl Future<Output = Result<Renewed, BackendError>> + Send;
 
     /// Ends the lease only if it still has `lease`'s nonce. Idempotent.
@@ -642,6 +654,7 @@ trait DynEdge: Send + Sync + 'static {
         key: &'a Key,
         lease: &'a Lease,
         ttl: Duration,
+        budget: Duration,
     ) -> BoxFuture<'a, Result<Renewed, BackendError>>;
     fn release<'a>(
         &'a self,
@@ -679,8 +692,9 @@ impl<T: BackendEdge> DynEdge for T {
         key: &'a Key,
         lease: &'a Lease,
         ttl: Duration,
+        budget: Duration,
     ) -> BoxFuture<'a, Result<Renewed, BackendError>> {
-        Box::pin(BackendEdge::renew(self, key, lease, ttl))
+        Box::pin(BackendEdge::renew(self, key, lease, ttl, budget))
     }
     fn release<'a>(
         &'a self,
@@ -743,6 +757,14 @@ impl Backend {
         Backend::new(nats::NatsBackend::new(client, bucket))
     }
 
+    /// A backend on a PostgreSQL table (feature `postgres`); see
+    /// [`PostgresBackend`](postgres::PostgresBackend).
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn postgres(backend: postgres::PostgresBackend) -> Backend {
+        Backend::new(backend)
+    }
+
     /// A backend on an in-process [`MemoryStore`](memory::MemoryStore).
     pub fn memory(store: &memory::MemoryStore) -> Backend {
         Backend::new(store.backend())
@@ -784,14 +806,25 @@ impl Backend {
         self.inner.edge.acquire(key, claim, ttl).await
     }
 
-    /// See [`BackendEdge::renew`].
+    /// See [`BackendEdge::renew`]; the budget is `ttl`.
     pub async fn renew(
         &self,
         key: &Key,
         lease: &Lease,
         ttl: Duration,
     ) -> Result<Renewed, BackendError> {
-        self.inner.edge.renew(key, lease, ttl).await
+        self.inner.edge.renew(key, lease, ttl, ttl).await
+    }
+
+    /// See [`BackendEdge::renew`].
+    pub async fn renew_within(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        self.inner.edge.renew(key, lease, ttl, budget).await
     }
 
     /// See [`BackendEdge::release`].

@@ -438,6 +438,7 @@ impl BackendEdge for NatsBackend {
         key: &Key,
         lease: &Lease,
         ttl: Duration,
+        _budget: Duration,
     ) -> Result<Renewed, BackendError> {
         // The revision alone does not prove ownership: read the key and
         // renew only the message with our nonce, on its revision (a newer

@@ -179,7 +179,10 @@ async fn run(
                     let key = shared.key.clone();
                     let ttl = timing.ttl;
                     op = Some(Box::pin(async move {
-                        Input::Renew(bounded(timeout, backend.renew(&key, &lease, ttl)).await)
+                        Input::Renew(
+                            bounded(timeout, backend.renew_within(&key, &lease, ttl, timeout))
+                                .await,
+                        )
                     }));
                 }
                 Output::Release { lease, timeout } => {

@@ -1,0 +1,856 @@
+//! PostgreSQL (feature `postgres`), on tokio-postgres.
+//!
+//! One table holds the leases of any number of keys, one row per key,
+//! forever (a released lease keeps its row, so the next term's token is
+//! still larger):
+//!
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS "public"."leaseholder_leases" (
+//!     key        text PRIMARY KEY,
+//!     term       bigint NOT NULL,     -- the fencing token
+//!     nonce      bytea,               -- NULL when free
+//!     value      bytea,               -- holder id and metadata
+//!     expires_at timestamptz,         -- NULL when free
+//!     revision   bigint NOT NULL
+//! );
+//! ```
+//!
+//! [`PostgresBackend::ddl`] gives the statements for a configured schema and
+//! table, for a role that may not create tables at run time.
+//!
+//! How the lease contract maps onto it, each operation one statement with
+//! every value a bound parameter, and every expiry judged by the server's
+//! `clock_timestamp()` (not `now()`, which is the start of the transaction):
+//!
+//! | op | statement |
+//! |---|---|
+//! | setup | under a transaction-scoped advisory lock (so that candidates starting together do not race on DDL): `CREATE SCHEMA/TABLE IF NOT EXISTS`, unless auto-creation is off; then check the table's columns |
+//! | acquire | `INSERT … ON CONFLICT (key) DO UPDATE … WHERE` the row is free or expired, setting `term = greatest(term + 1, <server clock in µs>)`; returns the new lease, or the holder when nothing was written; notifies `a<key>` |
+//! | renew | `UPDATE … WHERE key, nonce and term match AND expires_at > clock_timestamp()`, in a transaction whose `statement_timeout` and `lock_timeout` are the time left before the leader's deadline: it cannot take effect after the leader gave up |
+//! | release | `UPDATE` the row to free (nonce, value and expiry cleared, term kept) if nonce and term match; notifies `r<key>` |
+//! | holder | the row if `expires_at > clock_timestamp()`, with the exact time left by the server's clock |
+//! | watch | `LISTEN` on one dedicated connection per backend; followers also wake at the current lease's expiry, since nothing notifies an expiry |
+//!
+//! The token is the server's clock in microseconds when the term began (or
+//! the previous term + 1, if larger), so even a dropped and re-created table
+//! issues larger tokens, as long as the server's clock has not gone back.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::StreamExt;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+use super::{
+    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Renewed,
+    WatchEvent, WatchStream,
+};
+use crate::error::{BackendError, ConfigError};
+
+const DEFAULT_SCHEMA: &str = "public";
+const DEFAULT_TABLE: &str = "leaseholder_leases";
+const DEFAULT_POOL_SIZE: usize = 4;
+
+/// A PostgreSQL table as a lease store. Build one with
+/// [`PostgresBackend::builder`], then wrap it with
+/// [`Backend::postgres`](crate::Backend::postgres).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use leaseholder::{Backend, Leader, PostgresBackend};
+///
+/// let pg = PostgresBackend::builder()
+///     .url("postgres://app@db.internal/app")
+///     .table("leases")
+///     .build()?;
+/// let leader = Leader::builder("nightly-report")
+///     .backend(Backend::postgres(pg))
+///     .build()?;
+/// leader.setup().await?; // creates the table if it is missing
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    /// Where the `LISTEN` connection goes; `None`: no watch.
+    listen: Option<tokio_postgres::Config>,
+    schema: String,
+    table: String,
+    create_table: bool,
+    channel: String,
+    sql: Sql,
+}
+
+impl fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresBackend")
+            .field("schema", &self.inner.schema)
+            .field("table", &self.inner.table)
+            .field("channel", &self.inner.channel)
+            .field("create_table", &self.inner.create_table)
+            .field("listens", &self.inner.listen.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`PostgresBackend`]; every setting is checked by
+/// [`build`](Self::build).
+#[derive(Default)]
+#[must_use]
+pub struct PostgresBuilder {
+    url: Option<String>,
+    config: Option<tokio_postgres::Config>,
+    pool: Option<Pool>,
+    listen: Option<tokio_postgres::Config>,
+    schema: Option<String>,
+    table: Option<String>,
+    create_table: Option<bool>,
+    pool_size: Option<usize>,
+}
+
+impl fmt::Debug for PostgresBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresBuilder")
+            .field("schema", &self.schema)
+            .field("table", &self.table)
+            .field("pool", &self.pool.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresBuilder {
+    /// Connect with a connection string (`postgres://user@host:port/db` or
+    /// `host=… user=…`). The backend owns a small pool of connections (see
+    /// [`pool_size`](Self::pool_size)) and reconnects them, and listens on
+    /// one more. TLS is not supported this way: pass a [`pool`](Self::pool)
+    /// built with your TLS connector.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Connect with a parsed [`tokio_postgres::Config`], as with
+    /// [`url`](Self::url).
+    pub fn config(mut self, config: tokio_postgres::Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// Use your own deadpool-postgres pool for lease operations. A pool's
+    /// connections cannot receive notifications, so to let followers hear
+    /// releases at once, also give a [`listen`](Self::listen) config;
+    /// without one, followers fall back to the lease's expiry and the retry
+    /// interval.
+    pub fn pool(mut self, pool: Pool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Where the `LISTEN` connection goes (with a [`pool`](Self::pool);
+    /// with a URL or config, that is used). Without TLS.
+    pub fn listen(mut self, config: tokio_postgres::Config) -> Self {
+        self.listen = Some(config);
+        self
+    }
+
+    /// The table's schema; default `public`.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+
+    /// The table's name; default `leaseholder_leases`.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = Some(table.into());
+        self
+    }
+
+    /// Whether `setup` creates the schema and table when they are missing
+    /// (default `true`). With `false`, a missing table is a
+    /// [`BackendError::Misconfigured`] that points at
+    /// [`PostgresBackend::ddl`].
+    pub fn create_table(mut self, create: bool) -> Self {
+        self.create_table = Some(create);
+        self
+    }
+
+    /// How many connections the backend's own pool keeps (with a URL or
+    /// config; default 4). The `LISTEN` connection is one more.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = Some(size);
+        self
+    }
+
+    /// Checks the settings and builds the backend. Connects to nothing yet.
+    pub fn build(self) -> Result<PostgresBackend, ConfigError> {
+        let schema = self.schema.unwrap_or_else(|| DEFAULT_SCHEMA.into());
+        let table = self.table.unwrap_or_else(|| DEFAULT_TABLE.into());
+        check_identifier("schema", &schema)?;
+        check_identifier("table", &table)?;
+        let pool_size = self.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+        if pool_size == 0 {
+            return Err(ConfigError::Backend {
+                backend: "postgres",
+                problem: "pool_size is 0".into(),
+            });
+        }
+        let config =
+            match (self.url, self.config) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::Backend {
+                        backend: "postgres",
+                        problem: "both url and config are set: give one".into(),
+                    });
+                }
+                (Some(url), None) => Some(url.parse::<tokio_postgres::Config>().map_err(|e| {
+                    ConfigError::Backend {
+                        backend: "postgres",
+                        problem: format!("the connection string does not parse: {e}"),
+                    }
+                })?),
+                (None, config) => config,
+            };
+        let (pool, listen) = match (self.pool, config) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Backend {
+                    backend: "postgres",
+                    problem:
+                        "both a pool and a url/config are set: give one (and `listen` for the pool)"
+                            .into(),
+                });
+            }
+            (Some(pool), None) => (pool, self.listen),
+            (None, Some(config)) => {
+                let manager = Manager::from_config(
+                    config.clone(),
+                    NoTls,
+                    ManagerConfig {
+                        // Verified: a connection that died (server restart)
+                        // is replaced before it is handed out.
+                        recycling_method: RecyclingMethod::Verified,
+                    },
+                );
+                let pool = Pool::builder(manager)
+                    .max_size(pool_size)
+                    .build()
+                    .map_err(|e| ConfigError::Backend {
+                        backend: "postgres",
+                        problem: format!("building the connection pool: {e}"),
+                    })?;
+                (pool, Some(self.listen.unwrap_or(config)))
+            }
+            (None, None) => {
+                return Err(ConfigError::Backend {
+                    backend: "postgres",
+                    problem: "no connection: call .url(..), .config(..) or .pool(..)".into(),
+                });
+            }
+        };
+        let channel = channel_name(&schema, &table);
+        let sql = Sql::new(&quoted(&schema, &table));
+        Ok(PostgresBackend {
+            inner: Arc::new(Inner {
+                pool,
+                listen,
+                create_table: self.create_table.unwrap_or(true),
+                channel,
+                sql,
+                schema,
+                table,
+            }),
+        })
+    }
+}
+
+/// Identifiers are checked, not just quoted: letters, digits and `_`,
+/// starting with a letter or `_`, at most 63 bytes (PostgreSQL's limit).
+fn check_identifier(what: &'static str, name: &str) -> Result<(), ConfigError> {
+    let bad = |rule: &str| ConfigError::Backend {
+        backend: "postgres",
+        problem: format!("{what} name {name:?} is not allowed: {rule}"),
+    };
+    if name.is_empty() || name.len() > 63 {
+        return Err(bad("it must be 1 to 63 bytes long"));
+    }
+    let mut chars = name.chars();
+    if !chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    {
+        return Err(bad("it must start with a letter or '_'"));
+    }
+    if !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(bad("use only ASCII letters, digits and '_'"));
+    }
+    Ok(())
+}
+
+/// `"schema"."table"`; both were checked by [`check_identifier`], and
+/// quoting keeps their case.
+fn quoted(schema: &str, table: &str) -> String {
+    format!("\"{schema}\".\"{table}\"")
+}
+
+/// A channel name under PostgreSQL's 63-byte limit, the same for every
+/// backend on one table: `leaseholder_` and a 64-bit FNV-1a hash of the
+/// qualified table name.
+fn channel_name(schema: &str, table: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in schema.bytes().chain([b'.']).chain(table.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("leaseholder_{hash:016x}")
+}
+
+/// The statements, with the table name filled in once.
+struct Sql {
+    create: String,
+    columns: String,
+    acquire: String,
+    renew: String,
+    release: String,
+    holder: String,
+}
+
+/// The server's clock in microseconds since the epoch.
+const NOW_MICROS: &str = "(extract(epoch from clock_timestamp()) * 1000000)::bigint";
+
+impl Sql {
+    fn new(table: &str) -> Sql {
+        Sql {
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {table} (\n\
+                 \x20   key        text PRIMARY KEY,\n\
+                 \x20   term       bigint NOT NULL,\n\
+                 \x20   nonce      bytea,\n\
+                 \x20   value      bytea,\n\
+                 \x20   expires_at timestamptz,\n\
+                 \x20   revision   bigint NOT NULL\n\
+                 )"
+            ),
+            columns: "SELECT column_name::text, data_type::text FROM information_schema.columns \
+                 WHERE table_schema = $1 AND table_name = $2"
+                .into(),
+            // $1 key, $2 nonce, $3 value, $4 ttl in seconds, $5 channel.
+            // Either the insert/take-over wrote a row (won), or the outer
+            // select returns the row that stopped it (held).
+            acquire: format!(
+                "WITH won AS (\
+                   INSERT INTO {table} AS l (key, term, nonce, value, expires_at, revision) \
+                   VALUES ($1, greatest(1, {NOW_MICROS}), $2, $3, \
+                           clock_timestamp() + make_interval(secs => $4), 1) \
+                   ON CONFLICT (key) DO UPDATE SET \
+                     term = greatest(l.term + 1, {NOW_MICROS}), \
+                     nonce = excluded.nonce, value = excluded.value, \
+                     expires_at = excluded.expires_at, revision = l.revision + 1 \
+                   WHERE l.expires_at IS NULL OR l.expires_at <= clock_timestamp() \
+                   RETURNING term, revision) \
+                 SELECT true AS won, w.term, w.revision, NULL::bytea AS value, \
+                        NULL::float8 AS left_s, pg_notify($5, 'a' || $1) IS NULL AS notified \
+                   FROM won w \
+                 UNION ALL \
+                 SELECT false, h.term, h.revision, h.value, \
+                        extract(epoch from h.expires_at - clock_timestamp())::float8, false \
+                   FROM {table} h \
+                  WHERE h.key = $1 AND h.expires_at > clock_timestamp() \
+                    AND NOT EXISTS (SELECT 1 FROM won)"
+            ),
+            // $1 key, $2 nonce, $3 term, $4 ttl in seconds.
+            renew: format!(
+                "UPDATE {table} SET \
+                   expires_at = clock_timestamp() + make_interval(secs => $4), \
+                   revision = revision + 1 \
+                 WHERE key = $1 AND nonce = $2 AND term = $3 \
+                   AND expires_at > clock_timestamp() \
+                 RETURNING revision"
+            ),
+            // $1 key, $2 nonce, $3 term, $4 channel.
+            release: format!(
+                "WITH freed AS (\
+                   UPDATE {table} SET nonce = NULL, value = NULL, expires_at = NULL, \
+                     revision = revision + 1 \
+                   WHERE key = $1 AND nonce = $2 AND term = $3 \
+                   RETURNING key) \
+                 SELECT pg_notify($4, 'r' || key) IS NULL FROM freed"
+            ),
+            // $1 key.
+            holder: format!(
+                "SELECT term, revision, value, \
+                        extract(epoch from expires_at - clock_timestamp())::float8 \
+                   FROM {table} WHERE key = $1 AND expires_at > clock_timestamp()"
+            ),
+        }
+    }
+}
+
+impl PostgresBackend {
+    /// Starts building a backend.
+    pub fn builder() -> PostgresBuilder {
+        PostgresBuilder::default()
+    }
+
+    /// The statements that create the schema and table, for a DBA to run
+    /// when the application's role may not create tables (then build with
+    /// [`create_table(false)`](PostgresBuilder::create_table)). The role
+    /// needs `SELECT, INSERT, UPDATE` on the table.
+    ///
+    /// ```
+    /// let pg = leaseholder::PostgresBackend::builder()
+    ///     .url("postgres://localhost/app")
+    ///     .schema("ops")
+    ///     .build()?;
+    /// assert!(pg.ddl().contains(r#"CREATE TABLE IF NOT EXISTS "ops"."leaseholder_leases""#));
+    /// # Ok::<(), leaseholder::ConfigError>(())
+    /// ```
+    pub fn ddl(&self) -> String {
+        format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{}\";\n{};\n",
+            self.inner.schema, self.inner.sql.create
+        )
+    }
+
+    /// The schema and table.
+    pub fn table(&self) -> (&str, &str) {
+        (&self.inner.schema, &self.inner.table)
+    }
+
+    /// The `LISTEN`/`NOTIFY` channel of this table.
+    pub fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, BackendError> {
+        self.inner.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => classify(e),
+            other => BackendError::unavailable(other),
+        })
+    }
+
+    fn missing_table(&self) -> BackendError {
+        BackendError::Misconfigured {
+            problem: format!(
+                "table \"{}\".\"{}\" does not exist",
+                self.inner.schema, self.inner.table
+            ),
+            fix: "run the statements from PostgresBackend::ddl() as a role that may create \
+                  tables, or build with create_table(true)"
+                .into(),
+        }
+    }
+
+    /// Maps an error from a lease statement; a missing table is named.
+    fn error(&self, e: tokio_postgres::Error) -> BackendError {
+        if e.code() == Some(&SqlState::UNDEFINED_TABLE) {
+            return self.missing_table();
+        }
+        classify(e)
+    }
+
+    async fn check_columns(&self, client: &tokio_postgres::Client) -> Result<(), BackendError> {
+        let rows = client
+            .query(
+                &self.inner.sql.columns,
+                &[&self.inner.schema, &self.inner.table],
+            )
+            .await
+            .map_err(classify)?;
+        if rows.is_empty() {
+            return Err(self.missing_table());
+        }
+        let want = [
+            ("key", "text"),
+            ("term", "bigint"),
+            ("nonce", "bytea"),
+            ("value", "bytea"),
+            ("expires_at", "timestamp with time zone"),
+            ("revision", "bigint"),
+        ];
+        for (name, ty) in want {
+            let found = rows.iter().find_map(|row| {
+                let column: String = row.try_get(0).ok()?;
+                (column == name).then(|| row.try_get::<_, String>(1).ok())?
+            });
+            if found.as_deref() != Some(ty) {
+                return Err(BackendError::Misconfigured {
+                    problem: format!(
+                        "table \"{}\".\"{}\" has no column {name} of type {ty} (found {})",
+                        self.inner.schema,
+                        self.inner.table,
+                        found.as_deref().unwrap_or("none")
+                    ),
+                    fix: "use a new table, or re-create this one from PostgresBackend::ddl()"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn holder_from(
+        term: i64,
+        revision: i64,
+        value: Option<Vec<u8>>,
+        left_s: Option<f64>,
+    ) -> Holder {
+        let expires_in = left_s
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok());
+        let token = u64::try_from(term).ok().map(FencingToken::new);
+        let revision = u64::try_from(revision).unwrap_or(0);
+        match value {
+            Some(value) => Holder::decode(&value, token, revision, expires_in),
+            None => Holder::foreign(revision, expires_in),
+        }
+    }
+}
+
+/// How long the server may work on a renewal: the budget, less a little
+/// for the reply to travel back, and never zero (zero disables the
+/// timeouts).
+fn server_budget(budget: Duration) -> u128 {
+    let margin = (budget / 10).min(Duration::from_millis(50));
+    (budget.saturating_sub(margin)).as_millis().max(1)
+}
+
+/// Sorts a tokio-postgres error into the campaign's kinds.
+fn classify(e: tokio_postgres::Error) -> BackendError {
+    let Some(code) = e.code() else {
+        // No SQLSTATE: the connection broke, or the reply did not parse.
+        return BackendError::unavailable(e);
+    };
+    let class = &code.code()[..2];
+    match code {
+        c if *c == SqlState::INSUFFICIENT_PRIVILEGE => BackendError::Denied(Box::new(e)),
+        c if *c == SqlState::QUERY_CANCELED || *c == SqlState::LOCK_NOT_AVAILABLE => {
+            BackendError::unavailable(e)
+        }
+        // Connection exceptions, transaction rollbacks (serialization,
+        // deadlock), insufficient resources, operator intervention
+        // (shutdown, restart), system errors: all worth retrying.
+        _ if matches!(class, "08" | "40" | "53" | "57" | "58") => BackendError::unavailable(e),
+        _ => BackendError::Fatal(Box::new(e)),
+    }
+}
+
+impl BackendEdge for PostgresBackend {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn setup(&self) -> Result<(), BackendError> {
+        let mut client = self.client().await?;
+        if self.inner.create_table {
+            let tx = client.transaction().await.map_err(classify)?;
+            // Serialize DDL among candidates starting at once: concurrent
+            // CREATE TABLE IF NOT EXISTS can fail on the catalog's unique
+            // index. The lock ends with the transaction.
+            tx.query(
+                "SELECT pg_advisory_xact_lock(hashtext($1))",
+                &[&format!("leaseholder:{}", self.inner.channel)],
+            )
+            .await
+            .map_err(classify)?;
+            tx.batch_execute(&self.ddl()).await.map_err(classify)?;
+            tx.commit().await.map_err(classify)?;
+        }
+        self.check_columns(&client).await
+    }
+
+    async fn acquire(
+        &self,
+        key: &Key,
+        claim: &Claim,
+        ttl: Duration,
+    ) -> Result<Acquired, BackendError> {
+        let client = self.client().await?;
+        let value = LeaseValue {
+            token: None,
+            ..claim.value(FencingToken::new(0))
+        }
+        .encode();
+        let nonce = claim.nonce.as_u128().to_be_bytes();
+        let stmt = client
+            .prepare_cached(&self.inner.sql.acquire)
+            .await
+            .map_err(|e| self.error(e))?;
+        let row = client
+            .query_opt(
+                &stmt,
+                &[
+                    &key.as_str(),
+                    &&nonce[..],
+                    &&value[..],
+                    &ttl.as_secs_f64(),
+                    &self.inner.channel,
+                ],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let Some(row) = row else {
+            // Nothing written, and nothing live visible to this statement's
+            // snapshot: a concurrent acquire committed after it began.
+            // Read again.
+            return match self.holder(key).await? {
+                Some(h) => Ok(Acquired::Held(h)),
+                None => Err(BackendError::unavailable(
+                    "the key changed during acquire; retry",
+                )),
+            };
+        };
+        let get = |row: &Row| -> Result<_, tokio_postgres::Error> {
+            Ok((
+                row.try_get::<_, bool>(0)?,
+                row.try_get::<_, i64>(1)?,
+                row.try_get::<_, i64>(2)?,
+                row.try_get::<_, Option<Vec<u8>>>(3)?,
+                row.try_get::<_, Option<f64>>(4)?,
+            ))
+        };
+        let (won, term, revision, value, left_s) = get(&row).map_err(BackendError::unavailable)?;
+        if won {
+            let token = u64::try_from(term)
+                .map_err(|_| BackendError::Fatal(format!("negative term {term}").into()))?;
+            let revision = u64::try_from(revision).unwrap_or(0);
+            Ok(Acquired::Won(Lease::new(
+                claim,
+                FencingToken::new(token),
+                revision,
+            )))
+        } else {
+            Ok(Acquired::Held(Self::holder_from(
+                term, revision, value, left_s,
+            )))
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        let mut client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&self.inner.sql.renew)
+            .await
+            .map_err(|e| self.error(e))?;
+        let nonce = lease.nonce().as_u128().to_be_bytes();
+        let term = i64::try_from(lease.token().get()).unwrap_or(i64::MAX);
+        let ms = server_budget(budget);
+        let tx = client.transaction().await.map_err(classify)?;
+        // Both timeouts end with the transaction, so the pooled connection
+        // is left as it was. SET takes no parameters; `ms` is a number.
+        let limits = format!("SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}");
+        let secs = ttl.as_secs_f64();
+        let key = key.as_str();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&key, &&nonce[..], &term, &secs];
+        // Sent back to back on the connection: one round trip.
+        let (set, row) = tokio::join!(tx.batch_execute(&limits), tx.query_opt(&stmt, &params));
+        set.map_err(classify)?;
+        let row = row.map_err(|e| self.error(e))?;
+        tx.commit().await.map_err(classify)?;
+        match row {
+            Some(row) => {
+                let revision: i64 = row.try_get(0).map_err(BackendError::unavailable)?;
+                Ok(Renewed::Renewed(
+                    lease.with_revision(u64::try_from(revision).unwrap_or(0)),
+                ))
+            }
+            None => Ok(Renewed::Lost),
+        }
+    }
+
+    async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&self.inner.sql.release)
+            .await
+            .map_err(|e| self.error(e))?;
+        let nonce = lease.nonce().as_u128().to_be_bytes();
+        let term = i64::try_from(lease.token().get()).unwrap_or(i64::MAX);
+        client
+            .query(
+                &stmt,
+                &[&key.as_str(), &&nonce[..], &term, &self.inner.channel],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&self.inner.sql.holder)
+            .await
+            .map_err(|e| self.error(e))?;
+        let row = client
+            .query_opt(&stmt, &[&key.as_str()])
+            .await
+            .map_err(|e| self.error(e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let get = |row: &Row| -> Result<_, tokio_postgres::Error> {
+            Ok((
+                row.try_get::<_, i64>(0)?,
+                row.try_get::<_, i64>(1)?,
+                row.try_get::<_, Option<Vec<u8>>>(2)?,
+                row.try_get::<_, Option<f64>>(3)?,
+            ))
+        };
+        let (term, revision, value, left_s) = get(&row).map_err(BackendError::unavailable)?;
+        Ok(Some(Self::holder_from(term, revision, value, left_s)))
+    }
+
+    async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {
+        let Some(config) = self.inner.listen.clone() else {
+            return Ok(None);
+        };
+        let (client, mut connection) = config.connect(NoTls).await.map_err(classify)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // The connection's messages: notifications are forwarded; the
+        // stream ends when the connection does.
+        let pump = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_owned()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "postgres LISTEN connection ended");
+                        break;
+                    }
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN \"{}\"", self.inner.channel))
+            .await
+            .map_err(classify)?;
+        // The stream owns the client (dropping it closes the connection)
+        // and ends when the pump does.
+        let events = futures_util::stream::unfold(
+            (rx, client, AbortOnDrop(pump)),
+            |(mut rx, client, pump)| async move {
+                loop {
+                    let payload = rx.recv().await?;
+                    if let Some(event) = event_from(&payload) {
+                        return Some((event, (rx, client, pump)));
+                    }
+                }
+            },
+        );
+        Ok(Some(Box::pin(events)))
+    }
+}
+
+/// Aborts a task when dropped (the LISTEN connection's pump, when nobody
+/// watches any more).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `a<key>`: acquired; `r<key>`: released. Anything else is ignored.
+fn event_from(payload: &str) -> Option<WatchEvent> {
+    let (kind, key) = payload.split_at_checked(1)?;
+    let key = Key::new(key).ok()?;
+    match kind {
+        "a" => Some(WatchEvent::Updated(key, None)),
+        "r" => Some(WatchEvent::Released(key)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::{PostgresBackend, channel_name, check_identifier, event_from, server_budget};
+    use crate::backend::WatchEvent;
+    use std::time::Duration;
+
+    #[test]
+    fn identifiers_are_checked_not_just_quoted() {
+        for good in ["leases", "_x", "Leases_2", &"a".repeat(63)] {
+            assert!(check_identifier("table", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "2x",
+            "a-b",
+            "le\"ases",
+            "x; DROP TABLE y",
+            "täble",
+            &"a".repeat(64),
+        ] {
+            assert!(check_identifier("table", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn channel_names_fit_and_differ_by_table() {
+        let a = channel_name("public", "leases");
+        assert_eq!(a, channel_name("public", "leases"));
+        assert_ne!(a, channel_name("public", "leases2"));
+        assert_ne!(a, channel_name("publi", "cleases"));
+        assert!(a.len() < 64);
+    }
+
+    #[test]
+    fn notifications_parse_and_junk_is_ignored() {
+        assert!(
+            matches!(event_from("rjobs"), Some(WatchEvent::Released(k)) if k.as_str() == "jobs")
+        );
+        assert!(
+            matches!(event_from("ajobs"), Some(WatchEvent::Updated(k, None)) if k.as_str() == "jobs")
+        );
+        assert!(event_from("").is_none());
+        assert!(event_from("x").is_none());
+        assert!(event_from("zjobs").is_none());
+    }
+
+    #[test]
+    fn the_server_gets_less_than_the_budget_but_never_zero() {
+        assert_eq!(server_budget(Duration::from_secs(3)), 2950);
+        assert_eq!(server_budget(Duration::from_millis(100)), 90);
+        assert_eq!(server_budget(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn bad_settings_fail_at_build_time() {
+        let err = |b: super::PostgresBuilder| b.build().unwrap_err().to_string();
+        assert!(err(PostgresBackend::builder()).contains("no connection"));
+        assert!(
+            err(PostgresBackend::builder()
+                .url("postgres://x/y")
+                .table("bad name"))
+            .contains("table name")
+        );
+        assert!(err(PostgresBackend::builder().url("postgres://x:notaport/y")).contains("parse"));
+        assert!(
+            err(PostgresBackend::builder()
+                .url("postgres://x/y")
+                .pool_size(0))
+            .contains("pool_size")
+        );
+    }
+}
