@@ -344,3 +344,96 @@ async fn noleaders_example_program_runs_on_nats_with_only_the_crate_path_changed
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.contains("Error"), "{stderr}");
 }
+
+/// Runs example `name` with `env` until it leads, then sends SIGINT (as
+/// Ctrl-C would) and checks it drains, releases and exits cleanly; then
+/// runs it against a port where nothing listens and checks for a clear
+/// error instead of a panic.
+async fn example_leads_and_stops_on_ctrl_c(name: &str, var: &str, url: String, nothing: String) {
+    let mut cmd = tokio::process::Command::new(example(name));
+    cmd.env(var, &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = ChildGuard::spawn(&mut cmd).unwrap();
+    let stdout = child.child_mut().stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    timeout_at(Instant::now() + WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.starts_with("leading with fencing token") {
+                return;
+            }
+        }
+        panic!("{name} exited before it led");
+    })
+    .await
+    .unwrap();
+    let pid = child.pid().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut rest = Vec::new();
+    while let Some(line) = timeout_at(Instant::now() + WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        rest.push(line);
+    }
+    let status = timeout_at(Instant::now() + WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}: {rest:?}");
+    assert!(rest.iter().any(|l| l == "leadership ended"), "{rest:?}");
+
+    let output = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(example(name))
+            .env(var, &nothing)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains(&nothing), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    println!("{name} with nothing listening: {}", stderr.trim());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_example_leads_stops_on_ctrl_c_and_explains_a_missing_server() {
+    let server = NatsServer::start()
+        .await
+        .expect("nats-server 2.11+: run scripts/setup");
+    let free = leaseholder_testkit::free_port().unwrap();
+    example_leads_and_stops_on_ctrl_c(
+        "nats",
+        "NATS_URL",
+        server.url(),
+        format!("nats://127.0.0.1:{free}"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_example_leads_stops_on_ctrl_c_and_explains_a_missing_server() {
+    let server = PostgresServer::start()
+        .await
+        .expect("PostgreSQL 15+: run scripts/setup");
+    let free = leaseholder_testkit::free_port().unwrap();
+    example_leads_and_stops_on_ctrl_c(
+        "postgres",
+        "DATABASE_URL",
+        server.url(),
+        format!("postgres://postgres@127.0.0.1:{free}/postgres"),
+    )
+    .await;
+}
