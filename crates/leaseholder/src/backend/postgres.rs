@@ -26,7 +26,7 @@
 //! |---|---|
 //! | setup | under a transaction-scoped advisory lock (so that candidates starting together do not race on DDL): `CREATE SCHEMA/TABLE IF NOT EXISTS`, unless auto-creation is off; then check the table's columns |
 //! | acquire | `INSERT … ON CONFLICT (key) DO UPDATE … WHERE` the row is free or expired, setting `term = greatest(term + 1, <server clock in µs>)`; returns the new lease, or the holder when nothing was written; notifies `a<key>` |
-//! | renew | `UPDATE … WHERE key, nonce and term match AND expires_at > clock_timestamp()`, in a transaction whose `statement_timeout` and `lock_timeout` are the time left before the leader's deadline: it cannot take effect after the leader gave up |
+//! | renew | `UPDATE … WHERE key, nonce and term match AND expires_at > clock_timestamp() AND` the server's clock is before the leader's deadline (mapped to the server's clock from earlier replies, early rather than late), sent with `BEGIN`, `statement_timeout`/`lock_timeout` = the time left, and `COMMIT` as one pipeline: a renewal that reaches the server after the leader gave up changes nothing |
 //! | release | `UPDATE` the row to free (nonce, value and expiry cleared, term kept) if nonce and term match; notifies `r<key>` |
 //! | holder | the row if `expires_at > clock_timestamp()`, with the exact time left by the server's clock |
 //! | watch | `LISTEN` on one dedicated connection per backend; followers also wake at the current lease's expiry, since nothing notifies an expiry |
@@ -38,6 +38,8 @@
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::StreamExt;
@@ -87,6 +89,51 @@ struct Inner {
     create_table: bool,
     channel: String,
     sql: Sql,
+    clock: ServerClock,
+}
+
+/// What we know of the server's clock: a lower bound on its offset from
+/// ours, from the last reply that carried the server's time.
+///
+/// A reply to a request sent at local time `s` and received at `r` that
+/// says the server's clock read `t` proves the server read its clock no
+/// later than `r`, so `offset >= t - r`. A leader's deadline `d` on our
+/// clock is then at least `d + (t - r)` on the server's: a renewal the
+/// server performs before that is performed before `d` (clocks running at
+/// the same rate, which the drift margin covers).
+#[derive(Default)]
+struct ServerClock {
+    /// `t - r` in µs, `r` measured from `base`.
+    offset_min_us: std::sync::Mutex<Option<i128>>,
+    base: std::sync::OnceLock<Instant>,
+}
+
+impl ServerClock {
+    fn local_us(&self, at: Instant) -> i128 {
+        let base = *self.base.get_or_init(Instant::now);
+        i128::try_from(at.saturating_duration_since(base).as_micros()).unwrap_or(i128::MAX)
+    }
+
+    /// Records that the server's clock read `server_us` at or before
+    /// `received`. The newest sample wins, so a server clock stepped back
+    /// is picked up at once.
+    fn sample(&self, server_us: i64, received: Instant) {
+        let offset = i128::from(server_us) - self.local_us(received);
+        *self
+            .offset_min_us
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(offset);
+    }
+
+    /// `deadline` on the server's clock, early rather than late; `None`
+    /// before the first sample.
+    fn server_deadline_us(&self, deadline: Instant) -> Option<i64> {
+        let offset = (*self
+            .offset_min_us
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))?;
+        i64::try_from(self.local_us(deadline) + offset).ok()
+    }
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -265,6 +312,7 @@ impl PostgresBuilder {
                 sql,
                 schema,
                 table,
+                clock: ServerClock::default(),
             }),
         })
     }
@@ -355,23 +403,32 @@ impl Sql {
                    WHERE l.expires_at IS NULL OR l.expires_at <= clock_timestamp() \
                    RETURNING term, revision) \
                  SELECT true AS won, w.term, w.revision, NULL::bytea AS value, \
-                        NULL::float8 AS left_s, pg_notify($5, 'a' || $1) IS NULL AS notified \
+                        NULL::float8 AS left_s, pg_notify($5, 'a' || $1) IS NULL AS notified, \
+                        {NOW_MICROS} AS server_us \
                    FROM won w \
                  UNION ALL \
                  SELECT false, h.term, h.revision, h.value, \
-                        extract(epoch from h.expires_at - clock_timestamp())::float8, false \
+                        extract(epoch from h.expires_at - clock_timestamp())::float8, false, \
+                        {NOW_MICROS} \
                    FROM {table} h \
                   WHERE h.key = $1 AND h.expires_at > clock_timestamp() \
                     AND NOT EXISTS (SELECT 1 FROM won)"
             ),
-            // $1 key, $2 nonce, $3 term, $4 ttl in seconds.
+            // $1 key, $2 nonce, $3 term, $4 ttl in seconds, $5 the leader's
+            // deadline on the server's clock in µs (NULL: not known yet).
+            // One row: the new revision (NULL if nothing was renewed), the
+            // server's clock, and whether the deadline had passed.
             renew: format!(
-                "UPDATE {table} SET \
-                   expires_at = clock_timestamp() + make_interval(secs => $4), \
-                   revision = revision + 1 \
-                 WHERE key = $1 AND nonce = $2 AND term = $3 \
-                   AND expires_at > clock_timestamp() \
-                 RETURNING revision"
+                "WITH renewed AS (\
+                   UPDATE {table} SET \
+                     expires_at = clock_timestamp() + make_interval(secs => $4), \
+                     revision = revision + 1 \
+                   WHERE key = $1 AND nonce = $2 AND term = $3 \
+                     AND expires_at > clock_timestamp() \
+                     AND ($5::bigint IS NULL OR {NOW_MICROS} < $5::bigint) \
+                   RETURNING revision) \
+                 SELECT (SELECT revision FROM renewed), {NOW_MICROS}, \
+                        coalesce({NOW_MICROS} >= $5::bigint, false)"
             ),
             // $1 key, $2 nonce, $3 term, $4 channel.
             release: format!(
@@ -606,6 +663,7 @@ impl BackendEdge for PostgresBackend {
                 )),
             };
         };
+        let received = Instant::now();
         let get = |row: &Row| -> Result<_, tokio_postgres::Error> {
             Ok((
                 row.try_get::<_, bool>(0)?,
@@ -613,9 +671,12 @@ impl BackendEdge for PostgresBackend {
                 row.try_get::<_, i64>(2)?,
                 row.try_get::<_, Option<Vec<u8>>>(3)?,
                 row.try_get::<_, Option<f64>>(4)?,
+                row.try_get::<_, i64>(6)?,
             ))
         };
-        let (won, term, revision, value, left_s) = get(&row).map_err(BackendError::unavailable)?;
+        let (won, term, revision, value, left_s, server_us) =
+            get(&row).map_err(BackendError::unavailable)?;
+        self.inner.clock.sample(server_us, received);
         if won {
             let token = u64::try_from(term)
                 .map_err(|_| BackendError::Fatal(format!("negative term {term}").into()))?;
@@ -639,34 +700,58 @@ impl BackendEdge for PostgresBackend {
         ttl: Duration,
         budget: Duration,
     ) -> Result<Renewed, BackendError> {
-        let mut client = self.client().await?;
+        // The leader gives the term up at `deadline`; after that, this
+        // renewal must not take effect.
+        let deadline = Instant::now() + budget;
+        let client = self.client().await?;
         let stmt = client
             .prepare_cached(&self.inner.sql.renew)
             .await
             .map_err(|e| self.error(e))?;
         let nonce = lease.nonce().as_u128().to_be_bytes();
         let term = i64::try_from(lease.token().get()).unwrap_or(i64::MAX);
-        let ms = server_budget(budget);
-        let tx = client.transaction().await.map_err(classify)?;
-        // Both timeouts end with the transaction, so the pooled connection
-        // is left as it was. SET takes no parameters; `ms` is a number.
-        let limits = format!("SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}");
         let secs = ttl.as_secs_f64();
         let key = key.as_str();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&key, &&nonce[..], &term, &secs];
-        // Sent back to back on the connection: one round trip.
-        let (set, row) = tokio::join!(tx.batch_execute(&limits), tx.query_opt(&stmt, &params));
-        set.map_err(classify)?;
+        // The UPDATE itself checks the deadline on the server's clock, so
+        // a renewal that reaches the server late (a slow link, a queue)
+        // changes nothing. The timeouts stop a renewal stuck behind a lock
+        // or a slow server from tying up the connection past the deadline.
+        let server_deadline = self.inner.clock.server_deadline_us(deadline);
+        let ms = server_budget(deadline.saturating_duration_since(Instant::now()));
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&key, &&nonce[..], &term, &secs, &server_deadline];
+        // One transaction, sent as one pipeline: BEGIN and the timeouts
+        // (SET LOCAL: they end with the transaction, so a pooled connection
+        // is left as it was; SET takes no parameters, `ms` is a number),
+        // the UPDATE, and COMMIT leave together on the first poll, so the
+        // server commits right after the UPDATE, with no round trip in
+        // between. If the UPDATE fails, the COMMIT rolls back. Dropped
+        // after the first poll, the whole transaction still runs; before
+        // it, nothing was sent.
+        let begin =
+            format!("BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}");
+        let (begun, row, committed) = tokio::join!(
+            client.batch_execute(&begin),
+            client.query_one(&stmt, &params),
+            client.batch_execute("COMMIT"),
+        );
+        let received = Instant::now();
+        begun.map_err(classify)?;
         let row = row.map_err(|e| self.error(e))?;
-        tx.commit().await.map_err(classify)?;
-        match row {
-            Some(row) => {
-                let revision: i64 = row.try_get(0).map_err(BackendError::unavailable)?;
-                Ok(Renewed::Renewed(
-                    lease.with_revision(u64::try_from(revision).unwrap_or(0)),
-                ))
-            }
+        committed.map_err(classify)?;
+        let (revision, server_us, late) =
+            (|| -> Result<(Option<i64>, i64, bool), tokio_postgres::Error> {
+                Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+            })()
+            .map_err(BackendError::unavailable)?;
+        self.inner.clock.sample(server_us, received);
+        match revision {
+            Some(revision) => Ok(Renewed::Renewed(
+                lease.with_revision(u64::try_from(revision).unwrap_or(0)),
+            )),
+            // Too late to count: not a loss the store decided, the same as
+            // no reply before the deadline.
+            None if late => Err(BackendError::Timeout(budget)),
             None => Ok(Renewed::Lost),
         }
     }

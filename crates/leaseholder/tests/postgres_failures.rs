@@ -1,0 +1,988 @@
+//! The PostgreSQL backend under failures, on a real server: the leader's
+//! link cut by a proxy, a server restart, a pool exhausted by the user's own
+//! queries, a renewal blocked on the lease row's lock or slowed by the
+//! network, a lost LISTEN connection, and a paused server.
+//!
+//! `a_renewal_slowed_by_the_network_cannot_extend_the_lease_after_the_deadline`
+//! fails on purpose: it shows a renewal committing after its leader gave up
+//! (see its doc comment). Safety is not at stake, only how soon an abandoned
+//! lease frees up.
+//!
+//! Every test checks safety (the work of two terms never overlaps and
+//! tokens strictly increase, as the work itself recorded it in a
+//! [`WorkLog`]) and liveness (a new leader within a bound). Where a test
+//! compares the leader's local times with the lease's expiry in the store,
+//! it reads `expires_at - clock_timestamp()` from the server and adds it to
+//! the local instant the query was sent: a lower bound of the expiry on the
+//! local clock (server and tests share the machine's clock).
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use leaseholder::{Backend, Error, Leader, PostgresBackend, State, Term};
+use leaseholder_testkit::{PostgresServer, TcpProxy, WorkLog};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+use tokio_postgres::{Client, NoTls};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The key every test campaigns for (each test has its own server).
+const KEY: &str = "scheduler";
+
+/// Pause between two reads of a server catalog or of the lease row.
+const POLL: Duration = Duration::from_millis(20);
+
+async fn server() -> PostgresServer {
+    PostgresServer::start()
+        .await
+        .expect("PostgreSQL 15+ is needed: run scripts/setup")
+}
+
+fn url_of(addr: SocketAddr) -> String {
+    format!("postgres://postgres@{addr}/postgres")
+}
+
+/// A backend with its own pool and LISTEN connection, both to `url`.
+fn backend(url: &str) -> Backend {
+    Backend::postgres(PostgresBackend::builder().url(url).build().unwrap())
+}
+
+fn leader_on(backend: Backend, ttl: Duration) -> Leader {
+    Leader::builder(KEY)
+        .backend(backend)
+        .ttl(ttl)
+        .build()
+        .unwrap()
+}
+
+/// Runs `acquire_and_run` on `l` with work that records its interval in
+/// `log` as `who`, reports each term, and waits for its token.
+fn run_reporting_terms(
+    l: &Leader,
+    who: &str,
+    log: &WorkLog,
+) -> (
+    JoinHandle<Result<(), Error>>,
+    tokio::sync::mpsc::UnboundedReceiver<Term>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (l, who, log) = (l.clone(), who.to_owned(), log.clone());
+    let task = tokio::spawn(async move {
+        l.acquire_and_run(move |term| {
+            let (tx, who, log) = (tx.clone(), who.clone(), log.clone());
+            async move {
+                let _working = log.begin(who, term.fencing_token().get());
+                // The test may not be listening.
+                let _ = tx.send(term.clone());
+                term.cancelled().await;
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+    });
+    (task, rx)
+}
+
+/// Asserts the safety property over `log` and prints the intervals.
+fn assert_safe(log: &WorkLog) {
+    match log.check() {
+        Ok(n) => println!("{n} work intervals, none overlapping, tokens increasing"),
+        Err(violation) => panic!("{violation}"),
+    }
+}
+
+/// Shuts `l` down and joins its `acquire_and_run` task.
+async fn stop(l: &Leader, task: JoinHandle<Result<(), Error>>) {
+    timeout(WAIT, l.shutdown())
+        .await
+        .expect("shutdown within 30 s")
+        .unwrap();
+    timeout(WAIT, task)
+        .await
+        .expect("the campaign ends after shutdown")
+        .unwrap()
+        .unwrap();
+}
+
+/// Waits until `l` leads with `token`, or follows a leader with `token`.
+async fn wait_sees(l: &Leader, token: u64) -> State {
+    let mut state = l.state();
+    timeout(
+        WAIT,
+        state.wait_for(|s| match s {
+            State::Leader { token: t, .. } => t.get() == token,
+            State::Follower {
+                leader: Some(holder),
+            } => holder.token().map(|t| t.get()) == Some(token),
+            _ => false,
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no sight of term {token} within 30 s: {:?}",
+            l.state().borrow()
+        )
+    })
+    .unwrap()
+    .clone()
+}
+
+/// Waits until some leader of `leaders` leads; its index.
+async fn wait_any_leader(leaders: &[&Leader]) -> usize {
+    let mut states: Vec<_> = leaders.iter().map(|l| l.state()).collect();
+    loop {
+        if let Some(i) = states.iter().position(|s| s.borrow().is_leader()) {
+            return i;
+        }
+        let changes = states.iter_mut().map(|s| Box::pin(s.changed()));
+        let _ = futures_util::future::select_all(changes).await;
+    }
+}
+
+async fn connect(s: &PostgresServer) -> Client {
+    timeout(WAIT, s.connect())
+        .await
+        .expect("connecting to postgres within 30 s")
+        .unwrap()
+}
+
+/// `t` moved by `secs` (which may be negative).
+fn shifted(t: Instant, secs: f64) -> Instant {
+    if secs >= 0.0 {
+        t + Duration::from_secs_f64(secs)
+    } else {
+        t.checked_sub(Duration::from_secs_f64(-secs)).unwrap_or(t)
+    }
+}
+
+/// The lease row as the server sees it.
+#[derive(Debug)]
+struct LeaseRow {
+    term: u64,
+    /// A nonce is set: the lease is held (perhaps expired).
+    held: bool,
+    revision: i64,
+    /// `expires_at` in seconds since the epoch.
+    expires_epoch: Option<f64>,
+    /// A lower bound of `expires_at` on the local clock.
+    expires: Option<Instant>,
+}
+
+/// The lease row's columns that [`lease_row_from`] reads.
+const ROW_COLUMNS: &str = "term, nonce IS NOT NULL, revision, \
+                           extract(epoch from expires_at)::float8, \
+                           extract(epoch from expires_at - clock_timestamp())::float8";
+
+/// Reads the lease row, and `extra` columns after [`ROW_COLUMNS`].
+fn row_query(extra: &str) -> String {
+    format!("SELECT {ROW_COLUMNS}{extra} FROM public.leaseholder_leases WHERE key = $1")
+}
+
+fn lease_row_from(row: &tokio_postgres::Row, sent: Instant) -> LeaseRow {
+    let left: Option<f64> = row.get(4);
+    LeaseRow {
+        term: u64::try_from(row.get::<_, i64>(0)).unwrap(),
+        held: row.get(1),
+        revision: row.get(2),
+        expires_epoch: row.get(3),
+        expires: left.map(|left| shifted(sent, left)),
+    }
+}
+
+async fn lease_row(c: &Client) -> LeaseRow {
+    let sent = Instant::now();
+    let row = c.query_one(&row_query(""), &[&KEY]).await.unwrap();
+    lease_row_from(&row, sent)
+}
+
+/// The pids of the sessions whose last statement was a `LISTEN`.
+async fn listen_pids(s: &PostgresServer) -> Vec<i32> {
+    let c = connect(s).await;
+    c.query(
+        "SELECT pid FROM pg_stat_activity \
+         WHERE query LIKE 'LISTEN %' AND pid <> pg_backend_pid() ORDER BY pid",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Polls `pg_stat_activity` until exactly `n` LISTEN sessions are open,
+/// none of them in `old`.
+async fn wait_listen_sessions(s: &PostgresServer, n: usize, old: &[i32]) -> Vec<i32> {
+    let mut last = Vec::new();
+    let found = timeout(WAIT, async {
+        loop {
+            last = listen_pids(s).await;
+            if last.len() == n && last.iter().all(|pid| !old.contains(pid)) {
+                return last.clone();
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| {
+        panic!("not {n} new LISTEN sessions within 30 s (old {old:?}, last seen {last:?})")
+    })
+}
+
+/// Lines of the server's log that report a statement cancelled by a
+/// timeout, with the statement that follows each.
+fn timeout_cancellations(s: &PostgresServer) -> Vec<String> {
+    let log = std::fs::read_to_string(s.dir().join("postgres.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| {
+            l.contains("canceling statement due to lock timeout")
+                || l.contains("canceling statement due to statement timeout")
+        })
+        .map(|(i, l)| {
+            // The server logs the context, then the statement.
+            let statement = lines
+                .iter()
+                .skip(i + 1)
+                .take(3)
+                .find_map(|l| l.split_once("STATEMENT:").map(|(_, s)| s.trim()))
+                .unwrap_or("?");
+            format!("{} | {statement}", l.trim())
+        })
+        .collect()
+}
+
+// ----- 1. the leader's link cut ------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_by_a_proxy_stops_before_its_lease_expires_and_is_replaced() {
+    let s = server().await;
+    let proxy = TcpProxy::start(s.addr()).await.unwrap();
+    let ttl = Duration::from_secs(2);
+    let log = WorkLog::new();
+    // A's pool and LISTEN connection go through the proxy; B's do not.
+    let a = leader_on(backend(&url_of(proxy.addr())), ttl);
+    let b = leader_on(backend(&s.url()), ttl);
+    let (ta, mut terms) = run_reporting_terms(&a, "a", &log);
+    let term = timeout(WAIT, terms.recv()).await.unwrap().unwrap();
+    let token = term.fencing_token().get();
+    let (tb, _) = run_reporting_terms(&b, "b", &log);
+    wait_sees(&b, token).await;
+
+    proxy.cut();
+    let cut = Instant::now();
+    timeout(WAIT, proxy.wait_connections(0))
+        .await
+        .expect("the proxy closes every connection");
+    // Every renewal A saw confirmed committed before its reply went
+    // through the proxy, so before now: the row holds A's final expiry
+    // (or a later one, if a renewal's reply was lost in the cut).
+    let c = connect(&s).await;
+    let row = lease_row(&c).await;
+    assert_eq!(row.term, token, "{row:?}");
+    assert!(row.held, "{row:?}");
+    let expires = row.expires.expect("A's lease has an expiry");
+
+    let next = timeout(WAIT, log.wait_for_start(2))
+        .await
+        .expect("B leads within 30 s of the cut");
+    assert_eq!(next.who, "b");
+    assert!(next.token > token);
+    assert!(term.is_cancelled());
+    let ended = log.intervals()[0].end.expect("A's work has ended");
+    println!(
+        "cut: A's work ended {:?} after the cut, its lease expired in the store {:?} after it \
+         (A stopped {:?} early), B began {:?} after the cut",
+        ended.saturating_duration_since(cut),
+        expires.saturating_duration_since(cut),
+        expires.saturating_duration_since(ended),
+        next.start.saturating_duration_since(cut),
+    );
+    // A's token fired before the store could let anyone in...
+    assert!(
+        ended < expires,
+        "A worked {:?} past its lease's expiry in the store",
+        ended - expires
+    );
+    // ...and B got in only once the store had expired A's lease.
+    assert!(
+        next.start > expires,
+        "B began {:?} before A's lease expired in the store",
+        expires - next.start
+    );
+
+    // The link heals: A campaigns again and follows B.
+    proxy.restore();
+    wait_sees(&a, next.token).await;
+    stop(&b, tb).await;
+    stop(&a, ta).await;
+    assert_safe(&log);
+}
+
+// ----- 2. the server restarted -------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_campaign_recovers_after_the_server_restarts_and_resign_still_uses_notify() {
+    let mut s = server().await;
+    let ttl = Duration::from_secs(10);
+    let log = WorkLog::new();
+    let mut fleet = Vec::new();
+    for who in ["c0", "c1", "c2"] {
+        let l = leader_on(backend(&s.url()), ttl);
+        let (task, _) = run_reporting_terms(&l, who, &log);
+        fleet.push((l, task));
+    }
+    let leaders: Vec<&Leader> = fleet.iter().map(|(l, _)| l).collect();
+    let first = timeout(WAIT, wait_any_leader(&leaders)).await.unwrap();
+    let before = leaders[first].fencing_token().unwrap().get();
+    for l in &leaders {
+        wait_sees(l, before).await;
+    }
+    let old_listeners = wait_listen_sessions(&s, 3, &[]).await;
+    let row_before = lease_row(&connect(&s).await).await;
+    // Changes published from here on come from store calls made after the
+    // restart.
+    let mut states: Vec<_> = leaders.iter().map(|l| l.state()).collect();
+    for st in &mut states {
+        st.borrow_and_update();
+    }
+
+    let t0 = Instant::now();
+    s.restart().await.unwrap();
+    let restarted = t0.elapsed();
+    // No user action from here on.
+    wait_listen_sessions(&s, 3, &old_listeners).await;
+    let listening = t0.elapsed();
+
+    // The leader's campaign is back: it renewed through a new pool
+    // connection (the row's revision moved on), or its term ended and it
+    // campaigns again like the others.
+    let c = connect(&s).await;
+    let row = timeout(WAIT, async {
+        loop {
+            let row = lease_row(&c).await;
+            if row.term != before || row.revision > row_before.revision {
+                return row;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await
+    .expect("the lease is renewed or taken after the restart");
+    // Every follower's campaign is back: each published a state from a
+    // store call made after the restart.
+    for (i, st) in states.iter_mut().enumerate() {
+        if i == first && row.term == before {
+            continue;
+        }
+        timeout(WAIT, async {
+            loop {
+                st.changed().await.unwrap();
+                let now = st.borrow_and_update().clone();
+                if now.is_leader() || matches!(now, State::Follower { leader: Some(_) }) {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("c{i} did not recover: {:?}", st.borrow()));
+    }
+    let recovered = t0.elapsed();
+    println!(
+        "restart: server back after {restarted:?}, LISTEN sessions back after {listening:?}, \
+         every campaign back after {recovered:?} (lease row now {row:?})"
+    );
+
+    // Some candidate leads with a larger token than before the restart,
+    // and a resign hands over through NOTIFY: far below the retry
+    // interval (2 s), and the followers' expiry timers (up to 10 s).
+    let mut took = Vec::new();
+    let mut token = before;
+    for _ in 0..3 {
+        let i = timeout(WAIT, wait_any_leader(&leaders)).await.unwrap();
+        let Some(current) = leaders[i].fencing_token() else {
+            continue;
+        };
+        // Every follower is past the quiet period that follows its own
+        // resign, and follows the current term.
+        for l in &leaders {
+            wait_sees(l, current.get()).await;
+        }
+        let terms = log.intervals().len();
+        let t0 = Instant::now();
+        leaders[i].resign().await.unwrap();
+        let next = timeout(WAIT, log.wait_for_start(terms + 1))
+            .await
+            .expect("a successor within 30 s of the resign");
+        took.push(next.start - t0);
+        assert!(next.token > current.get() && next.token > before);
+        token = next.token;
+    }
+    println!(
+        "restart: resign handoffs after the restart, ttl 10 s: {took:?}; tokens {before} -> {token}"
+    );
+    assert!(token > before);
+    assert!(!took.is_empty());
+    for t in &took {
+        assert!(
+            *t < Duration::from_secs(1),
+            "a handoff took {t:?}: not through NOTIFY ({took:?})"
+        );
+    }
+    for (l, task) in fleet {
+        stop(&l, task).await;
+    }
+    assert_safe(&log);
+}
+
+// ----- 3. the user's pool exhausted --------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_exhausted_by_the_users_queries_ends_the_term_before_the_lease_expires() {
+    let s = server().await;
+    let ttl = Duration::from_secs(2);
+    let log = WorkLog::new();
+    let config: tokio_postgres::Config = s.url().parse().unwrap();
+    let pool =
+        deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config.clone(), NoTls))
+            .max_size(2)
+            .build()
+            .unwrap();
+    let a = leader_on(
+        Backend::postgres(
+            PostgresBackend::builder()
+                .pool(pool.clone())
+                .listen(config.clone())
+                .build()
+                .unwrap(),
+        ),
+        ttl,
+    );
+    let b = leader_on(backend(&s.url()), ttl);
+    let (ta, mut terms) = run_reporting_terms(&a, "a", &log);
+    let term = timeout(WAIT, terms.recv()).await.unwrap().unwrap();
+    let token = term.fencing_token().get();
+    let (tb, _) = run_reporting_terms(&b, "b", &log);
+    wait_sees(&b, token).await;
+    let mut sa = a.state();
+    assert!(sa.borrow_and_update().is_leader());
+
+    // The application's own queries take every connection of the pool (a
+    // renewal in flight gives its connection back first).
+    let held = timeout(WAIT, async {
+        let first = pool.get().await.unwrap();
+        let second = pool.get().await.unwrap();
+        [first, second]
+    })
+    .await
+    .expect("the pool's connections within 30 s");
+    let exhausted = Instant::now();
+    println!("pool: exhausted, {:?}", pool.status());
+    // No renewal of A can run from here on: the row holds A's final expiry.
+    let c = connect(&s).await;
+    let row = lease_row(&c).await;
+    assert_eq!(row.term, token, "{row:?}");
+    let expires = row.expires.expect("A's lease has an expiry");
+
+    timeout(WAIT, term.cancelled())
+        .await
+        .expect("A's token fires");
+    // Leadership is not lost silently: the state leaves Leader, then
+    // reports the store unreachable while A's calls wait for the pool.
+    let left = timeout(WAIT, sa.wait_for(|s| !s.is_leader()))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
+    assert!(
+        matches!(
+            left,
+            State::Follower { leader: None } | State::Unknown { .. }
+        ),
+        "{left:?}"
+    );
+    let next = timeout(WAIT, log.wait_for_start(2))
+        .await
+        .expect("B leads within 30 s");
+    assert_eq!(next.who, "b");
+    assert!(next.token > token);
+    let unknown = timeout(WAIT, sa.wait_for(|s| matches!(s, State::Unknown { .. })))
+        .await
+        .expect("A reports the store unreachable while the pool is exhausted")
+        .unwrap()
+        .clone();
+    let ended = log.intervals()[0].end.expect("A's work has ended");
+    println!(
+        "pool: A's work ended {:?} after the pool ran dry, its lease expired in the store {:?} \
+         after it (A stopped {:?} early), B began {:?} after it; A's state then: {unknown:?}",
+        ended.saturating_duration_since(exhausted),
+        expires.saturating_duration_since(exhausted),
+        expires.saturating_duration_since(ended),
+        next.start.saturating_duration_since(exhausted),
+    );
+    assert!(
+        ended < expires,
+        "A worked {:?} past its lease's expiry in the store",
+        ended - expires
+    );
+    assert!(next.start > expires);
+
+    // The application gives its connections back: A campaigns again,
+    // follows B, and takes over when B resigns.
+    drop(held);
+    wait_sees(&a, next.token).await;
+    let t0 = Instant::now();
+    b.resign().await.unwrap();
+    let again = timeout(WAIT, log.wait_for_start(3))
+        .await
+        .expect("A leads again within 30 s");
+    println!("pool: A took over {:?} after B resigned", again.start - t0);
+    assert_eq!(again.who, "a");
+    assert!(again.token > next.token);
+    stop(&a, ta).await;
+    stop(&b, tb).await;
+    assert_safe(&log);
+}
+
+// ----- 4. a renewal blocked on the row lock ------------------------------
+
+/// Records every update of the lease table, in the updating transaction:
+/// a row here means the update committed.
+const AUDIT: &str = "
+CREATE TABLE lease_audit (
+    id          bigserial PRIMARY KEY,
+    at          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    old_term    bigint,
+    new_term    bigint,
+    old_nonce   bytea,
+    new_nonce   bytea,
+    old_expires timestamptz,
+    new_expires timestamptz
+);
+CREATE FUNCTION lease_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO lease_audit (old_term, new_term, old_nonce, new_nonce, old_expires, new_expires)
+    VALUES (OLD.term, NEW.term, OLD.nonce, NEW.nonce, OLD.expires_at, NEW.expires_at);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER lease_audit AFTER UPDATE ON public.leaseholder_leases
+    FOR EACH ROW EXECUTE FUNCTION lease_audit();
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_blocked_on_the_row_lock_cannot_extend_the_lease_after_the_deadline() {
+    let s = server().await;
+    let ttl = Duration::from_secs(2);
+    let log = WorkLog::new();
+    let a = leader_on(backend(&s.url()), ttl);
+    let b = leader_on(backend(&s.url()), ttl);
+    a.setup().await.unwrap();
+    let c = connect(&s).await;
+    c.batch_execute(AUDIT).await.unwrap();
+    let (ta, mut terms) = run_reporting_terms(&a, "a", &log);
+    let term = timeout(WAIT, terms.recv()).await.unwrap().unwrap();
+    let token = term.fencing_token().get();
+    let (tb, _) = run_reporting_terms(&b, "b", &log);
+    wait_sees(&b, token).await;
+
+    // Another session locks the lease row (waiting for a renewal in flight
+    // to commit first) and keeps it locked.
+    let mut blocker = connect(&s).await;
+    let tx = blocker.transaction().await.unwrap();
+    let sent = Instant::now();
+    let locked = tx
+        .query_one(&format!("{} FOR UPDATE", row_query("")), &[&KEY])
+        .await
+        .unwrap();
+    let locked_at = Instant::now();
+    let row = lease_row_from(&locked, sent);
+    assert_eq!(row.term, token, "{row:?}");
+    assert!(row.held, "{row:?}");
+    let expires = row.expires.expect("A's lease has an expiry");
+    let expires_epoch = row.expires_epoch.unwrap();
+    let audited: i64 = tx
+        .query_one("SELECT coalesce(max(id), 0) FROM lease_audit", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    // A's renewals wait for the lock until their server-side timeouts; no
+    // renewal succeeds, so the token fires at the deadline.
+    timeout(WAIT, term.cancelled())
+        .await
+        .expect("A's token fires");
+    let fired = Instant::now();
+    let deadline = term.deadline();
+    // A gives up for good, so that B is the next leader.
+    let a_stopping = tokio::spawn({
+        let a = a.clone();
+        async move { a.shutdown().await }
+    });
+    // What still waits for the lock now that A has given up (A's release
+    // and the candidates' acquires may; a renewal should not).
+    let waiting: Vec<String> = c
+        .query(
+            "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 70) || ' (waiting ' || \
+                    round(extract(epoch from clock_timestamp() - query_start)::numeric, 3) || \
+                    ' s)' \
+               FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tx.rollback().await.unwrap();
+    let unlocked = Instant::now();
+    let after = lease_row(&c).await;
+
+    let next = timeout(WAIT, log.wait_for_start(2))
+        .await
+        .expect("B leads within 30 s of the unlock");
+    timeout(WAIT, a_stopping)
+        .await
+        .expect("A shuts down")
+        .unwrap()
+        .unwrap();
+    let ended = log.intervals()[0].end.expect("A's work has ended");
+    let cancellations = timeout_cancellations(&s);
+    // Renewals of A's term that committed after the row was locked: they
+    // could only run after the unlock, when A had given up.
+    let (late, late_expiry): (i64, Option<f64>) = {
+        let r = c
+            .query_one(
+                "SELECT count(*), max(extract(epoch from new_expires))::float8 FROM lease_audit \
+                  WHERE id > $1 AND new_term = $2 AND new_nonce IS NOT NULL \
+                    AND old_nonce = new_nonce AND new_expires > old_expires",
+                &[&audited, &i64::try_from(token).unwrap()],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let drift = a.config().drift_margin();
+    println!(
+        "lock: row locked {:?} before A's deadline; A's token fired {:?} after the lock \
+         ({:?} after its deadline), its work ended {:?} before the store's expiry; \
+         unlocked {:?} after the lock; B began {:?} after the unlock",
+        deadline.saturating_duration_since(locked_at),
+        fired - locked_at,
+        fired.saturating_duration_since(deadline),
+        expires.saturating_duration_since(ended),
+        unlocked - locked_at,
+        next.start.saturating_duration_since(unlocked),
+    );
+    println!("lock: waiting for the lock when A gave up: {waiting:?}");
+    println!("lock: statements cancelled by their timeouts: {cancellations:#?}");
+    println!("lock: row right after the unlock: {after:?}");
+
+    // A's renewals hit their server-side timeouts while the row was locked.
+    assert!(
+        cancellations.iter().any(|l| l.contains("UPDATE")),
+        "no renewal was cancelled by lock_timeout/statement_timeout: {cancellations:#?}"
+    );
+    // The token fired by the deadline, which came before the store's expiry.
+    assert!(ended <= deadline + drift / 2, "{:?}", ended - deadline);
+    assert!(ended < expires, "{:?}", ended - expires);
+    // No renewal took effect after A gave up: the lease was not extended.
+    assert_eq!(
+        late, 0,
+        "{late} renewal(s) of A's term committed after the row was unlocked, extending the \
+         lease to {late_expiry:?} (was {expires_epoch})"
+    );
+    if after.term == token && after.held {
+        let now_epoch = after.expires_epoch.unwrap();
+        assert!(
+            now_epoch <= expires_epoch + 0.01,
+            "A's lease was extended by {:.3} s after A gave up",
+            now_epoch - expires_epoch
+        );
+    }
+    // B leads next, with a larger token.
+    assert_eq!(next.who, "b");
+    assert!(next.token > token);
+    let final_row = lease_row(&c).await;
+    assert!(final_row.term > token, "{final_row:?}");
+    stop(&b, tb).await;
+    timeout(WAIT, ta).await.unwrap().unwrap().unwrap();
+    assert_safe(&log);
+}
+
+/// The same property as above with the renewal slowed by the network
+/// instead of a lock: 175 ms of latency each way on the leader's link, set
+/// right after a renewal, so that the next renewal's UPDATE answers before
+/// the deadline and its COMMIT, sent before the deadline too, reaches the
+/// server after it.
+///
+/// This failed before the renewal carried the leader's deadline on the
+/// server's clock and went out as one pipeline (BEGIN, timeouts, UPDATE,
+/// COMMIT): the timeouts only count from when a statement reaches the
+/// server, and the COMMIT was a round trip of its own, so a late COMMIT
+/// extended the abandoned lease by most of a ttl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_slowed_by_the_network_cannot_extend_the_lease_after_the_deadline() {
+    const DELAY: Duration = Duration::from_millis(175);
+    let s = server().await;
+    let proxy = TcpProxy::start(s.addr()).await.unwrap();
+    let ttl = Duration::from_secs(2);
+    let log = WorkLog::new();
+    let a = leader_on(backend(&url_of(proxy.addr())), ttl);
+    let b = leader_on(backend(&s.url()), ttl);
+    a.setup().await.unwrap();
+    let c = connect(&s).await;
+    c.batch_execute(AUDIT).await.unwrap();
+    let (ta, mut terms) = run_reporting_terms(&a, "a", &log);
+    let term = timeout(WAIT, terms.recv()).await.unwrap().unwrap();
+    let token = term.fencing_token().get();
+    let (tb, _) = run_reporting_terms(&b, "b", &log);
+    wait_sees(&b, token).await;
+
+    // Wait for a renewal to commit, let its reply pass the proxy, then slow
+    // the link down: the next renewal (sent about ttl/3 after the last one,
+    // with a budget of about 1.15 s) takes 3 round trips (pool check,
+    // BEGIN, SET + UPDATE) = 1.05 s to get its UPDATE answered, and its
+    // COMMIT reaches the server 1.225 s after it was sent.
+    let r0 = lease_row(&c).await.revision;
+    timeout(WAIT, async {
+        while lease_row(&c).await.revision == r0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("A renews");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proxy.set_delay(DELAY);
+    let slowed = Instant::now();
+
+    let gave_up = timeout(ttl, term.cancelled()).await.is_ok();
+    let fired = Instant::now();
+    // What the store holds when A gives up, and how far the audit went.
+    let sent = Instant::now();
+    let at_fire = c
+        .query_one(
+            &row_query(
+                ", (SELECT coalesce(max(id), 0) FROM lease_audit), \
+                 extract(epoch from clock_timestamp())::float8",
+            ),
+            &[&KEY],
+        )
+        .await
+        .unwrap();
+    let audited: i64 = at_fire.get(5);
+    let fired_epoch: f64 = at_fire.get(6);
+    let at_fire = lease_row_from(&at_fire, sent);
+
+    let next = timeout(WAIT, log.wait_for_start(2))
+        .await
+        .expect("B leads within 30 s");
+    proxy.set_delay(Duration::ZERO);
+    // Renewals of A's term that committed after A's token fired, and when
+    // their UPDATE ran (by the server's clock, from the token's firing).
+    let (late, late_expiry, late_update): (i64, Option<f64>, Option<f64>) = {
+        let r = c
+            .query_one(
+                "SELECT count(*), max(extract(epoch from new_expires))::float8, \
+                        max(extract(epoch from at))::float8 - $3 FROM lease_audit \
+                  WHERE id > $1 AND new_term = $2 AND new_nonce IS NOT NULL \
+                    AND old_nonce = new_nonce AND new_expires > old_expires",
+                &[&audited, &i64::try_from(token).unwrap(), &fired_epoch],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    let expires = at_fire.expires.expect("A's lease has an expiry");
+    println!(
+        "latency: A's token fired {:?} after the link slowed ({gave_up}); the lease then \
+         expired {:?} later by the store's clock; B began {:?} after that expiry",
+        fired - slowed,
+        expires.saturating_duration_since(fired),
+        next.start.saturating_duration_since(expires),
+    );
+    assert_eq!(next.who, "b");
+    assert!(next.token > token);
+    stop(&b, tb).await;
+    stop(&a, ta).await;
+    assert_safe(&log);
+    if gave_up {
+        assert_eq!(
+            late,
+            0,
+            "a renewal of A's term committed after A's token fired (its UPDATE ran {late_update:?} \
+             s from the firing, its COMMIT after): it moved the abandoned lease's expiry {:.3} s \
+             later (to {late_expiry:?}, from {:?}), and B got in {:?} after the expiry A's last \
+             confirmed renewal had set",
+            late_expiry.unwrap_or_default() - at_fire.expires_epoch.unwrap_or_default(),
+            at_fire.expires_epoch,
+            next.start.saturating_duration_since(expires),
+        );
+    }
+}
+
+// ----- 5. the LISTEN connection lost -------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_listen_session_is_reestablished_and_resign_uses_notify_again() {
+    let s = server().await;
+    let ttl = Duration::from_secs(10);
+    let log = WorkLog::new();
+    let a = leader_on(backend(&s.url()), ttl);
+    let b = leader_on(backend(&s.url()), ttl);
+    let (ta, mut terms) = run_reporting_terms(&a, "a", &log);
+    let term = timeout(WAIT, terms.recv()).await.unwrap().unwrap();
+    let (tb, _) = run_reporting_terms(&b, "b", &log);
+    wait_sees(&b, term.fencing_token().get()).await;
+
+    let old = wait_listen_sessions(&s, 2, &[]).await;
+    let c = connect(&s).await;
+    let killed: i64 = c
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+              WHERE query LIKE 'LISTEN %' AND pid <> pg_backend_pid()) t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 2);
+    let t0 = Instant::now();
+    let new = wait_listen_sessions(&s, 2, &old).await;
+    println!(
+        "listen: sessions {old:?} terminated, {new:?} listening {:?} later",
+        t0.elapsed()
+    );
+
+    // B follows with its LISTEN connection back: A's resign reaches it
+    // through NOTIFY, far below the retry interval (2 s) and B's expiry
+    // timer (up to 10 s).
+    let t0 = Instant::now();
+    a.resign().await.unwrap();
+    let next = timeout(WAIT, log.wait_for_start(2))
+        .await
+        .expect("B leads within 30 s of the resign");
+    let took = next.start - t0;
+    println!("listen: handoff after the LISTEN sessions came back: {took:?}");
+    assert_eq!(next.who, "b");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    stop(&a, ta).await;
+    stop(&b, tb).await;
+    assert_safe(&log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_listen_is_down_followers_fall_back_to_the_leases_expiry() {
+    let s = server().await;
+    // The LISTEN connections go through the proxy, the pools do not.
+    let proxy = TcpProxy::start(s.addr()).await.unwrap();
+    let listen: tokio_postgres::Config = url_of(proxy.addr()).parse().unwrap();
+    let ttl = Duration::from_secs(2);
+    let make = || {
+        leader_on(
+            Backend::postgres(
+                PostgresBackend::builder()
+                    .url(s.url())
+                    .listen(listen.clone())
+                    .build()
+                    .unwrap(),
+            ),
+            ttl,
+        )
+    };
+    let log = WorkLog::new();
+    let a = make();
+    let b = make();
+    let (ta, mut terms) = run_reporting_terms(&a, "a", &log);
+    let term = timeout(WAIT, terms.recv()).await.unwrap().unwrap();
+    let (tb, _) = run_reporting_terms(&b, "b", &log);
+    wait_sees(&b, term.fencing_token().get()).await;
+    wait_listen_sessions(&s, 2, &[]).await;
+
+    // The LISTEN connections are lost and cannot come back.
+    proxy.cut();
+    wait_listen_sessions(&s, 0, &[]).await;
+    // A leaves and releases its lease; nobody hears of it. B wakes at the
+    // lease's expiry as it last saw it (at most a ttl away, plus a little
+    // jitter): it does not wait for a notification that never comes.
+    let t0 = Instant::now();
+    stop(&a, ta).await;
+    let next = timeout(WAIT, log.wait_for_start(2))
+        .await
+        .expect("B leads within 30 s of A's leaving");
+    let took = next.start - t0;
+    println!("listen down: B took over {took:?} after A left (ttl {ttl:?})");
+    assert_eq!(next.who, "b");
+    assert!(next.token > term.fencing_token().get());
+    assert!(took < ttl + Duration::from_secs(1), "{took:?}");
+
+    // The link heals: both LISTEN connections come back (A's backend
+    // still exists, and keeps its watch).
+    proxy.restore();
+    let t0 = Instant::now();
+    wait_listen_sessions(&s, 2, &[]).await;
+    println!(
+        "listen down: LISTEN sessions back {:?} after the link healed",
+        t0.elapsed()
+    );
+    stop(&b, tb).await;
+    assert_safe(&log);
+}
+
+// ----- 6. the server paused ----------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_paused_past_the_ttl_cancels_the_leader_by_its_deadline_then_recovers() {
+    let s = server().await;
+    let ttl = Duration::from_secs(2);
+    let log = WorkLog::new();
+    let a = leader_on(backend(&s.url()), ttl);
+    let b = leader_on(backend(&s.url()), ttl);
+    let (ta, mut terms) = run_reporting_terms(&a, "a", &log);
+    let term = timeout(WAIT, terms.recv()).await.unwrap().unwrap();
+    let token = term.fencing_token().get();
+    let (tb, _) = run_reporting_terms(&b, "b", &log);
+    wait_sees(&b, token).await;
+
+    s.pause().unwrap();
+    let paused = Instant::now();
+    // No renewal can succeed: the token fires by the deadline.
+    timeout(WAIT, term.cancelled())
+        .await
+        .expect("A's token fires while the server is paused");
+    let fired = paused.elapsed();
+    assert!(!term.is_valid());
+    let deadline = term.deadline();
+    // Paused for longer than the ttl.
+    tokio::time::sleep_until(paused + ttl + Duration::from_secs(1)).await;
+    s.resume().unwrap();
+    let resumed = Instant::now();
+
+    let next = timeout(WAIT, log.wait_for_start(2))
+        .await
+        .expect("a new term within 30 s of the resume");
+    let ended = log.intervals()[0].end.expect("A's work has ended");
+    let drift = a.config().drift_margin();
+    println!(
+        "pause: A's token fired {fired:?} into the pause (deadline {:?} into it), its work \
+         ended {:?} into it; resumed {:?} into it; {} began a term {:?} into it",
+        deadline.saturating_duration_since(paused),
+        ended.saturating_duration_since(paused),
+        resumed - paused,
+        next.who,
+        next.start.saturating_duration_since(paused),
+    );
+    // Renewed at most at the pause: the deadline is less than a ttl into
+    // the pause, and the work stopped by it.
+    assert!(deadline < paused + ttl, "{:?}", deadline - paused);
+    assert!(ended <= deadline + drift / 2, "{:?}", ended - deadline);
+    assert!(next.token > token);
+    stop(&a, ta).await;
+    stop(&b, tb).await;
+    assert_safe(&log);
+}
