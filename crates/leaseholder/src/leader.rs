@@ -12,6 +12,7 @@ use crate::campaign::core::StopKind;
 use crate::campaign::{self, Command, Fatal, Run, Shared, WorkOutcome};
 use crate::config::{LeaderBuilder, LeaderConfig};
 use crate::error::{BoxError, Error, Op};
+use crate::health::Health;
 use crate::state::{State, Status};
 use crate::term::Term;
 
@@ -95,6 +96,7 @@ impl Leader {
         backend: Backend,
         invalid: Option<crate::error::ConfigError>,
     ) -> Leader {
+        let health = crate::health::HealthCell::new(config.timing.ttl, config.timing.drift_margin);
         Leader {
             shared: Arc::new(Shared {
                 key: config.key.clone(),
@@ -106,6 +108,7 @@ impl Leader {
                 term: watch::Sender::new(None),
                 run: watch::Sender::new(Run::NotStarted),
                 control: Default::default(),
+                health,
             }),
         }
     }
@@ -146,6 +149,37 @@ impl Leader {
     /// ```
     pub fn state(&self) -> watch::Receiver<State> {
         self.shared.state.subscribe()
+    }
+
+    /// Whether the campaign is in a state to alert on, computed now from
+    /// what the campaign last recorded: cheap, and right even while the
+    /// campaign task cannot run (work that blocks the runtime). See
+    /// [`Health`].
+    pub fn health(&self) -> Health {
+        self.shared.health.now()
+    }
+
+    /// A watch of [`health`](Self::health), updated by the campaign task
+    /// (at the moment health changes, when the task can run).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// # use leaseholder::{Backend, Leader, MemoryStore};
+    /// # let leader = Leader::builder("k").backend(Backend::memory(&MemoryStore::new())).build().unwrap();
+    /// let mut health = leader.health_watch();
+    /// tokio::spawn(async move {
+    ///     while health.changed().await.is_ok() {
+    ///         let now = health.borrow_and_update().clone();
+    ///         if !now.is_healthy() {
+    ///             eprintln!("leaseholder: {now:?}"); // flip readiness, page someone
+    ///         }
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub fn health_watch(&self) -> watch::Receiver<Health> {
+        self.shared.health.subscribe()
     }
 
     /// [`Status::Leader`] while this candidate leads, else

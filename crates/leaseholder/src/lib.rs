@@ -7,7 +7,11 @@ pub mod backend;
 mod campaign;
 mod config;
 mod error;
+mod health;
 mod leader;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 mod observer;
 mod state;
 mod term;
@@ -33,6 +37,7 @@ pub use backend::{
 };
 pub use config::{LeaderBuilder, LeaderConfig};
 pub use error::{BackendError, BoxError, ConfigError, Error, Op};
+pub use health::Health;
 pub use leader::Leader;
 pub use observer::{Observed, Observer};
 pub use state::{State, Status};

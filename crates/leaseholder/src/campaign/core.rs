@@ -93,6 +93,20 @@ pub(crate) enum Input {
     Stop(StopKind),
 }
 
+impl Input {
+    /// The store's error, for a store call's result.
+    pub(crate) fn error(&self) -> Option<&BackendError> {
+        match self {
+            Input::Setup(Err(e))
+            | Input::Acquire(Err(e))
+            | Input::Renew(Err(e))
+            | Input::Holder(Err(e))
+            | Input::Release(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// Actions for the driver.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Output {

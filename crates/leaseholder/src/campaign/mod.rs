@@ -11,6 +11,7 @@
 pub(crate) mod core;
 #[cfg(test)]
 mod model;
+mod telemetry;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,7 +24,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use self::core::{Core, Input, Output, StopKind};
-use crate::backend::{Backend, Claim, Key, LeaderId};
+use self::telemetry::{Call, Telemetry};
+use crate::backend::{Backend, Claim, Key, LeaderId, Renewed};
 use crate::config::LeaderConfig;
 use crate::error::BackendError;
 use crate::error::BoxError;
@@ -82,6 +84,7 @@ pub(crate) struct Shared {
     pub(crate) term: watch::Sender<Option<Term>>,
     pub(crate) run: watch::Sender<Run>,
     pub(crate) control: Mutex<Control>,
+    pub(crate) health: crate::health::HealthCell,
 }
 
 #[derive(Default)]
@@ -148,12 +151,17 @@ async fn run(
     let mut op: Option<OpFuture> = None;
     let mut term: Option<Running> = None;
     let mut work: Option<Work> = None;
+    let mut telemetry = Telemetry::new(&shared.key);
+    // The store call in flight: which, and when it was sent.
+    let mut call: Option<(Call, Instant)> = None;
+    let mut last_renew: Option<Duration> = None;
     let mut outputs = core.handle(Instant::now(), Input::Start);
     let fatal = loop {
         let mut stopped = None;
         for output in outputs.drain(..) {
             match output {
                 Output::Setup => {
+                    call = Some((Call::Setup, Instant::now()));
                     let backend = shared.backend.clone();
                     let limit = timing.renew_interval;
                     op = Some(Box::pin(async move {
@@ -161,6 +169,7 @@ async fn run(
                     }));
                 }
                 Output::Acquire { nonce, timeout } => {
+                    call = Some((Call::Acquire, Instant::now()));
                     let backend = shared.backend.clone();
                     let key = shared.key.clone();
                     let claim = Claim {
@@ -175,6 +184,7 @@ async fn run(
                     }));
                 }
                 Output::Renew { lease, timeout } => {
+                    call = Some((Call::Renew, Instant::now()));
                     let backend = shared.backend.clone();
                     let key = shared.key.clone();
                     let ttl = timing.ttl;
@@ -186,6 +196,7 @@ async fn run(
                     }));
                 }
                 Output::Release { lease, timeout } => {
+                    call = Some((Call::Release, Instant::now()));
                     let backend = shared.backend.clone();
                     let key = shared.key.clone();
                     op = Some(Box::pin(async move {
@@ -193,6 +204,7 @@ async fn run(
                     }));
                 }
                 Output::ReadHolder { timeout } => {
+                    call = Some((Call::Holder, Instant::now()));
                     let backend = shared.backend.clone();
                     let key = shared.key.clone();
                     op = Some(Box::pin(async move {
@@ -207,15 +219,25 @@ async fn run(
                     let t = Term::new(shared.key.clone(), id, lease.token(), deadline);
                     shared.term.send_replace(Some(t.clone()));
                     term = Some(Running { term: t });
+                    telemetry.term_began();
                 }
                 Output::Extend { id, deadline } => {
                     if let Some(r) = term.as_ref().filter(|r| r.term.id() == id) {
+                        let now = Instant::now();
+                        let slack = r.term.deadline().saturating_duration_since(now);
+                        telemetry.renewed(last_renew.take(), slack);
                         r.term.extend(deadline);
+                        if work.as_ref().is_some_and(|w| w.term == id) {
+                            shared.health.set_work(Some(deadline));
+                        }
                     }
                 }
                 Output::CancelTerm { id, reason } => {
                     if let Some(r) = term.as_ref().filter(|r| r.term.id() == id) {
                         tracing::debug!(?reason, "cancelling the term's token");
+                        if !r.term.is_cancelled() {
+                            telemetry.term_ended(reason);
+                        }
                         r.term.cancel();
                     }
                     shared.term.send_if_modified(|t| t.take().is_some());
@@ -235,11 +257,18 @@ async fn run(
                     }
                 }
                 Output::State(state) => {
+                    shared.health.set_unknown(match &state.0 {
+                        State::Unknown { since, .. } => Some(*since),
+                        _ => None,
+                    });
                     shared.state.send_replace(state.0);
                 }
                 Output::Stopped { error } => stopped = Some(error),
             }
         }
+        // Health can change with time alone (work past its deadline, the
+        // store down for a ttl): look again then.
+        let health_at = shared.health.publish(Instant::now());
         if let Some(error) = stopped {
             break error;
         }
@@ -252,6 +281,7 @@ async fn run(
                 Some(Command::Spawn { term: id, work: fut, reply }) => {
                     match (&term, &work) {
                         (Some(r), None) if r.term.id() == id && r.term.is_valid() => {
+                            shared.health.set_work(Some(r.term.deadline()));
                             let handle = tokio::spawn(fut);
                             work = Some(Work { term: id, handle, reply: Some(reply) });
                             Input::WorkStarted(id)
@@ -268,6 +298,7 @@ async fn run(
             event = work_event(&mut work) => match event {
                 WorkEvent::Joined(joined) => {
                     let Some(mut w) = work.take() else { continue };
+                    shared.health.set_work(None);
                     // Whether the token had fired when the work returned; the
                     // machine has not reacted to the return yet.
                     // Past the deadline counts as lost even if the token has
@@ -300,8 +331,19 @@ async fn run(
                     continue;
                 }
             },
-            input = maybe(&mut op) => { op = None; input },
+            input = maybe(&mut op) => {
+                op = None;
+                if let Some((kind, sent)) = call.take() {
+                    if let Some(e) = input.error() {
+                        telemetry.store_error(kind, e);
+                    } else if matches!(input, Input::Renew(Ok(Renewed::Renewed(_)))) {
+                        last_renew = Some(sent.elapsed());
+                    }
+                }
+                input
+            },
             () = sleep_until(wake) => Input::Tick,
+            () = sleep_until(health_at) => continue,
             event = subscription.next() => Input::Watch(event),
         };
         outputs = core.handle(Instant::now(), input);
@@ -312,6 +354,10 @@ async fn run(
         w.handle.abort();
         let _ = w.handle.await;
     }
+    shared.health.set_work(None);
+    shared.health.set_unknown(None);
+    shared.health.publish(Instant::now());
+    telemetry.stopped();
     if let Some(r) = term.take() {
         r.term.cancel();
         r.term.end();
