@@ -116,12 +116,12 @@ async fn a_campaign_reports_leadership_renewals_slack_losses_and_store_errors() 
     tokio::time::sleep(ttl * 2).await;
     let all = metrics.read();
     println!("{all:#?}");
-    assert_eq!(gauge(&all, &format!("{IS_LEADER}{{key=reports}}")), 1.0);
-    assert_eq!(counter(&all, &format!("{TERMS}{{key=reports}}")), 1);
-    let renewals = histogram(&all, &format!("{RENEW_SECONDS}{{key=reports}}"));
+    assert_eq!(gauge(all, &format!("{IS_LEADER}{{key=reports}}")), 1.0);
+    assert_eq!(counter(all, &format!("{TERMS}{{key=reports}}")), 1);
+    let renewals = histogram(all, &format!("{RENEW_SECONDS}{{key=reports}}"));
     assert!(renewals.len() >= 4, "{renewals:?}");
-    let slack = histogram(&all, &format!("{DEADLINE_SLACK}{{key=reports}}"));
-    let min = gauge(&all, &format!("{DEADLINE_SLACK_MIN}{{key=reports}}"));
+    let slack = histogram(all, &format!("{DEADLINE_SLACK}{{key=reports}}"));
+    let min = gauge(all, &format!("{DEADLINE_SLACK_MIN}{{key=reports}}"));
     assert!(!slack.is_empty());
     assert_eq!(
         min,
@@ -139,12 +139,12 @@ async fn a_campaign_reports_leadership_renewals_slack_losses_and_store_errors() 
     let all = metrics.read();
     assert_eq!(
         counter(
-            &all,
+            all,
             &format!("{STORE_ERRORS}{{key=reports,kind=unavailable,op=renew}}")
         ),
         2
     );
-    assert!(gauge(&all, &format!("{DEADLINE_SLACK_MIN}{{key=reports}}")) < min);
+    assert!(gauge(all, &format!("{DEADLINE_SLACK_MIN}{{key=reports}}")) < min);
     assert!(a.state().borrow().is_leader());
 
     // A is cut off: its term ends at the deadline.
@@ -155,16 +155,13 @@ async fn a_campaign_reports_leadership_renewals_slack_losses_and_store_errors() 
         .unwrap();
     let all = metrics.read();
     assert_eq!(
-        counter(
-            &all,
-            &format!("{TERMS_ENDED}{{cause=deadline,key=reports}}")
-        ),
+        counter(all, &format!("{TERMS_ENDED}{{cause=deadline,key=reports}}")),
         1
     );
     // Both candidates report under the same key: the gauge is whoever
     // wrote last, which is B winning.
-    assert_eq!(gauge(&all, &format!("{IS_LEADER}{{key=reports}}")), 1.0);
-    assert_eq!(counter(&all, &format!("{TERMS}{{key=reports}}")), 2);
+    assert_eq!(gauge(all, &format!("{IS_LEADER}{{key=reports}}")), 1.0);
+    assert_eq!(counter(all, &format!("{TERMS}{{key=reports}}")), 2);
 
     // B resigns: a resign end.
     faults.heal();
@@ -175,7 +172,7 @@ async fn a_campaign_reports_leadership_renewals_slack_losses_and_store_errors() 
         .unwrap();
     let all = metrics.read();
     assert_eq!(
-        counter(&all, &format!("{TERMS_ENDED}{{cause=resign,key=reports}}")),
+        counter(all, &format!("{TERMS_ENDED}{{cause=resign,key=reports}}")),
         1
     );
     a.shutdown().await.unwrap();
@@ -184,11 +181,8 @@ async fn a_campaign_reports_leadership_renewals_slack_losses_and_store_errors() 
     tb.await.unwrap().unwrap();
     let all = metrics.read();
     assert_eq!(
-        counter(
-            &all,
-            &format!("{TERMS_ENDED}{{cause=shutdown,key=reports}}")
-        ),
+        counter(all, &format!("{TERMS_ENDED}{{cause=shutdown,key=reports}}")),
         1
     );
-    assert_eq!(gauge(&all, &format!("{IS_LEADER}{{key=reports}}")), 0.0);
+    assert_eq!(gauge(all, &format!("{IS_LEADER}{{key=reports}}")), 0.0);
 }
