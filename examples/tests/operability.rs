@@ -393,3 +393,56 @@ async fn the_examples_explain_a_missing_server() {
         println!("{name} with nothing listening: {}", stderr.trim());
     }
 }
+
+/// `GET path` on 127.0.0.1:`port`: the status code and the body.
+async fn get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    socket
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readiness_example_serves_the_health_hook() {
+    let port = leaseholder_testkit::free_port().unwrap();
+    let mut cmd = tokio::process::Command::new(example("readiness"));
+    cmd.env("PORT", port.to_string()).stdout(Stdio::piped());
+    let mut child = ChildGuard::spawn(&mut cmd).unwrap();
+    let mut lines = BufReader::new(child.child_mut().stdout.take().unwrap()).lines();
+    timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.starts_with("listening on") {
+                return;
+            }
+        }
+        panic!("the example exited before it listened");
+    })
+    .await
+    .unwrap();
+    assert_eq!(get(port, "/ready").await, (200, "healthy".to_owned()));
+    // It campaigns alone, so it leads (soon: poll the endpoint).
+    timeout(WAIT, async {
+        while get(port, "/leader").await != (200, "Leader".to_owned()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(get(port, "/nope").await.0, 404);
+}
