@@ -65,10 +65,10 @@ async fn main() -> anyhow::Result<()> {
         let mut leading = None;
         loop {
             let token = states.borrow_and_update().token();
-            if leading.is_some() && leading != token {
-                if let Some(lost) = leading {
-                    say(&format!("LOST {lost}"));
-                }
+            if let Some(lost) = leading
+                && leading != token
+            {
+                say(&format!("LOST {lost}"));
             }
             leading = token;
             if matches!(*states.borrow(), State::Stopped) || states.changed().await.is_err() {

@@ -144,7 +144,7 @@ fn since_base(i: Instant) -> Duration {
 }
 
 fn show_t(d: Duration) -> String {
-    if d.subsec_nanos() % 1_000_000 == 0 {
+    if d.subsec_nanos().is_multiple_of(1_000_000) {
         format!("{}ms", d.as_millis())
     } else {
         format!("{:.3}ms", d.as_secs_f64() * 1e3)
