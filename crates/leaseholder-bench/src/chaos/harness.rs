@@ -1,0 +1,641 @@
+//! The harness: a real server, one TCP proxy per candidate slot, candidate
+//! processes campaigning for one key through their proxies, and a seeded
+//! schedule of faults. It records everything for [`check`](super::check).
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use leaseholder_testkit::{ChildGuard, NatsServer, PostgresServer, TcpProxy};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::candidate::now_us;
+use super::check::{self, Event, Fault, FaultKind, Instance, Micros, Record, Report};
+use super::rng::Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Store {
+    Nats,
+    Postgres,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) duration: Duration,
+    pub(crate) seed: u64,
+    pub(crate) candidates: usize,
+    pub(crate) store: Store,
+    pub(crate) ttl: Duration,
+    pub(crate) write_delay: Duration,
+}
+
+enum Server {
+    Nats(NatsServer),
+    Postgres(PostgresServer),
+}
+
+impl Server {
+    async fn start(store: Store) -> anyhow::Result<Server> {
+        Ok(match store {
+            Store::Nats => Server::Nats(
+                NatsServer::start()
+                    .await
+                    .context("starting nats-server 2.11+ (install it with scripts/setup)")?,
+            ),
+            Store::Postgres => Server::Postgres(
+                PostgresServer::start()
+                    .await
+                    .context("starting PostgreSQL 15+ (install it with scripts/setup)")?,
+            ),
+        })
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        match self {
+            Server::Nats(s) => s.addr(),
+            Server::Postgres(s) => s.addr(),
+        }
+    }
+
+    fn url_via(&self, port: u16) -> String {
+        match self {
+            Server::Nats(_) => format!("nats://127.0.0.1:{port}"),
+            Server::Postgres(_) => format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Server::Nats(s) => format!("nats-server {}", s.version()),
+            Server::Postgres(s) => format!("PostgreSQL {}", s.version()),
+        }
+    }
+
+    async fn restart(&mut self) -> anyhow::Result<()> {
+        match self {
+            Server::Nats(s) => s.restart().await?,
+            Server::Postgres(s) => s.restart().await?,
+        }
+        Ok(())
+    }
+}
+
+enum Msg {
+    Line(usize, String),
+    Eof(usize),
+}
+
+/// A candidate process and what the harness knows of it.
+struct Proc {
+    guard: ChildGuard,
+    /// Open fault (index into the record's faults) while it is paused.
+    paused: Option<usize>,
+    /// The harness killed or stopped it on purpose.
+    expected_exit: bool,
+    gone: bool,
+    /// The token of its open work interval, if any.
+    leading: Option<u64>,
+}
+
+/// Something to undo or do later.
+enum Later {
+    Resume { inst: usize },
+    Restore { slot: usize, fault: usize },
+    Respawn { slot: usize },
+}
+
+struct Harness {
+    opts: Options,
+    rng: Rng,
+    server: Server,
+    proxies: Vec<TcpProxy>,
+    /// The instance in each slot.
+    slots: Vec<Option<usize>>,
+    /// Open link fault (index into faults) of each slot.
+    link_fault: Vec<Option<usize>>,
+    procs: Vec<Proc>,
+    record: Record,
+    tx: mpsc::UnboundedSender<Msg>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    later: Vec<(Instant, Later)>,
+    t0: Micros,
+    /// Candidates that exited without the harness asking them to.
+    unexpected_exits: Vec<String>,
+    self_exe: std::path::PathBuf,
+}
+
+/// The key the candidates campaign for.
+const KEY: &str = "chaos";
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+impl Harness {
+    fn log(&self, what: &str) {
+        let t = now_us().saturating_sub(self.t0) as f64 / 1e6;
+        println!("[{t:8.3}s] {what}");
+    }
+
+    fn spawn(&mut self, slot: usize) -> anyhow::Result<usize> {
+        let inst = self.procs.len();
+        let Some(proxy) = self.proxies.get(slot) else {
+            anyhow::bail!("no proxy for slot {slot}");
+        };
+        let url = self.server.url_via(proxy.url_port());
+        let mut cmd = tokio::process::Command::new(&self.self_exe);
+        cmd.args([
+            "candidate".to_owned(),
+            url,
+            KEY.to_owned(),
+            self.opts.ttl.as_millis().to_string(),
+            self.opts.write_delay.as_millis().to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        let mut guard = ChildGuard::spawn(&mut cmd)?;
+        let stdout = guard
+            .child_mut()
+            .stdout
+            .take()
+            .context("the candidate's stdout")?;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(Msg::Line(inst, line));
+            }
+            let _ = tx.send(Msg::Eof(inst));
+        });
+        self.procs.push(Proc {
+            guard,
+            paused: None,
+            expected_exit: false,
+            gone: false,
+            leading: None,
+        });
+        self.record.instances.push(Instance { slot, died: None });
+        if let Some(s) = self.slots.get_mut(slot) {
+            *s = Some(inst);
+        }
+        Ok(inst)
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Line(inst, line) => {
+                let Some((at, event)) = check::parse_line(&line) else {
+                    self.log(&format!("c{inst}: unexpected line {line:?}"));
+                    return;
+                };
+                match &event {
+                    Event::Start(token) => {
+                        if let Some(p) = self.procs.get_mut(inst) {
+                            p.leading = Some(*token);
+                        }
+                        let slot = self.record.instances.get(inst).map_or(0, |i| i.slot);
+                        self.log(&format!("c{inst} (slot {slot}) leads, token {token}"));
+                    }
+                    Event::Stop(token) | Event::Drop(token) => {
+                        if let Some(p) = self.procs.get_mut(inst)
+                            && p.leading == Some(*token)
+                        {
+                            p.leading = None;
+                        }
+                    }
+                    _ => {}
+                }
+                self.record.events.push((inst, at, event));
+            }
+            Msg::Eof(inst) => {
+                let Some(p) = self.procs.get_mut(inst) else {
+                    return;
+                };
+                if p.expected_exit || p.gone {
+                    return;
+                }
+                // It exited on its own: note when, and replace it.
+                p.gone = true;
+                p.leading = None;
+                let status = p.guard.try_wait().ok().flatten();
+                if let Some(i) = self.record.instances.get_mut(inst) {
+                    i.died = Some(now_us());
+                }
+                let what = format!("c{inst} exited on its own ({status:?})");
+                self.log(&what);
+                self.unexpected_exits.push(what);
+                let slot = self.record.instances.get(inst).map_or(0, |i| i.slot);
+                self.later
+                    .push((Instant::now() + self.opts.ttl / 2, Later::Respawn { slot }));
+            }
+        }
+    }
+
+    /// Drains the lines read so far.
+    fn drain(&mut self) {
+        while let Ok(msg) = self.rx.try_recv() {
+            self.handle(msg);
+        }
+    }
+
+    fn live(&self) -> Vec<usize> {
+        self.slots
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&i| self.procs.get(i).is_some_and(|p| !p.gone))
+            .collect()
+    }
+
+    fn leader(&self) -> Option<usize> {
+        self.live()
+            .into_iter()
+            .find(|&i| self.procs.get(i).is_some_and(|p| p.leading.is_some()))
+    }
+
+    /// The leader, most of the time, else any of `eligible`.
+    fn pick(&mut self, eligible: &[usize]) -> Option<usize> {
+        if eligible.is_empty() {
+            return None;
+        }
+        if let Some(l) = self.leader()
+            && eligible.contains(&l)
+            && self.rng.below(10) < 7
+        {
+            return Some(l);
+        }
+        eligible
+            .get(self.rng.below(eligible.len() as u64) as usize)
+            .copied()
+    }
+
+    fn fault_length(&mut self) -> Duration {
+        // From a quarter of a ttl (mostly harmless) to 2.5 ttl (the lease
+        // lapses).
+        self.opts.ttl.mul_f64(0.25 + 2.25 * self.rng.unit())
+    }
+
+    fn role(&self, inst: usize) -> &'static str {
+        if self.procs.get(inst).is_some_and(|p| p.leading.is_some()) {
+            "the leader"
+        } else {
+            "a follower"
+        }
+    }
+
+    async fn inject(&mut self) -> anyhow::Result<()> {
+        self.drain();
+        let kind = match self.rng.below(100) {
+            0..20 => FaultKind::Kill,
+            20..45 => FaultKind::Pause,
+            45..67 => FaultKind::Cut,
+            67..85 => FaultKind::Blackhole,
+            _ => FaultKind::Restart,
+        };
+        match kind {
+            FaultKind::Kill | FaultKind::Pause => {
+                let eligible: Vec<usize> = self
+                    .live()
+                    .into_iter()
+                    .filter(|&i| self.procs.get(i).is_some_and(|p| p.paused.is_none()))
+                    .collect();
+                let Some(inst) = self.pick(&eligible) else {
+                    return Ok(());
+                };
+                let role = self.role(inst);
+                let slot = self.record.instances.get(inst).map_or(0, |i| i.slot);
+                let Some(p) = self.procs.get_mut(inst) else {
+                    return Ok(());
+                };
+                if kind == FaultKind::Kill {
+                    let from = now_us();
+                    p.expected_exit = true;
+                    p.guard.kill().await?;
+                    p.gone = true;
+                    p.leading = None;
+                    let died = now_us();
+                    if let Some(i) = self.record.instances.get_mut(inst) {
+                        i.died = Some(died);
+                    }
+                    self.record.faults.push(Fault {
+                        kind,
+                        target: inst,
+                        from,
+                        to: died,
+                    });
+                    let respawn = self.opts.ttl.mul_f64(self.rng.unit());
+                    self.log(&format!(
+                        "fault: kill c{inst} ({role}); a new candidate in slot {slot} in {}",
+                        secs(respawn)
+                    ));
+                    self.later
+                        .push((Instant::now() + respawn, Later::Respawn { slot }));
+                } else {
+                    p.guard.pause()?;
+                    let from = now_us();
+                    p.paused = Some(self.record.faults.len());
+                    self.record.faults.push(Fault {
+                        kind,
+                        target: inst,
+                        from,
+                        to: Micros::MAX,
+                    });
+                    let length = self.fault_length();
+                    self.log(&format!(
+                        "fault: pause c{inst} ({role}) for {}",
+                        secs(length)
+                    ));
+                    self.later
+                        .push((Instant::now() + length, Later::Resume { inst }));
+                }
+            }
+            FaultKind::Cut | FaultKind::Blackhole => {
+                let eligible: Vec<usize> = self
+                    .live()
+                    .into_iter()
+                    .filter(|&i| {
+                        self.record
+                            .instances
+                            .get(i)
+                            .and_then(|x| self.link_fault.get(x.slot))
+                            .is_some_and(Option::is_none)
+                    })
+                    .collect();
+                let Some(inst) = self.pick(&eligible) else {
+                    return Ok(());
+                };
+                let role = self.role(inst);
+                let slot = self.record.instances.get(inst).map_or(0, |i| i.slot);
+                let Some(proxy) = self.proxies.get(slot) else {
+                    return Ok(());
+                };
+                if kind == FaultKind::Cut {
+                    proxy.cut();
+                } else {
+                    proxy.blackhole();
+                }
+                let fault = self.record.faults.len();
+                self.record.faults.push(Fault {
+                    kind,
+                    target: slot,
+                    from: now_us(),
+                    to: Micros::MAX,
+                });
+                if let Some(f) = self.link_fault.get_mut(slot) {
+                    *f = Some(fault);
+                }
+                let length = self.fault_length();
+                self.log(&format!(
+                    "fault: {} the link of c{inst} ({role}) for {}",
+                    kind.name(),
+                    secs(length)
+                ));
+                self.later
+                    .push((Instant::now() + length, Later::Restore { slot, fault }));
+            }
+            FaultKind::Restart => {
+                self.log("fault: restart the server");
+                let from = now_us();
+                let started = Instant::now();
+                self.server.restart().await?;
+                self.record.faults.push(Fault {
+                    kind,
+                    target: 0,
+                    from,
+                    to: now_us(),
+                });
+                self.log(&format!(
+                    "server back after {:.0} ms",
+                    started.elapsed().as_secs_f64() * 1000.0
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self, inst: usize) -> anyhow::Result<()> {
+        let Some(p) = self.procs.get_mut(inst) else {
+            return Ok(());
+        };
+        let Some(fault) = p.paused.take() else {
+            return Ok(());
+        };
+        let to = now_us();
+        p.guard.resume()?;
+        if let Some(f) = self.record.faults.get_mut(fault) {
+            f.to = to;
+        }
+        self.log(&format!("resume c{inst}"));
+        Ok(())
+    }
+
+    fn restore(&mut self, slot: usize, fault: usize) {
+        if let Some(f) = self.record.faults.get_mut(fault) {
+            f.to = now_us();
+        }
+        if let Some(p) = self.proxies.get(slot) {
+            p.restore();
+        }
+        if let Some(f) = self.link_fault.get_mut(slot) {
+            *f = None;
+        }
+        self.log(&format!("restore the link of slot {slot}"));
+    }
+
+    async fn do_later(&mut self, what: Later) -> anyhow::Result<()> {
+        match what {
+            Later::Resume { inst } => self.resume(inst)?,
+            Later::Restore { slot, fault } => self.restore(slot, fault),
+            Later::Respawn { slot } => {
+                let inst = self.spawn(slot)?;
+                self.log(&format!("c{inst} starts in slot {slot}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs what is due by `now`.
+    async fn run_due(&mut self, now: Instant) -> anyhow::Result<()> {
+        while let Some(i) = self.later.iter().position(|(at, _)| *at <= now) {
+            let (_, what) = self.later.swap_remove(i);
+            self.do_later(what).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for lines until `until`.
+    async fn pump_until(&mut self, until: Instant) {
+        loop {
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => return,
+                },
+                () = tokio::time::sleep_until(until) => return,
+            }
+        }
+    }
+}
+
+/// The outcome of a run.
+pub(crate) struct Outcome {
+    pub(crate) report: Report,
+    pub(crate) faults: BTreeMap<FaultKind, usize>,
+    pub(crate) unexpected_exits: Vec<String>,
+    pub(crate) liveness: Result<Duration, String>,
+    pub(crate) clock_step: Option<String>,
+    pub(crate) server: String,
+    /// When the run started, for [`check::Term::show`].
+    pub(crate) origin: Micros,
+}
+
+pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
+    let server = Server::start(opts.store).await?;
+    let describe = server.describe();
+    let mut proxies = Vec::with_capacity(opts.candidates);
+    for _ in 0..opts.candidates {
+        proxies.push(TcpProxy::start(server.addr()).await?);
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let wall0 = SystemTime::now();
+    let mono0 = Instant::now();
+    let mut h = Harness {
+        rng: Rng::new(opts.seed),
+        server,
+        proxies,
+        slots: vec![None; opts.candidates],
+        link_fault: vec![None; opts.candidates],
+        procs: Vec::new(),
+        record: Record {
+            ttl: u64::try_from(opts.ttl.as_micros())?,
+            ..Record::default()
+        },
+        tx,
+        rx,
+        later: Vec::new(),
+        t0: 0,
+        unexpected_exits: Vec::new(),
+        self_exe: std::env::current_exe().context("locating the chaos binary")?,
+        opts,
+    };
+    h.t0 = now_us();
+    h.record.origin = h.t0;
+    h.log(&format!("{describe}, {} candidates", h.opts.candidates));
+    for slot in 0..h.opts.candidates {
+        h.spawn(slot)?;
+    }
+
+    // Chaos: a fault every half to one and a half ttl.
+    let start = Instant::now();
+    let end = start + h.opts.duration;
+    let mut next_fault = start + h.opts.ttl.mul_f64(1.0 + h.rng.unit());
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        h.run_due(now).await?;
+        if now >= next_fault {
+            h.inject().await?;
+            next_fault = Instant::now() + h.opts.ttl.mul_f64(0.5 + h.rng.unit());
+        }
+        let wake = h
+            .later
+            .iter()
+            .map(|(at, _)| *at)
+            .chain([next_fault, end])
+            .min()
+            .unwrap_or(end);
+        h.pump_until(wake).await;
+    }
+
+    // Heal: undo every fault, replace every dead candidate.
+    h.drain();
+    h.log("chaos over: healing");
+    let pending: Vec<Later> = h.later.drain(..).map(|(_, what)| what).collect();
+    for what in pending {
+        h.do_later(what).await?;
+    }
+    let healed = Instant::now();
+    // Liveness: a leader within a few ttl of healing (the store may still
+    // hold a lapsed leader's lease for one ttl, and clients reconnect with
+    // backoff).
+    let give_up = healed + h.opts.ttl * 5 + Duration::from_secs(10);
+    let liveness = loop {
+        h.drain();
+        if h.leader().is_some() {
+            break Ok(healed.elapsed());
+        }
+        if Instant::now() >= give_up {
+            break Err(format!(
+                "no leader {} after healing",
+                secs(healed.elapsed())
+            ));
+        }
+        h.pump_until(Instant::now() + Duration::from_millis(50))
+            .await;
+    };
+    match &liveness {
+        Ok(after) => h.log(&format!("a leader {} after healing", secs(*after))),
+        Err(e) => h.log(e),
+    }
+    h.pump_until(Instant::now() + h.opts.ttl).await;
+
+    // Stop: SIGTERM everyone, wait for them to drain and exit.
+    for inst in h.live() {
+        if let Some(p) = h.procs.get_mut(inst) {
+            p.expected_exit = true;
+            let _ = p.guard.terminate();
+        }
+    }
+    let stop_deadline = Instant::now() + Duration::from_secs(20);
+    for inst in h.live() {
+        let Some(p) = h.procs.get_mut(inst) else {
+            continue;
+        };
+        let status = tokio::time::timeout_at(stop_deadline, p.guard.wait()).await;
+        if status.is_err() {
+            h.unexpected_exits
+                .push(format!("c{inst} did not exit within 20 s of SIGTERM"));
+            let _ = p.guard.kill().await;
+        }
+        p.gone = true;
+        if let Some(i) = h.record.instances.get_mut(inst) {
+            i.died = Some(now_us());
+        }
+    }
+    // Every reader reaches end-of-file now.
+    h.pump_until(Instant::now() + Duration::from_millis(500))
+        .await;
+    h.drain();
+    h.record.end = now_us();
+
+    let clock_step = {
+        let wall = SystemTime::now()
+            .duration_since(wall0)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let mono = mono0.elapsed().as_secs_f64();
+        ((wall - mono).abs() > 0.05).then(|| {
+            format!("the wall clock moved {wall:.3} s while the monotonic clock moved {mono:.3} s: the stamps may be off")
+        })
+    };
+    let mut faults: BTreeMap<FaultKind, usize> = FaultKind::ALL.iter().map(|&k| (k, 0)).collect();
+    for f in &h.record.faults {
+        *faults.entry(f.kind).or_default() += 1;
+    }
+    let report = check::check(&h.record);
+    Ok(Outcome {
+        report,
+        faults,
+        unexpected_exits: h.unexpected_exits,
+        liveness,
+        clock_step,
+        server: describe,
+        origin: h.record.origin,
+    })
+}

@@ -1,0 +1,6 @@
+//! The chaos harness (`chaos` binary): see `src/bin/chaos.rs`.
+
+pub(crate) mod candidate;
+pub(crate) mod check;
+pub(crate) mod harness;
+pub(crate) mod rng;
