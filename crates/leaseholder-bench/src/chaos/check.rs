@@ -27,8 +27,11 @@
 //!   ttl before that term's start and the later of the two starts (a pause
 //!   right after the acquire, before the work printed `START`, counts too).
 //!   Every other overlap, however short, is a violation. An excused one is
-//!   still a violation if the resumed work ran on for more than a ttl after
-//!   `SIGCONT` (its token should fire at once: the deadline has passed).
+//!   still a violation if the work ran on for more than [`REACTION`] after
+//!   both its `SIGCONT` and the successor's start (its deadline has passed,
+//!   so its token fires as soon as the campaign runs). So an early, harmless
+//!   pause cannot excuse a later overlap: the work would have to keep
+//!   running long after the thaw.
 //! - A link cut, blackhole or server restart never excuses an overlap: the
 //!   leader's deadline comes before the store can expire its lease.
 
@@ -37,6 +40,12 @@ use std::fmt;
 
 /// Microseconds since the Unix epoch.
 pub(crate) type Micros = u64;
+
+/// How soon a thawed leader's work must stop once its successor has
+/// started: its deadline has passed, so the token fires as soon as the
+/// campaign task runs (a few milliseconds seen); the rest is slack for a
+/// loaded machine.
+pub(crate) const REACTION: Micros = 500_000;
 
 /// One line a candidate printed (after its stamp).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,14 +241,13 @@ impl Faults<'_> {
         self.any(FaultKind::Pause, Some(inst), lo, hi)
     }
 
-    /// The latest `SIGCONT` of `inst` before `at`.
-    fn last_resume_before(&self, inst: usize, at: Micros) -> Option<Micros> {
+    /// The `(SIGSTOP, SIGCONT)` windows of `inst`.
+    fn pauses(&self, inst: usize) -> impl Iterator<Item = (Micros, Micros)> + '_ {
         self.record
             .faults
             .iter()
-            .filter(|f| f.kind == FaultKind::Pause && f.target == inst && f.to <= at)
-            .map(|f| f.to)
-            .max()
+            .filter(move |f| f.kind == FaultKind::Pause && f.target == inst)
+            .map(|f| (f.from, f.to))
     }
 
     /// What disturbed `inst` in `(lo, hi)`, if anything: the first of
@@ -331,17 +339,37 @@ pub(crate) fn check(record: &Record) -> Report {
                 continue;
             }
             report.excused_overlaps += 1;
-            if let Some(resumed) = faults.last_resume_before(lower.inst, lower.end) {
-                let after = lower.end.saturating_sub(resumed);
-                report.longest_work_after_resume = report.longest_work_after_resume.max(after);
-                if after > ttl {
-                    report.violations.push(format!(
-                        "{} kept working {} after SIGCONT, over a ttl, while {} led",
-                        lower.show(o),
-                        ms(after),
-                        if lower.token == a.token { b } else { a }.show(o)
-                    ));
-                }
+            // Once it is thawed and the successor has started, the frozen
+            // term's work must stop within REACTION (its deadline has
+            // passed: the token fires as soon as the campaign runs). A
+            // pause that began before then extends the bound.
+            let later = b.start;
+            let mut cutoff = faults
+                .pauses(lower.inst)
+                .filter(|&(p, _)| p < later)
+                .map(|(_, r)| r)
+                .max()
+                .unwrap_or(later)
+                .max(later)
+                + REACTION;
+            while let Some(r) = faults
+                .pauses(lower.inst)
+                .filter(|&(p, r)| p < cutoff && r + REACTION > cutoff)
+                .map(|(_, r)| r)
+                .max()
+            {
+                cutoff = r + REACTION;
+            }
+            let after = lower.end.saturating_sub(cutoff - REACTION);
+            report.longest_work_after_resume = report.longest_work_after_resume.max(after);
+            if lower.end > cutoff {
+                report.violations.push(format!(
+                    "{} kept working {} after it was thawed and {} had started (allowed: {})",
+                    lower.show(o),
+                    ms(after),
+                    if lower.token == a.token { b } else { a }.show(o),
+                    ms(REACTION)
+                ));
             }
         }
     }
@@ -541,6 +569,32 @@ mod tests {
             vec![],
         ));
         assert_eq!(r.violations.len(), 2, "{:?}", r.violations);
+    }
+
+    #[test]
+    fn an_early_short_pause_does_not_excuse_a_later_overlap() {
+        // Paused for 0.5 s, thawed, then still working 1.5 s later, when
+        // the successor starts: the pause did not cause that.
+        let pause = Fault {
+            kind: FaultKind::Pause,
+            target: 0,
+            from: 1_000_000,
+            to: 1_500_000,
+        };
+        let r = check(&rec(
+            &[
+                (0, 10, Event::Start(1)),
+                (1, 3_000_000, Event::Start(2)),
+                (0, 3_600_000, Event::Stop(1)),
+            ],
+            vec![pause],
+        ));
+        assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
+        assert!(
+            r.violations[0].contains("kept working"),
+            "{:?}",
+            r.violations
+        );
     }
 
     #[test]
