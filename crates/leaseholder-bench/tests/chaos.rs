@@ -1,0 +1,55 @@
+//! The chaos harness for two minutes on a real nats-server: kills, pauses,
+//! link cuts and blackholes, server restarts; no safety violation, every
+//! kind of fault injected, and leadership changing hands several times.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use leaseholder_testkit::{MIN_NATS_VERSION, find_nats_server};
+
+/// Reads `key=value` from the harness's closing `CHAOS …` line.
+fn field(line: &str, key: &str) -> u64 {
+    line.split_ascii_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn two_minutes_of_chaos_on_nats_keep_the_safety_property() {
+    find_nats_server(MIN_NATS_VERSION, None)
+        .expect("nats-server 2.11+ is needed for the chaos test: run scripts/setup");
+    let started = Instant::now();
+    // Nextest stops a test after 5 minutes: the run takes about 2 min 10 s.
+    let output = Command::new(env!("CARGO_BIN_EXE_chaos"))
+        .args(["--duration", "120s"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // The summary is what a failure is diagnosed from (with its seed).
+    let summary = stdout
+        .find("== chaos summary")
+        .map_or(&stdout[..], |at| &stdout[at..]);
+    println!("{summary}\n(in {:?})", started.elapsed());
+    assert!(
+        output.status.success(),
+        "chaos failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("CHAOS "))
+        .unwrap_or_else(|| panic!("no CHAOS line:\n{stdout}\n{stderr}"));
+    assert_eq!(field(line, "violations"), 0, "{line}");
+    for kind in ["kill", "pause", "cut", "blackhole", "restart"] {
+        assert!(field(line, kind) > 0, "no {kind} fault injected: {line}");
+    }
+    assert!(
+        field(line, "transitions") >= 5,
+        "too few leadership transitions: {line}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(240));
+}
