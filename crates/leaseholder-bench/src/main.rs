@@ -1,1 +1,562 @@
-fn main() {}
+//! `leaseholder-bench [--quick] [--out DIR] [--no-noleader]`: leader election
+//! benchmarks on the memory backend, a real nats-server and a real
+//! PostgreSQL, with noleader 0.1.2 on the same nats-server. See
+//! `scripts/bench`.
+
+mod counting;
+mod fleet;
+mod report;
+mod scenarios;
+mod stats;
+mod timeline;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use leaseholder::MemoryStore;
+use leaseholder_testkit::{NatsServer, PostgresServer};
+use tokio::time::Instant;
+
+use crate::fleet::{Fleet, MemFleet, ProcFleet};
+use crate::report::Row;
+use crate::scenarios::{Store, Timed};
+
+#[derive(Clone)]
+struct Opts {
+    quick: bool,
+    out: PathBuf,
+    noleader: bool,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("scale-worker") {
+        return scale_worker(&args[1..]).await;
+    }
+    let mut opts = Opts {
+        quick: false,
+        out: PathBuf::from("bench-results"),
+        noleader: true,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => opts.quick = true,
+            "--no-noleader" => opts.noleader = false,
+            "--out" => opts.out = PathBuf::from(it.next().context("--out DIR")?),
+            other => anyhow::bail!(
+                "unknown argument {other:?}; usage: leaseholder-bench [--quick] [--out DIR] [--no-noleader]"
+            ),
+        }
+    }
+    if opts.quick && !args.iter().any(|a| a == "--out") {
+        opts.out = opts.out.join("quick");
+    }
+    run(opts).await
+}
+
+/// `scale-worker <memory|nats|postgres> <url> <keys> <ttl-ms> <window-ms>`:
+/// one process, one client, `keys` leaders; prints one `SCALE` line.
+async fn scale_worker(args: &[String]) -> anyhow::Result<()> {
+    let [kind, url, keys, ttl, window] = args else {
+        anyhow::bail!(
+            "usage: scale-worker <memory|nats|postgres> <url> <keys> <ttl-ms> <window-ms>"
+        );
+    };
+    let store = match kind.as_str() {
+        "memory" => Store::Memory(MemoryStore::new()),
+        "nats" => Store::Nats(url.clone()),
+        "postgres" => Store::Postgres(url.clone()),
+        other => anyhow::bail!("unknown store {other:?}"),
+    };
+    let s = scenarios::scale(
+        &store,
+        keys.parse()?,
+        Duration::from_millis(ttl.parse()?),
+        Duration::from_millis(window.parse()?),
+    )
+    .await?;
+    println!("{}", s.to_line());
+    Ok(())
+}
+
+/// The `bench-candidate` binary next to this one; built if missing.
+fn candidate_exe() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let exe = me.with_file_name("bench-candidate");
+    if !exe.exists() {
+        let release = me.components().any(|c| c.as_os_str() == "release");
+        let mut cmd =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args([
+            "build",
+            "-p",
+            "leaseholder-bench",
+            "--bin",
+            "bench-candidate",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().context("building bench-candidate")?;
+        anyhow::ensure!(
+            status.success() && exe.exists(),
+            "could not build {}",
+            exe.display()
+        );
+    }
+    Ok(exe)
+}
+
+fn slug(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    while out.contains("--") {
+        out = out.replace("--", "-");
+    }
+    out.trim_matches('-').to_owned()
+}
+
+struct Sink {
+    dir: PathBuf,
+    rows: Vec<Row>,
+}
+
+impl Sink {
+    #[allow(clippy::too_many_arguments)]
+    fn timed(
+        &mut self,
+        backend: &str,
+        imp: &'static str,
+        scenario: &str,
+        t: Timed,
+        target: Option<(String, f64)>,
+    ) -> anyhow::Result<()> {
+        let svg = match t.svg {
+            Some(svg) => {
+                let name = format!(
+                    "timelines/{}.svg",
+                    slug(&format!("{backend} {imp} {scenario}"))
+                );
+                report::write(&self.dir, &name, &svg)?;
+                Some(name)
+            }
+            None => None,
+        };
+        self.rows.push(Row {
+            backend: backend.to_owned(),
+            imp,
+            scenario: scenario.to_owned(),
+            unit: "ms",
+            samples: t.samples,
+            target,
+            svg,
+            note: t.note.unwrap_or_default(),
+        });
+        Ok(())
+    }
+
+    fn figure(
+        &mut self,
+        backend: &str,
+        scenario: String,
+        unit: &'static str,
+        samples: Vec<f64>,
+        target: Option<(String, f64)>,
+        note: String,
+    ) {
+        self.rows.push(Row {
+            backend: backend.to_owned(),
+            imp: "leaseholder",
+            scenario,
+            unit,
+            samples,
+            target,
+            svg: None,
+            note,
+        });
+    }
+}
+
+fn log(start: Instant, what: &str) {
+    eprintln!("[{:>6.1} s] {what}", start.elapsed().as_secs_f64());
+}
+
+async fn fleet_scenarios<F: Fleet>(
+    sink: &mut Sink,
+    opts: &Opts,
+    backend: &str,
+    mut make: impl FnMut(&str, Duration) -> F,
+    start: Instant,
+) -> anyhow::Result<()> {
+    let runs = if opts.quick { 10 } else { 30 };
+    log(
+        start,
+        &format!("{backend}: first election, {runs} runs of 3 candidates"),
+    );
+    let t = scenarios::first_election(
+        |key| make(key, Duration::from_secs(10)),
+        &format!("{backend}-{}", uuid::Uuid::now_v7().simple()),
+        runs,
+        3,
+        Duration::from_secs(30),
+        &format!("{backend}: first election"),
+    )
+    .await?;
+    sink.timed(
+        backend,
+        "leaseholder",
+        "first election (3 candidates)",
+        t,
+        Some(("p99 <= 50 ms".into(), 50.0)),
+    )?;
+    let ttls: &[u64] = if opts.quick { &[2] } else { &[10, 2] };
+    for &ttl_s in ttls {
+        let ttl = Duration::from_secs(ttl_s);
+        let rounds = if opts.quick { 5 } else { 10 };
+        log(
+            start,
+            &format!("{backend}: handoff and crash failover, ttl {ttl_s} s, {rounds} rounds"),
+        );
+        let key = format!("{backend}-hc-{ttl_s}-{}", uuid::Uuid::now_v7().simple());
+        let mut fleet = make(&key, ttl);
+        let (_, handoff, failover) = scenarios::handoff_and_crash(
+            &mut fleet,
+            rounds,
+            true,
+            true,
+            ttl * 3 + Duration::from_secs(10),
+            &format!("{backend} ttl {ttl_s} s"),
+        )
+        .await?;
+        let handoff_target = (backend != "memory").then(|| ("p99 <= 5 ms".to_owned(), 5.0));
+        sink.timed(
+            backend,
+            "leaseholder",
+            &format!("graceful handoff (ttl {ttl_s} s)"),
+            handoff,
+            handoff_target,
+        )?;
+        let limit = (ttl_s * 1000 + 100) as f64;
+        sink.timed(
+            backend,
+            "leaseholder",
+            &format!("crash failover (ttl {ttl_s} s)"),
+            failover,
+            Some((format!("p99 <= ttl + 100 ms = {limit} ms"), limit)),
+        )?;
+    }
+    Ok(())
+}
+
+async fn steady_and_scale(
+    sink: &mut Sink,
+    opts: &Opts,
+    store: &Store,
+    url: &str,
+    start: Instant,
+) -> anyhow::Result<()> {
+    let backend = store.name();
+    let ttl = Duration::from_secs(10);
+    let window = Duration::from_secs(if opts.quick { 10 } else { 60 });
+    log(
+        start,
+        &format!("{backend}: steady state, 3 candidates, ttl 10 s, {window:?}"),
+    );
+    let key = format!("steady-{}", uuid::Uuid::now_v7().simple());
+    let s = scenarios::steady(store, &key, ttl, window).await?;
+    let per_min = |n: u64| n as f64 * 60.0 / s.window.as_secs_f64();
+    let note = format!(
+        "ttl {:?}, window {:?}; leader: {} renew, {} acquire, {} release, {} read{}",
+        s.ttl,
+        s.window,
+        s.leader.renew,
+        s.leader.acquire,
+        s.leader.release,
+        s.leader.holder,
+        if s.leader_changed {
+            "; LEADER CHANGED during the window"
+        } else {
+            ""
+        }
+    );
+    sink.figure(
+        backend,
+        "steady: leader store ops per minute".into(),
+        "ops/min",
+        vec![per_min(s.leader.total())],
+        None,
+        note,
+    );
+    let per_ttl = s.leader.writes() as f64 * s.ttl.as_secs_f64() / s.window.as_secs_f64();
+    sink.figure(
+        backend,
+        "steady: leader store writes per ttl".into(),
+        "writes/ttl",
+        vec![per_ttl],
+        Some(("<= 4".into(), 4.0)),
+        String::new(),
+    );
+    let followers: Vec<f64> = s.followers.iter().map(|f| per_min(f.total())).collect();
+    let fnote = s
+        .followers
+        .iter()
+        .map(|f| format!("{} acquire, {} read", f.acquire, f.holder))
+        .collect::<Vec<_>>()
+        .join("; ");
+    sink.figure(
+        backend,
+        "steady: idle follower store ops per minute (each)".into(),
+        "ops/min",
+        followers,
+        Some(("0 while the watch is up".into(), 0.0)),
+        fnote,
+    );
+
+    let keys: &[usize] = if opts.quick {
+        &[1, 100, 1000]
+    } else {
+        &[1, 100, 1000, 10_000]
+    };
+    let window = Duration::from_secs(if opts.quick { 5 } else { 20 });
+    for &n in keys {
+        log(
+            start,
+            &format!("{backend}: scale, {n} keys in one process, window {window:?}"),
+        );
+        let out = tokio::time::timeout(
+            Duration::from_secs(300),
+            tokio::process::Command::new(std::env::current_exe()?)
+                .args([
+                    "scale-worker",
+                    backend,
+                    url,
+                    &n.to_string(),
+                    &ttl.as_millis().to_string(),
+                    &window.as_millis().to_string(),
+                ])
+                .stderr(std::process::Stdio::inherit())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .context("scale worker timed out")??;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let Some(line) = stdout.lines().find(|l| l.starts_with("SCALE ")) else {
+            sink.figure(
+                backend,
+                format!("scale {n} keys"),
+                "",
+                vec![],
+                None,
+                format!("worker failed: {}", out.status),
+            );
+            continue;
+        };
+        let s = scenarios::Scale::from_line(line)?;
+        let note = format!(
+            "ttl 10 s; all led after {:.0} ms; window {:.1} s; {} renewals, {} lost terms",
+            s.ready_ms, s.window_s, s.renewals, s.lost
+        );
+        sink.figure(
+            backend,
+            format!("scale {n} keys: CPU, % of one core"),
+            "%",
+            vec![s.cpu_pct],
+            Some(("<= 5 % (10,000 keys)".into(), 5.0)),
+            note,
+        );
+        sink.figure(
+            backend,
+            format!("scale {n} keys: resident memory per key"),
+            "KiB",
+            vec![s.rss_kib / n as f64],
+            Some(("<= 8 KiB (10,000 keys)".into(), 8.0)),
+            format!("VmRSS delta {:.0} KiB", s.rss_kib),
+        );
+        sink.figure(
+            backend,
+            format!("scale {n} keys: renew lateness p99"),
+            "% of interval",
+            vec![s.late_p99_pct],
+            Some(("<= 10 %".into(), 10.0)),
+            format!(
+                "{} of {} renewals late by > 10 % of the interval",
+                s.late, s.renewals
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// noleader on the NATS server: one fleet times the first election and a
+/// graceful handoff (SIGTERM), another, at the same time, a crash (SIGKILL).
+async fn noleader_scenarios(
+    exe: PathBuf,
+    url: String,
+    quick: bool,
+) -> anyhow::Result<Vec<(String, Timed)>> {
+    let rounds = if quick { 1 } else { 3 };
+    let wait = Duration::from_secs(if quick { 140 } else { 240 });
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let mut a = ProcFleet::new(
+        exe.clone(),
+        "noleader",
+        &url,
+        &format!("nl-handoff-{id}"),
+        Duration::from_secs(60),
+    );
+    let mut b = ProcFleet::new(
+        exe,
+        "noleader",
+        &url,
+        &format!("nl-crash-{id}"),
+        Duration::from_secs(60),
+    );
+    let (ra, rb) = tokio::join!(
+        scenarios::handoff_and_crash(&mut a, rounds, true, false, wait, "nats noleader"),
+        scenarios::handoff_and_crash(&mut b, rounds, false, true, wait, "nats noleader"),
+    );
+    let (first_a, handoff, _) = ra?;
+    let (first_b, _, failover) = rb?;
+    let mut first = first_a;
+    first.samples.extend(first_b.samples);
+    first.note = first.note.or(first_b.note);
+    Ok(vec![
+        ("first election (3 candidates)".into(), first),
+        ("graceful handoff (ttl 60 s, fixed)".into(), handoff),
+        ("crash failover (ttl 60 s, fixed)".into(), failover),
+    ])
+}
+
+async fn run(opts: Opts) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let exe = candidate_exe()?;
+    let mut sink = Sink {
+        dir: opts.out.clone(),
+        rows: Vec::new(),
+    };
+    let _ = std::fs::remove_dir_all(opts.out.join("timelines"));
+
+    // Memory: candidates are tasks in this process.
+    let mem = MemoryStore::new();
+    fleet_scenarios(
+        &mut sink,
+        &opts,
+        "memory",
+        |key, ttl| MemFleet::new(&mem, key, ttl),
+        start,
+    )
+    .await?;
+
+    log(start, "starting nats-server");
+    let nats = NatsServer::start()
+        .await
+        .context("nats-server 2.11+ is needed: run scripts/setup")?;
+    let noleader = opts.noleader.then(|| {
+        log(
+            start,
+            "nats: noleader 0.1.2 runs in the background (first election, handoff, crash)",
+        );
+        tokio::spawn(noleader_scenarios(exe.clone(), nats.url(), opts.quick))
+    });
+    let nats_url = nats.url();
+    fleet_scenarios(
+        &mut sink,
+        &opts,
+        "nats",
+        |key, ttl| ProcFleet::new(exe.clone(), "leaseholder", &nats_url, key, ttl),
+        start,
+    )
+    .await?;
+
+    log(start, "starting PostgreSQL");
+    let pg = PostgresServer::start()
+        .await
+        .context("PostgreSQL 15+ is needed: run scripts/setup")?;
+    let pg_url = pg.url();
+    fleet_scenarios(
+        &mut sink,
+        &opts,
+        "postgres",
+        |key, ttl| ProcFleet::new(exe.clone(), "leaseholder", &pg_url, key, ttl),
+        start,
+    )
+    .await?;
+
+    steady_and_scale(
+        &mut sink,
+        &opts,
+        &Store::Memory(mem.clone()),
+        "memory",
+        start,
+    )
+    .await?;
+    steady_and_scale(
+        &mut sink,
+        &opts,
+        &Store::Nats(nats_url.clone()),
+        &nats_url,
+        start,
+    )
+    .await?;
+    steady_and_scale(
+        &mut sink,
+        &opts,
+        &Store::Postgres(pg_url.clone()),
+        &pg_url,
+        start,
+    )
+    .await?;
+
+    if let Some(task) = noleader {
+        log(start, "waiting for noleader");
+        for (scenario, t) in task.await?? {
+            sink.timed("nats", "noleader", &scenario, t, None)?;
+        }
+    }
+    // Ours first, noleader's rows after ours, per backend.
+    let wall = start.elapsed();
+    let mode = if opts.quick { "--quick" } else { "full" };
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let meta = [
+        ("mode", mode.to_owned()),
+        ("wall_time_s", format!("{:.1}", wall.as_secs_f64())),
+        ("nats_server", nats.version().to_owned()),
+        ("postgres", pg.version().to_owned()),
+        ("cpus", cpus.to_string()),
+        ("noleader", "0.1.2".to_owned()),
+    ];
+    report::write(&opts.out, "results.json", &report::json(&sink.rows, &meta))?;
+    let header = format!(
+        "# leaseholder benchmark results ({mode})\n\nRun by `scripts/bench{}`; wall time {:.0} s on {cpus} CPUs shared with other work, so figures are noisy. \
+nats-server {}, PostgreSQL {}, noleader 0.1.2 on the same nats-server. Times in ms from the action (SIGTERM, SIGKILL, or letting all candidates campaign) to the successor's work start, \
+measured by the bench process reading the candidates' stdout. NATS and PostgreSQL candidates are separate processes; memory candidates are tasks in the bench process. \
+Targets are checked against p99 (single figures: their value). Raw samples: `results.json`.\n",
+        if opts.quick { " --quick" } else { "" },
+        wall.as_secs_f64(),
+        nats.version(),
+        pg.version()
+    );
+    let md = report::markdown(&sink.rows, &header);
+    report::write(&opts.out, "RESULTS.md", &md)?;
+    println!("{md}");
+    log(
+        start,
+        &format!(
+            "done: {}",
+            Path::new(&opts.out).join("RESULTS.md").display()
+        ),
+    );
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! A [`BackendEdge`] wrapper that counts store operations at the client and
+//! times renewals against the schedule.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use leaseholder::{
+    Acquired, BackendEdge, BackendError, Claim, ConfigError, Holder, Key, Lease, Renewed,
+    WatchStream,
+};
+
+/// Operation counts, shared by the wrapper and the bench.
+#[derive(Default)]
+pub(crate) struct Counts {
+    pub(crate) acquire: AtomicU64,
+    pub(crate) renew: AtomicU64,
+    pub(crate) release: AtomicU64,
+    pub(crate) holder: AtomicU64,
+    pub(crate) setup: AtomicU64,
+    pub(crate) watch: AtomicU64,
+    timing: Mutex<Timing>,
+}
+
+#[derive(Default)]
+struct Timing {
+    /// When the campaign may send the next renewal at the latest, per key:
+    /// the last acquire or renew reply plus the renew interval (the campaign
+    /// schedules the next renewal at reply + renew interval shortened by up
+    /// to the jitter).
+    due: HashMap<Key, Instant>,
+    /// How late each renewal was sent, past `due`.
+    lateness: Vec<Duration>,
+}
+
+/// A snapshot of the counts.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Snapshot {
+    pub(crate) acquire: u64,
+    pub(crate) renew: u64,
+    pub(crate) release: u64,
+    pub(crate) holder: u64,
+}
+
+impl Snapshot {
+    /// Operations that write to the store.
+    pub(crate) fn writes(&self) -> u64 {
+        self.acquire + self.renew + self.release
+    }
+    pub(crate) fn total(&self) -> u64 {
+        self.writes() + self.holder
+    }
+    pub(crate) fn since(&self, before: &Snapshot) -> Snapshot {
+        Snapshot {
+            acquire: self.acquire - before.acquire,
+            renew: self.renew - before.renew,
+            release: self.release - before.release,
+            holder: self.holder - before.holder,
+        }
+    }
+}
+
+impl Counts {
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            acquire: self.acquire.load(Ordering::Relaxed),
+            renew: self.renew.load(Ordering::Relaxed),
+            release: self.release.load(Ordering::Relaxed),
+            holder: self.holder.load(Ordering::Relaxed),
+        }
+    }
+
+    fn timing(&self) -> MutexGuard<'_, Timing> {
+        self.timing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the renewal lateness samples gathered so far.
+    pub(crate) fn take_lateness(&self) -> Vec<Duration> {
+        std::mem::take(&mut self.timing().lateness)
+    }
+}
+
+/// Counts every call to the wrapped edge.
+pub(crate) struct Counting<E> {
+    inner: E,
+    counts: Arc<Counts>,
+    renew_interval: Duration,
+}
+
+impl<E: BackendEdge> Counting<E> {
+    /// Wraps `inner`; `renew_interval` is the leaders' configured interval.
+    pub(crate) fn new(inner: E, renew_interval: Duration) -> (Counting<E>, Arc<Counts>) {
+        let counts = Arc::new(Counts::default());
+        (
+            Counting {
+                inner,
+                counts: counts.clone(),
+                renew_interval,
+            },
+            counts,
+        )
+    }
+}
+
+impl<E: BackendEdge> BackendEdge for Counting<E> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn min_ttl(&self) -> Duration {
+        self.inner.min_ttl()
+    }
+
+    fn validate_key(&self, key: &Key) -> Result<(), ConfigError> {
+        self.inner.validate_key(key)
+    }
+
+    async fn setup(&self) -> Result<(), BackendError> {
+        self.counts.setup.fetch_add(1, Ordering::Relaxed);
+        self.inner.setup().await
+    }
+
+    async fn acquire(
+        &self,
+        key: &Key,
+        claim: &Claim,
+        ttl: Duration,
+    ) -> Result<Acquired, BackendError> {
+        self.counts.acquire.fetch_add(1, Ordering::Relaxed);
+        let res = self.inner.acquire(key, claim, ttl).await;
+        if let Ok(Acquired::Won(_)) = &res {
+            let due = Instant::now() + self.renew_interval;
+            self.counts.timing().due.insert(key.clone(), due);
+        }
+        res
+    }
+
+    async fn renew(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        self.counts.renew.fetch_add(1, Ordering::Relaxed);
+        let sent = Instant::now();
+        {
+            let mut timing = self.counts.timing();
+            if let Some(due) = timing.due.remove(key) {
+                let late = sent.saturating_duration_since(due);
+                timing.lateness.push(late);
+            }
+        }
+        let res = self.inner.renew(key, lease, ttl, budget).await;
+        if let Ok(Renewed::Renewed(_)) = &res {
+            let due = Instant::now() + self.renew_interval;
+            self.counts.timing().due.insert(key.clone(), due);
+        }
+        res
+    }
+
+    async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+        self.counts.release.fetch_add(1, Ordering::Relaxed);
+        self.counts.timing().due.remove(key);
+        self.inner.release(key, lease).await
+    }
+
+    async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+        self.counts.holder.fetch_add(1, Ordering::Relaxed);
+        self.inner.holder(key).await
+    }
+
+    async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {
+        self.counts.watch.fetch_add(1, Ordering::Relaxed);
+        self.inner.watch().await
+    }
+
+    fn watch_reports_expiry(&self) -> bool {
+        self.inner.watch_reports_expiry()
+    }
+}
