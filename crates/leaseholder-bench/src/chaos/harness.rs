@@ -280,10 +280,15 @@ impl Harness {
     }
 
     fn role(&self, inst: usize) -> &'static str {
-        if self.procs.get(inst).is_some_and(|p| p.leading.is_some()) {
-            "the leader"
-        } else {
-            "a follower"
+        let p = self.procs.get(inst);
+        match (
+            p.is_some_and(|p| p.leading.is_some()),
+            p.is_some_and(|p| p.paused.is_some()),
+        ) {
+            (true, false) => "the leader",
+            (true, true) => "a paused leader",
+            (false, false) => "a follower",
+            (false, true) => "a paused follower",
         }
     }
 
