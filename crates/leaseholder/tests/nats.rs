@@ -483,3 +483,120 @@ async fn a_bucket_deleted_under_a_leader_stops_the_campaign_and_is_not_recreated
     // Nobody re-created the bucket.
     assert!(js.get_stream("KV_leases").await.is_err());
 }
+
+/// A `BackendEdge` that counts the store calls it passes on.
+struct Counting {
+    inner: leaseholder::NatsBackend,
+    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Counting {
+    fn count(&self) {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl leaseholder::BackendEdge for Counting {
+    fn name(&self) -> &'static str {
+        "counting-nats"
+    }
+    fn min_ttl(&self) -> Duration {
+        self.inner.min_ttl()
+    }
+    async fn setup(&self) -> Result<(), BackendError> {
+        self.inner.setup().await
+    }
+    async fn acquire(
+        &self,
+        key: &leaseholder::Key,
+        claim: &leaseholder::Claim,
+        ttl: Duration,
+    ) -> Result<leaseholder::Acquired, BackendError> {
+        self.count();
+        self.inner.acquire(key, claim, ttl).await
+    }
+    async fn renew(
+        &self,
+        key: &leaseholder::Key,
+        lease: &leaseholder::Lease,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<leaseholder::Renewed, BackendError> {
+        self.count();
+        self.inner.renew(key, lease, ttl, budget).await
+    }
+    async fn release(
+        &self,
+        key: &leaseholder::Key,
+        lease: &leaseholder::Lease,
+    ) -> Result<(), BackendError> {
+        self.count();
+        self.inner.release(key, lease).await
+    }
+    async fn holder(
+        &self,
+        key: &leaseholder::Key,
+    ) -> Result<Option<leaseholder::Holder>, BackendError> {
+        self.count();
+        self.inner.holder(key).await
+    }
+    async fn watch(&self) -> Result<Option<leaseholder::WatchStream>, BackendError> {
+        self.inner.watch().await
+    }
+    fn watch_reports_expiry(&self) -> bool {
+        self.inner.watch_reports_expiry()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_follower_makes_no_store_calls_while_the_leader_renews() {
+    let s = server().await;
+    let ttl = Duration::from_secs(2);
+    let a = leader(&s.url(), ttl).await;
+    let ta = started(&a);
+    timeout(WAIT, a.state().wait_for(State::is_leader))
+        .await
+        .unwrap()
+        .unwrap();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let client = async_nats::connect(s.url()).await.unwrap();
+    let b = Leader::builder("scheduler")
+        .backend(Backend::new(Counting {
+            inner: leaseholder::NatsBackend::new(client, "leases"),
+            calls: calls.clone(),
+        }))
+        .ttl(ttl)
+        .build()
+        .unwrap();
+    let tb = started(&b);
+    timeout(
+        WAIT,
+        b.state()
+            .wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Measurement windows, not waits for a state. Startup first: when the
+    // watch connects it re-reads the key once (events may have been missed
+    // before), so the count starts half a ttl later.
+    tokio::time::sleep(ttl / 2).await;
+    let before = calls.load(std::sync::atomic::Ordering::SeqCst);
+    // Then three ttls in which the leader renews about nine times.
+    tokio::time::sleep(ttl * 3).await;
+    let during = calls.load(std::sync::atomic::Ordering::SeqCst) - before;
+    println!("follower store calls in 3 ttl while the leader renewed: {during}");
+    assert_eq!(during, 0);
+    assert!(a.state().borrow().is_leader());
+    // And it still takes over at once when the leader leaves.
+    let t0 = Instant::now();
+    a.shutdown().await.unwrap();
+    timeout(WAIT, b.state().wait_for(State::is_leader))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(t0.elapsed() < ttl / 2, "{:?}", t0.elapsed());
+    b.shutdown().await.unwrap();
+    ta.await.unwrap().unwrap();
+    tb.await.unwrap().unwrap();
+}

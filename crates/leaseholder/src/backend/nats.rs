@@ -426,10 +426,23 @@ impl BackendEdge for NatsBackend {
                 FencingToken::new(seq),
                 seq,
             ))),
-            None => match self.entry(key).await?.as_ref().and_then(Self::holder) {
-                Some(h) => Ok(Acquired::Held(h)),
-                None => Err(BackendError::unavailable("the key changed during acquire")),
-            },
+            None => {
+                // Lost the race. On a replicated stream the leader refuses
+                // a write while a competing one is still being replicated,
+                // so the winner may not be readable yet, even from the
+                // leader: read again, briefly, before giving up.
+                let mut pause = Duration::from_millis(2);
+                for _ in 0..6 {
+                    if let Some(h) = self.entry(key).await?.as_ref().and_then(Self::holder) {
+                        return Ok(Acquired::Held(h));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(BackendError::unavailable(
+                    "lost the race for the key, but no holder became readable",
+                ))
+            }
         }
     }
 

@@ -271,6 +271,9 @@ pub(crate) struct Core {
     leader: Option<Holder>,
     /// A fatal error to report once the lease is given back.
     fatal: Option<FatalError>,
+    /// The backend's watch reports expiry: a follower that sees a write
+    /// without an expiry hint need not poll before a ttl has passed.
+    watch_reports_expiry: bool,
 }
 
 /// `Timing` with `jitter` as parts per million, so the machine is `Hash`.
@@ -287,6 +290,12 @@ struct TimingKey {
 }
 
 impl Core {
+    /// Tells the machine that the backend's watch reports expiry
+    /// ([`BackendEdge::watch_reports_expiry`](crate::BackendEdge::watch_reports_expiry)).
+    pub(crate) fn set_watch_reports_expiry(&mut self, reports: bool) {
+        self.watch_reports_expiry = reports;
+    }
+
     pub(crate) fn new(timing: &Timing, seed: u64) -> Core {
         Core {
             t: TimingKey {
@@ -308,6 +317,7 @@ impl Core {
             next_term: 1,
             leader: None,
             fatal: None,
+            watch_reports_expiry: false,
         }
     }
 
@@ -716,8 +726,17 @@ impl Core {
             }
             (Phase::Follower { .. }, WatchEvent::Updated(_, Some(holder))) => {
                 // A renewal or a new leader: push the expiry wake-up out,
-                // with no store call.
-                if let Some(left) = holder.expires_in() {
+                // with no store call. Without a hint, a watch that reports
+                // expiry will say when the lease ends; until then, this
+                // write keeps it alive about a ttl (ours: a hint to wake
+                // up, never a promise), so an idle follower makes no store
+                // calls while the leader renews and the watch is up.
+                let left = match holder.expires_in() {
+                    Some(left) => Some(left),
+                    None if self.watch_reports_expiry => Some(self.t.ttl),
+                    None => None,
+                };
+                if let Some(left) = left {
                     let at = now + left + self.spread();
                     if let Phase::Follower { wake_at, .. } = &mut self.phase {
                         *wake_at = (*wake_at).max(at);

@@ -147,6 +147,7 @@ async fn run(
 ) {
     let timing = config.timing;
     let mut core = Core::new(&timing, seed);
+    core.set_watch_reports_expiry(shared.backend.watch_reports_expiry());
     let mut subscription = shared.backend.subscribe(&shared.key);
     let mut op: Option<OpFuture> = None;
     let mut term: Option<Running> = None;
