@@ -1,6 +1,6 @@
 //! The harness: a real server, one TCP proxy per candidate slot, candidate
 //! processes campaigning for one key through their proxies, and a seeded
-//! schedule of faults. It records everything for [`check`](super::check).
+//! schedule of faults. It records everything for [`check`].
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
