@@ -330,8 +330,11 @@ async fn a_noleader_value_is_a_foreign_lease_until_it_expires() {
     let a = leader(&s.url(), ttl).await;
     a.setup().await.unwrap();
     let foreign_ttl = Duration::from_secs(2);
-    put_noleader_value(&s.url(), "scheduler", foreign_ttl).await;
+    // Taken before the publish: the server stamps the value, and starts
+    // its TTL, after this instant (taken after, the reply's trip back
+    // would count against the ttl).
     let written = Instant::now();
+    put_noleader_value(&s.url(), "scheduler", foreign_ttl).await;
 
     let ta = started(&a);
     let mut sa = a.state();
