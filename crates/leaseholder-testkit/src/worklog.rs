@@ -170,6 +170,16 @@ impl WorkLog {
         }
         Ok(intervals.len())
     }
+
+    /// [`check`](Self::check) for tests: prints how many intervals passed,
+    /// or panics with the violation and every interval.
+    #[track_caller]
+    pub fn assert_safe(&self) {
+        match self.check() {
+            Ok(n) => println!("{n} work intervals, none overlapping, tokens increasing"),
+            Err(violation) => panic!("{violation}"),
+        }
+    }
 }
 
 #[cfg(test)]

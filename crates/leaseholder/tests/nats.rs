@@ -11,6 +11,9 @@ use leaseholder::{Backend, BackendError, Error, Leader, Op, State};
 use leaseholder_testkit::{DEBIAN_NATS_SERVER, NatsServer, TcpProxy, WorkLog};
 use tokio::time::{Instant, timeout};
 
+mod support;
+use support::{run_reporting_terms, wait_any_leader};
+
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn server() -> NatsServer {
@@ -31,42 +34,6 @@ async fn leader(url: &str, ttl: Duration) -> Leader {
 fn started(l: &Leader) -> tokio::task::JoinHandle<Result<(), Error>> {
     let l = l.clone();
     tokio::spawn(async move { l.start(Default::default()).await })
-}
-
-/// Runs `acquire_and_run` on `l` with work that records its interval in
-/// `log` as `who`, reports each term, and waits for its token.
-fn run_reporting_terms(
-    l: &Leader,
-    who: &str,
-    log: &WorkLog,
-) -> (
-    tokio::task::JoinHandle<Result<(), Error>>,
-    tokio::sync::mpsc::UnboundedReceiver<leaseholder::Term>,
-) {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let (l, who, log) = (l.clone(), who.to_owned(), log.clone());
-    let task = tokio::spawn(async move {
-        l.acquire_and_run(move |term| {
-            let (tx, who, log) = (tx.clone(), who.clone(), log.clone());
-            async move {
-                let _working = log.begin(who, term.fencing_token().get());
-                // The test may not be listening.
-                let _ = tx.send(term.clone());
-                term.cancelled().await;
-                Ok::<_, std::io::Error>(())
-            }
-        })
-        .await
-    });
-    (task, rx)
-}
-
-/// Asserts the safety property over `log` and prints the intervals.
-fn assert_safe(log: &WorkLog) {
-    match log.check() {
-        Ok(n) => println!("{n} work intervals, none overlapping, tokens increasing"),
-        Err(violation) => panic!("{violation}"),
-    }
 }
 
 #[tokio::test]
@@ -175,7 +142,7 @@ async fn resign_hands_over_through_the_watch() {
     for c in fleet {
         c.stop().await;
     }
-    assert_safe(&log);
+    log.assert_safe();
     let mut sorted = took.clone();
     sorted.sort();
     println!(
@@ -226,19 +193,7 @@ async fn a_cut_off_leader_is_replaced_after_its_lease_expires() {
     b.shutdown().await.unwrap();
     tb.await.unwrap().unwrap();
     ta.abort();
-    assert_safe(&log);
-}
-
-/// Waits until some leader of `leaders` leads; its index.
-async fn wait_any_leader(leaders: &[&Leader]) -> usize {
-    let mut states: Vec<_> = leaders.iter().map(|l| l.state()).collect();
-    loop {
-        if let Some(i) = states.iter().position(|s| s.borrow().is_leader()) {
-            return i;
-        }
-        let changes = states.iter_mut().map(|s| Box::pin(s.changed()));
-        let _ = futures_util::future::select_all(changes).await;
-    }
+    log.assert_safe();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,7 +227,7 @@ async fn every_campaign_recovers_after_the_server_restarts_on_its_data_dir() {
     b.shutdown().await.unwrap();
     ta.await.unwrap().unwrap();
     tb.await.unwrap().unwrap();
-    assert_safe(&log);
+    log.assert_safe();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,7 +260,7 @@ async fn a_paused_server_past_the_ttl_cancels_the_leader_then_recovers() {
     b.shutdown().await.unwrap();
     ta.await.unwrap().unwrap();
     tb.await.unwrap().unwrap();
-    assert_safe(&log);
+    log.assert_safe();
 }
 
 /// What noleader 0.1.3 writes: the leader's UUID as 16 raw bytes, with a

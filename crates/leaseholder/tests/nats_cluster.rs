@@ -195,13 +195,6 @@ fn run(
     (task, rx)
 }
 
-fn assert_safe(log: &WorkLog) {
-    match log.check() {
-        Ok(n) => println!("{n} work intervals, none overlapping, tokens increasing"),
-        Err(violation) => panic!("{violation}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_leaders_node_hands_over_to_a_leader_on_the_others() {
     let mut cluster = cluster().await;
@@ -247,6 +240,6 @@ async fn losing_the_leaders_node_hands_over_to_a_leader_on_the_others() {
     b.shutdown().await.unwrap();
     let tb: Result<(), Error> = tb.await.unwrap();
     tb.unwrap();
-    assert_safe(&log);
+    log.assert_safe();
     ta.abort();
 }

@@ -48,13 +48,6 @@ fn run(l: &Leader, who: &str, log: &WorkLog) -> tokio::task::JoinHandle<Result<(
     })
 }
 
-fn assert_safe(log: &WorkLog) {
-    match log.check() {
-        Ok(n) => println!("{n} work intervals, none overlapping, tokens increasing"),
-        Err(violation) => panic!("{violation}"),
-    }
-}
-
 async fn wait_campaigning(l: &Leader) {
     timeout(
         WAIT,
@@ -104,7 +97,7 @@ async fn resign_hands_over_through_notify() {
         l.shutdown().await.unwrap();
         task.await.unwrap().unwrap();
     }
-    assert_safe(&log);
+    log.assert_safe();
     let mut sorted = took.clone();
     sorted.sort();
     println!(
@@ -349,7 +342,7 @@ async fn a_users_own_pool_with_a_listen_config_hands_over_through_notify() {
     b.shutdown().await.unwrap();
     ta.await.unwrap().unwrap();
     tb.await.unwrap().unwrap();
-    assert_safe(&log);
+    log.assert_safe();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

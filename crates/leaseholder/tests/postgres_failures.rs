@@ -21,11 +21,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use leaseholder::{Backend, Error, Leader, PostgresBackend, State, Term};
+use leaseholder::{Backend, Error, Leader, PostgresBackend, State};
 use leaseholder_testkit::{PostgresServer, TcpProxy, WorkLog};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_postgres::{Client, NoTls};
+
+mod support;
+use support::{run_reporting_terms, wait_any_leader};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -56,42 +59,6 @@ fn leader_on(backend: Backend, ttl: Duration) -> Leader {
         .ttl(ttl)
         .build()
         .unwrap()
-}
-
-/// Runs `acquire_and_run` on `l` with work that records its interval in
-/// `log` as `who`, reports each term, and waits for its token.
-fn run_reporting_terms(
-    l: &Leader,
-    who: &str,
-    log: &WorkLog,
-) -> (
-    JoinHandle<Result<(), Error>>,
-    tokio::sync::mpsc::UnboundedReceiver<Term>,
-) {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let (l, who, log) = (l.clone(), who.to_owned(), log.clone());
-    let task = tokio::spawn(async move {
-        l.acquire_and_run(move |term| {
-            let (tx, who, log) = (tx.clone(), who.clone(), log.clone());
-            async move {
-                let _working = log.begin(who, term.fencing_token().get());
-                // The test may not be listening.
-                let _ = tx.send(term.clone());
-                term.cancelled().await;
-                Ok::<_, std::io::Error>(())
-            }
-        })
-        .await
-    });
-    (task, rx)
-}
-
-/// Asserts the safety property over `log` and prints the intervals.
-fn assert_safe(log: &WorkLog) {
-    match log.check() {
-        Ok(n) => println!("{n} work intervals, none overlapping, tokens increasing"),
-        Err(violation) => panic!("{violation}"),
-    }
 }
 
 /// Shuts `l` down and joins its `acquire_and_run` task.
@@ -129,18 +96,6 @@ async fn wait_sees(l: &Leader, token: u64) -> State {
     })
     .unwrap()
     .clone()
-}
-
-/// Waits until some leader of `leaders` leads; its index.
-async fn wait_any_leader(leaders: &[&Leader]) -> usize {
-    let mut states: Vec<_> = leaders.iter().map(|l| l.state()).collect();
-    loop {
-        if let Some(i) = states.iter().position(|s| s.borrow().is_leader()) {
-            return i;
-        }
-        let changes = states.iter_mut().map(|s| Box::pin(s.changed()));
-        let _ = futures_util::future::select_all(changes).await;
-    }
 }
 
 async fn connect(s: &PostgresServer) -> Client {
@@ -322,7 +277,7 @@ async fn a_leader_cut_off_by_a_proxy_stops_before_its_lease_expires_and_is_repla
     wait_sees(&a, next.token).await;
     stop(&b, tb).await;
     stop(&a, ta).await;
-    assert_safe(&log);
+    log.assert_safe();
 }
 
 // ----- 2. the server restarted -------------------------------------------
@@ -438,7 +393,7 @@ async fn every_campaign_recovers_after_the_server_restarts_and_resign_still_uses
     for (l, task) in fleet {
         stop(&l, task).await;
     }
-    assert_safe(&log);
+    log.assert_safe();
 }
 
 // ----- 3. the user's pool exhausted --------------------------------------
@@ -547,7 +502,7 @@ async fn a_pool_exhausted_by_the_users_queries_ends_the_term_before_the_lease_ex
     assert!(again.token > next.token);
     stop(&a, ta).await;
     stop(&b, tb).await;
-    assert_safe(&log);
+    log.assert_safe();
 }
 
 // ----- 4. a renewal blocked on the row lock ------------------------------
@@ -712,7 +667,7 @@ async fn a_renewal_blocked_on_the_row_lock_cannot_extend_the_lease_after_the_dea
     assert!(final_row.term > token, "{final_row:?}");
     stop(&b, tb).await;
     timeout(WAIT, ta).await.unwrap().unwrap().unwrap();
-    assert_safe(&log);
+    log.assert_safe();
 }
 
 /// The same property as above with the renewal slowed by the network
@@ -810,7 +765,7 @@ async fn a_renewal_slowed_by_the_network_cannot_extend_the_lease_after_the_deadl
     assert!(next.token > token);
     stop(&b, tb).await;
     stop(&a, ta).await;
-    assert_safe(&log);
+    log.assert_safe();
     if gave_up {
         assert_eq!(
             late,
@@ -873,7 +828,7 @@ async fn a_terminated_listen_session_is_reestablished_and_resign_uses_notify_aga
     assert!(took < Duration::from_secs(1), "{took:?}");
     stop(&a, ta).await;
     stop(&b, tb).await;
-    assert_safe(&log);
+    log.assert_safe();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -931,7 +886,7 @@ async fn while_listen_is_down_followers_fall_back_to_the_leases_expiry() {
         t0.elapsed()
     );
     stop(&b, tb).await;
-    assert_safe(&log);
+    log.assert_safe();
 }
 
 // ----- 6. the server paused ----------------------------------------------
@@ -984,5 +939,5 @@ async fn a_server_paused_past_the_ttl_cancels_the_leader_by_its_deadline_then_re
     assert!(next.token > token);
     stop(&a, ta).await;
     stop(&b, tb).await;
-    assert_safe(&log);
+    log.assert_safe();
 }
