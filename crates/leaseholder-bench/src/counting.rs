@@ -118,7 +118,7 @@ impl<E: BackendEdge> BackendEdge for Counting<E> {
         self.inner.validate_key(key)
     }
 
-    async fn setup(&self) -> Result<(), BackendError> {
+    async fn setup(&self) -> Result<leaseholder::Prepared, BackendError> {
         self.counts.setup.fetch_add(1, Ordering::Relaxed);
         self.inner.setup().await
     }

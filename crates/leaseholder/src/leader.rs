@@ -218,6 +218,7 @@ impl Leader {
             .backend
             .setup()
             .await
+            .map(|_| ())
             .map_err(|e| self.backend_error(Op::Setup, Arc::new(e)))
     }
 

@@ -33,7 +33,7 @@ pub use backend::nats::NatsBackend;
 pub use backend::postgres::{PostgresBackend, PostgresBuilder};
 pub use backend::{
     Acquired, Backend, BackendEdge, Claim, FencingToken, Holder, Key, LeaderId, Lease, LeaseValue,
-    Nonce, Renewed, WatchEvent, WatchStream,
+    Nonce, Prepared, Renewed, WatchEvent, WatchStream,
 };
 pub use config::{LeaderBuilder, LeaderConfig};
 pub use error::{BackendError, BoxError, ConfigError, Error, Op};

@@ -75,7 +75,7 @@ impl BackendEdge for Strict {
         }
     }
 
-    async fn setup(&self) -> Result<(), BackendError> {
+    async fn setup(&self) -> Result<leaseholder::Prepared, BackendError> {
         self.inner.setup().await
     }
 

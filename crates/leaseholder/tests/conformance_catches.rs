@@ -53,7 +53,7 @@ impl BackendEdge for Broken {
         "broken-memory"
     }
 
-    async fn setup(&self) -> Result<(), BackendError> {
+    async fn setup(&self) -> Result<leaseholder::Prepared, BackendError> {
         if self.flaw == Flaw::SetupNotIdempotent && self.inner.store().setups() > 0 {
             return Err(BackendError::fatal("the lease table already exists"));
         }

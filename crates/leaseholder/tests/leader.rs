@@ -340,7 +340,7 @@ impl BackendEdge for AlwaysDown {
     fn name(&self) -> &'static str {
         "always-down"
     }
-    async fn setup(&self) -> Result<(), BackendError> {
+    async fn setup(&self) -> Result<leaseholder::Prepared, BackendError> {
         Err(self.fail())
     }
     async fn acquire(&self, _: &Key, _: &Claim, _: Duration) -> Result<Acquired, BackendError> {
@@ -415,7 +415,7 @@ impl BackendEdge for Unsupported {
     fn name(&self) -> &'static str {
         "unsupported"
     }
-    async fn setup(&self) -> Result<(), BackendError> {
+    async fn setup(&self) -> Result<leaseholder::Prepared, BackendError> {
         Err(BackendError::Unsupported {
             what: "per-message TTL".into(),
             needed: "server 2.11".into(),

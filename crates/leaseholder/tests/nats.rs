@@ -461,7 +461,7 @@ impl leaseholder::BackendEdge for Counting {
     fn min_ttl(&self) -> Duration {
         self.inner.min_ttl()
     }
-    async fn setup(&self) -> Result<(), BackendError> {
+    async fn setup(&self) -> Result<leaseholder::Prepared, BackendError> {
         self.inner.setup().await
     }
     async fn acquire(

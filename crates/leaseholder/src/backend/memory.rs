@@ -35,7 +35,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::{
-    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Renewed,
+    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Prepared, Renewed,
     WatchEvent, WatchStream,
 };
 use crate::error::{BackendError, Op};
@@ -483,9 +483,9 @@ impl BackendEdge for MemoryBackend {
         "memory"
     }
 
-    async fn setup(&self) -> Result<(), BackendError> {
+    async fn setup(&self) -> Result<Prepared, BackendError> {
         match self.call(Call::Setup).await? {
-            Reply::Setup => Ok(()),
+            Reply::Setup => Ok(Prepared::Existing),
             _ => Err(unexpected()),
         }
     }

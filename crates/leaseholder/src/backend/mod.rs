@@ -477,6 +477,22 @@ impl Holder {
     }
 }
 
+/// What [`BackendEdge::setup`] found.
+///
+/// A store object (bucket, table) that had to be created may be the
+/// re-creation of one that was deleted under a running fleet: a leader of
+/// the old object may still be inside its deadline, and nothing in the new
+/// object says so. A campaign whose setup reports [`Prepared::Created`]
+/// therefore waits one ttl before its first acquire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Prepared {
+    /// The bucket or table was there already (or the store needs none).
+    Existing,
+    /// This call created the bucket or table.
+    Created,
+}
+
 /// The result of [`BackendEdge::acquire`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Acquired {
@@ -529,13 +545,13 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = WatchEvent> + Send + 'static>>;
 ///
 /// ```
 /// use std::time::Duration;
-/// use leaseholder::{Acquired, BackendEdge, BackendError, Claim, Holder, Key, Lease, Renewed};
+/// use leaseholder::{Acquired, BackendEdge, BackendError, Claim, Holder, Key, Lease, Prepared, Renewed};
 ///
 /// struct MyStore;
 ///
 /// impl BackendEdge for MyStore {
 ///     fn name(&self) -> &'static str { "my-store" }
-///     async fn setup(&self) -> Result<(), BackendError> { Ok(()) }
+///     async fn setup(&self) -> Result<Prepared, BackendError> { Ok(Prepared::Existing) }
 ///     async fn acquire(&self, key: &Key, claim: &Claim, ttl: Duration) -> Result<Acquired, BackendError> {
 ///         todo!("atomically create the lease if the key is free")
 ///     }
@@ -571,7 +587,13 @@ pub trait BackendEdge: Send + Sync + 'static {
     /// Idempotent; safe when many candidates call it at once. An existing
     /// object with settings that break the contract gives
     /// [`BackendError::Misconfigured`] saying what to change.
-    fn setup(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
+    ///
+    /// Returns [`Prepared::Created`] if this call created the object,
+    /// [`Prepared::Existing`] otherwise. Report `Created` whenever in doubt:
+    /// it costs one ttl of waiting before the first acquire, while a wrong
+    /// `Existing` after a re-creation can let a new leader in beside one of
+    /// the old object that has not noticed yet.
+    fn setup(&self) -> impl Future<Output = Result<Prepared, BackendError>> + Send;
 
     /// Atomically: if `key` has no live lease, create one for `claim` with a
     /// token strictly greater than every token ever issued for `key`, live
@@ -642,7 +664,7 @@ trait DynEdge: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn min_ttl(&self) -> Duration;
     fn validate_key(&self, key: &Key) -> Result<(), ConfigError>;
-    fn setup(&self) -> BoxFuture<'_, Result<(), BackendError>>;
+    fn setup(&self) -> BoxFuture<'_, Result<Prepared, BackendError>>;
     fn acquire<'a>(
         &'a self,
         key: &'a Key,
@@ -676,7 +698,7 @@ impl<T: BackendEdge> DynEdge for T {
     fn validate_key(&self, key: &Key) -> Result<(), ConfigError> {
         BackendEdge::validate_key(self, key)
     }
-    fn setup(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+    fn setup(&self) -> BoxFuture<'_, Result<Prepared, BackendError>> {
         Box::pin(BackendEdge::setup(self))
     }
     fn acquire<'a>(
@@ -735,7 +757,8 @@ pub struct Backend {
 struct Inner {
     edge: Box<dyn DynEdge>,
     hub: hub::Hub,
-    setup: tokio::sync::OnceCell<()>,
+    /// `Some(when)` if the first successful setup created the store object.
+    setup: tokio::sync::OnceCell<Option<tokio::time::Instant>>,
 }
 
 impl Backend {
@@ -787,13 +810,28 @@ impl Backend {
 
     /// See [`BackendEdge::setup`]. Runs once per `Backend` (and its
     /// clones) after it first succeeds: many `Leader`s sharing a backend set
-    /// the store up once.
-    pub async fn setup(&self) -> Result<(), BackendError> {
+    /// the store up once, and every later call reports what the first one
+    /// found.
+    pub async fn setup(&self) -> Result<Prepared, BackendError> {
+        Ok(match self.setup_at().await? {
+            Some(_) => Prepared::Created,
+            None => Prepared::Existing,
+        })
+    }
+
+    /// Like [`setup`](Self::setup): `Some(when)` (tokio's clock) if the
+    /// store object was created by this backend's setup.
+    pub(crate) async fn setup_at(&self) -> Result<Option<tokio::time::Instant>, BackendError> {
         self.inner
             .setup
-            .get_or_try_init(|| self.inner.edge.setup())
+            .get_or_try_init(|| async {
+                Ok(match self.inner.edge.setup().await? {
+                    Prepared::Created => Some(tokio::time::Instant::now()),
+                    _ => None,
+                })
+            })
             .await
-            .map(|_| ())
+            .copied()
     }
 
     /// See [`BackendEdge::acquire`].

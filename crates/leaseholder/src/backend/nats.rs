@@ -35,7 +35,7 @@ use futures_util::StreamExt;
 use tokio::sync::OnceCell;
 
 use super::{
-    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Renewed,
+    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Prepared, Renewed,
     WatchEvent, WatchStream,
 };
 use crate::error::{BackendError, ConfigError};
@@ -346,7 +346,7 @@ impl BackendEdge for NatsBackend {
         Ok(())
     }
 
-    async fn setup(&self) -> Result<(), BackendError> {
+    async fn setup(&self) -> Result<Prepared, BackendError> {
         self.check_version().await?;
         let name = format!("KV_{}", self.bucket);
         let config = stream::Config {
@@ -375,15 +375,18 @@ impl BackendEdge for NatsBackend {
             ),
             Err(_) => None,
         };
+        let mut prepared = Prepared::Existing;
         let config = match existing {
             Some(config) => config,
             None => match self.js.create_stream(config).await {
-                Ok(mut s) => s
-                    .info()
-                    .await
-                    .map_err(BackendError::unavailable)?
-                    .config
-                    .clone(),
+                Ok(mut s) => {
+                    prepared = Prepared::Created;
+                    s.info()
+                        .await
+                        .map_err(BackendError::unavailable)?
+                        .config
+                        .clone()
+                }
                 // Another candidate created it first.
                 Err(_) => self
                     .js
@@ -399,7 +402,7 @@ impl BackendEdge for NatsBackend {
         };
         self.validate(&config)?;
         self.store().await?;
-        Ok(())
+        Ok(prepared)
     }
 
     async fn acquire(

@@ -47,7 +47,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::{
-    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Renewed,
+    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Prepared, Renewed,
     WatchEvent, WatchStream,
 };
 use crate::error::{BackendError, ConfigError};
@@ -603,8 +603,9 @@ impl BackendEdge for PostgresBackend {
         "postgres"
     }
 
-    async fn setup(&self) -> Result<(), BackendError> {
+    async fn setup(&self) -> Result<Prepared, BackendError> {
         let mut client = self.client().await?;
+        let mut prepared = Prepared::Existing;
         if self.inner.create_table {
             let tx = client.transaction().await.map_err(classify)?;
             // Serialize DDL among candidates starting at once: concurrent
@@ -616,10 +617,24 @@ impl BackendEdge for PostgresBackend {
             )
             .await
             .map_err(classify)?;
+            // Under the lock: whether the table is there before the DDL.
+            let found = tx
+                .query_one(
+                    "SELECT count(*) FROM information_schema.tables \
+                     WHERE table_schema = $1 AND table_name = $2",
+                    &[&self.inner.schema, &self.inner.table],
+                )
+                .await
+                .map_err(classify)?;
+            let count: i64 = found.try_get(0).map_err(classify)?;
+            if count == 0 {
+                prepared = Prepared::Created;
+            }
             tx.batch_execute(&self.ddl()).await.map_err(classify)?;
             tx.commit().await.map_err(classify)?;
         }
-        self.check_columns(&client).await
+        self.check_columns(&client).await?;
+        Ok(prepared)
     }
 
     async fn acquire(

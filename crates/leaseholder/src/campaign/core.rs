@@ -83,7 +83,8 @@ pub(crate) enum Input {
     /// A timer fired (the machine checks what is due).
     Tick,
     Watch(WatchEvent),
-    Setup(Result<(), BackendError>),
+    /// `Ok(Some(t))`: the setup created the store object at `t`.
+    Setup(Result<Option<Instant>, BackendError>),
     Acquire(Result<Acquired, BackendError>),
     Renew(Result<Renewed, BackendError>),
     Holder(Result<Option<Holder>, BackendError>),
@@ -770,18 +771,30 @@ impl Core {
         }
     }
 
-    fn on_setup(&mut self, now: Instant, result: Result<(), BackendError>, out: &mut Vec<Output>) {
+    fn on_setup(
+        &mut self,
+        now: Instant,
+        result: Result<Option<Instant>, BackendError>,
+        out: &mut Vec<Output>,
+    ) {
         if self.op.take() != Some(InFlight::Setup) {
             return;
         }
         match result {
-            Ok(()) => {
+            Ok(created) => {
                 self.store_ok();
                 if self.stop.is_some() {
                     return self.stopped(out);
                 }
+                // A store object this setup created may replace one deleted
+                // under a running fleet, whose leader can still be inside
+                // its deadline: wait out one ttl since the creation.
+                let wake_at = match created {
+                    Some(at) => later(at, self.t.ttl).max(now),
+                    None => now,
+                };
                 self.phase = Phase::Follower {
-                    wake_at: now,
+                    wake_at,
                     quiet_until: None,
                 };
             }
@@ -1129,6 +1142,13 @@ impl Core {
             self.end_term(now, reason, out);
         }
     }
+}
+
+/// `at + d`, or a far-future instant where that would overflow (settings
+/// such as `drain_timeout(Duration::MAX)` mean "no limit").
+pub(crate) fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .unwrap_or_else(|| at + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// Our lease as a read-back shows it.

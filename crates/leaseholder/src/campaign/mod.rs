@@ -166,7 +166,7 @@ async fn run(
                     let backend = shared.backend.clone();
                     let limit = timing.renew_interval;
                     op = Some(Box::pin(async move {
-                        Input::Setup(bounded(limit, backend.setup()).await)
+                        Input::Setup(bounded(limit, backend.setup_at()).await)
                     }));
                 }
                 Output::Acquire { nonce, timeout } => {

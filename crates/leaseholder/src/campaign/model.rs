@@ -425,7 +425,7 @@ impl World {
         for i in 0..cfg.candidates {
             let started = w.feed(i, Input::Start, &mut None);
             w.cands[i].pending = None;
-            if let Err(e) = started.and_then(|()| w.feed(i, Input::Setup(Ok(())), &mut None)) {
+            if let Err(e) = started.and_then(|()| w.feed(i, Input::Setup(Ok(None)), &mut None)) {
                 panic!("setup: {e}");
             }
         }
@@ -623,7 +623,7 @@ impl World {
                 }
                 let p = self.cands[i].pending.take().ok_or("no call")?;
                 let input = match p.reply.ok_or("not applied")? {
-                    Reply::Setup => Input::Setup(Ok(())),
+                    Reply::Setup => Input::Setup(Ok(None)),
                     Reply::Won(l) => Input::Acquire(Ok(Acquired::Won(l))),
                     Reply::Held(h) => Input::Acquire(Ok(Acquired::Held(h))),
                     Reply::Renewed(l) => Input::Renew(Ok(Renewed::Renewed(l))),
@@ -1583,7 +1583,7 @@ impl Solo {
             now: Duration::ZERO,
         };
         assert!(s.feed(Input::Start).contains(&Output::Setup));
-        let out = s.feed(Input::Setup(Ok(())));
+        let out = s.feed(Input::Setup(Ok(None)));
         let nonce = out
             .iter()
             .find_map(|o| match o {
