@@ -9,6 +9,40 @@ use crate::Leader;
 use crate::backend::{Backend, Key, MAX_METADATA_LEN};
 use crate::error::ConfigError;
 
+/// The longest ttl, renew, retry, drift or backoff setting `build()`
+/// accepts: one year. Longer values are refused with
+/// [`ConfigError::TooLong`], so that no instant the campaign computes can
+/// overflow. (`drain_timeout` has no upper bound.)
+pub const MAX_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The shortest renew, retry, backoff or drain setting `build()` accepts:
+/// one millisecond. Shorter (non-zero) values are refused with
+/// [`ConfigError::TooShort`]: they would only make the campaign spin
+/// against the store.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
+
+fn at_most(field: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value > MAX_INTERVAL {
+        return Err(ConfigError::TooLong {
+            field,
+            value,
+            max: MAX_INTERVAL,
+        });
+    }
+    Ok(())
+}
+
+fn at_least(field: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value < MIN_INTERVAL {
+        return Err(ConfigError::TooShort {
+            field,
+            value,
+            min: MIN_INTERVAL,
+        });
+    }
+    Ok(())
+}
+
 /// The validated settings of a [`Leader`]. Read them with
 /// [`Leader::config`].
 #[derive(Clone, Debug)]
@@ -135,7 +169,8 @@ impl LeaderBuilder {
     /// The lease's time to live in the store. Default 10 s. A crashed
     /// leader is replaced within about one ttl; a shorter ttl fails over
     /// faster and costs more store writes (about three per ttl). At least
-    /// the backend's minimum (1 s for stores with second resolution).
+    /// the backend's minimum (1 s for stores with second resolution), at
+    /// most [`MAX_INTERVAL`] (one year).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
@@ -143,14 +178,16 @@ impl LeaderBuilder {
 
     /// How often the leader renews. Default ttl/3. Must satisfy
     /// `ttl - drift_margin >= 2 x renew_interval x (1 + jitter)`, so that a
-    /// renewal that fails can be retried before the deadline.
+    /// renewal that fails can be retried before the deadline. At least
+    /// [`MIN_INTERVAL`] (1 ms).
     pub fn renew_interval(mut self, interval: Duration) -> Self {
         self.renew_interval = Some(interval);
         self
     }
 
     /// How often a follower retries when neither a watch event nor the
-    /// holder's expiry wakes it sooner. Default ttl/5.
+    /// holder's expiry wakes it sooner. Default ttl/5. Between
+    /// [`MIN_INTERVAL`] and [`MAX_INTERVAL`].
     pub fn retry_interval(mut self, interval: Duration) -> Self {
         self.retry_interval = Some(interval);
         self
@@ -175,14 +212,18 @@ impl LeaderBuilder {
     /// How long [`Leader::shutdown`] and [`Leader::resign`] wait for the
     /// work to return after its token is cancelled, while the lease is still
     /// renewed. When it passes, the work is dropped, then the lease released.
-    /// Default 10 s.
+    /// Default 10 s; at least [`MIN_INTERVAL`]. `Duration::MAX` means no
+    /// limit: wait as long as the work takes (the lease is renewed
+    /// meanwhile; if it is lost, the work is still dropped before anyone
+    /// else can lead).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
         self
     }
 
     /// The range of the capped, jittered exponential backoff after store
-    /// errors. Default 50 ms up to the retry interval.
+    /// errors. Default 50 ms up to the retry interval. The minimum is at
+    /// least [`MIN_INTERVAL`], both at most [`MAX_INTERVAL`].
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.backoff = Some((min, max));
         self
@@ -230,6 +271,20 @@ impl LeaderBuilder {
         if ttl.is_zero() {
             return Err(ConfigError::Zero { field: "ttl" });
         }
+        // Bounds first, so that no rule below (and no instant the campaign
+        // computes later) can overflow.
+        at_most("ttl", ttl)?;
+        for (field, value) in [
+            ("renew_interval", self.renew_interval),
+            ("retry_interval", self.retry_interval),
+            ("drift_margin", self.drift_margin),
+            ("backoff minimum", self.backoff.map(|b| b.0)),
+            ("backoff maximum", self.backoff.map(|b| b.1)),
+        ] {
+            if let Some(value) = value {
+                at_most(field, value)?;
+            }
+        }
         if ttl < backend.min_ttl() {
             return Err(ConfigError::TtlTooShort {
                 ttl,
@@ -252,6 +307,7 @@ impl LeaderBuilder {
                 field: "renew_interval",
             });
         }
+        at_least("renew_interval", renew)?;
         let usable = ttl - drift;
         if usable.as_secs_f64() < 2.0 * renew.as_secs_f64() * (1.0 + self.jitter) {
             return Err(ConfigError::RenewInterval { renew, usable });
@@ -262,11 +318,14 @@ impl LeaderBuilder {
                 field: "retry_interval",
             });
         }
+        at_least("retry_interval", retry)?;
         if self.drain_timeout.is_zero() {
             return Err(ConfigError::Zero {
                 field: "drain_timeout",
             });
         }
+        // No upper bound: Duration::MAX means "as long as the work takes".
+        at_least("drain_timeout", self.drain_timeout)?;
         let (backoff_min, backoff_max) = self
             .backoff
             .unwrap_or((Duration::from_millis(50).min(retry), retry));
@@ -275,6 +334,7 @@ impl LeaderBuilder {
                 field: "backoff minimum",
             });
         }
+        at_least("backoff minimum", backoff_min)?;
         if backoff_min > backoff_max {
             return Err(ConfigError::Backoff {
                 min: backoff_min,

@@ -65,6 +65,20 @@ pub enum Error {
         key: Key,
     },
 
+    /// The campaign task itself panicked (a bug in leaseholder, or in a
+    /// backend's synchronous method). It was contained: the term's token
+    /// fired, the work was dropped and awaited, and the campaign stopped;
+    /// a lease left in the store expires there. A panic inside a backend
+    /// call is reported as [`Error::Backend`] with
+    /// [`BackendError::Panicked`] instead.
+    #[error("the campaign for key {key} panicked: {message}")]
+    CampaignPanicked {
+        /// The key.
+        key: Key,
+        /// The panic's message, if it had one.
+        message: String,
+    },
+
     /// Another `acquire_and_run` or `do_while_leader` is already running work
     /// on this `Leader`. Each handle runs one piece of work at a time.
     #[error("work is already running for key {key} on this handle")]
@@ -176,6 +190,17 @@ pub enum BackendError {
     /// Any other error the store reported that retrying will not fix.
     #[error("store error")]
     Fatal(#[source] BoxError),
+
+    /// The backend panicked in this call. Not retried: the campaign gives
+    /// up its term (the token fires first) and stops, as for
+    /// [`Fatal`](Self::Fatal).
+    #[error("the backend panicked in {op}: {message}")]
+    Panicked {
+        /// The call that panicked.
+        op: Op,
+        /// The panic's message, if it had one.
+        message: String,
+    },
 }
 
 impl BackendError {
@@ -196,6 +221,25 @@ impl BackendError {
     /// Shorthand for [`BackendError::Fatal`] from any error.
     pub fn fatal(err: impl Into<BoxError>) -> Self {
         BackendError::Fatal(err.into())
+    }
+
+    /// [`BackendError::Panicked`] from a caught panic's payload.
+    pub(crate) fn panicked(op: Op, payload: &(dyn std::any::Any + Send)) -> Self {
+        BackendError::Panicked {
+            op,
+            message: panic_message(payload),
+        }
+    }
+}
+
+/// The message of a caught panic, if it carried one.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_owned()
     }
 }
 
@@ -293,6 +337,30 @@ pub enum ConfigError {
     Zero {
         /// The setting's name.
         field: &'static str,
+    },
+
+    /// A duration setting is longer than
+    /// [`MAX_INTERVAL`](crate::MAX_INTERVAL) allows.
+    #[error("{field} {value:?} is too long; the limit is {max:?}")]
+    TooLong {
+        /// The setting's name.
+        field: &'static str,
+        /// The value given.
+        value: Duration,
+        /// The limit.
+        max: Duration,
+    },
+
+    /// A duration setting is shorter than
+    /// [`MIN_INTERVAL`](crate::MIN_INTERVAL) allows.
+    #[error("{field} {value:?} is too short; the minimum is {min:?}")]
+    TooShort {
+        /// The setting's name.
+        field: &'static str,
+        /// The value given.
+        value: Duration,
+        /// The minimum.
+        min: Duration,
     },
 
     /// `jitter` must be a fraction in `[0, 1)`.

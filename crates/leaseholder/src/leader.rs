@@ -109,6 +109,9 @@ impl Leader {
                 run: watch::Sender::new(Run::NotStarted),
                 control: Default::default(),
                 health,
+                work_gone: Default::default(),
+                #[cfg(test)]
+                on_output: Default::default(),
             }),
         }
     }
@@ -224,6 +227,9 @@ impl Leader {
 
     /// Asks the store who leads the key now (one read).
     pub async fn current_leader(&self) -> Result<Option<Holder>, Error> {
+        if let Some(e) = &self.shared.invalid {
+            return Err(Error::Config(e.clone()));
+        }
         let limit = self.shared.config.timing.renew_interval;
         match tokio::time::timeout(limit, self.shared.backend.holder(&self.shared.key)).await {
             Ok(Ok(holder)) => Ok(holder),
@@ -331,11 +337,12 @@ impl Leader {
     /// so another candidate takes over at once, then keeps campaigning.
     /// Returns when the lease is released. Does nothing if not leading.
     pub async fn resign(&self) -> Result<(), Error> {
+        self.stopped_by()?;
         let Some(term) = self.shared.term.borrow().clone() else {
             return Ok(());
         };
         if !self.shared.command(Command::Stop(StopKind::Resign)) {
-            return Ok(());
+            return self.stopped_by();
         }
         let mut run = self.shared.run.subscribe();
         tokio::select! {
@@ -382,7 +389,9 @@ impl Leader {
     async fn stop_campaign(&self, kind: StopKind) -> Result<(), Error> {
         let mut run = self.shared.run.subscribe();
         if !self.shared.command(Command::Stop(kind)) {
-            return Ok(());
+            // Not running: it never ran, was stopped, or stopped on its own
+            // (then say why, every time).
+            return self.stopped_by();
         }
         let result = wait_stopped(&mut run).await;
         self.fatal(result)
@@ -391,9 +400,21 @@ impl Leader {
     fn fatal(&self, stopped: Option<Fatal>) -> Result<(), Error> {
         match stopped {
             None => Ok(()),
-            Some(crate::campaign::core::FatalError(op, source)) => {
+            Some(Fatal::Store(crate::campaign::core::FatalError(op, source))) => {
                 Err(self.backend_error(op, source))
             }
+            Some(Fatal::Panicked(message)) => Err(Error::CampaignPanicked {
+                key: self.shared.key.clone(),
+                message: message.to_string(),
+            }),
+        }
+    }
+
+    /// The error that stopped the campaign on its own, if it did.
+    fn stopped_by(&self) -> Result<(), Error> {
+        match &*self.shared.run.borrow() {
+            Run::Stopped(fatal) => self.fatal(fatal.clone()),
+            _ => Ok(()),
         }
     }
 

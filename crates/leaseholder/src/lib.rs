@@ -35,7 +35,7 @@ pub use backend::{
     Acquired, Backend, BackendEdge, Claim, FencingToken, Holder, Key, LeaderId, Lease, LeaseValue,
     Nonce, Prepared, Renewed, WatchEvent, WatchStream,
 };
-pub use config::{LeaderBuilder, LeaderConfig};
+pub use config::{LeaderBuilder, LeaderConfig, MAX_INTERVAL, MIN_INTERVAL};
 pub use error::{BackendError, BoxError, ConfigError, Error, Op};
 pub use health::Health;
 pub use leader::Leader;

@@ -59,7 +59,15 @@ struct Inner {
     token: FencingToken,
     cancel: CancellationToken,
     ended: CancellationToken,
-    deadline: Mutex<Instant>,
+    deadline: Mutex<Deadline>,
+}
+
+/// The deadline, and whether it has been seen passed. Both change under
+/// one lock, so that once [`Term::is_valid`] has returned `false` no
+/// renewal can make it return `true` again.
+struct Deadline {
+    at: Instant,
+    passed: bool,
 }
 
 impl Term {
@@ -71,7 +79,10 @@ impl Term {
                 token,
                 cancel: CancellationToken::new(),
                 ended: CancellationToken::new(),
-                deadline: Mutex::new(deadline),
+                deadline: Mutex::new(Deadline {
+                    at: deadline,
+                    passed: false,
+                }),
             }),
         }
     }
@@ -80,14 +91,25 @@ impl Term {
         self.inner.id
     }
 
-    pub(crate) fn extend(&self, deadline: Instant) {
-        let mut d = self
-            .inner
+    fn lock(&self) -> std::sync::MutexGuard<'_, Deadline> {
+        // Each critical section is a read or two assignments; a poisoned
+        // lock leaves nothing half-done.
+        self.inner
             .deadline
             .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        if deadline > *d {
-            *d = deadline;
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Moves the deadline forward, unless it has already passed: a term
+    /// whose deadline passed is over even if a renewal lands afterwards.
+    pub(crate) fn extend(&self, deadline: Instant) {
+        let mut d = self.lock();
+        if d.passed || Instant::now() >= d.at {
+            d.passed = true;
+            return;
+        }
+        if deadline > d.at {
+            d.at = deadline;
         }
     }
 
@@ -127,17 +149,22 @@ impl Term {
     /// The local deadline (tokio's clock): the lease is ours until then
     /// unless the token fires earlier. Moves forward with each renewal.
     pub fn deadline(&self) -> Instant {
-        *self
-            .inner
-            .deadline
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        self.lock().at
     }
 
     /// `true` while the token has not fired and the deadline has not passed.
-    /// Cheap and synchronous: call it right before acting.
+    /// Cheap and synchronous: call it right before acting. Once it has
+    /// returned `false` it never returns `true` again.
     pub fn is_valid(&self) -> bool {
-        !self.inner.cancel.is_cancelled() && Instant::now() < self.deadline()
+        if self.inner.cancel.is_cancelled() {
+            return false;
+        }
+        let mut d = self.lock();
+        if d.passed || Instant::now() >= d.at {
+            d.passed = true;
+            return false;
+        }
+        true
     }
 
     /// The fencing token if the term [is valid](Self::is_valid), else

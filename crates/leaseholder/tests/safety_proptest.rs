@@ -334,11 +334,16 @@ impl Cluster {
             .is_ok()
     }
 
-    /// Waits until candidate `c`'s state leaves `Leader` (its token fires
-    /// in the same step); when, or `None` on timeout.
+    /// Waits until candidate `c` no longer leads the term it leads now (its
+    /// token fires in the same step; it may lead a later term already, as a
+    /// watch receiver can skip the states between); when, or `None` on
+    /// timeout.
     async fn wait_not_leader(&self, c: usize, limit: Duration) -> Option<Duration> {
         let mut state = self.candidates[c].leader.state();
-        tokio::time::timeout(limit, state.wait_for(|s| !s.is_leader()))
+        let Some(old) = state.borrow().token() else {
+            return Some(self.world.now());
+        };
+        tokio::time::timeout(limit, state.wait_for(|s| s.token() != Some(old)))
             .await
             .ok()?
             .ok()?;

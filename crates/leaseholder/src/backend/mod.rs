@@ -55,7 +55,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_core::Stream;
 
-use crate::error::{BackendError, ConfigError};
+use crate::error::{BackendError, ConfigError, Op};
 
 pub use hub::Subscription;
 pub use value::{DecodeError, LeaseValue};
@@ -659,6 +659,30 @@ pub trait BackendEdge: Send + Sync + 'static {
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Runs one backend call, turning a panic in it (while creating the future
+/// or while polling it) into [`BackendError::Panicked`]. A backend is a
+/// public extension point, and client libraries panic too: a panic must
+/// end like a fatal store error, never unwind into the campaign.
+async fn guarded<'a, T>(
+    op: Op,
+    make: impl FnOnce() -> BoxFuture<'a, Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::task::Poll;
+    let mut call = match catch_unwind(AssertUnwindSafe(make)) {
+        Ok(call) => call,
+        Err(payload) => return Err(BackendError::panicked(op, &*payload)),
+    };
+    // The future is never polled again after it panicked: `Ready` ends it.
+    std::future::poll_fn(
+        |cx| match catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(payload) => Poll::Ready(Err(BackendError::panicked(op, &*payload))),
+        },
+    )
+    .await
+}
+
 /// The object-safe twin of [`BackendEdge`].
 trait DynEdge: Send + Sync + 'static {
     fn name(&self) -> &'static str;
@@ -825,10 +849,12 @@ impl Backend {
         self.inner
             .setup
             .get_or_try_init(|| async {
-                Ok(match self.inner.edge.setup().await? {
-                    Prepared::Created => Some(tokio::time::Instant::now()),
-                    _ => None,
-                })
+                Ok(
+                    match guarded(Op::Setup, || self.inner.edge.setup()).await? {
+                        Prepared::Created => Some(tokio::time::Instant::now()),
+                        _ => None,
+                    },
+                )
             })
             .await
             .copied()
@@ -841,7 +867,7 @@ impl Backend {
         claim: &Claim,
         ttl: Duration,
     ) -> Result<Acquired, BackendError> {
-        self.inner.edge.acquire(key, claim, ttl).await
+        guarded(Op::Acquire, || self.inner.edge.acquire(key, claim, ttl)).await
     }
 
     /// See [`BackendEdge::renew`]; the budget is `ttl`.
@@ -851,7 +877,7 @@ impl Backend {
         lease: &Lease,
         ttl: Duration,
     ) -> Result<Renewed, BackendError> {
-        self.inner.edge.renew(key, lease, ttl, ttl).await
+        self.renew_within(key, lease, ttl, ttl).await
     }
 
     /// See [`BackendEdge::renew`].
@@ -862,17 +888,17 @@ impl Backend {
         ttl: Duration,
         budget: Duration,
     ) -> Result<Renewed, BackendError> {
-        self.inner.edge.renew(key, lease, ttl, budget).await
+        guarded(Op::Renew, || self.inner.edge.renew(key, lease, ttl, budget)).await
     }
 
     /// See [`BackendEdge::release`].
     pub async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
-        self.inner.edge.release(key, lease).await
+        guarded(Op::Release, || self.inner.edge.release(key, lease)).await
     }
 
     /// See [`BackendEdge::holder`].
     pub async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
-        self.inner.edge.holder(key).await
+        guarded(Op::Holder, || self.inner.edge.holder(key)).await
     }
 
     /// See [`BackendEdge::watch_reports_expiry`].
@@ -889,7 +915,7 @@ impl Backend {
             let weak = weak.clone();
             async move {
                 match weak.upgrade() {
-                    Some(inner) => Some(inner.edge.watch().await),
+                    Some(inner) => Some(guarded(Op::Watch, || inner.edge.watch()).await),
                     None => None,
                 }
             }

@@ -275,6 +275,38 @@ pub(crate) struct Core {
     /// The backend's watch reports expiry: a follower that sees a write
     /// without an expiry hint need not poll before a ttl has passed.
     watch_reports_expiry: bool,
+    /// Once a stop (shutdown, abandon) waits on the store alone (no work
+    /// runs), it ends by this time whatever the store does: a call still in
+    /// flight then is dropped and a lease not yet released is left to
+    /// expire. Keeps `shutdown()` within the drain timeout plus one call.
+    stop_by: Option<Instant>,
+    /// What was last published, so that each change is published once.
+    published: Option<Published>,
+}
+
+/// The identity of a published state: a follower's state changes when the
+/// leader's term does, not when it renews.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Published {
+    Idle,
+    Follower(Option<(Option<Nonce>, Option<FencingToken>)>),
+    Leader(FencingToken),
+    Unknown(Instant),
+    Stopped,
+}
+
+impl Published {
+    fn of(state: &State) -> Published {
+        match state {
+            State::Idle => Published::Idle,
+            State::Follower { leader } => {
+                Published::Follower(leader.as_ref().map(|h| (h.nonce(), h.token())))
+            }
+            State::Leader { token, .. } => Published::Leader(*token),
+            State::Unknown { since, .. } => Published::Unknown(*since),
+            State::Stopped => Published::Stopped,
+        }
+    }
 }
 
 /// `Timing` with `jitter` as parts per million, so the machine is `Hash`.
@@ -319,6 +351,8 @@ impl Core {
             leader: None,
             fatal: None,
             watch_reports_expiry: false,
+            stop_by: None,
+            published: None,
         }
     }
 
@@ -336,6 +370,14 @@ impl Core {
 
     /// The earliest time at which [`Input::Tick`] has something to do.
     pub(crate) fn next_wake(&self) -> Option<Instant> {
+        let at = self.phase_wake();
+        match (at, self.stop_by.filter(|_| self.phase != Phase::Stopped)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn phase_wake(&self) -> Option<Instant> {
         let idle = self.op.is_none();
         match &self.phase {
             Phase::Idle | Phase::Stopped => None,
@@ -361,11 +403,30 @@ impl Core {
     pub(crate) fn handle(&mut self, now: Instant, input: Input) -> Vec<Output> {
         let mut out = Vec::new();
         self.step(now, input, &mut out);
+        self.arm_stop(now);
         // Anything that became due at `now` is done at once.
         for _ in 0..4 {
             match self.next_wake() {
-                Some(at) if at <= now => self.step(now, Input::Tick, &mut out),
+                Some(at) if at <= now => {
+                    self.step(now, Input::Tick, &mut out);
+                    self.arm_stop(now);
+                }
                 _ => break,
+            }
+        }
+        if let Some(stop_by) = self.stop_by {
+            // Stopping: no call may outlast the stop's own bound.
+            let left = stop_by
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1));
+            for output in &mut out {
+                if let Output::Acquire { timeout, .. }
+                | Output::Renew { timeout, .. }
+                | Output::Release { timeout, .. }
+                | Output::ReadHolder { timeout } = output
+                {
+                    *timeout = (*timeout).min(left);
+                }
             }
         }
         out
@@ -421,6 +482,13 @@ impl Core {
         self.t.retry.mul_f64(j * self.rand_unit())
     }
 
+    /// The spread of followers' acquires after a release: up to the jitter
+    /// fraction of the retry interval, at most 5 ms (a handoff should cost
+    /// milliseconds, not a retry interval).
+    fn release_spread(&mut self) -> Duration {
+        self.spread().min(Duration::from_millis(5))
+    }
+
     /// Capped, jittered exponential backoff for the `n`th consecutive error.
     fn backoff(&mut self, n: u32) -> Duration {
         let exp = self
@@ -437,8 +505,33 @@ impl Core {
         out.push(output);
     }
 
+    /// Publishes `state` unless it is what was last published (a follower
+    /// polling a steady leader publishes it once per term).
     fn publish(&mut self, state: State, out: &mut Vec<Output>) {
+        let id = Published::of(&state);
+        if self.published == Some(id) {
+            return;
+        }
+        self.published = Some(id);
         out.push(Output::State(StateOut(state)));
+    }
+
+    /// Starts the bound of a stop once it waits on the store alone.
+    fn arm_stop(&mut self, now: Instant) {
+        if self.stop_by.is_some()
+            || !matches!(self.stop, Some(StopKind::Shutdown | StopKind::Abandon))
+        {
+            return;
+        }
+        let work = match &self.phase {
+            Phase::Leading(t) => t.work,
+            Phase::Ending(e) => e.work,
+            Phase::Stopped => return,
+            _ => false,
+        };
+        if !work {
+            self.stop_by = Some(later(now, self.t.renew));
+        }
     }
 
     fn store_ok(&mut self) {
@@ -474,6 +567,9 @@ impl Core {
     }
 
     fn stopped(&mut self, out: &mut Vec<Output>) {
+        // A call still in flight is dropped by the driver; it may still land,
+        // like any call whose reply is lost (no work runs, so it is safe).
+        self.op = None;
         self.phase = Phase::Stopped;
         self.publish(State::Stopped, out);
         out.push(Output::Stopped {
@@ -494,7 +590,7 @@ impl Core {
     /// When a follower that saw `holder` should try again.
     fn wake_for(&mut self, now: Instant, holder: Option<&Holder>) -> Instant {
         match holder.and_then(Holder::expires_in) {
-            Some(left) => now + left + self.spread(),
+            Some(left) => later(later(now, left), self.spread()),
             None => now + self.jittered(self.t.retry),
         }
     }
@@ -601,7 +697,9 @@ impl Core {
         let abort_at = if matches!(self.stop, Some(StopKind::Abandon)) {
             Some(now)
         } else if term.work {
-            let drain = term.drain_until.map_or(now + self.t.drain, |(at, _)| at);
+            let drain = term
+                .drain_until
+                .map_or_else(|| later(now, self.t.drain), |(at, _)| at);
             Some(drain.min(last_safe))
         } else {
             None
@@ -636,6 +734,16 @@ impl Core {
     // ----- inputs --------------------------------------------------------
 
     fn tick(&mut self, now: Instant, out: &mut Vec<Output>) {
+        if self.phase != Phase::Stopped && self.stop_by.is_some_and(|at| at <= now) {
+            tracing::warn!(
+                "the store did not answer in time while stopping; stopping anyway \
+                 (a lease not released expires in the store)"
+            );
+            if let Phase::Ending(e) = &self.phase {
+                out.push(Output::TermEnded { id: e.id });
+            }
+            return self.stopped(out);
+        }
         let idle = self.op.is_none();
         match &mut self.phase {
             Phase::Idle | Phase::Stopped => {}
@@ -712,18 +820,29 @@ impl Core {
     fn watch(&mut self, now: Instant, event: WatchEvent, out: &mut Vec<Output>) {
         match (&mut self.phase, event) {
             (
-                Phase::Follower {
-                    wake_at,
-                    quiet_until,
-                },
-                WatchEvent::Released(_) | WatchEvent::Resync,
+                Phase::Follower { quiet_until, .. },
+                event @ (WatchEvent::Released(_) | WatchEvent::Resync),
             ) => {
-                // The key is free. Just after resigning, wait out the quiet
-                // period first, so that others take over.
-                *wake_at = match quiet_until {
-                    Some(q) if *q > now => (*wake_at).min(*q),
-                    _ => now,
+                // The key is free (or events were missed). Just after
+                // resigning, wait out the quiet period first, so that others
+                // take over. Followers woken by one release spread their
+                // acquires over a few milliseconds.
+                let quiet = *quiet_until;
+                let spread = match event {
+                    WatchEvent::Released(_) => self.release_spread(),
+                    _ => Duration::ZERO,
                 };
+                if let Phase::Follower { wake_at, .. } = &mut self.phase {
+                    *wake_at = match quiet {
+                        Some(q) if q > now => (*wake_at).min(q),
+                        _ => (*wake_at).min(later(now, spread)),
+                    };
+                }
+            }
+            (Phase::Follower { .. }, WatchEvent::Updated(_, Some(holder)))
+                if self.leader.as_ref().is_some_and(|l| is_older(&holder, l)) =>
+            {
+                // An event queued behind a newer read: it says nothing new.
             }
             (Phase::Follower { .. }, WatchEvent::Updated(_, Some(holder))) => {
                 // A renewal or a new leader: push the expiry wake-up out,
@@ -738,23 +857,17 @@ impl Core {
                     None => None,
                 };
                 if let Some(left) = left {
-                    let at = now + left + self.spread();
+                    let at = later(later(now, left), self.spread());
                     if let Phase::Follower { wake_at, .. } = &mut self.phase {
                         *wake_at = (*wake_at).max(at);
                     }
                 }
-                let same_term = self
-                    .leader
-                    .as_ref()
-                    .is_some_and(|l| l.nonce() == holder.nonce() && l.token() == holder.token());
-                if !same_term {
-                    self.publish(
-                        State::Follower {
-                            leader: Some(holder.clone()),
-                        },
-                        out,
-                    );
-                }
+                self.publish(
+                    State::Follower {
+                        leader: Some(holder.clone()),
+                    },
+                    out,
+                );
                 self.leader = Some(holder);
             }
             (Phase::Leading(term), WatchEvent::Updated(_, Some(holder)))
@@ -912,6 +1025,14 @@ impl Core {
 
     /// A renewal sent at `sent_at` is confirmed: move the deadline forward.
     fn extend(&mut self, now: Instant, lease: Lease, sent_at: Instant, out: &mut Vec<Output>) {
+        if let Phase::Leading(term) = &self.phase
+            && now >= term.deadline
+        {
+            // The reply came when the deadline had passed (the driver saw
+            // it before the timer): the term is over, and a term once over
+            // is never revived, whatever the store says.
+            return self.end_term(now, EndReason::Deadline, out);
+        }
         let next = self.jittered(self.t.renew);
         let Phase::Leading(term) = &mut self.phase else {
             return;
@@ -1079,7 +1200,13 @@ impl Core {
         match &mut self.phase {
             Phase::Leading(term) if term.id == id => {
                 term.work = false;
-                let reason = term.drain_until.map_or(EndReason::WorkDone, |(_, r)| r);
+                // Work that returns once the deadline has passed did not
+                // finish while leading: the term was lost.
+                let reason = if now >= term.deadline {
+                    EndReason::Deadline
+                } else {
+                    term.drain_until.map_or(EndReason::WorkDone, |(_, r)| r)
+                };
                 self.end_term(now, reason, out);
             }
             Phase::Ending(e) if e.id == id => {
@@ -1124,7 +1251,7 @@ impl Core {
     /// drains; releases once it has returned (at once if `abandon`, after
     /// dropping the work).
     fn drain(&mut self, now: Instant, reason: EndReason, abandon: bool, out: &mut Vec<Output>) {
-        let until = now + self.t.drain;
+        let until = later(now, self.t.drain);
         let Phase::Leading(term) = &mut self.phase else {
             return;
         };
@@ -1149,6 +1276,15 @@ impl Core {
 pub(crate) fn later(at: Instant, d: Duration) -> Instant {
     at.checked_add(d)
         .unwrap_or_else(|| at + Duration::from_secs(86_400 * 365 * 30))
+}
+
+/// `true` if `h` shows an earlier state of the key than `seen`: an earlier
+/// term (a smaller token), or an earlier write of the same term.
+pub(crate) fn is_older(h: &Holder, seen: &Holder) -> bool {
+    match (h.token(), seen.token()) {
+        (Some(a), Some(b)) if a != b => a < b,
+        _ => h.nonce() == seen.nonce() && h.revision() < seen.revision(),
+    }
 }
 
 /// Our lease as a read-back shows it.

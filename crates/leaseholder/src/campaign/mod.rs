@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use self::core::{Core, Input, Output, StopKind};
@@ -35,8 +36,14 @@ use crate::term::Term;
 pub(crate) type WorkFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'static>>;
 type OpFuture = Pin<Box<dyn Future<Output = Input> + Send + 'static>>;
 
-/// A fatal store error that stopped a campaign.
-pub(crate) type Fatal = self::core::FatalError;
+/// Why a campaign stopped on its own.
+#[derive(Clone, Debug)]
+pub(crate) enum Fatal {
+    /// A fatal store error (a panic in a backend call included).
+    Store(self::core::FatalError),
+    /// The campaign task panicked; the panic's message.
+    Panicked(Arc<str>),
+}
 
 /// Requests to the campaign task.
 pub(crate) enum Command {
@@ -85,6 +92,14 @@ pub(crate) struct Shared {
     pub(crate) run: watch::Sender<Run>,
     pub(crate) control: Mutex<Control>,
     pub(crate) health: crate::health::HealthCell,
+    /// Fires once the current work's future has been dropped (returned or
+    /// aborted), so that the campaign's supervisor can wait for it after a
+    /// panic.
+    pub(crate) work_gone: Mutex<Option<CancellationToken>>,
+    /// Test-only: called with every output before the driver acts on it
+    /// (to inject a panic into the driver).
+    #[cfg(test)]
+    pub(crate) on_output: std::sync::OnceLock<Box<dyn Fn(&Output) + Send + Sync>>,
 }
 
 #[derive(Default)]
@@ -120,18 +135,70 @@ pub(crate) fn spawn(shared: &Arc<Shared>, control: &mut Control) {
     shared.run.send_replace(Run::Running);
     let span = tracing::info_span!("campaign", key = %shared.key, candidate = %shared.id);
     let seed = uuid::Uuid::new_v4().as_u64_pair().0;
-    let task = tokio::spawn(run(shared.clone(), shared.config.clone(), rx, seed).instrument(span));
+    let campaign = run(shared.clone(), shared.config.clone(), rx, seed);
+    let task = tokio::spawn(supervise(shared.clone(), campaign).instrument(span));
     control.task = Some(task);
 }
 
+/// Runs the campaign and contains a panic in it: the term's token has
+/// fired and the work has been aborted while the panic unwound (see the
+/// `Drop` impls of [`Running`] and [`Work`]); here the work is awaited
+/// until its future is really gone, then the campaign reports itself
+/// stopped, so that no caller hangs and none is told `Ok`. A lease left in
+/// the store expires there, after the work has stopped.
+async fn supervise(shared: Arc<Shared>, campaign: impl Future<Output = ()> + Send) {
+    use futures_util::FutureExt;
+    let Err(payload) = std::panic::AssertUnwindSafe(campaign).catch_unwind().await else {
+        return;
+    };
+    let message = crate::error::panic_message(&*payload);
+    tracing::error!(%message, "the campaign panicked; it stops (the work was dropped)");
+    let gone = lock(&shared.work_gone).take();
+    if let Some(gone) = gone {
+        gone.cancelled().await;
+    }
+    if let Some(term) = shared.term.send_replace(None) {
+        term.cancel();
+    }
+    shared.health.set_work(None);
+    shared.health.set_unknown(None);
+    shared.health.publish(Instant::now());
+    shared.state.send_replace(State::Stopped);
+    let mut control = shared.control();
+    control.commands = None;
+    shared
+        .run
+        .send_replace(Run::Stopped(Some(Fatal::Panicked(message.into()))));
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// The current term. Dropping it (a panic unwinding the campaign) fires
+/// the work's token.
 struct Running {
     term: Term,
 }
 
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.term.cancel();
+    }
+}
+
+/// The work's task. Dropping it (a panic unwinding the campaign) aborts
+/// the task.
 struct Work {
     term: u64,
     handle: JoinHandle<Result<(), BoxError>>,
     reply: Option<oneshot::Sender<WorkOutcome>>,
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
 }
 
 enum WorkEvent {
@@ -160,6 +227,10 @@ async fn run(
     let fatal = loop {
         let mut stopped = None;
         for output in outputs.drain(..) {
+            #[cfg(test)]
+            if let Some(hook) = shared.on_output.get() {
+                hook(&output);
+            }
             match output {
                 Output::Setup => {
                     call = Some((Call::Setup, Instant::now()));
@@ -283,7 +354,12 @@ async fn run(
                     match (&term, &work) {
                         (Some(r), None) if r.term.id() == id && r.term.is_valid() => {
                             shared.health.set_work(Some(r.term.deadline()));
-                            let handle = tokio::spawn(fut);
+                            let gone = CancellationToken::new();
+                            *lock(&shared.work_gone) = Some(gone.clone());
+                            let handle = tokio::spawn(async move {
+                                let _gone = gone.drop_guard();
+                                fut.await
+                            });
                             work = Some(Work { term: id, handle, reply: Some(reply) });
                             Input::WorkStarted(id)
                         }
@@ -299,6 +375,7 @@ async fn run(
             event = work_event(&mut work) => match event {
                 WorkEvent::Joined(joined) => {
                     let Some(mut w) = work.take() else { continue };
+                    lock(&shared.work_gone).take();
                     shared.health.set_work(None);
                     // Whether the token had fired when the work returned; the
                     // machine has not reacted to the return yet.
@@ -351,9 +428,9 @@ async fn run(
     };
 
     // Stopped: nothing of ours may outlive the campaign.
-    if let Some(w) = work.take() {
+    if let Some(mut w) = work.take() {
         w.handle.abort();
-        let _ = w.handle.await;
+        let _ = (&mut w.handle).await;
     }
     shared.health.set_work(None);
     shared.health.set_unknown(None);
@@ -366,7 +443,9 @@ async fn run(
     shared.term.send_replace(None);
     let mut control = shared.control();
     control.commands = None;
-    shared.run.send_replace(Run::Stopped(fatal));
+    shared
+        .run
+        .send_replace(Run::Stopped(fatal.map(Fatal::Store)));
 }
 
 async fn work_event(work: &mut Option<Work>) -> WorkEvent {

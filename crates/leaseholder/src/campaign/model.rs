@@ -938,6 +938,15 @@ impl World {
                 }
                 c.stopped = true;
                 c.watch = None;
+                // A stop bounded in time drops the call in flight, as the
+                // driver does; one not yet applied may still land later
+                // (or never).
+                if let Some(p) = c.pending.take()
+                    && p.reply.is_none()
+                    && self.late.is_none()
+                {
+                    self.late = Some((i, p.req));
+                }
                 Ok(())
             }
         }

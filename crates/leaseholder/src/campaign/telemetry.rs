@@ -53,6 +53,7 @@ fn kind(e: &BackendError) -> &'static str {
         BackendError::Misconfigured { .. } => "misconfigured",
         BackendError::Denied(_) => "denied",
         BackendError::Fatal(_) => "fatal",
+        BackendError::Panicked { .. } => "panicked",
     }
 }
 
