@@ -31,6 +31,16 @@ impl Observed {
         }
     }
 
+    /// `true` if a holder of the same term as `h` is observed.
+    fn is_term_of(&self, h: &Holder) -> bool {
+        match self {
+            Observed::Held(a) => {
+                a.nonce() == h.nonce() && a.token() == h.token() && a.id() == h.id()
+            }
+            _ => false,
+        }
+    }
+
     /// `true` if it is the same lease (nonce and token) as `other`,
     /// whatever renewals happened between.
     fn same_term(&self, other: &Observed) -> bool {
@@ -47,9 +57,12 @@ impl Observed {
 /// Watches who leads a key without campaigning for it.
 ///
 /// It reads the key once, then re-reads on every watch event of the
-/// backend, at the current lease's expiry (stores such as PostgreSQL send
-/// nothing when a lease expires), and every `poll` interval otherwise. The
-/// value changes only when the term changes (a renewal is not a change).
+/// backend that may mean a new term, at the current lease's expiry (stores
+/// such as PostgreSQL send nothing when a lease expires), and every `poll`
+/// interval otherwise. The value changes only when the term changes (a
+/// renewal is not a change), and only from a read: an event that was
+/// queued behind a newer read can never make it report an ended term
+/// again after its successor.
 ///
 /// Dropping the observer stops its task.
 ///
@@ -82,6 +95,13 @@ impl Observer {
         backend.validate_key(&key)?;
         if poll.is_zero() {
             return Err(ConfigError::Zero { field: "poll" });
+        }
+        if poll > crate::MAX_INTERVAL {
+            return Err(ConfigError::TooLong {
+                field: "poll",
+                value: poll,
+                max: crate::MAX_INTERVAL,
+            });
         }
         let (tx, rx) = watch::channel(Observed::Unknown);
         let task = tokio::spawn(observe(backend, key.clone(), poll, tx));
@@ -130,7 +150,9 @@ async fn observe(backend: Backend, key: Key, poll: Duration, tx: watch::Sender<O
                 let wake = holder
                     .as_ref()
                     .and_then(Holder::expires_in)
-                    .map_or(poll, |left| (left + Duration::from_millis(1)).min(poll));
+                    .map_or(poll, |left| {
+                        left.saturating_add(Duration::from_millis(1)).min(poll)
+                    });
                 let seen = holder.map_or(Observed::Vacant, Observed::Held);
                 publish(&tx, seen);
                 now + wake
@@ -152,9 +174,11 @@ async fn observe(backend: Backend, key: Key, poll: Duration, tx: watch::Sender<O
             tokio::select! {
                 () = tokio::time::sleep_until(next) => break,
                 event = subscription.next() => match event {
-                    WatchEvent::Updated(_, Some(holder)) => {
-                        publish(&tx, Observed::Held(holder));
-                    }
+                    // A renewal of the term already reported: nothing new.
+                    WatchEvent::Updated(_, Some(holder))
+                        if tx.borrow().is_term_of(&holder) => {}
+                    // Anything else may be a new term: read, and publish
+                    // what the store says now.
                     _ => break,
                 },
             }

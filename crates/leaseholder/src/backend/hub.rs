@@ -7,6 +7,18 @@
 //! events may have been missed. The task ends when the backend is dropped
 //! (its `Hub` aborts it) or when the backend cannot watch.
 //!
+//! A store call that succeeds while the watcher is backing off
+//! ([`Hub::kick`]) cuts the backoff short: the link is back, so the watch
+//! reconnects at once (at most every [`BACKOFF_MIN`]) instead of up to
+//! [`BACKOFF_MAX`] later, and a follower whose link healed hears of the
+//! next release when it happens.
+//!
+//! The task is started by the first subscription on the runtime it runs
+//! on; if it has ended (that runtime was shut down, or a panic in the
+//! backend's stream ended it), the next subscription starts it again on
+//! the caller's runtime. A panic while polling the backend's stream ends
+//! that stream like a broken connection.
+//!
 //! Lock order: only `Hub::state` is ever locked, never across an `.await`.
 
 use std::collections::HashMap;
@@ -15,8 +27,9 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::{Key, WatchEvent, WatchStream};
 use crate::error::BackendError;
@@ -27,6 +40,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub(crate) struct Hub {
     state: Arc<Mutex<State>>,
+    /// Woken by [`Hub::kick`]; the watcher waits on it while backing off.
+    kick: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -34,6 +49,8 @@ struct State {
     subs: HashMap<Key, Vec<(u64, mpsc::UnboundedSender<WatchEvent>)>>,
     next_id: u64,
     task: Option<JoinHandle<()>>,
+    /// The backend said it cannot watch: do not ask again.
+    no_watch: bool,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -54,9 +71,10 @@ impl Hub {
         let id = state.next_id;
         state.next_id += 1;
         state.subs.entry(key.clone()).or_default().push((id, tx));
-        if state.task.is_none() {
+        let ended = state.task.as_ref().is_none_or(JoinHandle::is_finished);
+        if ended && !state.no_watch {
             let weak = Arc::downgrade(&self.state);
-            state.task = Some(tokio::spawn(run(weak, connect)));
+            state.task = Some(tokio::spawn(run(weak, self.kick.clone(), connect)));
         }
         Subscription {
             key: key.clone(),
@@ -64,6 +82,14 @@ impl Hub {
             rx,
             hub: Arc::downgrade(&self.state),
         }
+    }
+}
+
+impl Hub {
+    /// A store call succeeded: if the watcher is backing off after a broken
+    /// watch, it reconnects now.
+    pub(crate) fn kick(&self) {
+        self.kick.notify_waiters();
     }
 }
 
@@ -95,7 +121,7 @@ fn dispatch(state: &Weak<Mutex<State>>, event: WatchEvent) -> bool {
     true
 }
 
-async fn run<C, F>(state: Weak<Mutex<State>>, connect: C)
+async fn run<C, F>(state: Weak<Mutex<State>>, kick: Arc<Notify>, connect: C)
 where
     C: Fn() -> F,
     F: Future<Output = Option<Result<Option<WatchStream>, BackendError>>>,
@@ -106,6 +132,9 @@ where
             None => return,
             Some(Ok(None)) => {
                 tracing::debug!("backend has no watch; followers poll");
+                if let Some(state) = state.upgrade() {
+                    lock(&state).no_watch = true;
+                }
                 return;
             }
             Some(Ok(Some(mut stream))) => {
@@ -113,7 +142,7 @@ where
                 if !dispatch(&state, WatchEvent::Resync) {
                     return;
                 }
-                while let Some(event) = stream.next().await {
+                while let Some(event) = next_event(&mut stream).await {
                     if !dispatch(&state, event) {
                         return;
                     }
@@ -124,9 +153,42 @@ where
                 tracing::warn!(%error, "watch failed; followers fall back to timers");
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        let started = Instant::now();
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            () = kick.notified() => {
+                // The store answers again: reconnect now, but never more
+                // often than every BACKOFF_MIN.
+                tokio::time::sleep_until(started + BACKOFF_MIN).await;
+                backoff = BACKOFF_MIN;
+            }
+        }
     }
+}
+
+/// The stream's next event; `None` when it ends, or when polling it
+/// panicked (treated as a broken connection).
+async fn next_event(stream: &mut WatchStream) -> Option<WatchEvent> {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::task::Poll;
+    let mut broken = false;
+    std::future::poll_fn(|cx| {
+        if broken {
+            return Poll::Ready(None);
+        }
+        match catch_unwind(AssertUnwindSafe(|| stream.poll_next_unpin(cx))) {
+            Ok(poll) => poll,
+            Err(payload) => {
+                broken = true;
+                let message = crate::error::panic_message(&*payload);
+                tracing::error!(%message, "the backend's watch stream panicked; reconnecting");
+                Poll::Ready(None)
+            }
+        }
+    })
+    .await
 }
 
 /// The watch events of one key, from its backend's single watch.

@@ -119,7 +119,7 @@ impl MemoryStore {
                 value: value.into(),
                 token: None,
                 revision,
-                expires_at: now + ttl,
+                expires_at: crate::campaign::core::later(now, ttl),
             },
         );
         drop(state);
@@ -200,7 +200,7 @@ impl MemoryStore {
                     value: lease.value().encode(),
                     token: Some(lease.token()),
                     revision: lease.revision(),
-                    expires_at: now + *ttl,
+                    expires_at: crate::campaign::core::later(now, *ttl),
                 };
                 event = WatchEvent::Updated(key.clone(), Some(entry.holder(now)));
                 state.entries.insert(key.clone(), entry);
@@ -212,7 +212,7 @@ impl MemoryStore {
                 match state.entries.get_mut(key) {
                     Some(entry) if entry.nonce() == Some(lease.nonce()) => {
                         entry.revision = revision;
-                        entry.expires_at = now + *ttl;
+                        entry.expires_at = crate::campaign::core::later(now, *ttl);
                         event = WatchEvent::Updated(key.clone(), Some(entry.holder(now)));
                         Reply::Renew(Renewed::Renewed(lease.with_revision(revision)))
                     }

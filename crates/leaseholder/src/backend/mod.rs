@@ -867,7 +867,7 @@ impl Backend {
         claim: &Claim,
         ttl: Duration,
     ) -> Result<Acquired, BackendError> {
-        guarded(Op::Acquire, || self.inner.edge.acquire(key, claim, ttl)).await
+        self.kicked(guarded(Op::Acquire, || self.inner.edge.acquire(key, claim, ttl)).await)
     }
 
     /// See [`BackendEdge::renew`]; the budget is `ttl`.
@@ -888,17 +888,26 @@ impl Backend {
         ttl: Duration,
         budget: Duration,
     ) -> Result<Renewed, BackendError> {
-        guarded(Op::Renew, || self.inner.edge.renew(key, lease, ttl, budget)).await
+        self.kicked(guarded(Op::Renew, || self.inner.edge.renew(key, lease, ttl, budget)).await)
     }
 
     /// See [`BackendEdge::release`].
     pub async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
-        guarded(Op::Release, || self.inner.edge.release(key, lease)).await
+        self.kicked(guarded(Op::Release, || self.inner.edge.release(key, lease)).await)
     }
 
     /// See [`BackendEdge::holder`].
     pub async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
-        guarded(Op::Holder, || self.inner.edge.holder(key)).await
+        self.kicked(guarded(Op::Holder, || self.inner.edge.holder(key)).await)
+    }
+
+    /// A call that succeeded shows the store reachable: a watch that is
+    /// backing off reconnects now.
+    fn kicked<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
+        if result.is_ok() {
+            self.inner.hub.kick();
+        }
+        result
     }
 
     /// See [`BackendEdge::watch_reports_expiry`].

@@ -26,8 +26,10 @@
 //! timeout or the millisecond before it, a lease's expiry, a work's stop
 //! deadline), where due ticks, timeouts and work stops are handled (in
 //! every order, for one candidate at a time) before anything else happens
-//! at that instant. Several calls in flight at one instant are applied in
-//! every order. (Setup is done at once when the search starts.)
+//! at that instant, except that a reply held in the network may arrive at
+//! that very instant and be handled first (the driver's `select!` polls
+//! store replies before timers). Several calls in flight at one instant are
+//! applied in every order. (Setup is done at once when the search starts.)
 //!
 //! Each path may deviate from that schedule up to [`Config::deviations`]
 //! times, each a nondeterministic edge:
@@ -66,7 +68,8 @@
 //!   panics, never asks to be woken in the past, and is never stalled (no
 //!   call, no wake-up, no work) unless stopped.
 //! * Bookkeeping: a term begins only after the last one ended, `Extend`
-//!   moves the deadline forward, `CancelTerm` only for a live term,
+//!   moves the deadline forward and never comes once the deadline has
+//!   passed (a term is never revived), `CancelTerm` only for a live term,
 //!   `TermEnded` only after it and after its work returned, `Stopped` with
 //!   no live term, no work and no call.
 //!
@@ -463,6 +466,17 @@ impl World {
                 .is_some_and(|s| s <= now)
             {
                 due.push(Step::WorkStops(i));
+            }
+            // The driver's `select!` polls a store reply before its timers:
+            // a reply held in the network that arrives at this very instant
+            // is handled before the due tick.
+            if !due.is_empty()
+                && let Some(p) = c.pending.as_ref().filter(|p| p.held && p.give_up() > now)
+            {
+                due.push(match p.reply {
+                    Some(_) => Step::Deliver(i),
+                    None => Step::ApplyDeliver(i),
+                });
             }
             if !due.is_empty() {
                 return due;
@@ -883,6 +897,13 @@ impl World {
                 let deadline = since_base(deadline);
                 if deadline <= t.deadline {
                     return Err(format!("c{i}'s deadline moves back"));
+                }
+                if now >= t.deadline {
+                    return Err(format!(
+                        "c{i} revives term {id}: extended at {} after its deadline {} had passed",
+                        show_t(now),
+                        show_t(t.deadline)
+                    ));
                 }
                 t.deadline = deadline;
                 Ok(())
@@ -1911,4 +1932,118 @@ fn a_read_back_credits_no_later_renewal_than_the_one_that_may_have_landed() {
             );
         }
     }
+}
+
+/// Found by the model once it knew the driver's order: a renewal reply
+/// that arrives at the very instant of the deadline is handled before the
+/// deadline's timer. It must end the term, not extend it: `Term::is_valid`
+/// may already have said `false`, and a term is never revived.
+#[test]
+fn a_renewal_reply_handled_at_the_deadline_ends_the_term() {
+    let (mut c, l1) = Solo::lead();
+    c.at(300).tick();
+    // The reply (the renewal landed) reaches the driver at 900ms, the
+    // deadline, before the timer does.
+    let out = c
+        .at(900)
+        .feed(Input::Renew(Ok(Renewed::Renewed(l1.with_revision(2)))));
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Extend { .. })),
+        "{out:?}"
+    );
+    assert!(out.contains(&Output::CancelTerm {
+        id: 1,
+        reason: EndReason::Deadline,
+    }));
+    assert!(!c.core.is_leading());
+}
+
+/// Work that returns once the deadline has passed did not finish while
+/// leading: the term ends as lost (not "job done", so no quiet period, and
+/// the runner campaigns again).
+#[test]
+fn work_returning_after_the_deadline_ends_the_term_as_lost() {
+    let (mut c, _) = Solo::lead();
+    c.at(0).feed(Input::WorkStarted(1));
+    c.at(300).tick(); // a renewal that never answers
+    let out = c.at(900).feed(Input::WorkEnded(1));
+    assert!(out.contains(&Output::CancelTerm {
+        id: 1,
+        reason: EndReason::Deadline,
+    }));
+}
+
+/// A shutdown while an acquire hangs returns within one call timeout (the
+/// renew interval), not the acquire's own timeout (ttl - drift).
+#[test]
+fn a_shutdown_during_a_hanging_acquire_stops_within_one_call_timeout() {
+    let (mut c, _) = Solo::new();
+    let out = c.at(10).feed(Input::Stop(StopKind::Shutdown));
+    assert!(!out.iter().any(|o| matches!(o, Output::Stopped { .. })));
+    assert_eq!(c.wake(), Some(ms(10) + RENEW));
+    let out = c.at(310).tick();
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Stopped { .. })),
+        "{out:?}"
+    );
+    assert!(c.core.is_stopped());
+}
+
+/// A shutdown whose work has returned while a renewal hangs: the release
+/// waits for the renewal at most until one call timeout after the stop
+/// could go on without the work, then the campaign stops anyway.
+#[test]
+fn a_shutdown_with_a_hanging_renewal_stops_within_one_call_timeout() {
+    let (mut c, _) = Solo::lead();
+    c.at(0).feed(Input::WorkStarted(1));
+    let out = c.at(300).tick();
+    assert!(matches!(out.as_slice(), [Output::Renew { .. }]), "{out:?}");
+    // Shut down at 310ms: the token fires and the work drains, returning
+    // at 320ms. The renewal (timeout 600ms) still hangs.
+    c.at(310).feed(Input::Stop(StopKind::Shutdown));
+    c.at(320).feed(Input::WorkEnded(1));
+    assert_eq!(c.wake(), Some(ms(320) + RENEW));
+    let out = c.at(620).tick();
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Stopped { .. })),
+        "{out:?}"
+    );
+}
+
+/// `drain_timeout(Duration::MAX)` means no limit: a drain never overflows
+/// the clock, and lingering work is still dropped before the store can let
+/// anyone else in.
+#[test]
+fn an_unlimited_drain_never_overflows_and_still_drops_work_by_the_deadline() {
+    let t = Timing {
+        drain_timeout: Duration::MAX,
+        ..timing()
+    };
+    let mut c = Solo {
+        core: Core::new(&t, 7),
+        now: Duration::ZERO,
+    };
+    c.feed(Input::Start);
+    let out = c.feed(Input::Setup(Ok(None)));
+    let nonce = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Acquire { nonce, .. } => Some(*nonce),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no acquire in {out:?}"));
+    c.feed(Input::Acquire(Ok(Acquired::Won(our_lease(nonce, 1)))));
+    c.feed(Input::WorkStarted(1));
+    c.at(100).feed(Input::Stop(StopKind::Resign));
+    // Renewals go on during the drain; with none confirmed the deadline
+    // (900ms) ends the term and the work is dropped by 950ms.
+    let mut aborted = None;
+    for t in (100..=1000).step_by(10) {
+        let out = c.at(t).tick();
+        if out.contains(&Output::AbortWork { id: 1 }) {
+            aborted = Some(t);
+            break;
+        }
+    }
+    assert_eq!(aborted, Some(950));
 }
