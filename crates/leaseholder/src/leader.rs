@@ -116,6 +116,13 @@ impl Leader {
         }
     }
 
+    /// Test-only: `hook` sees every output of the campaign's machine before
+    /// the driver acts on it (to inject a panic into the driver).
+    #[cfg(test)]
+    pub(crate) fn on_output(&self, hook: impl Fn(&campaign::core::Output) + Send + Sync + 'static) {
+        let _ = self.shared.on_output.set(Box::new(hook));
+    }
+
     /// The key this candidate campaigns for.
     pub fn key(&self) -> &Key {
         &self.shared.key
@@ -561,5 +568,104 @@ impl fmt::Debug for Leader {
             .field("state", &*self.shared.state.borrow())
             .field("token", &self.fencing_token())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::MemoryStore;
+    use crate::campaign::core::Output;
+
+    /// A panic in the driver itself, in the middle of a term whose work
+    /// ignores its token: the token fires, the work is aborted and awaited,
+    /// the campaign reports `Stopped` and every caller gets a typed error;
+    /// a second candidate leads only after the work has stopped.
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_in_the_driver_mid_term_is_contained() {
+        let ttl = Duration::from_secs(2);
+        let store = MemoryStore::new();
+        let a = Leader::builder("job")
+            .backend(Backend::memory(&store))
+            .ttl(ttl)
+            .build()
+            .unwrap();
+        a.on_output(|o| {
+            if matches!(o, Output::Extend { .. }) {
+                panic!("injected panic in the driver");
+            }
+        });
+        let b = Leader::builder("job")
+            .backend(Backend::memory(&store))
+            .ttl(ttl)
+            .build()
+            .unwrap();
+        // (who, start, end) of every work interval.
+        type Log = Arc<Mutex<Vec<(&'static str, Instant, Option<Instant>)>>>;
+        let log: Log = Arc::default();
+        struct End(Log, usize);
+        impl Drop for End {
+            fn drop(&mut self) {
+                self.0.lock().unwrap()[self.1].2 = Some(Instant::now());
+            }
+        }
+        let run = |l: &Leader, who: &'static str| {
+            let (l, log) = (l.clone(), log.clone());
+            tokio::spawn(async move {
+                l.acquire_and_run(move |term: Term| {
+                    let log = log.clone();
+                    async move {
+                        let index = {
+                            let mut log = log.lock().unwrap();
+                            log.push((who, Instant::now(), None));
+                            log.len() - 1
+                        };
+                        let _end = End(log, index);
+                        let _ = term;
+                        // Ignores its token: only an abort stops it.
+                        std::future::pending::<()>().await;
+                        Ok::<_, std::io::Error>(())
+                    }
+                })
+                .await
+            })
+        };
+        let ta = run(&a, "a");
+        a.state().wait_for(State::is_leader).await.unwrap();
+        let term = a.current_term().unwrap();
+        let tb = run(&b, "b");
+        let result = tokio::time::timeout(ttl * 10, ta).await.unwrap().unwrap();
+        assert!(
+            matches!(&result, Err(Error::CampaignPanicked { message, .. }) if message.contains("injected")),
+            "{result:?}"
+        );
+        assert!(term.is_cancelled(), "the work's token did not fire");
+        assert!(a.state().borrow().is_stopped());
+        assert!(matches!(
+            a.shutdown().await,
+            Err(Error::CampaignPanicked { .. })
+        ));
+        assert!(matches!(
+            a.resign().await,
+            Err(Error::CampaignPanicked { .. })
+        ));
+        // The work was dropped before acquire_and_run returned.
+        let a_end = log.lock().unwrap()[0].2.expect("a's work still runs");
+        b.state().wait_for(State::is_leader).await.unwrap();
+        b.shutdown().await.unwrap();
+        tb.await.unwrap().unwrap();
+        let log = log.lock().unwrap().clone();
+        assert_eq!(log.len(), 2, "{log:?}");
+        assert!(
+            log[1].1 >= a_end,
+            "b's work started before a's stopped: {log:?}"
+        );
     }
 }

@@ -482,11 +482,13 @@ impl Core {
         self.t.retry.mul_f64(j * self.rand_unit())
     }
 
-    /// The spread of followers' acquires after a release: up to the jitter
-    /// fraction of the retry interval, at most 5 ms (a handoff should cost
-    /// milliseconds, not a retry interval).
+    /// The spread of followers' acquires after a release: uniform up to the
+    /// jitter fraction of the retry interval, but at most 5 ms (a handoff
+    /// should cost milliseconds, not a retry interval).
     fn release_spread(&mut self) -> Duration {
-        self.spread().min(Duration::from_millis(5))
+        let j = f64::from(self.t.jitter_ppm) / 1e6;
+        let cap = self.t.retry.mul_f64(j).min(Duration::from_millis(5));
+        cap.mul_f64(self.rand_unit())
     }
 
     /// Capped, jittered exponential backoff for the `n`th consecutive error.

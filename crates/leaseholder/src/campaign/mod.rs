@@ -45,6 +45,10 @@ pub(crate) enum Fatal {
     Panicked(Arc<str>),
 }
 
+/// Test-only: see [`Shared::on_output`].
+#[cfg(test)]
+pub(crate) type OutputHook = Box<dyn Fn(&Output) + Send + Sync>;
+
 /// Requests to the campaign task.
 pub(crate) enum Command {
     Stop(StopKind),
@@ -99,7 +103,7 @@ pub(crate) struct Shared {
     /// Test-only: called with every output before the driver acts on it
     /// (to inject a panic into the driver).
     #[cfg(test)]
-    pub(crate) on_output: std::sync::OnceLock<Box<dyn Fn(&Output) + Send + Sync>>,
+    pub(crate) on_output: std::sync::OnceLock<OutputHook>,
 }
 
 #[derive(Default)]

@@ -2047,3 +2047,36 @@ fn an_unlimited_drain_never_overflows_and_still_drops_work_by_the_deadline() {
     }
     assert_eq!(aborted, Some(950));
 }
+
+/// Followers woken by one release do not all call at the same instant:
+/// each waits a random spread of at most 5 ms.
+#[test]
+fn released_events_wake_followers_at_spread_instants() {
+    let t = Timing {
+        jitter: 0.1,
+        ..timing()
+    };
+    let mut wakes = Vec::new();
+    for seed in 1..=8 {
+        let mut c = Solo {
+            core: Core::new(&t, seed),
+            now: Duration::ZERO,
+        };
+        c.feed(Input::Start);
+        c.feed(Input::Setup(Ok(None)));
+        let other = Lease::new(&claim(1, Nonce::from_u128(1)), FencingToken::new(1), 1);
+        c.at(10).feed(Input::Acquire(Ok(Acquired::Held(
+            other.holder(Some(ms(900))),
+        ))));
+        let out = c.at(100).feed(Input::Watch(WatchEvent::Released(key())));
+        let wake = match c.wake() {
+            Some(w) => w,
+            None => panic!("no wake-up after a release: {out:?}"),
+        };
+        assert!(wake >= ms(100) && wake <= ms(105), "{}", show_t(wake));
+        wakes.push(wake);
+    }
+    wakes.sort();
+    wakes.dedup();
+    assert!(wakes.len() > 1, "every follower wakes at the same instant");
+}
