@@ -630,13 +630,11 @@ fn the_watch_hub_starts_again_on_a_new_runtime() {
 async fn an_observer_with_slow_reads_never_reports_an_ended_term_again() {
     let store = MemoryStore::new();
     let observer_edge = store.backend();
+    let observer_faults = observer_edge.faults();
     // Every read of the observer lands 250 ms after it is sent, while the
     // watch events keep coming promptly.
-    observer_edge
-        .faults()
-        .always(leaseholder::Fault::Delay(ms(250)));
-    let observer =
-        Observer::new("job", Backend::new(observer_edge), Duration::from_secs(1)).unwrap();
+    observer_faults.always(leaseholder::Fault::Delay(ms(250)));
+    let observer = Observer::new("job", Backend::new(observer_edge), ms(400)).unwrap();
     let mut seen = observer.watch();
     let recorder = tokio::spawn(async move {
         let mut tokens = Vec::new();
@@ -647,27 +645,40 @@ async fn an_observer_with_slow_reads_never_reports_an_ended_term_again() {
         }
         tokens
     });
-    let cands: Vec<(Leader, Faults)> = (0..3).map(|_| candidate(&store)).collect();
+    // Leaders that renew every 50 ms, so that renewals of the old term are
+    // queued while a read is in flight.
+    let cands: Vec<Leader> = (0..3)
+        .map(|_| {
+            builder("job", Backend::memory(&store))
+                .renew_interval(ms(50))
+                .build()
+                .unwrap()
+        })
+        .collect();
     let mut tasks = Vec::new();
-    for (c, _) in &cands {
+    for c in &cands {
         let c = c.clone();
-        tasks.push(tokio::spawn(
-            async move { c.start(Default::default()).await },
-        ));
+        tasks.push(tokio::spawn(async move { c.start(Default::default()).await }));
     }
-    for round in 0..8 {
+    for _ in 0..6 {
         let leader = loop {
-            if let Some((c, _)) = cands.iter().find(|(c, _)| c.state().borrow().is_leader()) {
+            if let Some(c) = cands.iter().find(|c| c.state().borrow().is_leader()) {
                 break c.clone();
             }
             tokio::time::sleep(ms(1)).await;
         };
-        // Hold the term across a few renewals, then hand over.
-        tokio::time::sleep(TTL / 2 + ms(37 * round)).await;
+        // Hand over while one of the observer's reads is in flight, after
+        // a few renewals: the read lands after the handoff, the renewals'
+        // events are queued behind it.
+        let calls = observer_faults.calls();
+        while observer_faults.calls() == calls {
+            tokio::time::sleep(ms(1)).await;
+        }
+        tokio::time::sleep(ms(120)).await;
         leader.resign().await.unwrap();
+        tokio::time::sleep(ms(400)).await;
     }
-    tokio::time::sleep(TTL).await;
-    for (c, _) in &cands {
+    for c in &cands {
         c.shutdown().await.unwrap();
     }
     for t in tasks {
