@@ -118,6 +118,11 @@ impl BackendEdge for Wrap {
     }
 }
 
+fn started(l: &Leader) -> JoinHandle<Result<(), Error>> {
+    let l = l.clone();
+    tokio::spawn(async move { l.start(Default::default()).await })
+}
+
 fn builder(key: &str, backend: Backend) -> LeaderBuilder {
     Leader::builder(key).backend(backend).ttl(TTL)
 }
@@ -208,8 +213,7 @@ async fn a_panic_in_the_campaign_task_is_contained() {
     let mut edge = Wrap::new(store.backend());
     edge.panic_in_sync = true;
     let a = builder("job", Backend::new(edge)).build().unwrap();
-    let runner = a.clone();
-    let task = tokio::spawn(async move { runner.start(Default::default()).await });
+    let task = started(&a);
     let result = timeout(WAIT, task).await.unwrap().unwrap();
     assert!(
         matches!(&result, Err(Error::CampaignPanicked { message, .. }) if message.contains("watch_reports_expiry")),
@@ -413,8 +417,7 @@ async fn shutdown_while_an_acquire_hangs_returns_within_one_call_timeout() {
     let store = MemoryStore::new();
     let (a, faults) = candidate(&store);
     faults.inject_on(Op::Acquire, leaseholder::Fault::Hang, 1);
-    let runner = a.clone();
-    let task = tokio::spawn(async move { runner.start(Default::default()).await });
+    let task = started(&a);
     // Let the acquire go out.
     while faults.calls() < 2 {
         tokio::time::sleep(ms(1)).await;
@@ -438,8 +441,7 @@ async fn shutdown_while_a_read_back_hangs_returns_within_one_call_timeout() {
     // The acquire's reply is lost, and the read-back hangs.
     faults.inject_on(Op::Acquire, leaseholder::Fault::LoseReply, 1);
     faults.inject_on(Op::Holder, leaseholder::Fault::Hang, 1);
-    let runner = a.clone();
-    let task = tokio::spawn(async move { runner.start(Default::default()).await });
+    let task = started(&a);
     while faults.calls() < 3 {
         tokio::time::sleep(ms(1)).await;
     }
@@ -483,18 +485,12 @@ async fn shutdown_with_a_hanging_renewal_returns_within_drain_plus_one_call() {
 async fn a_follower_whose_watch_stalls_takes_over_within_ttl_plus_retry() {
     let store = MemoryStore::new();
     let (a, a_faults) = candidate(&store);
-    let ta = {
-        let a = a.clone();
-        tokio::spawn(async move { a.start(Default::default()).await })
-    };
+    let ta = started(&a);
     wait(&mut a.state(), State::is_leader).await;
     let mut edge = Wrap::new(store.backend());
     edge.watch = WatchMode::Stalled;
     let b = builder("job", Backend::new(edge)).build().unwrap();
-    let tb = {
-        let b = b.clone();
-        tokio::spawn(async move { b.start(Default::default()).await })
-    };
+    let tb = started(&b);
     wait(&mut b.state(), |s| {
         matches!(s, State::Follower { leader: Some(_) })
     })
@@ -519,18 +515,12 @@ async fn a_release_still_hands_over_within_milliseconds() {
     // `released_events_wake_followers_at_spread_instants`).
     let store = MemoryStore::new();
     let (a, _) = candidate(&store);
-    let ta = {
-        let a = a.clone();
-        tokio::spawn(async move { a.start(Default::default()).await })
-    };
+    let ta = started(&a);
     wait(&mut a.state(), State::is_leader).await;
     let followers: Vec<Leader> = (0..4).map(|_| candidate(&store).0).collect();
     let mut tasks = Vec::new();
     for f in &followers {
-        let f = f.clone();
-        tasks.push(tokio::spawn(
-            async move { f.start(Default::default()).await },
-        ));
+        tasks.push(started(f));
     }
     for f in &followers {
         wait(&mut f.state(), |s| {
@@ -588,10 +578,7 @@ fn the_watch_hub_starts_again_on_a_new_runtime() {
     // A first runtime subscribes (starting the watch), then goes away.
     rt().block_on(async {
         let l = builder("job", backend.clone()).build().unwrap();
-        let task = {
-            let l = l.clone();
-            tokio::spawn(async move { l.start(Default::default()).await })
-        };
+        let task = started(&l);
         wait(&mut l.state(), State::is_leader).await;
         l.shutdown().await.unwrap();
         task.await.unwrap().unwrap();
@@ -600,16 +587,10 @@ fn the_watch_hub_starts_again_on_a_new_runtime() {
     // release at once (by the watch, not a ttl later by its timers).
     rt().block_on(async {
         let (a, _) = candidate(&store);
-        let ta = {
-            let a = a.clone();
-            tokio::spawn(async move { a.start(Default::default()).await })
-        };
+        let ta = started(&a);
         wait(&mut a.state(), State::is_leader).await;
         let b = builder("job", backend.clone()).build().unwrap();
-        let tb = {
-            let b = b.clone();
-            tokio::spawn(async move { b.start(Default::default()).await })
-        };
+        let tb = started(&b);
         wait(&mut b.state(), |s| {
             matches!(s, State::Follower { leader: Some(_) })
         })
@@ -657,8 +638,7 @@ async fn an_observer_with_slow_reads_never_reports_an_ended_term_again() {
         .collect();
     let mut tasks = Vec::new();
     for c in &cands {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move { c.start(Default::default()).await }));
+        tasks.push(started(c));
     }
     for _ in 0..6 {
         let leader = loop {
@@ -697,10 +677,7 @@ async fn an_observer_with_slow_reads_never_reports_an_ended_term_again() {
 async fn a_polling_follower_publishes_each_leader_once() {
     let store = MemoryStore::new();
     let (a, _) = candidate(&store);
-    let ta = {
-        let a = a.clone();
-        tokio::spawn(async move { a.start(Default::default()).await })
-    };
+    let ta = started(&a);
     wait(&mut a.state(), State::is_leader).await;
     let mut edge = Wrap::new(store.backend());
     edge.watch = WatchMode::None;
@@ -718,10 +695,7 @@ async fn a_polling_follower_publishes_each_leader_once() {
         }
         followers
     });
-    let tb = {
-        let b = b.clone();
-        tokio::spawn(async move { b.start(Default::default()).await })
-    };
+    let tb = started(&b);
     // Several polls (retry ttl/5, expiry hints) with one steady leader.
     tokio::time::sleep(TTL * 5).await;
     b.shutdown().await.unwrap();
@@ -752,15 +726,9 @@ async fn a_healed_link_reconnects_the_watch_at_once() {
         .ttl(ttl)
         .build()
         .unwrap();
-    let ta = {
-        let a = a.clone();
-        tokio::spawn(async move { a.start(Default::default()).await })
-    };
+    let ta = started(&a);
     wait(&mut a.state(), State::is_leader).await;
-    let tb = {
-        let b = b.clone();
-        tokio::spawn(async move { b.start(Default::default()).await })
-    };
+    let tb = started(&b);
     wait(&mut b.state(), |s| {
         matches!(s, State::Follower { leader: Some(_) })
     })
