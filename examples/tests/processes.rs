@@ -14,6 +14,25 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
+const NO_PG: &str = "PostgreSQL 15+: run scripts/setup";
+
+/// A fresh PostgreSQL with the lease table already created, so that the
+/// candidates' setups find it and they acquire at once (after creating the
+/// table, a candidate waits one ttl first).
+async fn postgres_with_table() -> PostgresServer {
+    let server = PostgresServer::start().await.expect(NO_PG);
+    leaseholder::Backend::postgres(
+        leaseholder::PostgresBackend::builder()
+            .url(server.url())
+            .build()
+            .unwrap(),
+    )
+    .setup()
+    .await
+    .unwrap();
+    server
+}
+
 /// The longest any single wait for an event may take.
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -155,9 +174,7 @@ async fn handoff_and_crash_failover_between_processes_at_ttl_10s_on_nats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handoff_and_crash_failover_between_processes_at_ttl_10s_on_postgres() {
-    let server = PostgresServer::start()
-        .await
-        .expect("PostgreSQL 15+: run scripts/setup");
+    let server = postgres_with_table().await;
     handoff_and_crash_failover("PostgreSQL", server.url()).await;
 }
 
@@ -425,9 +442,7 @@ async fn the_nats_example_leads_stops_on_ctrl_c_and_explains_a_missing_server() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_example_leads_stops_on_ctrl_c_and_explains_a_missing_server() {
-    let server = PostgresServer::start()
-        .await
-        .expect("PostgreSQL 15+: run scripts/setup");
+    let server = postgres_with_table().await;
     let free = leaseholder_testkit::free_port().unwrap();
     example_leads_and_stops_on_ctrl_c(
         "postgres",
