@@ -324,6 +324,14 @@ async fn noleaders_example_program_runs_on_nats_with_only_the_crate_path_changed
     let server = NatsServer::start()
         .await
         .expect("nats-server 2.11+: run scripts/setup");
+    // The example's bucket exists, so that its create_bucket finds it and
+    // it leads at once (after creating the bucket, a candidate waits one
+    // ttl first; the example runs for 3 s).
+    let client = async_nats::connect(server.url()).await.unwrap();
+    leaseholder::Backend::nats(client, "mytestbucket")
+        .setup()
+        .await
+        .unwrap();
     let run = |url: String| {
         let mut cmd = tokio::process::Command::new(example("noleader_compat"));
         cmd.env("NATS_URL", url)
