@@ -6,9 +6,9 @@
 //! conflict or a shutdown (transient), and a table dropped under a leader.
 //!
 //! `a_renewal_slowed_by_the_network_cannot_extend_the_lease_after_the_deadline`
-//! fails on purpose: it shows a renewal committing after its leader gave up
-//! (see its doc comment). Safety is not at stake, only how soon an abandoned
-//! lease frees up.
+//! checks that no renewal commits after its leader gave up (see its doc
+//! comment); it failed before renewals carried the deadline. Safety is not
+//! at stake there, only how soon an abandoned lease frees up.
 //!
 //! Every test checks safety (the work of two terms never overlaps and
 //! tokens strictly increase, as the work itself recorded it in a
@@ -1284,7 +1284,7 @@ async fn a_read_only_database_is_transient_and_the_campaign_leads_again_once_it_
     timeout(WAIT, term.cancelled())
         .await
         .expect("A's term ends while the database is read-only");
-    let ended = log.intervals()[0].end.unwrap();
+    let ended = Instant::now();
     // What the campaign's writes get: 25006, transient.
     let probe = backend(&s.url());
     let claim = Claim::new(LeaderId::new(), Default::default());
@@ -1304,7 +1304,7 @@ async fn a_read_only_database_is_transient_and_the_campaign_leads_again_once_it_
     assert!(!now.is_stopped() && !now.is_leader(), "{now:?}");
     recorder.abort();
     println!(
-        "read-only: A's term ended {:?} after the failover; A then: {now:?}; {} states \
+        "read-only: A's token fired {:?} after the failover; A then: {now:?}; {} states \
          published while read-only",
         ended.saturating_duration_since(failed_over),
         seen.lock().unwrap().len()
