@@ -24,7 +24,7 @@
 //!
 //! | op | statement |
 //! |---|---|
-//! | setup | under a transaction-scoped advisory lock (so that candidates starting together do not race on DDL): whether the table exists, then `CREATE SCHEMA/TABLE IF NOT EXISTS`, unless auto-creation is off; then check the table's columns. Reports [`Prepared::Created`](super::Prepared::Created) if the table was missing |
+//! | setup | under a transaction-scoped advisory lock (so that candidates starting together do not race on DDL): whether the table exists, then `CREATE SCHEMA/TABLE IF NOT EXISTS`, unless auto-creation is off; then check the table's columns. Reports [`Prepared::Created`] if the table was missing |
 //! | acquire | `INSERT … ON CONFLICT (key) DO UPDATE … WHERE` the row is free or expired, setting `term = greatest(term + 1, <server clock in µs>)`; returns the new lease, or the holder when nothing was written; notifies `a<key>` |
 //! | renew | `UPDATE … WHERE key, nonce and term match AND expires_at > clock_timestamp() AND` the server's clock is before the leader's deadline (mapped to the server's clock from earlier replies, early rather than late), with `statement_timeout`/`lock_timeout` = the time left: a renewal that reaches the server after the leader gave up changes nothing |
 //! | release | `UPDATE` the row to free (nonce, value and expiry cleared, term kept) if nonce and term match; notifies `r<key>` |
@@ -63,13 +63,13 @@
 //! anything else is [`BackendError::Fatal`].
 //!
 //! **A dropped table** (`42P01`) ends a term at once: a renewal reports
-//! [`Renewed::Lost`](super::Renewed::Lost) (no lease outlives its table) and
+//! [`Renewed::Lost`] (no lease outlives its table) and
 //! a release has nothing left to do. An acquire or holder read on a missing
 //! table is [`BackendError::Misconfigured`], so a running campaign stops and
 //! says so: it does not re-create the table itself, since a table created
 //! under running leaders must be followed by one ttl of waiting, which only
 //! a new [`Backend`](crate::Backend)'s setup (reporting
-//! [`Prepared::Created`](super::Prepared::Created)) arranges. Re-create it by
+//! [`Prepared::Created`]) arranges. Re-create it by
 //! starting the process again (setup creates it when
 //! [`create_table`](PostgresBuilder::create_table) is on) or with your
 //! migrations ([`PostgresBackend::ddl`]).
