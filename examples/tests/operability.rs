@@ -25,6 +25,23 @@ const WAIT: Duration = Duration::from_secs(60);
 /// The message a test gives when PostgreSQL is not installed.
 const NO_POSTGRES: &str = "PostgreSQL 15+: run scripts/setup";
 
+/// A fresh PostgreSQL with the lease table already created, so that the
+/// candidates' setups find it and they acquire at once (after creating the
+/// table, a candidate waits one ttl first).
+async fn postgres_with_table() -> PostgresServer {
+    let server = PostgresServer::start().await.expect(NO_POSTGRES);
+    leaseholder::Backend::postgres(
+        leaseholder::PostgresBackend::builder()
+            .url(server.url())
+            .build()
+            .unwrap(),
+    )
+    .setup()
+    .await
+    .unwrap();
+    server
+}
+
 /// The path of example `name`, which cargo builds next to the test
 /// binaries (`target/<profile>/examples/`) when it builds all the tests,
 /// but not for `--test operability` alone: then the binary may be missing
@@ -148,7 +165,7 @@ fn token_in(line: &Line) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_shutdown_drains_the_unit_in_progress_then_hands_over_at_once() {
-    let server = PostgresServer::start().await.expect(NO_POSTGRES);
+    let server = postgres_with_table().await;
     let url = server.url();
     let mut copies = Copies::new();
     copies.spawn("kubernetes_shutdown", &url);
@@ -258,7 +275,7 @@ async fn kubernetes_shutdown_drains_the_unit_in_progress_then_hands_over_at_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fenced_write_refuses_a_stale_leaders_write() {
-    let server = PostgresServer::start().await.expect(NO_POSTGRES);
+    let server = postgres_with_table().await;
     let client = server.connect().await.unwrap();
     client
         .batch_execute(fenced_write::CREATE_TABLE)
@@ -334,7 +351,7 @@ async fn fenced_write_refuses_a_stale_leaders_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fenced_write_example_counts_across_runs() {
-    let server = PostgresServer::start().await.expect(NO_POSTGRES);
+    let server = postgres_with_table().await;
     let run = || {
         tokio::process::Command::new(example("fenced_write"))
             .env("DATABASE_URL", server.url())

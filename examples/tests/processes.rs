@@ -14,6 +14,25 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
+const NO_PG: &str = "PostgreSQL 15+: run scripts/setup";
+
+/// A fresh PostgreSQL with the lease table already created, so that the
+/// candidates' setups find it and they acquire at once (after creating the
+/// table, a candidate waits one ttl first).
+async fn postgres_with_table() -> PostgresServer {
+    let server = PostgresServer::start().await.expect(NO_PG);
+    leaseholder::Backend::postgres(
+        leaseholder::PostgresBackend::builder()
+            .url(server.url())
+            .build()
+            .unwrap(),
+    )
+    .setup()
+    .await
+    .unwrap();
+    server
+}
+
 /// The longest any single wait for an event may take.
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -155,9 +174,7 @@ async fn handoff_and_crash_failover_between_processes_at_ttl_10s_on_nats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handoff_and_crash_failover_between_processes_at_ttl_10s_on_postgres() {
-    let server = PostgresServer::start()
-        .await
-        .expect("PostgreSQL 15+: run scripts/setup");
+    let server = postgres_with_table().await;
     handoff_and_crash_failover("PostgreSQL", server.url()).await;
 }
 
@@ -307,6 +324,14 @@ async fn noleaders_example_program_runs_on_nats_with_only_the_crate_path_changed
     let server = NatsServer::start()
         .await
         .expect("nats-server 2.11+: run scripts/setup");
+    // The example's bucket exists, so that its create_bucket finds it and
+    // it leads at once (after creating the bucket, a candidate waits one
+    // ttl first; the example runs for 3 s).
+    let client = async_nats::connect(server.url()).await.unwrap();
+    leaseholder::Backend::nats(client, "mytestbucket")
+        .setup()
+        .await
+        .unwrap();
     let run = |url: String| {
         let mut cmd = tokio::process::Command::new(example("noleader_compat"));
         cmd.env("NATS_URL", url)
@@ -425,9 +450,7 @@ async fn the_nats_example_leads_stops_on_ctrl_c_and_explains_a_missing_server() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_example_leads_stops_on_ctrl_c_and_explains_a_missing_server() {
-    let server = PostgresServer::start()
-        .await
-        .expect("PostgreSQL 15+: run scripts/setup");
+    let server = postgres_with_table().await;
     let free = leaseholder_testkit::free_port().unwrap();
     example_leads_and_stops_on_ctrl_c(
         "postgres",

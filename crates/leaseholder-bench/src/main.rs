@@ -485,6 +485,16 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
         .await
         .context("PostgreSQL 15+ is needed: run scripts/setup")?;
     let pg_url = pg.url();
+    // Create the lease table before measuring: a candidate whose setup
+    // creates it waits one ttl before its first acquire.
+    leaseholder::Backend::postgres(
+        leaseholder::PostgresBackend::builder()
+            .url(&pg_url)
+            .build()?,
+    )
+    .setup()
+    .await
+    .context("creating the lease table")?;
     fleet_scenarios(
         &mut sink,
         &opts,

@@ -282,6 +282,9 @@ async fn put_noleader_value(url: &str, key: &str, ttl: Duration) {
 async fn a_noleader_value_is_a_foreign_lease_until_it_expires() {
     let s = server().await;
     let ttl = Duration::from_secs(10);
+    // The bucket exists before A's setup: after creating it, A would wait
+    // one ttl before its first acquire, past the foreign value's expiry.
+    leader(&s.url(), ttl).await.setup().await.unwrap();
     let a = leader(&s.url(), ttl).await;
     a.setup().await.unwrap();
     let foreign_ttl = Duration::from_secs(2);

@@ -5,18 +5,34 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use leaseholder::{Backend, BackendError, Error, Leader, PostgresBackend, State};
+use leaseholder::{
+    Backend, BackendError, Error, Leader, Observed, Observer, PostgresBackend, Prepared, State,
+};
 use leaseholder_testkit::{PostgresServer, WorkLog};
 use tokio::time::{Instant, timeout};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn server() -> PostgresServer {
+/// A fresh server without the lease table.
+async fn fresh_server() -> PostgresServer {
     PostgresServer::start()
         .await
         .expect("PostgreSQL 15+ is needed: run scripts/setup")
+}
+
+/// A fresh server with the lease table created, so that the candidates'
+/// setups find it (`Prepared::Existing`) and acquire at once, rather than
+/// wait one ttl as after creating it.
+async fn server() -> PostgresServer {
+    let s = fresh_server().await;
+    timeout(WAIT, backend(&s.url()).setup())
+        .await
+        .expect("setup within 30 s")
+        .unwrap();
+    s
 }
 
 fn backend(url: &str) -> Backend {
@@ -276,7 +292,8 @@ async fn without_auto_creation_a_missing_table_is_a_typed_error_until_the_ddl_ru
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_keep_increasing_when_the_table_is_dropped_and_created_again() {
     let s = server().await;
-    let ttl = Duration::from_secs(10);
+    // Each re-creation costs a ttl before the first acquire.
+    let ttl = Duration::from_secs(3);
     let mut tokens = Vec::new();
     for _ in 0..3 {
         // A new backend each time, so setup runs again.
@@ -422,4 +439,177 @@ async fn a_thousand_keys_share_one_listen_connection() {
     for task in tasks.into_iter().chain(heir_tasks) {
         task.await.unwrap().unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_reports_created_the_first_time_and_existing_after() {
+    let s = fresh_server().await;
+    let first = backend(&s.url());
+    assert_eq!(first.setup().await.unwrap(), Prepared::Created);
+    // The same Backend reports what its first setup found.
+    assert_eq!(first.setup().await.unwrap(), Prepared::Created);
+    // A new Backend finds the table.
+    assert_eq!(backend(&s.url()).setup().await.unwrap(), Prepared::Existing);
+    let dba = Backend::postgres(
+        PostgresBackend::builder()
+            .url(s.url())
+            .create_table(false)
+            .build()
+            .unwrap(),
+    );
+    assert_eq!(dba.setup().await.unwrap(), Prepared::Existing);
+    // Dropped, it is created again, and said so.
+    s.connect()
+        .await
+        .unwrap()
+        .batch_execute("DROP TABLE public.leaseholder_leases")
+        .await
+        .unwrap();
+    assert_eq!(backend(&s.url()).setup().await.unwrap(), Prepared::Created);
+}
+
+/// Every value `rx` takes from now on, the current one first.
+fn record<T: Clone + Send + Sync + 'static>(
+    mut rx: tokio::sync::watch::Receiver<T>,
+) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<T>>>) {
+    let seen = Arc::new(Mutex::new(vec![rx.borrow_and_update().clone()]));
+    let task = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            while rx.changed().await.is_ok() {
+                let now = rx.borrow_and_update().clone();
+                seen.lock().unwrap().push(now);
+            }
+        }
+    });
+    (task, seen)
+}
+
+/// A PostgreSQL follower polls (the watch reports no expiry): each poll
+/// reads the same leader again, with a new revision and expiry hint. Its
+/// `state()` must change once for the term, not once per poll.
+///
+/// Fails until the core stops re-publishing an unchanged leader (being
+/// fixed on main).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_follower_publishes_a_steady_leader_once() {
+    let s = server().await;
+    let ttl = Duration::from_secs(1);
+    let a = leader_on(&backend(&s.url()), "steady", ttl);
+    let ta = tokio::spawn({
+        let a = a.clone();
+        async move { a.start(Default::default()).await }
+    });
+    let token = timeout(WAIT, a.state().wait_for(State::is_leader))
+        .await
+        .unwrap()
+        .unwrap()
+        .token()
+        .unwrap();
+    let b = leader_on(&backend(&s.url()), "steady", ttl);
+    let (recorder, seen) = record(b.state());
+    let tb = tokio::spawn({
+        let b = b.clone();
+        async move { b.start(Default::default()).await }
+    });
+    timeout(
+        WAIT,
+        b.state().wait_for(
+            |s| matches!(s, State::Follower { leader: Some(h) } if h.token() == Some(token)),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Three ttls of a steady leader: the length of the observation.
+    tokio::time::sleep(3 * ttl).await;
+    assert_eq!(a.fencing_token(), Some(token), "the leader changed");
+    recorder.abort();
+    let seen = seen.lock().unwrap().clone();
+    let of_term = seen
+        .iter()
+        .filter(|s| matches!(s, State::Follower { leader: Some(h) } if h.token() == Some(token)))
+        .count();
+    println!(
+        "follower: {} state changes over 3 ttls, {of_term} for the leader's term: {seen:?}",
+        seen.len()
+    );
+    assert_eq!(of_term, 1, "the same leader was published {of_term} times");
+    // Before it: only the states of starting up.
+    assert!(
+        seen.iter()
+            .take_while(|s| !matches!(s, State::Follower { leader: Some(_) }))
+            .all(|s| matches!(s, State::Idle | State::Follower { leader: None })),
+        "{seen:?}"
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    ta.await.unwrap().unwrap();
+    tb.await.unwrap().unwrap();
+}
+
+/// An observer over several handoffs: it publishes each term once, and the
+/// terms' tokens strictly increase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_publishes_each_term_once_with_increasing_tokens() {
+    let s = server().await;
+    let ttl = Duration::from_secs(2);
+    let log = WorkLog::new();
+    let observer = Observer::new("observed", backend(&s.url()), ttl).unwrap();
+    let (recorder, seen) = record(observer.watch());
+    let mut fleet: Vec<(Leader, _)> = Vec::new();
+    for i in 0..3 {
+        let l = leader_on(&backend(&s.url()), "observed", ttl);
+        let task = run(&l, &format!("c{i}"), &log);
+        fleet.push((l, task));
+    }
+    let mut tokens = Vec::new();
+    for _ in 0..4 {
+        for (l, _) in &fleet {
+            wait_campaigning(l).await;
+        }
+        let (leader, _) = fleet
+            .iter()
+            .find(|(l, _)| l.state().borrow().is_leader())
+            .unwrap();
+        let token = leader.fencing_token().unwrap();
+        // The observer has seen this term before it ends.
+        timeout(
+            WAIT,
+            observer
+                .watch()
+                .wait_for(|o| o.holder().and_then(|h| h.token()) == Some(token)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        tokens.push(token);
+        let terms = log.intervals().len();
+        leader.resign().await.unwrap();
+        timeout(WAIT, log.wait_for_start(terms + 1)).await.unwrap();
+    }
+    recorder.abort();
+    for (l, task) in fleet {
+        l.shutdown().await.unwrap();
+        task.await.unwrap().unwrap();
+    }
+    log.assert_safe();
+    let seen = seen.lock().unwrap().clone();
+    let held: Vec<_> = seen
+        .iter()
+        .filter_map(|o| o.holder().and_then(|h| h.token()))
+        .collect();
+    println!("observer: {} values, held tokens {held:?}", seen.len());
+    assert!(
+        held.windows(2).all(|w| w[0] < w[1]),
+        "a term was published twice or out of order: {seen:?}"
+    );
+    for t in &tokens {
+        assert_eq!(held.iter().filter(|h| *h == t).count(), 1, "{t}: {seen:?}");
+    }
+    // Nothing but who holds the key, or that nobody does, in between.
+    assert!(
+        seen.iter().skip(1).all(|o| *o != Observed::Unknown),
+        "{seen:?}"
+    );
 }

@@ -45,11 +45,22 @@ impl Server {
                     .await
                     .context("starting nats-server 2.11+ (install it with scripts/setup)")?,
             ),
-            Store::Postgres => Server::Postgres(
-                PostgresServer::start()
+            Store::Postgres => {
+                let server = PostgresServer::start()
                     .await
-                    .context("starting PostgreSQL 15+ (install it with scripts/setup)")?,
-            ),
+                    .context("starting PostgreSQL 15+ (install it with scripts/setup)")?;
+                // The lease table exists before the first candidate starts
+                // (a candidate whose setup creates it waits one ttl).
+                leaseholder::Backend::postgres(
+                    leaseholder::PostgresBackend::builder()
+                        .url(server.url())
+                        .build()?,
+                )
+                .setup()
+                .await
+                .context("creating the lease table")?;
+                Server::Postgres(server)
+            }
         })
     }
 

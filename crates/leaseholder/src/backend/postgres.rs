@@ -24,9 +24,9 @@
 //!
 //! | op | statement |
 //! |---|---|
-//! | setup | under a transaction-scoped advisory lock (so that candidates starting together do not race on DDL): `CREATE SCHEMA/TABLE IF NOT EXISTS`, unless auto-creation is off; then check the table's columns |
+//! | setup | under a transaction-scoped advisory lock (so that candidates starting together do not race on DDL): whether the table exists, then `CREATE SCHEMA/TABLE IF NOT EXISTS`, unless auto-creation is off; then check the table's columns. Reports [`Prepared::Created`] if the table was missing |
 //! | acquire | `INSERT … ON CONFLICT (key) DO UPDATE … WHERE` the row is free or expired, setting `term = greatest(term + 1, <server clock in µs>)`; returns the new lease, or the holder when nothing was written; notifies `a<key>` |
-//! | renew | `UPDATE … WHERE key, nonce and term match AND expires_at > clock_timestamp() AND` the server's clock is before the leader's deadline (mapped to the server's clock from earlier replies, early rather than late), sent with `BEGIN`, `statement_timeout`/`lock_timeout` = the time left, and `COMMIT` as one pipeline: a renewal that reaches the server after the leader gave up changes nothing |
+//! | renew | `UPDATE … WHERE key, nonce and term match AND expires_at > clock_timestamp() AND` the server's clock is before the leader's deadline (mapped to the server's clock from earlier replies, early rather than late), with `statement_timeout`/`lock_timeout` = the time left: a renewal that reaches the server after the leader gave up changes nothing |
 //! | release | `UPDATE` the row to free (nonce, value and expiry cleared, term kept) if nonce and term match; notifies `r<key>` |
 //! | holder | the row if `expires_at > clock_timestamp()`, with the exact time left by the server's clock |
 //! | watch | `LISTEN` on one dedicated connection per backend; followers also wake at the current lease's expiry, since nothing notifies an expiry |
@@ -34,9 +34,49 @@
 //! The token is the server's clock in microseconds when the term began (or
 //! the previous term + 1, if larger), so even a dropped and re-created table
 //! issues larger tokens, as long as the server's clock has not gone back.
+//!
+//! **Every statement is bounded on the server.** Acquire, renew, release and
+//! holder each run in a transaction of their own, sent as one pipeline:
+//! `BEGIN; SET LOCAL statement_timeout = …; SET LOCAL lock_timeout = …`,
+//! the statement (parsed, bound and executed in the same flight, as an
+//! unnamed statement: no prepared statement stays behind on the connection,
+//! so `DEALLOCATE ALL`, a connection pooler or a server restart cannot leave
+//! a stale one), and `COMMIT`. `SET LOCAL` ends with the transaction, so
+//! nothing leaks into a pooled connection, and a call the campaign gave up
+//! on cannot keep a connection busy for long: the server cancels it. Setup
+//! runs its statements in one transaction with the same settings. The
+//! bounds:
+//!
+//! | op | the server gives up after |
+//! |---|---|
+//! | renew | the time left before the leader's deadline (the campaign's budget), less a little for the reply |
+//! | acquire | a third of the ttl asked for, and at most [`statement_timeout`](PostgresBuilder::statement_timeout) (the campaign allows ttl - drift margin, always more) |
+//! | release, holder, setup | [`statement_timeout`](PostgresBuilder::statement_timeout) (default 1 s), and at most a third of the shortest ttl this backend has been asked for: the default renew interval, by which the campaign gives these calls up |
+//!
+//! **Errors.** Connection failures, statement and lock timeouts, transaction
+//! rollbacks (serialization failure `40001`, deadlock `40P01`), operator
+//! intervention (`57P01` admin shutdown, `57P03` cannot connect now), a
+//! read-only transaction (`25006`, as on a standby after a failover, until
+//! the application reaches the new primary), an unknown prepared statement
+//! (`26000`), insufficient resources and system errors are transient: the
+//! campaign retries them. Permission denied is [`BackendError::Denied`];
+//! anything else is [`BackendError::Fatal`].
+//!
+//! **A dropped table** (`42P01`) ends a term at once: a renewal reports
+//! [`Renewed::Lost`] (no lease outlives its table) and
+//! a release has nothing left to do. An acquire or holder read on a missing
+//! table is [`BackendError::Misconfigured`], so a running campaign stops and
+//! says so: it does not re-create the table itself, since a table created
+//! under running leaders must be followed by one ttl of waiting, which only
+//! a new [`Backend`](crate::Backend)'s setup (reporting
+//! [`Prepared::Created`]) arranges. Re-create it by
+//! starting the process again (setup creates it when
+//! [`create_table`](PostgresBuilder::create_table) is on) or with your
+//! migrations ([`PostgresBackend::ddl`]).
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -44,6 +84,7 @@ use tokio::time::Instant;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::StreamExt;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::{
@@ -55,6 +96,11 @@ use crate::error::{BackendError, ConfigError};
 const DEFAULT_SCHEMA: &str = "public";
 const DEFAULT_TABLE: &str = "leaseholder_leases";
 const DEFAULT_POOL_SIZE: usize = 4;
+const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A statement's parameters with their types (sent with the statement, so
+/// it needs no prepare round trip).
+type Params<'a> = [(&'a (dyn ToSql + Sync), Type)];
 
 /// A PostgreSQL table as a lease store. Build one with
 /// [`PostgresBackend::builder`], then wrap it with
@@ -90,6 +136,12 @@ struct Inner {
     channel: String,
     sql: Sql,
     clock: ServerClock,
+    /// The configured bound on setup, holder and release (and the cap on
+    /// acquire).
+    statement_timeout: Duration,
+    /// The shortest ttl acquire or renew was called with, in µs
+    /// (`u64::MAX` before the first).
+    min_ttl_us: AtomicU64,
 }
 
 /// What we know of the server's clock: a lower bound on its offset from
@@ -161,6 +213,7 @@ pub struct PostgresBuilder {
     table: Option<String>,
     create_table: Option<bool>,
     pool_size: Option<usize>,
+    statement_timeout: Option<Duration>,
 }
 
 impl fmt::Debug for PostgresBuilder {
@@ -236,6 +289,23 @@ impl PostgresBuilder {
         self
     }
 
+    /// The longest the server may work on a setup, holder or release call,
+    /// and on an acquire (which is also held to a third of its ttl): sets
+    /// `statement_timeout` and `lock_timeout` for that call's transaction
+    /// only (`SET LOCAL`). Default 1 s. Holder, release and setup are also
+    /// held to a third of the shortest ttl this backend has been asked for
+    /// (the default renew interval: the campaign gives these calls up after
+    /// one renew interval). If you configure a renew interval shorter than a
+    /// third of the ttl, set this to it. Renewals are bounded by the time
+    /// left before the leader's deadline instead.
+    ///
+    /// A call the server gives up on is a transient error; the campaign
+    /// retries it.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
+        self
+    }
+
     /// Checks the settings and builds the backend. Connects to nothing yet.
     pub fn build(self) -> Result<PostgresBackend, ConfigError> {
         let schema = self.schema.unwrap_or_else(|| DEFAULT_SCHEMA.into());
@@ -247,6 +317,16 @@ impl PostgresBuilder {
             return Err(ConfigError::Backend {
                 backend: "postgres",
                 problem: "pool_size is 0".into(),
+            });
+        }
+        let statement_timeout = self.statement_timeout.unwrap_or(DEFAULT_STATEMENT_TIMEOUT);
+        if statement_timeout < Duration::from_millis(1) {
+            return Err(ConfigError::Backend {
+                backend: "postgres",
+                problem: format!(
+                    "statement_timeout {statement_timeout:?} is below 1 ms (PostgreSQL counts \
+                     whole milliseconds, and 0 turns the timeout off)"
+                ),
             });
         }
         let config =
@@ -313,6 +393,8 @@ impl PostgresBuilder {
                 schema,
                 table,
                 clock: ServerClock::default(),
+                statement_timeout,
+                min_ttl_us: AtomicU64::new(u64::MAX),
             }),
         })
     }
@@ -495,11 +577,14 @@ impl PostgresBackend {
     fn missing_table(&self) -> BackendError {
         BackendError::Misconfigured {
             problem: format!(
-                "table \"{}\".\"{}\" does not exist",
+                "table \"{}\".\"{}\" does not exist (never created, or dropped while in use)",
                 self.inner.schema, self.inner.table
             ),
-            fix: "run the statements from PostgresBackend::ddl() as a role that may create \
-                  tables, or build with create_table(true)"
+            fix: "re-create it: with create_table(true) (the default) the setup of a new \
+                  Backend does, and its campaigns wait one ttl before they acquire; or run the \
+                  statements from PostgresBackend::ddl() (migrations) as a role that may create \
+                  tables. A running campaign stops rather than re-create the table under \
+                  leaders of the old one"
                 .into(),
         }
     }
@@ -512,7 +597,66 @@ impl PostgresBackend {
         classify(e)
     }
 
-    async fn check_columns(&self, client: &tokio_postgres::Client) -> Result<(), BackendError> {
+    /// Remembers the shortest ttl seen, which bounds the calls that get no
+    /// budget of their own.
+    fn note_ttl(&self, ttl: Duration) {
+        let us = u64::try_from(ttl.as_micros()).unwrap_or(u64::MAX);
+        self.inner.min_ttl_us.fetch_min(us, Ordering::Relaxed);
+    }
+
+    /// The server-side bound on setup, holder and release (and the cap on
+    /// acquire): the configured statement timeout, at most a third of the
+    /// shortest ttl seen.
+    fn bound(&self) -> Duration {
+        let third = Duration::from_micros(self.inner.min_ttl_us.load(Ordering::Relaxed)) / 3;
+        self.inner.statement_timeout.min(third)
+    }
+
+    /// Runs one statement in a transaction of its own, bounded on the
+    /// server until `until`, as one pipeline: `BEGIN` and the timeouts
+    /// (`SET LOCAL`: they end with the transaction, so a pooled connection
+    /// is left as it was; `SET` takes no parameters, `ms` is a number), the
+    /// statement (parse, bind and execute of an unnamed statement: no
+    /// prepare round trip and no prepared statement left behind), and
+    /// `COMMIT` all leave on the first poll, so the server commits right
+    /// after the statement, with no round trip in between. If the statement
+    /// fails, the `COMMIT` rolls back. Dropped after the first poll, the
+    /// whole transaction still runs, within its bound; before it, nothing
+    /// was sent.
+    ///
+    /// The outer error is a failure of the connection, `BEGIN` or `COMMIT`
+    /// (classified); the inner one the statement's own, for the caller to
+    /// map. Returns the rows and when the reply came.
+    async fn pipelined(
+        client: &tokio_postgres::Client,
+        sql: &str,
+        params: &Params<'_>,
+        until: Instant,
+    ) -> Result<Result<(Vec<Row>, Instant), tokio_postgres::Error>, BackendError> {
+        let ms = server_budget(until.saturating_duration_since(Instant::now()));
+        let begin =
+            format!("BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}");
+        let (begun, rows, committed) = tokio::join!(
+            client.batch_execute(&begin),
+            client.query_typed(sql, params),
+            client.batch_execute("COMMIT"),
+        );
+        let received = Instant::now();
+        begun.map_err(classify)?;
+        match rows {
+            Ok(rows) => {
+                committed.map_err(classify)?;
+                Ok(Ok((rows, received)))
+            }
+            // The COMMIT rolled back (or failed with the connection).
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    async fn check_columns(
+        &self,
+        client: &tokio_postgres::Transaction<'_>,
+    ) -> Result<(), BackendError> {
         let rows = client
             .query(
                 &self.inner.sql.columns,
@@ -552,6 +696,33 @@ impl PostgresBackend {
         Ok(())
     }
 
+    /// `holder` on a connection the caller holds.
+    async fn holder_on(
+        &self,
+        client: &tokio_postgres::Client,
+        key: &Key,
+        until: Instant,
+    ) -> Result<Option<Holder>, BackendError> {
+        let key = key.as_str();
+        let params: [(&(dyn ToSql + Sync), Type); 1] = [(&key, Type::TEXT)];
+        let (rows, _) = Self::pipelined(client, &self.inner.sql.holder, &params, until)
+            .await?
+            .map_err(|e| self.error(e))?;
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        let get = |row: &Row| -> Result<_, tokio_postgres::Error> {
+            Ok((
+                row.try_get::<_, i64>(0)?,
+                row.try_get::<_, i64>(1)?,
+                row.try_get::<_, Option<Vec<u8>>>(2)?,
+                row.try_get::<_, Option<f64>>(3)?,
+            ))
+        };
+        let (term, revision, value, left_s) = get(&row).map_err(BackendError::unavailable)?;
+        Ok(Some(Self::holder_from(term, revision, value, left_s)))
+    }
+
     fn holder_from(
         term: i64,
         revision: i64,
@@ -570,8 +741,8 @@ impl PostgresBackend {
     }
 }
 
-/// How long the server may work on a renewal: the budget, less a little
-/// for the reply to travel back, and never zero (zero disables the
+/// How long the server may work on a call, in ms: the budget, less a
+/// little for the reply to travel back, and never zero (zero disables the
 /// timeouts).
 fn server_budget(budget: Duration) -> u128 {
     let margin = (budget / 10).min(Duration::from_millis(50));
@@ -580,22 +751,41 @@ fn server_budget(budget: Duration) -> u128 {
 
 /// Sorts a tokio-postgres error into the campaign's kinds.
 fn classify(e: tokio_postgres::Error) -> BackendError {
-    let Some(code) = e.code() else {
+    match e.code().map(is_transient_sqlstate) {
         // No SQLSTATE: the connection broke, or the reply did not parse.
-        return BackendError::unavailable(e);
-    };
-    let class = &code.code()[..2];
-    match code {
-        c if *c == SqlState::INSUFFICIENT_PRIVILEGE => BackendError::Denied(Box::new(e)),
-        c if *c == SqlState::QUERY_CANCELED || *c == SqlState::LOCK_NOT_AVAILABLE => {
-            BackendError::unavailable(e)
-        }
-        // Connection exceptions, transaction rollbacks (serialization,
-        // deadlock), insufficient resources, operator intervention
-        // (shutdown, restart), system errors: all worth retrying.
-        _ if matches!(class, "08" | "40" | "53" | "57" | "58") => BackendError::unavailable(e),
-        _ => BackendError::Fatal(Box::new(e)),
+        None | Some(Some(true)) => BackendError::unavailable(e),
+        Some(None) => BackendError::Denied(Box::new(e)),
+        Some(Some(false)) => BackendError::Fatal(Box::new(e)),
     }
+}
+
+/// `Some(true)`: worth retrying; `Some(false)`: fatal; `None`: permission
+/// denied.
+fn is_transient_sqlstate(code: &SqlState) -> Option<bool> {
+    if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        return None;
+    }
+    let transient = [
+        // Cancelled by statement_timeout, lock_timeout.
+        SqlState::QUERY_CANCELED,
+        SqlState::LOCK_NOT_AVAILABLE,
+        // A read-only transaction: a standby after a failover, or a
+        // primary being demoted, until the application reaches the new
+        // primary.
+        SqlState::READ_ONLY_SQL_TRANSACTION,
+        // The session was ended by idle_in_transaction_session_timeout.
+        SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+        // A prepared statement the server no longer has (DEALLOCATE ALL, a
+        // pooler, a restart); this backend prepares none, but a pool shared
+        // with others may.
+        SqlState::INVALID_SQL_STATEMENT_NAME,
+    ];
+    // Connection exceptions, transaction rollbacks (serialization failure,
+    // deadlock), insufficient resources, operator intervention (admin or
+    // crash shutdown, cannot connect now), system errors: all worth
+    // retrying.
+    let class = code.code().get(..2).unwrap_or("");
+    Some(transient.contains(code) || matches!(class, "08" | "40" | "53" | "57" | "58"))
 }
 
 impl BackendEdge for PostgresBackend {
@@ -604,10 +794,19 @@ impl BackendEdge for PostgresBackend {
     }
 
     async fn setup(&self) -> Result<Prepared, BackendError> {
+        let bound = self.bound();
         let mut client = self.client().await?;
         let mut prepared = Prepared::Existing;
+        // One transaction, its statements bounded on the server: dropped
+        // part way (the campaign's timeout), it rolls back.
+        let tx = client.transaction().await.map_err(classify)?;
+        let ms = server_budget(bound);
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+        ))
+        .await
+        .map_err(classify)?;
         if self.inner.create_table {
-            let tx = client.transaction().await.map_err(classify)?;
             // Serialize DDL among candidates starting at once: concurrent
             // CREATE TABLE IF NOT EXISTS can fail on the catalog's unique
             // index. The lock ends with the transaction.
@@ -631,9 +830,9 @@ impl BackendEdge for PostgresBackend {
                 prepared = Prepared::Created;
             }
             tx.batch_execute(&self.ddl()).await.map_err(classify)?;
-            tx.commit().await.map_err(classify)?;
         }
-        self.check_columns(&client).await?;
+        self.check_columns(&tx).await?;
+        tx.commit().await.map_err(classify)?;
         Ok(prepared)
     }
 
@@ -643,6 +842,10 @@ impl BackendEdge for PostgresBackend {
         claim: &Claim,
         ttl: Duration,
     ) -> Result<Acquired, BackendError> {
+        self.note_ttl(ttl);
+        // The campaign waits ttl - drift margin (more than ttl/2) for an
+        // acquire; the server gives up well before.
+        let until = Instant::now() + self.bound().min(ttl / 3);
         let client = self.client().await?;
         let value = LeaseValue {
             token: None,
@@ -650,35 +853,30 @@ impl BackendEdge for PostgresBackend {
         }
         .encode();
         let nonce = claim.nonce.as_u128().to_be_bytes();
-        let stmt = client
-            .prepare_cached(&self.inner.sql.acquire)
-            .await
+        let (key_s, nonce_b, value_b) = (key.as_str(), &nonce[..], &value[..]);
+        let secs = ttl.as_secs_f64();
+        let params: [(&(dyn ToSql + Sync), Type); 5] = [
+            (&key_s, Type::TEXT),
+            (&nonce_b, Type::BYTEA),
+            (&value_b, Type::BYTEA),
+            (&secs, Type::FLOAT8),
+            (&self.inner.channel, Type::TEXT),
+        ];
+        let (rows, received) = Self::pipelined(&client, &self.inner.sql.acquire, &params, until)
+            .await?
             .map_err(|e| self.error(e))?;
-        let row = client
-            .query_opt(
-                &stmt,
-                &[
-                    &key.as_str(),
-                    &&nonce[..],
-                    &&value[..],
-                    &ttl.as_secs_f64(),
-                    &self.inner.channel,
-                ],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        let Some(row) = row else {
+        let Some(row) = rows.into_iter().next() else {
             // Nothing written, and nothing live visible to this statement's
             // snapshot: a concurrent acquire committed after it began.
-            // Read again.
-            return match self.holder(key).await? {
+            // Read again (on the same connection: a pool of one has no
+            // other).
+            return match self.holder_on(&client, key, until).await? {
                 Some(h) => Ok(Acquired::Held(h)),
                 None => Err(BackendError::unavailable(
                     "the key changed during acquire; retry",
                 )),
             };
         };
-        let received = Instant::now();
         let get = |row: &Row| -> Result<_, tokio_postgres::Error> {
             Ok((
                 row.try_get::<_, bool>(0)?,
@@ -715,45 +913,44 @@ impl BackendEdge for PostgresBackend {
         ttl: Duration,
         budget: Duration,
     ) -> Result<Renewed, BackendError> {
+        self.note_ttl(ttl);
         // The leader gives the term up at `deadline`; after that, this
         // renewal must not take effect.
         let deadline = Instant::now() + budget;
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&self.inner.sql.renew)
-            .await
-            .map_err(|e| self.error(e))?;
         let nonce = lease.nonce().as_u128().to_be_bytes();
+        let nonce = &nonce[..];
         let term = i64::try_from(lease.token().get()).unwrap_or(i64::MAX);
         let secs = ttl.as_secs_f64();
         let key = key.as_str();
         // The UPDATE itself checks the deadline on the server's clock, so
         // a renewal that reaches the server late (a slow link, a queue)
-        // changes nothing. The timeouts stop a renewal stuck behind a lock
-        // or a slow server from tying up the connection past the deadline.
+        // changes nothing. The timeouts (the time left) stop a renewal
+        // stuck behind a lock or a slow server from tying up the
+        // connection past the deadline.
         let server_deadline = self.inner.clock.server_deadline_us(deadline);
-        let ms = server_budget(deadline.saturating_duration_since(Instant::now()));
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&key, &&nonce[..], &term, &secs, &server_deadline];
-        // One transaction, sent as one pipeline: BEGIN and the timeouts
-        // (SET LOCAL: they end with the transaction, so a pooled connection
-        // is left as it was; SET takes no parameters, `ms` is a number),
-        // the UPDATE, and COMMIT leave together on the first poll, so the
-        // server commits right after the UPDATE, with no round trip in
-        // between. If the UPDATE fails, the COMMIT rolls back. Dropped
-        // after the first poll, the whole transaction still runs; before
-        // it, nothing was sent.
-        let begin =
-            format!("BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}");
-        let (begun, row, committed) = tokio::join!(
-            client.batch_execute(&begin),
-            client.query_one(&stmt, &params),
-            client.batch_execute("COMMIT"),
-        );
-        let received = Instant::now();
-        begun.map_err(classify)?;
-        let row = row.map_err(|e| self.error(e))?;
-        committed.map_err(classify)?;
+        let params: [(&(dyn ToSql + Sync), Type); 5] = [
+            (&key, Type::TEXT),
+            (&nonce, Type::BYTEA),
+            (&term, Type::INT8),
+            (&secs, Type::FLOAT8),
+            (&server_deadline, Type::INT8),
+        ];
+        let (rows, received) =
+            match Self::pipelined(&client, &self.inner.sql.renew, &params, deadline).await? {
+                Ok(reply) => reply,
+                // The table is gone, and every lease in it: the term ends
+                // now, like any other loss.
+                Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
+                    tracing::warn!(error = %e, "the lease table is gone; the term is lost");
+                    return Ok(Renewed::Lost);
+                }
+                Err(e) => return Err(classify(e)),
+            };
+        let row = rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| BackendError::unavailable("the renewal returned no row"))?;
         let (revision, server_us, late) =
             (|| -> Result<(Option<i64>, i64, bool), tokio_postgres::Error> {
                 Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
@@ -772,46 +969,30 @@ impl BackendEdge for PostgresBackend {
     }
 
     async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+        let until = Instant::now() + self.bound();
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&self.inner.sql.release)
-            .await
-            .map_err(|e| self.error(e))?;
         let nonce = lease.nonce().as_u128().to_be_bytes();
+        let nonce = &nonce[..];
         let term = i64::try_from(lease.token().get()).unwrap_or(i64::MAX);
-        client
-            .query(
-                &stmt,
-                &[&key.as_str(), &&nonce[..], &term, &self.inner.channel],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
+        let key = key.as_str();
+        let params: [(&(dyn ToSql + Sync), Type); 4] = [
+            (&key, Type::TEXT),
+            (&nonce, Type::BYTEA),
+            (&term, Type::INT8),
+            (&self.inner.channel, Type::TEXT),
+        ];
+        match Self::pipelined(&client, &self.inner.sql.release, &params, until).await? {
+            Ok(_) => Ok(()),
+            // No table, no lease: nothing left to release.
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
     }
 
     async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+        let until = Instant::now() + self.bound();
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&self.inner.sql.holder)
-            .await
-            .map_err(|e| self.error(e))?;
-        let row = client
-            .query_opt(&stmt, &[&key.as_str()])
-            .await
-            .map_err(|e| self.error(e))?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let get = |row: &Row| -> Result<_, tokio_postgres::Error> {
-            Ok((
-                row.try_get::<_, i64>(0)?,
-                row.try_get::<_, i64>(1)?,
-                row.try_get::<_, Option<Vec<u8>>>(2)?,
-                row.try_get::<_, Option<f64>>(3)?,
-            ))
-        };
-        let (term, revision, value, left_s) = get(&row).map_err(BackendError::unavailable)?;
-        Ok(Some(Self::holder_from(term, revision, value, left_s)))
+        self.holder_on(&client, key, until).await
     }
 
     async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {
@@ -884,9 +1065,13 @@ fn event_from(payload: &str) -> Option<WatchEvent> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::{PostgresBackend, channel_name, check_identifier, event_from, server_budget};
+    use super::{
+        PostgresBackend, channel_name, check_identifier, event_from, is_transient_sqlstate,
+        server_budget,
+    };
     use crate::backend::WatchEvent;
     use std::time::Duration;
+    use tokio_postgres::error::SqlState;
 
     #[test]
     fn identifiers_are_checked_not_just_quoted() {
@@ -936,6 +1121,28 @@ mod tests {
     }
 
     #[test]
+    fn sqlstates_of_failover_conflict_and_shutdown_are_transient() {
+        for code in [
+            "25006", "26000", "40001", "40P01", "57P01", "57P03", "57014", "55P03", "08006",
+            "53300",
+        ] {
+            assert_eq!(
+                is_transient_sqlstate(&SqlState::from_code(code)),
+                Some(true),
+                "{code}"
+            );
+        }
+        for code in ["42P01", "42601", "23505", "25001", "0A000"] {
+            assert_eq!(
+                is_transient_sqlstate(&SqlState::from_code(code)),
+                Some(false),
+                "{code}"
+            );
+        }
+        assert_eq!(is_transient_sqlstate(&SqlState::from_code("42501")), None);
+    }
+
+    #[test]
     fn bad_settings_fail_at_build_time() {
         let err = |b: super::PostgresBuilder| b.build().unwrap_err().to_string();
         assert!(err(PostgresBackend::builder()).contains("no connection"));
@@ -951,6 +1158,12 @@ mod tests {
                 .url("postgres://x/y")
                 .pool_size(0))
             .contains("pool_size")
+        );
+        assert!(
+            err(PostgresBackend::builder()
+                .url("postgres://x/y")
+                .statement_timeout(std::time::Duration::ZERO))
+            .contains("statement_timeout")
         );
     }
 }

@@ -910,7 +910,9 @@ impl Core {
                 };
                 self.phase = Phase::Follower {
                     wake_at,
-                    quiet_until: None,
+                    // A watch event (a release, a resync) must not cut
+                    // that wait short.
+                    quiet_until: created.map(|_| wake_at),
                 };
             }
             Err(e) if e.is_transient() => {
