@@ -795,7 +795,10 @@ impl Core {
                 };
                 self.phase = Phase::Follower {
                     wake_at,
-                    quiet_until: None,
+                    // Also when the watch says the key is free (its first
+                    // Resync does, at once): nothing in a new bucket or
+                    // table shows the old one's leader.
+                    quiet_until: created.map(|_| wake_at),
                 };
             }
             Err(e) if e.is_transient() => {
