@@ -26,7 +26,7 @@
 //! |---|---|
 //! | no responders for a publish, or "stream not found", and the bucket's stream info confirms it is gone | [`Misconfigured`](BackendError::Misconfigured): the bucket was deleted; it is never re-created behind the user's back |
 //! | no responders, but stream info does not confirm (a server restarting, a stream leader moving) | [`Unavailable`](BackendError::Unavailable), retried |
-//! | nothing (a timeout), and `$SYS.REQ.USER.INFO` says this user may not publish to the subject | [`Denied`](BackendError::Denied), with a [`PublishDenied`] naming the subject |
+//! | a publish to a subject this user's permissions deny (nothing comes back: see below) | [`Denied`](BackendError::Denied), with a [`PublishDenied`] naming the subject |
 //! | per-message TTL disabled (10166), `max_msgs` or `max_bytes` reached with discard new (10077), a message over `max_msg_size` (10054), a sealed stream (10109), an account or storage limit (10002, 10047, 10028) | [`Misconfigured`](BackendError::Misconfigured), saying what to change |
 //! | anything else | [`Unavailable`](BackendError::Unavailable) |
 //!
@@ -34,11 +34,12 @@
 //! with an asynchronous `-ERR 'Permissions Violation for Publish to ..'`
 //! that goes to the client's event callback, never to the request, which
 //! times out. So setup asks the server for the connection's permissions
-//! (`$SYS.REQ.USER.INFO`, answered for every user of nats-server 2.10 and
-//! newer, if its permissions let it publish there), every publish is
-//! checked against them first, and they are read again after any request
-//! that went unanswered. A user who may not ask gets timeouts, retried as
-//! transient errors.
+//! (`$SYS.REQ.USER.INFO`, which nats-server answers for any user allowed
+//! to publish there; verified on 2.15), every publish and read is checked
+//! against them first, they are read again (in the background) after any
+//! request that went unanswered, and again before a denial is reported.
+//! A user who may not ask gets timeouts instead, retried as transient
+//! errors: allow it `$SYS.REQ.USER.INFO` to have denials reported.
 //!
 //! **`max_age`.** A lease message lives its TTL from its last write, and
 //! the stream's `max_age` counts from the same write, so a bucket whose
