@@ -857,7 +857,7 @@ async fn a_bucket_recreated_under_a_running_leader_lets_nobody_in_beside_it() {
     assert!(js.delete_stream("KV_leases").await.unwrap().success);
     let deleted = Instant::now();
     let b = leader(&s.url(), ttl).await;
-    let (tb, _) = run_reporting_terms(&b, "b", &log);
+    let (tb, mut b_terms) = run_reporting_terms(&b, "b", &log);
     // A's next renewal finds the bucket gone (the campaign stops) or
     // empty (the term is lost): either way its work ends.
     timeout(WAIT, first.cancelled()).await.unwrap();
@@ -865,10 +865,8 @@ async fn a_bucket_recreated_under_a_running_leader_lets_nobody_in_beside_it() {
         // A campaigns on the new bucket and may lead again: make room.
         a.shutdown().await.unwrap();
     }
-    timeout(WAIT, b.state().wait_for(State::is_leader))
-        .await
-        .unwrap()
-        .unwrap();
+    // B's work has begun (and is in the log) when its term is sent.
+    timeout(WAIT, b_terms.recv()).await.unwrap().unwrap();
     let b_term = log.intervals().into_iter().rfind(|i| i.who == "b").unwrap();
     println!(
         "A ({:?}); B's work began {:?} after the deletion with token {} (A's first: {})",
