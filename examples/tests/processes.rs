@@ -36,6 +36,22 @@ async fn postgres_with_table() -> PostgresServer {
 /// The longest any single wait for an event may take.
 const WAIT: Duration = Duration::from_secs(60);
 
+/// A nats-server with `bucket` already created. A candidate whose own
+/// setup creates the bucket waits one ttl before its first acquire (the
+/// bucket may replace one deleted under a running leader); these tests
+/// measure handoffs, not that wait.
+async fn nats_with_bucket(bucket: &str) -> NatsServer {
+    let server = NatsServer::start()
+        .await
+        .expect("nats-server 2.11+: run scripts/setup");
+    let client = async_nats::connect(server.url()).await.unwrap();
+    leaseholder::Backend::nats(client, bucket)
+        .setup()
+        .await
+        .unwrap();
+    server
+}
+
 /// One line a candidate printed, with the candidate's index and the time
 /// the test read it.
 type Event = (usize, Instant, String);
@@ -166,9 +182,7 @@ fn median_max(mut v: Vec<Duration>) -> (Duration, Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handoff_and_crash_failover_between_processes_at_ttl_10s_on_nats() {
-    let server = NatsServer::start()
-        .await
-        .expect("nats-server 2.11+: run scripts/setup");
+    let server = nats_with_bucket("leases").await;
     handoff_and_crash_failover("NATS", server.url()).await;
 }
 
@@ -240,9 +254,7 @@ async fn handoff_and_crash_failover(store: &str, url: String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_process_paused_past_its_ttl_is_refused_by_the_fence() {
-    let server = NatsServer::start()
-        .await
-        .expect("nats-server 2.11+: run scripts/setup");
+    let server = nats_with_bucket("leases").await;
     // Each write sits 300 ms in the candidate's outbox, so the writes a
     // leader issued just before it froze go out after it thaws.
     let mut fleet = Fleet::new(
@@ -321,17 +333,7 @@ fn example(name: &str) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn noleaders_example_program_runs_on_nats_with_only_the_crate_path_changed() {
-    let server = NatsServer::start()
-        .await
-        .expect("nats-server 2.11+: run scripts/setup");
-    // The example's bucket exists, so that its create_bucket finds it and
-    // it leads at once (after creating the bucket, a candidate waits one
-    // ttl first; the example runs for 3 s).
-    let client = async_nats::connect(server.url()).await.unwrap();
-    leaseholder::Backend::nats(client, "mytestbucket")
-        .setup()
-        .await
-        .unwrap();
+    let server = nats_with_bucket("mytestbucket").await;
     let run = |url: String| {
         let mut cmd = tokio::process::Command::new(example("noleader_compat"));
         cmd.env("NATS_URL", url)
@@ -435,9 +437,7 @@ async fn example_leads_and_stops_on_ctrl_c(name: &str, var: &str, url: String, n
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nats_example_leads_stops_on_ctrl_c_and_explains_a_missing_server() {
-    let server = NatsServer::start()
-        .await
-        .expect("nats-server 2.11+: run scripts/setup");
+    let server = nats_with_bucket("leaseholder_example").await;
     let free = leaseholder_testkit::free_port().unwrap();
     example_leads_and_stops_on_ctrl_c(
         "nats",

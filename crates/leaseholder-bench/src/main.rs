@@ -471,6 +471,7 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
         tokio::spawn(noleader_scenarios(exe.clone(), nats.url(), opts.quick))
     });
     let nats_url = nats.url();
+    Store::Nats(nats_url.clone()).prepare().await?;
     fleet_scenarios(
         &mut sink,
         &opts,
@@ -485,16 +486,7 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
         .await
         .context("PostgreSQL 15+ is needed: run scripts/setup")?;
     let pg_url = pg.url();
-    // Create the lease table before measuring: a candidate whose setup
-    // creates it waits one ttl before its first acquire.
-    leaseholder::Backend::postgres(
-        leaseholder::PostgresBackend::builder()
-            .url(&pg_url)
-            .build()?,
-    )
-    .setup()
-    .await
-    .context("creating the lease table")?;
+    Store::Postgres(pg_url.clone()).prepare().await?;
     fleet_scenarios(
         &mut sink,
         &opts,

@@ -32,6 +32,32 @@ impl Store {
         }
     }
 
+    /// Creates the bucket or table (the one the bench's candidates use) on
+    /// a throwaway, uncounted backend. A candidate whose own setup creates
+    /// it waits one ttl before its first acquire (the object may replace
+    /// one deleted under a running leader): the figures are not about
+    /// that wait, so every scenario runs after this.
+    pub(crate) async fn prepare(&self) -> anyhow::Result<()> {
+        match self {
+            Store::Memory(_) => {}
+            Store::Nats(url) => {
+                let client = async_nats::connect(url.as_str()).await?;
+                Backend::nats(client, "bench")
+                    .setup()
+                    .await
+                    .context("creating the NATS bucket")?;
+            }
+            Store::Postgres(url) => {
+                let pg = PostgresBackend::builder().url(url.clone()).build()?;
+                Backend::postgres(pg)
+                    .setup()
+                    .await
+                    .context("creating the PostgreSQL table")?;
+            }
+        }
+        Ok(())
+    }
+
     /// A new client (connection or pool) of the store, counted.
     pub(crate) async fn client(
         &self,

@@ -85,7 +85,36 @@ impl NatsServer {
     /// Starts the `nats-server` binary at `binary`, whatever its version,
     /// and waits until it answers `PING`.
     pub async fn start_with(binary: &Path) -> Result<Self, Error> {
-        let mut server = Self::spawn_new(binary, free_port()?, unique_name(), Vec::new())?;
+        Self::start_binary(binary, None).await
+    }
+
+    /// Starts the first `nats-server` of at least [`MIN_NATS_VERSION`]
+    /// with `config` as its configuration file (written to `nats.conf` in
+    /// its scratch directory and passed with `-c`), and waits until it
+    /// answers. The command-line flags (JetStream, `127.0.0.1`, the port,
+    /// the store directory, the log) win over the file, so the file holds
+    /// what flags cannot say, e.g. users and their permissions:
+    ///
+    /// ```text
+    /// authorization { users = [
+    ///   { user: admin, password: admin }
+    ///   { user: reader, password: reader, permissions: { publish: { deny: ["$KV.leases.>"] } } }
+    /// ] }
+    /// ```
+    ///
+    /// A server that requires authentication answers the readiness probe
+    /// (which has no credentials) with `Authorization Violation`; that
+    /// counts as ready. [`restart`](Self::restart) keeps the file.
+    pub async fn start_with_config(config: &str) -> Result<Self, Error> {
+        let binary = find_nats_server(MIN_NATS_VERSION, None)?;
+        Self::start_binary(&binary, Some(config)).await
+    }
+
+    async fn start_binary(binary: &Path, config: Option<&str>) -> Result<Self, Error> {
+        let mut server = match config {
+            None => Self::spawn_new(binary, free_port()?, unique_name(), Vec::new())?,
+            Some(config) => Self::spawn_configured(binary, config)?,
+        };
         server.version = server.wait_ready().await?;
         tracing::debug!(
             binary = %server.binary.display(),
@@ -94,6 +123,27 @@ impl NatsServer {
             "nats-server ready"
         );
         Ok(server)
+    }
+
+    /// Spawns the server with `config` as its configuration file, without
+    /// waiting for it to be ready.
+    fn spawn_configured(binary: &Path, config: &str) -> Result<Self, Error> {
+        let dir = TempDir::new("leaseholder-nats")?;
+        let path = dir.path().join("nats.conf");
+        let (port, name) = (free_port()?, unique_name());
+        std::fs::write(&path, with_server_name(&name, config))
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        let extra_args = vec!["-c".to_owned(), path.to_string_lossy().into_owned()];
+        let child = spawn(binary, &args(port, &name, dir.path(), &extra_args))?;
+        Ok(Self {
+            child,
+            dir,
+            binary: binary.to_owned(),
+            port,
+            name,
+            version: String::new(),
+            extra_args,
+        })
     }
 
     /// Spawns the server without waiting for it to be ready.
@@ -174,6 +224,27 @@ impl NatsServer {
     /// Wakes a server frozen by [`pause`](Self::pause) with `SIGCONT`.
     pub fn resume(&self) -> Result<(), Error> {
         self.child.resume()
+    }
+
+    /// Replaces the configuration file of a server started with
+    /// [`start_with_config`](Self::start_with_config) and asks the server
+    /// to reload it (`SIGHUP`), e.g. to take a permission away from a user
+    /// whose client is connected. Returns once the signal is sent; the
+    /// server applies the file a moment later.
+    pub fn reload_config(&self, config: &str) -> Result<(), Error> {
+        let path = self.dir.path().join("nats.conf");
+        if !self.extra_args.iter().any(|a| Path::new(a) == path) {
+            return Err(Error::io(
+                "reloading the nats-server configuration",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the server was not started with start_with_config",
+                ),
+            ));
+        }
+        std::fs::write(&path, with_server_name(&self.name, config))
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        self.child.signal("HUP")
     }
 
     /// Kills the server with `SIGKILL` and waits until it has exited. The
@@ -523,6 +594,12 @@ fn pip_scripts_dir() -> Option<PathBuf> {
     .clone()
 }
 
+/// `config` with the server's name in it: a reload compares the file's
+/// name with the one `--server_name` set, and refuses a file without it.
+fn with_server_name(name: &str, config: &str) -> String {
+    format!("server_name: \"{name}\"\n{config}")
+}
+
 /// A server name unique within this process.
 fn unique_name() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -561,7 +638,9 @@ fn spawn(binary: &Path, args: &[String]) -> Result<ChildGuard, Error> {
     )
 }
 
-/// Connects to `addr`, reads `INFO {...}`, sends `PING`, expects `PONG`;
+/// Connects to `addr`, reads `INFO {...}`, sends `PING`, expects `PONG`
+/// (or, from a server whose `INFO` says it requires authentication, the
+/// `Authorization Violation` it answers a probe without credentials with);
 /// returns the version from `INFO`.
 async fn probe(addr: SocketAddr) -> Result<String, Error> {
     let stream = TcpStream::connect(addr)
@@ -578,6 +657,7 @@ async fn probe(addr: SocketAddr) -> Result<String, Error> {
         .ok_or_else(|| protocol_error(addr, "INFO", &line))?;
     let version = json_string_field(info, "version")
         .ok_or_else(|| protocol_error(addr, "a version in INFO", &line))?;
+    let auth_required = info.replace(' ', "").contains("\"auth_required\":true");
     write
         .write_all(b"PING\r\n")
         .await
@@ -586,7 +666,12 @@ async fn probe(addr: SocketAddr) -> Result<String, Error> {
     read.read_line(&mut line)
         .await
         .map_err(|e| Error::io(format!("reading PONG from {addr}"), e))?;
-    if line.trim_end() == "PONG" {
+    if line.trim_end() == "PONG"
+        || (auth_required
+            && line
+                .to_ascii_lowercase()
+                .contains("authorization violation"))
+    {
         Ok(version)
     } else {
         Err(protocol_error(addr, "PONG", &line))

@@ -218,6 +218,13 @@ impl BackendError {
         BackendError::Unavailable(err.into())
     }
 
+    /// Shorthand for [`BackendError::Denied`] from any error. Its message
+    /// should name what was refused (the subject, the table), since the
+    /// variant's own says only "permission denied".
+    pub fn denied(err: impl Into<BoxError>) -> Self {
+        BackendError::Denied(err.into())
+    }
+
     /// Shorthand for [`BackendError::Fatal`] from any error.
     pub fn fatal(err: impl Into<BoxError>) -> Self {
         BackendError::Fatal(err.into())

@@ -11,6 +11,9 @@ use leaseholder::{Backend, Error, Leader, State};
 use leaseholder_testkit::{NatsCluster, WorkLog};
 use tokio::time::{Instant, timeout};
 
+mod support;
+use support::wait_any_leader;
+
 const WAIT: Duration = Duration::from_secs(30);
 
 const BUCKET: &str = "leases";
@@ -242,4 +245,107 @@ async fn losing_the_leaders_node_hands_over_to_a_leader_on_the_others() {
     tb.unwrap();
     log.assert_safe();
     ta.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_under_a_connected_candidate_does_not_end_its_campaign() {
+    let mut cluster = cluster().await;
+    let stream_leader = create_replicated_bucket(&cluster.urls(), BUCKET).await;
+    // A talks to the node leading the bucket's stream, and only to it:
+    // while that node restarts A's requests fail, then go to a node whose
+    // JetStream is still catching up (no responders, no stream leader).
+    let i = cluster
+        .nodes()
+        .iter()
+        .position(|n| n.name() == stream_leader)
+        .expect("the stream leader is a node of the cluster");
+    let ttl = Duration::from_secs(2);
+    let a = leader(&cluster.url(i), ttl).await;
+    let b = leader(&cluster.urls_except(i), ttl).await;
+    let log = WorkLog::new();
+    let (ta, first) = run(&a, "a", &log);
+    let first = timeout(WAIT, first).await.unwrap().unwrap();
+    let (tb, _) = run(&b, "b", &log);
+    timeout(
+        WAIT,
+        b.state()
+            .wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    // A quick restart (A's lease may survive it), then a node down for
+    // longer than the ttl (B takes over) and back.
+    let t0 = Instant::now();
+    cluster.restart(i).await.unwrap();
+    println!(
+        "node {i} (stream leader {stream_leader}) back after {:?}",
+        t0.elapsed()
+    );
+    let token = a_leads_again(&a, &b, &ta).await;
+    println!(
+        "A leads {:?} after the restart with token {token} (first term {}, {})",
+        t0.elapsed(),
+        first.fencing_token(),
+        if first.is_valid() {
+            "still valid"
+        } else {
+            "ended"
+        }
+    );
+    assert!(token >= first.fencing_token());
+    let terms = log.intervals().len();
+    cluster.kill(i).await.unwrap();
+    let killed = Instant::now();
+    let next = timeout(WAIT, log.wait_for_start(terms + 1)).await.unwrap();
+    assert_eq!(next.who, "b");
+    cluster.restart(i).await.unwrap();
+    println!(
+        "node {i} killed: B led {:?} later; node back {:?} after the kill",
+        next.start - killed,
+        killed.elapsed()
+    );
+    let again = a_leads_again(&a, &b, &ta).await;
+    println!(
+        "A leads again {:?} after the kill, token {again}",
+        killed.elapsed()
+    );
+    assert!(again > token);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    ta.await.unwrap().unwrap();
+    tb.await.unwrap().unwrap();
+    log.assert_safe();
+}
+
+/// Waits until A leads, making B resign whenever B leads (B then waits a
+/// retry interval before it campaigns again, so a campaigning A gets the
+/// key). Fails if A's campaign ends. A's token.
+async fn a_leads_again(
+    a: &Leader,
+    b: &Leader,
+    ta: &tokio::task::JoinHandle<Result<(), Error>>,
+) -> leaseholder::FencingToken {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(
+            !a.state().borrow().is_stopped() && !ta.is_finished(),
+            "A's campaign ended"
+        );
+        let who = timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            wait_any_leader(&[a, b]),
+        )
+        .await
+        .expect("A did not lead again");
+        if who == 0
+            && let Some(token) = a.fencing_token()
+        {
+            return token;
+        }
+        if who == 1 {
+            b.resign().await.unwrap();
+        }
+    }
 }

@@ -39,6 +39,35 @@ enum Server {
 
 impl Server {
     async fn start(store: Store) -> anyhow::Result<Server> {
+        let server = Server::start_only(store).await?;
+        server.prepare().await?;
+        Ok(server)
+    }
+
+    /// Creates the bucket or table the candidates use, on a throwaway
+    /// backend. A candidate whose own setup creates it waits one ttl
+    /// before its first acquire (the object may replace one deleted under
+    /// a running leader); the run is not about that wait.
+    async fn prepare(&self) -> anyhow::Result<()> {
+        let backend = match self {
+            Server::Nats(s) => {
+                leaseholder::Backend::nats(async_nats::connect(s.url()).await?, "leases")
+            }
+            Server::Postgres(s) => leaseholder::Backend::postgres(
+                leaseholder::PostgresBackend::builder()
+                    .url(s.url())
+                    .pool_size(2)
+                    .build()?,
+            ),
+        };
+        backend
+            .setup()
+            .await
+            .context("creating the bucket or table")?;
+        Ok(())
+    }
+
+    async fn start_only(store: Store) -> anyhow::Result<Server> {
         Ok(match store {
             Store::Nats => Server::Nats(
                 NatsServer::start()

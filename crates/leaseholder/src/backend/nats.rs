@@ -19,17 +19,51 @@
 //! subject's last sequence, so a stale read can cost a retry but never
 //! safety; reading from the leader keeps it from costing the retry.
 //!
+//! **Errors.** A reply is classified by what it means, not by where it
+//! came from:
+//!
+//! | the server says | error |
+//! |---|---|
+//! | no responders for a publish, or "stream not found", and the bucket's stream info confirms it is gone | [`Misconfigured`](BackendError::Misconfigured): the bucket was deleted; it is never re-created behind the user's back |
+//! | no responders, but stream info does not confirm (a server restarting, a stream leader moving) | [`Unavailable`](BackendError::Unavailable), retried |
+//! | a publish to a subject this user's permissions deny (nothing comes back: see below) | [`Denied`](BackendError::Denied), with a [`PublishDenied`] naming the subject |
+//! | per-message TTL disabled (10166), `max_msgs` or `max_bytes` reached with discard new (10077), a message over `max_msg_size` (10054), a sealed stream (10109), an account or storage limit (10002, 10047, 10028) | [`Misconfigured`](BackendError::Misconfigured), saying what to change |
+//! | anything else | [`Unavailable`](BackendError::Unavailable) |
+//!
+//! A publish the server refuses for lack of permission is answered only
+//! with an asynchronous `-ERR 'Permissions Violation for Publish to ..'`
+//! that goes to the client's event callback, never to the request, which
+//! times out. So setup asks the server for the connection's permissions
+//! (`$SYS.REQ.USER.INFO`, which nats-server answers for any user allowed
+//! to publish there; verified on 2.15), every publish and read is checked
+//! against them first, they are read again (in the background) after any
+//! request that went unanswered, and again before a denial is reported.
+//! A user who may not ask gets timeouts instead, retried as transient
+//! errors: allow it `$SYS.REQ.USER.INFO` to have denials reported.
+//!
+//! **`max_age`.** A lease message lives its TTL from its last write, and
+//! the stream's `max_age` counts from the same write, so a bucket whose
+//! `max_age` is not 0 must keep a message at least as long as the TTL;
+//! the rule is `max_age` 0 or at least [`MAX_AGE_TTL_FACTOR`] times the TTL
+//! sent, leaving room for the TTL's rounding and the server's expiry
+//! timer. One bucket serves leaders with different ttls, so setup only
+//! records `max_age` (refusing one below 2 s, too short for any lease) and
+//! each acquire and renewal checks it against its own ttl.
+//!
 //! The TTL sent is the ttl rounded up to whole seconds; the leader's
 //! deadline uses the configured ttl, which is never longer. The expiry hint
 //! compares the server's clock with ours, so it is only a hint: one that
 //! has already passed by our clock is dropped, and followers learn of the
 //! expiry from the watch (the server's expiry marker) anyway.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::{GetStreamErrorKind, PublishError, PublishErrorKind};
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
-use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
+use async_nats::jetstream::{self, ErrorCode, kv, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::OnceCell;
@@ -44,6 +78,172 @@ use crate::error::{BackendError, ConfigError};
 const MIN_VERSION: (u64, u64) = (2, 11);
 /// How long expiry markers stay in the bucket.
 const MARKER_TTL: Duration = Duration::from_secs(60);
+
+/// A bucket's `max_age`, unless 0, must be at least this many times the
+/// TTL a lease is written with (the ttl rounded up to whole seconds).
+pub const MAX_AGE_TTL_FACTOR: u32 = 2;
+
+/// The rule for bucket names, as NATS KV states it.
+pub const BUCKET_RULE: &str =
+    "NATS KV bucket names use only A-Z a-z 0-9 - _ (no dots, spaces or wildcards)";
+
+/// The server's answer to "what may this connection do".
+const USER_INFO: &str = "$SYS.REQ.USER.INFO";
+
+/// Bound on asking for [`USER_INFO`].
+const USER_INFO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Checks a bucket name against [`BUCKET_RULE`].
+///
+/// ```
+/// use leaseholder::backend::nats::validate_bucket;
+/// assert!(validate_bucket("leases").is_ok());
+/// assert!(validate_bucket("bad name!").is_err());
+/// ```
+pub fn validate_bucket(bucket: &str) -> Result<(), ConfigError> {
+    if !bucket.is_empty()
+        && bucket
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Ok(());
+    }
+    Err(ConfigError::Backend {
+        backend: "nats",
+        problem: format!("bucket name {bucket:?} is invalid: {BUCKET_RULE}"),
+    })
+}
+
+/// The server refused a publish because this connection's user may not
+/// publish to the subject: the source of a [`BackendError::Denied`] from
+/// the NATS backend.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "NATS user {user} may not publish to {subject}: allow it in the user's publish permissions \
+     (the leases of bucket {bucket} are written to $KV.{bucket}.<key>)"
+)]
+#[non_exhaustive]
+pub struct PublishDenied {
+    /// The subject refused.
+    pub subject: String,
+    /// The user, as the server names it (`?` if it did not).
+    pub user: String,
+    /// The bucket.
+    pub bucket: String,
+}
+
+/// One direction's permissions: the subjects allowed (`None`: all) and
+/// denied.
+#[derive(Debug, Clone, Default)]
+struct Rules {
+    allow: Option<Vec<String>>,
+    deny: Vec<String>,
+}
+
+impl Rules {
+    fn from_json(value: Option<&serde_json::Value>) -> Rules {
+        let list = |field: &str| -> Option<Vec<String>> {
+            let items = value?.get(field)?.as_array()?;
+            Some(
+                items
+                    .iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect(),
+            )
+        };
+        Rules {
+            allow: list("allow").filter(|a| !a.is_empty()),
+            deny: list("deny").unwrap_or_default(),
+        }
+    }
+
+    fn permits(&self, subject: &str) -> bool {
+        let matches = |pattern: &String| subject_matches(pattern, subject);
+        self.allow.as_ref().is_none_or(|a| a.iter().any(matches)) && !self.deny.iter().any(matches)
+    }
+}
+
+/// What `$SYS.REQ.USER.INFO` said about this connection.
+#[derive(Debug, Clone)]
+struct Permissions {
+    user: String,
+    publish: Rules,
+}
+
+impl Permissions {
+    /// Parses the server's reply; `None` if it is not one.
+    fn from_reply(payload: &[u8]) -> Option<Permissions> {
+        let reply: serde_json::Value = serde_json::from_slice(payload).ok()?;
+        let data = reply.get("data")?;
+        let user = data
+            .get("user")
+            .and_then(|u| u.as_str())
+            .unwrap_or("?")
+            .to_owned();
+        Some(Permissions {
+            user,
+            publish: Rules::from_json(data.get("permissions").and_then(|p| p.get("publish"))),
+        })
+    }
+}
+
+/// `true` if the literal `subject` matches `pattern` (`*` one token, `>`
+/// the rest).
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut pattern = pattern.split('.');
+    let mut subject = subject.split('.');
+    loop {
+        match (pattern.next(), subject.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some(p), Some(s)) if p == "*" || p == s => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Marks the backend's permissions as worth reading again if it is dropped
+/// before [`answered`](Self::answered): the request went unanswered, which
+/// is all a client sees of a publish refused for lack of permission.
+struct Unanswered<'a> {
+    flag: &'a AtomicBool,
+    answered: bool,
+}
+
+impl<'a> Unanswered<'a> {
+    fn new(flag: &'a AtomicBool) -> Self {
+        Unanswered {
+            flag,
+            answered: false,
+        }
+    }
+
+    fn answered(&mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What every clone of a backend shares.
+#[derive(Debug, Default)]
+struct Shared {
+    store: OnceCell<kv::Store>,
+    /// The bucket's `max_age` as setup found it.
+    max_age: OnceLock<Duration>,
+    /// This connection's permissions; `None` while unknown.
+    permissions: Mutex<Option<Permissions>>,
+    /// A request went unanswered since the permissions were last read.
+    unanswered: AtomicBool,
+    /// The permissions are being read in the background.
+    refreshing: AtomicBool,
+}
 
 /// The last message under a key.
 struct Read {
@@ -92,27 +292,109 @@ pub struct NatsBackend {
     client: async_nats::Client,
     js: jetstream::Context,
     bucket: String,
-    store: std::sync::Arc<OnceCell<kv::Store>>,
+    shared: Arc<Shared>,
 }
 
 impl NatsBackend {
     /// A backend on `bucket`, created by [`setup`](BackendEdge::setup) if
     /// missing.
+    ///
+    /// An invalid bucket name (see [`BUCKET_RULE`]) is reported by
+    /// [`LeaderBuilder::build`](crate::LeaderBuilder::build) (as
+    /// [`ConfigError::Backend`]) and by setup; [`try_new`](Self::try_new)
+    /// reports it at once.
     pub fn new(client: async_nats::Client, bucket: &str) -> NatsBackend {
         NatsBackend {
             js: jetstream::new(client.clone()),
             client,
             bucket: bucket.to_owned(),
-            store: Default::default(),
+            shared: Default::default(),
         }
+    }
+
+    /// Like [`new`](Self::new), but fails if `bucket` breaks
+    /// [`BUCKET_RULE`].
+    pub fn try_new(client: async_nats::Client, bucket: &str) -> Result<NatsBackend, ConfigError> {
+        validate_bucket(bucket)?;
+        Ok(NatsBackend::new(client, bucket))
     }
 
     fn subject(&self, key: &Key) -> String {
         format!("$KV.{}.{}", self.bucket, key)
     }
 
+    fn stream_name(&self) -> String {
+        format!("KV_{}", self.bucket)
+    }
+
+    /// Reads this connection's permissions from the server, if it answers.
+    async fn read_permissions(&self) {
+        let reply = tokio::time::timeout(
+            USER_INFO_TIMEOUT,
+            self.client.request(USER_INFO, Bytes::new()),
+        )
+        .await;
+        let found = match reply {
+            Ok(Ok(message)) => Permissions::from_reply(&message.payload),
+            _ => None,
+        };
+        tracing::debug!(bucket = %self.bucket, permissions = ?found, "NATS permissions");
+        if found.is_some() {
+            *self.permissions() = found;
+        }
+    }
+
+    fn permissions(&self) -> std::sync::MutexGuard<'_, Option<Permissions>> {
+        self.shared
+            .permissions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The denial of a publish to `subject`, if the permissions say so.
+    fn denial(&self, subject: &str) -> Option<BackendError> {
+        let permissions = self.permissions();
+        let p = permissions.as_ref()?;
+        (!p.publish.permits(subject)).then(|| {
+            BackendError::denied(PublishDenied {
+                subject: subject.to_owned(),
+                user: p.user.clone(),
+                bucket: self.bucket.clone(),
+            })
+        })
+    }
+
+    /// Reads the permissions again in the background if a request went
+    /// unanswered since they were last read: the next call sees the result.
+    /// Never in line, which would add a round trip to the call after every
+    /// timeout (on a slow link, enough to make that call time out too).
+    fn refresh_if_unanswered(&self) {
+        if self.shared.unanswered.swap(false, Ordering::Relaxed)
+            && !self.shared.refreshing.swap(true, Ordering::Relaxed)
+        {
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.read_permissions().await;
+                this.shared.refreshing.store(false, Ordering::Relaxed);
+            });
+        }
+    }
+
+    /// `Denied` if this connection may not publish to `subject`, by the
+    /// permissions last read; they are read again (in line) before a
+    /// denial is reported, since they may have been widened since.
+    async fn check_publish(&self, subject: &str) -> Result<(), BackendError> {
+        self.refresh_if_unanswered();
+        if self.denial(subject).is_none() {
+            return Ok(());
+        }
+        self.read_permissions().await;
+        self.denial(subject).map_or(Ok(()), Err)
+    }
+
     async fn store(&self) -> Result<&kv::Store, BackendError> {
-        self.store
+        self.shared
+            .store
             .get_or_try_init(|| async {
                 self.js
                     .get_key_value(&self.bucket)
@@ -130,6 +412,9 @@ impl NatsBackend {
     /// sees every write that has been acknowledged.
     async fn entry(&self, key: &Key) -> Result<Option<Read>, BackendError> {
         let store = self.store().await?;
+        let api = format!("$JS.API.STREAM.MSG.GET.{}", self.stream_name());
+        self.check_publish(&api).await?;
+        let mut waiting = Unanswered::new(&self.shared.unanswered);
         let message = match store
             .stream
             .get_last_raw_message_by_subject(&self.subject(key))
@@ -138,16 +423,28 @@ impl NatsBackend {
             Ok(message) => message,
             Err(e) => {
                 return match e.kind() {
-                    LastRawMessageErrorKind::NoMessageFound => Ok(None),
-                    LastRawMessageErrorKind::JetStream(js)
-                        if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-                    {
-                        Err(self.bucket_missing())
+                    LastRawMessageErrorKind::NoMessageFound => {
+                        waiting.answered();
+                        Ok(None)
                     }
+                    LastRawMessageErrorKind::JetStream(js)
+                        if js.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                    {
+                        waiting.answered();
+                        Err(self.confirm_missing().await)
+                    }
+                    LastRawMessageErrorKind::JetStream(_) => {
+                        waiting.answered();
+                        Err(BackendError::unavailable(e))
+                    }
+                    // A timeout (perhaps a denied request) or a broken
+                    // connection: the permissions are read again before
+                    // the next call (`waiting` marks it unanswered).
                     _ => Err(BackendError::unavailable(e)),
                 };
             }
         };
+        waiting.answered();
         let headers = &message.headers;
         let is_put = match headers.get("KV-Operation").map(|op| op.as_str()) {
             Some("DEL" | "PURGE") => false,
@@ -185,23 +482,149 @@ impl NatsBackend {
         ttl: Duration,
         expected: u64,
     ) -> Result<Option<u64>, BackendError> {
+        self.check_max_age(ttl)?;
         let mut headers = HeaderMap::new();
-        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-        headers.insert("Nats-TTL", format!("{}s", secs.max(1)).as_str());
+        headers.insert("Nats-TTL", format!("{}s", ttl_secs(ttl)).as_str());
         headers.insert(
             "Nats-Expected-Last-Subject-Sequence",
             expected.to_string().as_str(),
         );
+        self.publish_raw(self.subject(key), headers, value).await
+    }
+
+    /// Publishes and classifies the reply. `Ok(None)` on a sequence
+    /// mismatch.
+    async fn publish_raw(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        value: Bytes,
+    ) -> Result<Option<u64>, BackendError> {
+        self.check_publish(&subject).await?;
         let ack = self
             .js
-            .publish_with_headers(self.subject(key), headers, value)
+            .publish_with_headers(subject.clone(), headers, value)
             .await
             .map_err(BackendError::unavailable)?;
-        match ack.await {
+        let mut waiting = Unanswered::new(&self.shared.unanswered);
+        let result = ack.await;
+        if !matches!(&result, Err(e) if e.kind() == PublishErrorKind::TimedOut) {
+            waiting.answered();
+        }
+        drop(waiting);
+        match result {
             Ok(ack) => Ok(Some(ack.sequence)),
             Err(e) if lost_race(&e) => Ok(None),
-            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => Err(self.bucket_missing()),
-            Err(e) => Err(BackendError::unavailable(e)),
+            // No responders: the bucket's stream is gone, or not there
+            // yet on a server that is restarting or electing a leader.
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                Err(self.confirm_missing().await)
+            }
+            // Unanswered: a publish refused for lack of permission looks
+            // like this (the server's -ERR goes to the client's event
+            // callback, not to the request).
+            Err(e) if e.kind() == PublishErrorKind::TimedOut => {
+                self.shared.unanswered.store(false, Ordering::Relaxed);
+                self.read_permissions().await;
+                Err(self
+                    .denial(&subject)
+                    .unwrap_or_else(|| BackendError::unavailable(e)))
+            }
+            Err(e) => Err(self.classify(e)),
+        }
+    }
+
+    /// A publish error the server answered with a JetStream error code:
+    /// settings that break the contract are `Misconfigured`, saying what
+    /// to change; anything else is transient.
+    fn classify(&self, e: PublishError) -> BackendError {
+        let Some(js) =
+            std::error::Error::source(&e).and_then(|s| s.downcast_ref::<jetstream::Error>())
+        else {
+            return BackendError::unavailable(e);
+        };
+        let (code, text) = (js.error_code(), js.to_string());
+        let stream = self.stream_name();
+        let fix = |fix: String| BackendError::Misconfigured {
+            problem: format!("bucket {}: the server refused a lease: {text}", self.bucket),
+            fix,
+        };
+        match code {
+            ErrorCode::MESSAGE_TTL_DISABLED => fix(format!(
+                "per-message TTL is off on stream {stream} (was the bucket re-created by hand?): \
+                 delete the bucket and let setup() create it, or create its stream with \
+                 allow_msg_ttl and subject_delete_marker_ttl"
+            )),
+            ErrorCode::STREAM_STORE_FAILED if text.contains("maximum") => fix(format!(
+                "stream {stream} reached its max_msgs or max_bytes limit and discards new \
+                 messages: set max_msgs and max_bytes to -1 (unlimited) on it, or raise them \
+                 well above one message per key"
+            )),
+            ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+            | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM => fix(format!(
+                "a lease is larger than stream {stream}'s max_msg_size: set max_msg_size to -1, \
+                     or at least 4 KiB"
+            )),
+            ErrorCode::STREAM_SEALED => fix(format!(
+                "stream {stream} is sealed and takes no writes: delete the bucket and let setup() \
+                 create it, or use a new bucket"
+            )),
+            ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
+            | ErrorCode::STORAGE_RESOURCES_EXCEEDED
+            | ErrorCode::MEMORY_RESOURCES_EXCEEDED => fix(
+                "the account's JetStream limits are reached: raise the account's max_file / \
+                 max_mem or free space in its other streams"
+                    .into(),
+            ),
+            _ => BackendError::unavailable(e),
+        }
+    }
+
+    /// Refuses a `ttl` that the bucket's `max_age` would cut short.
+    fn check_max_age(&self, ttl: Duration) -> Result<(), BackendError> {
+        let Some(&max_age) = self.shared.max_age.get() else {
+            return Ok(());
+        };
+        let sent = Duration::from_secs(ttl_secs(ttl));
+        let least = sent * MAX_AGE_TTL_FACTOR;
+        if max_age.is_zero() || max_age >= least {
+            return Ok(());
+        }
+        Err(BackendError::Misconfigured {
+            problem: format!(
+                "bucket {}: max_age is {max_age:?}, below {MAX_AGE_TTL_FACTOR} x the lease ttl \
+                 {ttl:?} (sent as {sent:?}): the server could drop a live lease",
+                self.bucket
+            ),
+            fix: format!(
+                "set max_age on stream {} to 0 or at least {least:?}, or use a ttl of at most {:?}",
+                self.stream_name(),
+                max_age / MAX_AGE_TTL_FACTOR
+            ),
+        })
+    }
+
+    /// A publish found no responders, or a read no stream: the bucket is
+    /// gone only if its stream info says so. Anything else (a server
+    /// restarting, a stream leader moving) is transient.
+    async fn confirm_missing(&self) -> BackendError {
+        let info = format!("$JS.API.STREAM.INFO.{}", self.stream_name());
+        if let Err(denied) = self.check_publish(&info).await {
+            return denied;
+        }
+        match self.js.get_stream(self.stream_name()).await {
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(js)
+                    if js.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    self.bucket_missing()
+                }
+                _ => BackendError::unavailable(e),
+            },
+            Ok(_) => BackendError::unavailable(
+                "no responders for the bucket's subjects, though its stream exists \
+                 (a server restarting or a stream leader moving?)",
+            ),
         }
     }
 
@@ -209,8 +632,13 @@ impl NatsBackend {
     /// not created again behind the user's back.
     fn bucket_missing(&self) -> BackendError {
         BackendError::Misconfigured {
-            problem: format!("bucket {} does not exist (deleted?)", self.bucket),
-            fix: "create it again with setup() (a new Leader runs it), then restart the campaigns"
+            problem: format!(
+                "bucket {} was deleted (its stream {} does not exist)",
+                self.bucket,
+                self.stream_name()
+            ),
+            fix: "create it again with setup() (a new Leader or Backend runs it; its first \
+                  acquire waits one ttl), then restart the campaigns"
                 .into(),
         }
     }
@@ -260,10 +688,16 @@ impl NatsBackend {
                 "enable limit markers (allow_msg_ttl and subject_delete_marker_ttl) on the bucket, or use a new bucket",
             ));
         }
-        if !config.max_age.is_zero() && config.max_age < Duration::from_secs(3600) {
+        // Each lease checks max_age against its own ttl (one bucket serves
+        // many ttls); below 2 s no ttl can work.
+        let least = Duration::from_secs(1) * MAX_AGE_TTL_FACTOR;
+        if !config.max_age.is_zero() && config.max_age < least {
             return Err(fix(
-                format!("max_age is {:?}", config.max_age),
-                "set max_age to 0 (or hours): it would drop live leases",
+                format!("max_age is {:?}, too short for any lease", config.max_age),
+                &format!(
+                    "set max_age to 0, or at least {MAX_AGE_TTL_FACTOR} x the longest lease ttl: \
+                     it would drop live leases"
+                ),
             ));
         }
         if config.discard == stream::DiscardPolicy::Old
@@ -306,6 +740,11 @@ fn lost_race(e: &async_nats::jetstream::context::PublishError) -> bool {
         })
 }
 
+/// The TTL sent for `ttl`: whole seconds, rounded up, at least 1.
+fn ttl_secs(ttl: Duration) -> u64 {
+    (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).max(1)
+}
+
 fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -322,6 +761,9 @@ impl BackendEdge for NatsBackend {
     }
 
     fn validate_key(&self, key: &Key) -> Result<(), ConfigError> {
+        // The bucket is part of every subject: a bad name is as fatal as a
+        // bad key, and build() is where configuration errors belong.
+        validate_bucket(&self.bucket)?;
         const RULE: &str =
             "NATS KV keys use A-Z a-z 0-9 - _ = / . and do not start or end with '.'";
         let s = key.as_str();
@@ -347,8 +789,19 @@ impl BackendEdge for NatsBackend {
     }
 
     async fn setup(&self) -> Result<Prepared, BackendError> {
+        if let Err(e) = validate_bucket(&self.bucket) {
+            return Err(BackendError::Misconfigured {
+                problem: e.to_string(),
+                fix: "choose a bucket name that follows the rule".into(),
+            });
+        }
         self.check_version().await?;
-        let name = format!("KV_{}", self.bucket);
+        // What this user may publish, so that a denial is reported as one
+        // rather than as a request that timed out.
+        self.read_permissions().await;
+        let name = self.stream_name();
+        self.check_publish(&format!("$JS.API.STREAM.INFO.{name}"))
+            .await?;
         let config = stream::Config {
             name: name.clone(),
             description: Some("leaseholder leases".into()),
@@ -376,6 +829,10 @@ impl BackendEdge for NatsBackend {
             Err(_) => None,
         };
         let mut prepared = Prepared::Existing;
+        if existing.is_none() {
+            self.check_publish(&format!("$JS.API.STREAM.CREATE.{name}"))
+                .await?;
+        }
         let config = match existing {
             Some(config) => config,
             None => match self.js.create_stream(config).await {
@@ -401,6 +858,7 @@ impl BackendEdge for NatsBackend {
             },
         };
         self.validate(&config)?;
+        let _ = self.shared.max_age.set(config.max_age);
         self.store().await?;
         Ok(prepared)
     }
@@ -477,17 +935,24 @@ impl BackendEdge for NatsBackend {
     }
 
     async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
-        let store = self.store().await?;
         for _ in 0..2 {
             let revision = match self.entry(key).await?.as_ref().and_then(Self::holder) {
                 Some(h) if h.is_nonce(lease.nonce()) => h.revision(),
                 // Gone or another's: nothing of ours to release.
                 _ => return Ok(()),
             };
-            if store
-                .delete_expect_revision(key.as_str(), Some(revision))
-                .await
-                .is_ok()
+            // A delete marker on our revision (compare-and-delete), as
+            // `kv::Store::delete_expect_revision` writes it.
+            let mut headers = HeaderMap::new();
+            headers.insert("KV-Operation", "DEL");
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                revision.to_string().as_str(),
+            );
+            if self
+                .publish_raw(self.subject(key), headers, Bytes::new())
+                .await?
+                .is_some()
             {
                 return Ok(());
             }

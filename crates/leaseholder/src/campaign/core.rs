@@ -910,8 +910,9 @@ impl Core {
                 };
                 self.phase = Phase::Follower {
                     wake_at,
-                    // A watch event (a release, a resync) must not cut
-                    // that wait short.
+                    // Also when the watch says the key is free (its first
+                    // Resync does, at once): nothing in a new bucket or
+                    // table shows the old one's leader.
                     quiet_until: created.map(|_| wake_at),
                 };
             }
