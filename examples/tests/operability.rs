@@ -7,10 +7,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use leaseholder::{Backend, Leader, PostgresBackend};
-use leaseholder_testkit::{ChildGuard, PostgresServer};
+use leaseholder_testkit::ChildGuard;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout, timeout_at};
+
+mod support;
+use support::*;
 use tokio_util::sync::CancellationToken;
 
 // The example's SQL and functions, compiled here as a module (its `main`
@@ -21,26 +24,6 @@ mod fenced_write;
 
 /// The longest any single wait for an event may take.
 const WAIT: Duration = Duration::from_secs(60);
-
-/// The message a test gives when PostgreSQL is not installed.
-const NO_POSTGRES: &str = "PostgreSQL 15+: run scripts/setup";
-
-/// A fresh PostgreSQL with the lease table already created, so that the
-/// candidates' setups find it and they acquire at once (after creating the
-/// table, a candidate waits one ttl first).
-async fn postgres_with_table() -> PostgresServer {
-    let server = PostgresServer::start().await.expect(NO_POSTGRES);
-    leaseholder::Backend::postgres(
-        leaseholder::PostgresBackend::builder()
-            .url(server.url())
-            .build()
-            .unwrap(),
-    )
-    .setup()
-    .await
-    .unwrap();
-    server
-}
 
 /// The path of example `name`, which cargo builds next to the test
 /// binaries (`target/<profile>/examples/`) when it builds all the tests,

@@ -9,48 +9,16 @@ use std::collections::VecDeque;
 use std::process::Stdio;
 use std::time::Duration;
 
-use leaseholder_testkit::{ChildGuard, NatsServer, PostgresServer};
+use leaseholder_testkit::ChildGuard;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
-const NO_PG: &str = "PostgreSQL 15+: run scripts/setup";
-
-/// A fresh PostgreSQL with the lease table already created, so that the
-/// candidates' setups find it and they acquire at once (after creating the
-/// table, a candidate waits one ttl first).
-async fn postgres_with_table() -> PostgresServer {
-    let server = PostgresServer::start().await.expect(NO_PG);
-    leaseholder::Backend::postgres(
-        leaseholder::PostgresBackend::builder()
-            .url(server.url())
-            .build()
-            .unwrap(),
-    )
-    .setup()
-    .await
-    .unwrap();
-    server
-}
+mod support;
+use support::*;
 
 /// The longest any single wait for an event may take.
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A nats-server with `bucket` already created. A candidate whose own
-/// setup creates the bucket waits one ttl before its first acquire (the
-/// bucket may replace one deleted under a running leader); these tests
-/// measure handoffs, not that wait.
-async fn nats_with_bucket(bucket: &str) -> NatsServer {
-    let server = NatsServer::start()
-        .await
-        .expect("nats-server 2.11+: run scripts/setup");
-    let client = async_nats::connect(server.url()).await.unwrap();
-    leaseholder::Backend::nats(client, bucket)
-        .setup()
-        .await
-        .unwrap();
-    server
-}
 
 /// One line a candidate printed, with the candidate's index and the time
 /// the test read it.

@@ -36,6 +36,23 @@ async fn prepared_server() -> NatsServer {
     s
 }
 
+/// The `problem` and `fix` of a `Misconfigured` store error, or a panic
+/// that shows what came instead.
+fn misconfigured(e: &BackendError) -> (&str, &str) {
+    match e {
+        BackendError::Misconfigured { problem, fix } => (problem, fix),
+        other => panic!("expected Misconfigured, got {other:?}"),
+    }
+}
+
+/// The store error of an `Error::Backend` from `op`.
+fn backend_source(err: &Error, op: Op) -> &BackendError {
+    match err {
+        Error::Backend { op: o, source, .. } if *o == op => source,
+        other => panic!("expected a {op} error, got {other:?}"),
+    }
+}
+
 async fn leader(url: &str, ttl: Duration) -> Leader {
     let client = async_nats::connect(url).await.unwrap();
     Leader::builder("scheduler")
@@ -734,16 +751,12 @@ async fn an_invalid_bucket_name_is_a_config_error_at_build() {
         );
         // Setup, called directly, refuses it too, without touching the
         // server.
-        match Backend::nats(client.clone(), bad)
+        let err = Backend::nats(client.clone(), bad)
             .setup()
             .await
-            .unwrap_err()
-        {
-            BackendError::Misconfigured { problem, .. } => {
-                assert!(problem.contains("A-Z a-z 0-9 - _"), "{problem}")
-            }
-            other => panic!("{other:?}"),
-        }
+            .unwrap_err();
+        let (problem, _) = misconfigured(&err);
+        assert!(problem.contains("A-Z a-z 0-9 - _"), "{problem}");
     }
     assert!(leaseholder::NatsBackend::try_new(client, "leases_2-x").is_ok());
 }
@@ -809,29 +822,15 @@ async fn max_age_must_be_at_least_twice_each_leases_ttl() {
     .unwrap()
     .unwrap_err();
     println!("{}", chain(&err));
-    match &err {
-        Error::Backend {
-            op: Op::Acquire,
-            source,
-            ..
-        } => match &**source {
-            BackendError::Misconfigured { problem, fix } => {
-                assert!(problem.contains("max_age is 5s"), "{problem}");
-                assert!(problem.contains("ttl 10s"), "{problem}");
-                assert!(fix.contains("at least 20s"), "{fix}");
-            }
-            other => panic!("{other:?}"),
-        },
-        other => panic!("{other:?}"),
-    }
+    let (problem, fix) = misconfigured(backend_source(&err, Op::Acquire));
+    assert!(problem.contains("max_age is 5s"), "{problem}");
+    assert!(problem.contains("ttl 10s"), "{problem}");
+    assert!(fix.contains("at least 20s"), "{fix}");
 
     // Below 2 s no lease fits: setup says so.
-    match Backend::nats(client, "aged1").setup().await.unwrap_err() {
-        BackendError::Misconfigured { problem, .. } => {
-            assert!(problem.contains("max_age"), "{problem}")
-        }
-        other => panic!("{other:?}"),
-    }
+    let err = Backend::nats(client, "aged1").setup().await.unwrap_err();
+    let (problem, _) = misconfigured(&err);
+    assert!(problem.contains("max_age"), "{problem}");
 }
 
 #[tokio::test]
@@ -910,18 +909,14 @@ async fn a_bucket_made_by_hand_without_per_message_ttl_is_misconfigured_not_retr
     let backend = Backend::nats(client, "plain");
     let key = leaseholder::Key::new("scheduler").unwrap();
     let claim = leaseholder::Claim::new(leaseholder::LeaderId::new(), Default::default());
-    match backend
+    let err = backend
         .acquire(&key, &claim, Duration::from_secs(10))
         .await
-        .unwrap_err()
-    {
-        BackendError::Misconfigured { problem, fix } => {
-            println!("{problem}; {fix}");
-            assert!(problem.contains("per-message TTL is disabled"), "{problem}");
-            assert!(fix.contains("allow_msg_ttl"), "{fix}");
-        }
-        other => panic!("{other:?}"),
-    }
+        .unwrap_err();
+    let (problem, fix) = misconfigured(&err);
+    println!("{problem}; {fix}");
+    assert!(problem.contains("per-message TTL is disabled"), "{problem}");
+    assert!(fix.contains("allow_msg_ttl"), "{fix}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -964,20 +959,9 @@ async fn a_bucket_full_under_discard_new_is_misconfigured_saying_which_limit() {
     .unwrap()
     .unwrap_err();
     println!("{}", chain(&err));
-    match &err {
-        Error::Backend {
-            op: Op::Acquire,
-            source,
-            ..
-        } => match &**source {
-            BackendError::Misconfigured { problem, fix } => {
-                assert!(problem.contains("maximum messages exceeded"), "{problem}");
-                assert!(fix.contains("max_msgs"), "{fix}");
-            }
-            other => panic!("{other:?}"),
-        },
-        other => panic!("{other:?}"),
-    }
+    let (problem, fix) = misconfigured(backend_source(&err, Op::Acquire));
+    assert!(problem.contains("maximum messages exceeded"), "{problem}");
+    assert!(fix.contains("max_msgs"), "{fix}");
     a.shutdown().await.unwrap();
     ta.await.unwrap().unwrap();
 }

@@ -1,0 +1,38 @@
+//! Servers for the example tests, with the lease bucket or table already
+//! created (`mod support;`). A candidate whose own setup creates it waits
+//! one ttl before its first acquire (it may replace one deleted under a
+//! running leader), which these tests are not about.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use leaseholder_testkit::{NatsServer, PostgresServer};
+
+/// The message a test gives when PostgreSQL is not installed.
+pub(crate) const NO_POSTGRES: &str = "PostgreSQL 15+: run scripts/setup";
+
+/// A fresh PostgreSQL with the lease table created.
+pub(crate) async fn postgres_with_table() -> PostgresServer {
+    let server = PostgresServer::start().await.expect(NO_POSTGRES);
+    leaseholder::Backend::postgres(
+        leaseholder::PostgresBackend::builder()
+            .url(server.url())
+            .build()
+            .unwrap(),
+    )
+    .setup()
+    .await
+    .unwrap();
+    server
+}
+
+/// A fresh nats-server with the KV bucket `bucket` created.
+pub(crate) async fn nats_with_bucket(bucket: &str) -> NatsServer {
+    let server = NatsServer::start()
+        .await
+        .expect("nats-server 2.11+: run scripts/setup");
+    let client = async_nats::connect(server.url()).await.unwrap();
+    leaseholder::Backend::nats(client, bucket)
+        .setup()
+        .await
+        .unwrap();
+    server
+}
