@@ -243,6 +243,22 @@ struct Shared {
     unanswered: AtomicBool,
     /// The permissions are being read in the background.
     refreshing: AtomicBool,
+    /// That background read (bounded by `USER_INFO_TIMEOUT`), aborted
+    /// when the backend is dropped.
+    refresh: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let task = self
+            .refresh
+            .get_mut()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
+        if let Some(task) = task {
+            task.abort();
+        }
+    }
 }
 
 /// The last message under a key.
@@ -295,7 +311,35 @@ pub struct NatsBackend {
     shared: Arc<Shared>,
 }
 
+/// A [`NatsBackend`] that does not keep its shared state alive.
+struct WeakNats {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    bucket: String,
+    shared: std::sync::Weak<Shared>,
+}
+
+impl WeakNats {
+    fn upgrade(&self) -> Option<NatsBackend> {
+        Some(NatsBackend {
+            client: self.client.clone(),
+            js: self.js.clone(),
+            bucket: self.bucket.clone(),
+            shared: self.shared.upgrade()?,
+        })
+    }
+}
+
 impl NatsBackend {
+    fn weak(&self) -> WeakNats {
+        WeakNats {
+            client: self.client.clone(),
+            js: self.js.clone(),
+            bucket: self.bucket.clone(),
+            shared: Arc::downgrade(&self.shared),
+        }
+    }
+
     /// A backend on `bucket`, created by [`setup`](BackendEdge::setup) if
     /// missing.
     ///
@@ -372,11 +416,19 @@ impl NatsBackend {
         if self.shared.unanswered.swap(false, Ordering::Relaxed)
             && !self.shared.refreshing.swap(true, Ordering::Relaxed)
         {
-            let this = self.clone();
-            tokio::spawn(async move {
-                this.read_permissions().await;
-                this.shared.refreshing.store(false, Ordering::Relaxed);
+            // A weak handle: the read must not keep a dropped backend alive.
+            let this = self.weak();
+            let task = tokio::spawn(async move {
+                if let Some(this) = this.upgrade() {
+                    this.read_permissions().await;
+                    this.shared.refreshing.store(false, Ordering::Relaxed);
+                }
             });
+            *self
+                .shared
+                .refresh
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()) = Some(task);
         }
     }
 
