@@ -118,9 +118,9 @@ impl<E: BackendEdge> BackendEdge for Counting<E> {
         self.inner.validate_key(key)
     }
 
-    async fn setup(&self) -> Result<leaseholder::Prepared, BackendError> {
+    async fn setup(&self, budget: Duration) -> Result<leaseholder::Prepared, BackendError> {
         self.counts.setup.fetch_add(1, Ordering::Relaxed);
-        self.inner.setup().await
+        self.inner.setup(budget).await
     }
 
     async fn acquire(
@@ -128,9 +128,10 @@ impl<E: BackendEdge> BackendEdge for Counting<E> {
         key: &Key,
         claim: &Claim,
         ttl: Duration,
+        budget: Duration,
     ) -> Result<Acquired, BackendError> {
         self.counts.acquire.fetch_add(1, Ordering::Relaxed);
-        let res = self.inner.acquire(key, claim, ttl).await;
+        let res = self.inner.acquire(key, claim, ttl, budget).await;
         if let Ok(Acquired::Won(_)) = &res {
             let due = Instant::now() + self.renew_interval;
             self.counts.timing().due.insert(key.clone(), due);
@@ -162,15 +163,20 @@ impl<E: BackendEdge> BackendEdge for Counting<E> {
         res
     }
 
-    async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+    async fn release(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
         self.counts.release.fetch_add(1, Ordering::Relaxed);
         self.counts.timing().due.remove(key);
-        self.inner.release(key, lease).await
+        self.inner.release(key, lease, budget).await
     }
 
-    async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+    async fn holder(&self, key: &Key, budget: Duration) -> Result<Option<Holder>, BackendError> {
         self.counts.holder.fetch_add(1, Ordering::Relaxed);
-        self.inner.holder(key).await
+        self.inner.holder(key, budget).await
     }
 
     async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {

@@ -590,26 +590,16 @@ pub async fn watch_fires_on_release_and_expiry<H: Harness>(h: &H) -> RowResult {
     }
     let lease = acquire_won(ROW, &a, &key, &claim(), ttl * 4).await?;
     ok(ROW, "release", a.release(&key, &lease).await)?;
-    wait_event(
-        ROW,
-        &mut sub,
-        limit,
-        |e| matches!(e, WatchEvent::Released(k) if *k == key),
-    )
-    .await
-    .map_err(|f| fail(ROW, format!("no Released after release: {}", f.detail)))?;
+    wait_event(ROW, &mut sub, limit, freed(&key))
+        .await
+        .map_err(|f| fail(ROW, format!("no Released after release: {}", f.detail)))?;
     if !a.watch_reports_expiry() {
         return Ok(Outcome::Passed);
     }
     acquire_won(ROW, &a, &key, &claim(), ttl).await?;
-    wait_event(
-        ROW,
-        &mut sub,
-        limit,
-        |e| matches!(e, WatchEvent::Released(k) if *k == key),
-    )
-    .await
-    .map_err(|f| fail(ROW, format!("no Released after expiry: {}", f.detail)))?;
+    wait_event(ROW, &mut sub, limit, freed(&key))
+        .await
+        .map_err(|f| fail(ROW, format!("no Released after expiry: {}", f.detail)))?;
     Ok(Outcome::Passed)
 }
 
@@ -620,12 +610,32 @@ async fn wait_event(
     want: impl Fn(&WatchEvent) -> bool,
 ) -> Result<(), Failure> {
     let until = Instant::now() + limit;
+    let mut arrived = Vec::new();
     loop {
         match tokio::time::timeout_at(until, sub.next()).await {
             Ok(event) if want(&event) => return Ok(()),
-            Ok(_) => continue,
-            Err(_) => return Err(fail(row, format!("nothing within {limit:?}"))),
+            Ok(event) => arrived.push(event),
+            Err(_) if arrived.is_empty() => {
+                return Err(fail(row, format!("nothing within {limit:?}")));
+            }
+            Err(_) => {
+                return Err(fail(
+                    row,
+                    format!("not within {limit:?}; what arrived instead: {arrived:?}"),
+                ));
+            }
         }
+    }
+}
+
+/// The key became free, as a watch may say it: `Released(key)`, or
+/// `Resync` from a watch that polls and cannot tell which key changed
+/// (the campaign re-reads every key on it).
+fn freed(key: &Key) -> impl Fn(&WatchEvent) -> bool + '_ {
+    move |e| match e {
+        WatchEvent::Released(k) => k == key,
+        WatchEvent::Resync => true,
+        _ => false,
     }
 }
 

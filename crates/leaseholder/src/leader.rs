@@ -238,7 +238,12 @@ impl Leader {
             return Err(Error::Config(e.clone()));
         }
         let limit = self.shared.config.timing.renew_interval;
-        match tokio::time::timeout(limit, self.shared.backend.holder(&self.shared.key)).await {
+        match tokio::time::timeout(
+            limit,
+            self.shared.backend.holder_within(&self.shared.key, limit),
+        )
+        .await
+        {
             Ok(Ok(holder)) => Ok(holder),
             Ok(Err(e)) => Err(self.backend_error(Op::Holder, Arc::new(e))),
             Err(_) => Err(self.backend_error(

@@ -24,6 +24,7 @@ pub mod conformance;
 #[cfg_attr(docsrs, doc(cfg(feature = "noleader")))]
 pub mod noleader;
 
+pub use backend::blocking::{Blocking, BlockingBackendEdge};
 pub use backend::memory::{Fault, Faults, MemoryBackend, MemoryStore};
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]

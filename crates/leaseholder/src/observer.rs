@@ -144,7 +144,7 @@ async fn observe(backend: Backend, key: Key, poll: Duration, tx: watch::Sender<O
     let mut failures = 0u32;
     loop {
         let now = Instant::now();
-        let next = match tokio::time::timeout(poll, backend.holder(&key)).await {
+        let next = match tokio::time::timeout(poll, backend.holder_within(&key, poll)).await {
             Ok(Ok(holder)) => {
                 failures = 0;
                 let wake = holder

@@ -75,8 +75,8 @@ impl BackendEdge for Strict {
         }
     }
 
-    async fn setup(&self) -> Result<leaseholder::Prepared, BackendError> {
-        self.inner.setup().await
+    async fn setup(&self, budget: Duration) -> Result<leaseholder::Prepared, BackendError> {
+        self.inner.setup(budget).await
     }
 
     async fn acquire(
@@ -84,8 +84,9 @@ impl BackendEdge for Strict {
         key: &Key,
         claim: &Claim,
         ttl: Duration,
+        budget: Duration,
     ) -> Result<Acquired, BackendError> {
-        self.inner.acquire(key, claim, ttl).await
+        self.inner.acquire(key, claim, ttl, budget).await
     }
 
     async fn renew(
@@ -98,12 +99,17 @@ impl BackendEdge for Strict {
         self.inner.renew(key, lease, ttl, budget).await
     }
 
-    async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
-        self.inner.release(key, lease).await
+    async fn release(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        self.inner.release(key, lease, budget).await
     }
 
-    async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
-        self.inner.holder(key).await
+    async fn holder(&self, key: &Key, budget: Duration) -> Result<Option<Holder>, BackendError> {
+        self.inner.holder(key, budget).await
     }
 
     async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {

@@ -53,11 +53,11 @@ impl BackendEdge for Broken {
         "broken-memory"
     }
 
-    async fn setup(&self) -> Result<leaseholder::Prepared, BackendError> {
+    async fn setup(&self, budget: Duration) -> Result<leaseholder::Prepared, BackendError> {
         if self.flaw == Flaw::SetupNotIdempotent && self.inner.store().setups() > 0 {
             return Err(BackendError::fatal("the lease table already exists"));
         }
-        self.inner.setup().await
+        self.inner.setup(budget).await
     }
 
     async fn acquire(
@@ -65,12 +65,13 @@ impl BackendEdge for Broken {
         key: &Key,
         claim: &Claim,
         ttl: Duration,
+        budget: Duration,
     ) -> Result<Acquired, BackendError> {
         let free_it = match self.flaw {
             Flaw::EveryoneWins => true,
             Flaw::ForeignIsFree => self
                 .inner
-                .holder(key)
+                .holder(key, budget)
                 .await?
                 .is_some_and(|h| h.is_foreign()),
             _ => false,
@@ -83,7 +84,7 @@ impl BackendEdge for Broken {
             Flaw::ExpiresEarly => ttl / 2,
             _ => ttl,
         };
-        let acquired = self.inner.acquire(key, claim, ttl).await?;
+        let acquired = self.inner.acquire(key, claim, ttl, budget).await?;
         Ok(match (self.flaw, acquired) {
             (Flaw::TokensReset, Acquired::Won(lease)) => {
                 Acquired::Won(Lease::new(claim, FencingToken::new(1), lease.revision()))
@@ -107,35 +108,44 @@ impl BackendEdge for Broken {
         };
         let renewed = self.inner.renew(key, lease, ttl, budget).await?;
         match (self.flaw, renewed) {
-            (Flaw::RenewResurrects, Renewed::Lost) if self.inner.holder(key).await?.is_none() => {
+            (Flaw::RenewResurrects, Renewed::Lost)
+                if self.inner.holder(key, budget).await?.is_none() =>
+            {
                 let claim = Claim {
                     nonce: lease.nonce(),
                     id: lease.id(),
                     metadata: lease.metadata().clone(),
                     at: lease.acquired_at(),
                 };
-                match self.inner.acquire(key, &claim, ttl).await? {
+                match self.inner.acquire(key, &claim, ttl, budget).await? {
                     Acquired::Won(l) => Ok(Renewed::Renewed(l)),
                     Acquired::Held(_) => Ok(Renewed::Lost),
                 }
             }
-            (Flaw::RenewIgnoresNonce, Renewed::Lost) if self.inner.holder(key).await?.is_some() => {
+            (Flaw::RenewIgnoresNonce, Renewed::Lost)
+                if self.inner.holder(key, budget).await?.is_some() =>
+            {
                 Ok(Renewed::Renewed(lease.clone()))
             }
             (_, renewed) => Ok(renewed),
         }
     }
 
-    async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+    async fn release(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
         if self.flaw == Flaw::ReleaseDeletesAnything {
             self.inner.store().force_delete(key);
             return Ok(());
         }
-        self.inner.release(key, lease).await
+        self.inner.release(key, lease, budget).await
     }
 
-    async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
-        let holder = self.inner.holder(key).await?;
+    async fn holder(&self, key: &Key, budget: Duration) -> Result<Option<Holder>, BackendError> {
+        let holder = self.inner.holder(key, budget).await?;
         Ok(match self.flaw {
             Flaw::HolderHidesNonce => holder.map(|h| Holder::foreign(h.revision(), h.expires_in())),
             Flaw::TokensReset => holder.map(token_one),

@@ -73,16 +73,17 @@ impl BackendEdge for Wrap {
     fn name(&self) -> &'static str {
         "wrapped-memory"
     }
-    async fn setup(&self) -> Result<Prepared, BackendError> {
-        self.inner.setup().await
+    async fn setup(&self, budget: Duration) -> Result<Prepared, BackendError> {
+        self.inner.setup(budget).await
     }
     async fn acquire(
         &self,
         key: &Key,
         claim: &Claim,
         ttl: Duration,
+        budget: Duration,
     ) -> Result<Acquired, BackendError> {
-        self.inner.acquire(key, claim, ttl).await
+        self.inner.acquire(key, claim, ttl, budget).await
     }
     async fn renew(
         &self,
@@ -97,11 +98,16 @@ impl BackendEdge for Wrap {
         }
         self.inner.renew(key, lease, ttl, budget).await
     }
-    async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
-        self.inner.release(key, lease).await
+    async fn release(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        self.inner.release(key, lease, budget).await
     }
-    async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
-        self.inner.holder(key).await
+    async fn holder(&self, key: &Key, budget: Duration) -> Result<Option<Holder>, BackendError> {
+        self.inner.holder(key, budget).await
     }
     async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {
         match self.watch {

@@ -340,10 +340,16 @@ impl BackendEdge for AlwaysDown {
     fn name(&self) -> &'static str {
         "always-down"
     }
-    async fn setup(&self) -> Result<leaseholder::Prepared, BackendError> {
+    async fn setup(&self, _: Duration) -> Result<leaseholder::Prepared, BackendError> {
         Err(self.fail())
     }
-    async fn acquire(&self, _: &Key, _: &Claim, _: Duration) -> Result<Acquired, BackendError> {
+    async fn acquire(
+        &self,
+        _: &Key,
+        _: &Claim,
+        _: Duration,
+        _: Duration,
+    ) -> Result<Acquired, BackendError> {
         Err(self.fail())
     }
     async fn renew(
@@ -355,10 +361,10 @@ impl BackendEdge for AlwaysDown {
     ) -> Result<Renewed, BackendError> {
         Err(self.fail())
     }
-    async fn release(&self, _: &Key, _: &Lease) -> Result<(), BackendError> {
+    async fn release(&self, _: &Key, _: &Lease, _: Duration) -> Result<(), BackendError> {
         Err(self.fail())
     }
-    async fn holder(&self, _: &Key) -> Result<Option<Holder>, BackendError> {
+    async fn holder(&self, _: &Key, _: Duration) -> Result<Option<Holder>, BackendError> {
         Err(self.fail())
     }
 }
@@ -415,13 +421,19 @@ impl BackendEdge for Unsupported {
     fn name(&self) -> &'static str {
         "unsupported"
     }
-    async fn setup(&self) -> Result<leaseholder::Prepared, BackendError> {
+    async fn setup(&self, _: Duration) -> Result<leaseholder::Prepared, BackendError> {
         Err(BackendError::Unsupported {
             what: "per-message TTL".into(),
             needed: "server 2.11".into(),
         })
     }
-    async fn acquire(&self, _: &Key, _: &Claim, _: Duration) -> Result<Acquired, BackendError> {
+    async fn acquire(
+        &self,
+        _: &Key,
+        _: &Claim,
+        _: Duration,
+        _: Duration,
+    ) -> Result<Acquired, BackendError> {
         unreachable!("no acquire after a failed setup")
     }
     async fn renew(
@@ -433,10 +445,10 @@ impl BackendEdge for Unsupported {
     ) -> Result<Renewed, BackendError> {
         unreachable!()
     }
-    async fn release(&self, _: &Key, _: &Lease) -> Result<(), BackendError> {
+    async fn release(&self, _: &Key, _: &Lease, _: Duration) -> Result<(), BackendError> {
         unreachable!()
     }
-    async fn holder(&self, _: &Key) -> Result<Option<Holder>, BackendError> {
+    async fn holder(&self, _: &Key, _: Duration) -> Result<Option<Holder>, BackendError> {
         unreachable!()
     }
 }

@@ -498,17 +498,18 @@ impl leaseholder::BackendEdge for Counting {
     fn min_ttl(&self) -> Duration {
         self.inner.min_ttl()
     }
-    async fn setup(&self) -> Result<leaseholder::Prepared, BackendError> {
-        self.inner.setup().await
+    async fn setup(&self, budget: Duration) -> Result<leaseholder::Prepared, BackendError> {
+        self.inner.setup(budget).await
     }
     async fn acquire(
         &self,
         key: &leaseholder::Key,
         claim: &leaseholder::Claim,
         ttl: Duration,
+        budget: Duration,
     ) -> Result<leaseholder::Acquired, BackendError> {
         self.count();
-        self.inner.acquire(key, claim, ttl).await
+        self.inner.acquire(key, claim, ttl, budget).await
     }
     async fn renew(
         &self,
@@ -524,16 +525,18 @@ impl leaseholder::BackendEdge for Counting {
         &self,
         key: &leaseholder::Key,
         lease: &leaseholder::Lease,
+        budget: Duration,
     ) -> Result<(), BackendError> {
         self.count();
-        self.inner.release(key, lease).await
+        self.inner.release(key, lease, budget).await
     }
     async fn holder(
         &self,
         key: &leaseholder::Key,
+        budget: Duration,
     ) -> Result<Option<leaseholder::Holder>, BackendError> {
         self.count();
-        self.inner.holder(key).await
+        self.inner.holder(key, budget).await
     }
     async fn watch(&self) -> Result<Option<leaseholder::WatchStream>, BackendError> {
         self.inner.watch().await

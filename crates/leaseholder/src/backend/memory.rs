@@ -483,7 +483,7 @@ impl BackendEdge for MemoryBackend {
         "memory"
     }
 
-    async fn setup(&self) -> Result<Prepared, BackendError> {
+    async fn setup(&self, _budget: Duration) -> Result<Prepared, BackendError> {
         match self.call(Call::Setup).await? {
             Reply::Setup => Ok(Prepared::Existing),
             _ => Err(unexpected()),
@@ -495,6 +495,7 @@ impl BackendEdge for MemoryBackend {
         key: &Key,
         claim: &Claim,
         ttl: Duration,
+        _budget: Duration,
     ) -> Result<Acquired, BackendError> {
         match self
             .call(Call::Acquire(key.clone(), claim.clone(), ttl))
@@ -521,14 +522,19 @@ impl BackendEdge for MemoryBackend {
         }
     }
 
-    async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+    async fn release(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        _budget: Duration,
+    ) -> Result<(), BackendError> {
         match self.call(Call::Release(key.clone(), lease.clone())).await? {
             Reply::Release => Ok(()),
             _ => Err(unexpected()),
         }
     }
 
-    async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+    async fn holder(&self, key: &Key, _budget: Duration) -> Result<Option<Holder>, BackendError> {
         match self.call(Call::Holder(key.clone())).await? {
             Reply::Holder(h) => Ok(h),
             _ => Err(unexpected()),

@@ -36,6 +36,7 @@
 //! The [`conformance`](crate::conformance) module (feature `conformance`)
 //! checks every row of this contract against a real store.
 
+pub mod blocking;
 mod hub;
 pub mod memory;
 #[cfg(feature = "nats")]
@@ -58,6 +59,11 @@ use futures_core::Stream;
 use crate::error::{BackendError, ConfigError, Op};
 
 pub use hub::Subscription;
+
+/// The budget [`Backend`]'s methods without one (`setup`, `acquire`,
+/// `release`, `holder`) pass to the [`BackendEdge`]: 30 s. The campaign
+/// always passes its own, shorter one (the `*_within` methods).
+pub const DEFAULT_BUDGET: Duration = Duration::from_secs(30);
 pub use value::{DecodeError, LeaseValue};
 
 /// The longest key, in bytes, that any backend accepts.
@@ -208,6 +214,23 @@ impl Nonce {
     pub const fn as_u128(&self) -> u128 {
         self.0
     }
+
+    /// The 16 bytes, big-endian: how a backend stores the nonce in a
+    /// binary column or field.
+    ///
+    /// ```
+    /// use leaseholder::Nonce;
+    /// let n = Nonce::random();
+    /// assert_eq!(Nonce::from_bytes(n.to_bytes()), n);
+    /// ```
+    pub const fn to_bytes(&self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+
+    /// From the bytes of [`to_bytes`](Self::to_bytes).
+    pub const fn from_bytes(bytes: [u8; 16]) -> Nonce {
+        Nonce(u128::from_be_bytes(bytes))
+    }
 }
 
 impl fmt::Debug for Nonce {
@@ -223,6 +246,11 @@ impl fmt::Debug for Nonce {
 /// downstream store reject writes with a token lower than the highest it has
 /// seen. That is the only protection against a leader that was paused (GC,
 /// SIGSTOP, a VM migration) past its lease and acts once before it notices.
+///
+/// **Range.** Backends issue tokens below 2^63, so that a token fits a
+/// signed 64-bit SQL integer (`bigint`) downstream; a backend of your own
+/// must too. Tokens taken from a clock in microseconds (PostgreSQL, NATS
+/// sequences seeded from it) stay below that for about 290,000 years.
 ///
 /// ```
 /// use leaseholder::FencingToken;
@@ -541,6 +569,22 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = WatchEvent> + Send + 'static>>;
 /// ordinary sense: a dropped call may or may not have taken effect, exactly
 /// like a reply lost in the network.
 ///
+/// # The budget of a call
+///
+/// Every method that talks to the store gets a `budget`: how long the
+/// campaign will wait for this call before it drops it (and, for `renew`,
+/// the time left before the leader's deadline). A store that can bound a
+/// request on its side (a statement or lock timeout, a busy timeout, a
+/// request deadline) should bound it by `budget`, so that a call the
+/// campaign gave up on does not keep a connection busy or take effect long
+/// after. Safety never depends on it: the campaign treats a call past its
+/// budget as ambiguous and reads the key back. Budgets the campaign uses:
+/// `acquire` ttl − drift margin, `renew` the time left before the deadline,
+/// `holder` and `release` at most the renew interval, `setup` the renew
+/// interval; all are cut shorter while the campaign stops. Calls through
+/// [`Backend`]'s methods without `_within` pass the ttl (`acquire`,
+/// `renew`) or [`DEFAULT_BUDGET`].
+///
 /// # Implementing
 ///
 /// ```
@@ -551,17 +595,17 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = WatchEvent> + Send + 'static>>;
 ///
 /// impl BackendEdge for MyStore {
 ///     fn name(&self) -> &'static str { "my-store" }
-///     async fn setup(&self) -> Result<Prepared, BackendError> { Ok(Prepared::Existing) }
-///     async fn acquire(&self, key: &Key, claim: &Claim, ttl: Duration) -> Result<Acquired, BackendError> {
+///     async fn setup(&self, budget: Duration) -> Result<Prepared, BackendError> { Ok(Prepared::Existing) }
+///     async fn acquire(&self, key: &Key, claim: &Claim, ttl: Duration, budget: Duration) -> Result<Acquired, BackendError> {
 ///         todo!("atomically create the lease if the key is free")
 ///     }
 ///     async fn renew(&self, key: &Key, lease: &Lease, ttl: Duration, budget: Duration) -> Result<Renewed, BackendError> {
 ///         todo!("extend the lease if its nonce still matches")
 ///     }
-///     async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+///     async fn release(&self, key: &Key, lease: &Lease, budget: Duration) -> Result<(), BackendError> {
 ///         todo!("compare-and-delete on the nonce")
 ///     }
-///     async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+///     async fn holder(&self, key: &Key, budget: Duration) -> Result<Option<Holder>, BackendError> {
 ///         todo!("the live lease, decoded with Holder::decode")
 ///     }
 /// }
@@ -593,17 +637,26 @@ pub trait BackendEdge: Send + Sync + 'static {
     /// it costs one ttl of waiting before the first acquire, while a wrong
     /// `Existing` after a re-creation can let a new leader in beside one of
     /// the old object that has not noticed yet.
-    fn setup(&self) -> impl Future<Output = Result<Prepared, BackendError>> + Send;
+    ///
+    /// `budget`: see [the trait docs](BackendEdge#the-budget-of-a-call).
+    fn setup(
+        &self,
+        budget: Duration,
+    ) -> impl Future<Output = Result<Prepared, BackendError>> + Send;
 
     /// Atomically: if `key` has no live lease, create one for `claim` with a
     /// token strictly greater than every token ever issued for `key`, live
     /// for at least `ttl` by the store's clock, and return it; otherwise
     /// return the current holder. Never overwrites a live lease.
+    ///
+    /// `budget`: see [the trait docs](BackendEdge#the-budget-of-a-call). A
+    /// lease won after it has passed is given back unused.
     fn acquire(
         &self,
         key: &Key,
         claim: &Claim,
         ttl: Duration,
+        budget: Duration,
     ) -> impl Future<Output = Result<Acquired, BackendError>> + Send;
 
     /// Atomically extends the lease with `lease`'s nonce to at least `ttl`
@@ -630,16 +683,22 @@ pub trait BackendEdge: Send + Sync + 'static {
 
     /// Ends the lease only if it still has `lease`'s nonce. Idempotent.
     /// Must not make the next token smaller.
+    ///
+    /// `budget`: see [the trait docs](BackendEdge#the-budget-of-a-call).
     fn release(
         &self,
         key: &Key,
         lease: &Lease,
+        budget: Duration,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// The live lease for `key`, if any, with an expiry hint.
+    ///
+    /// `budget`: see [the trait docs](BackendEdge#the-budget-of-a-call).
     fn holder(
         &self,
         key: &Key,
+        budget: Duration,
     ) -> impl Future<Output = Result<Option<Holder>, BackendError>> + Send;
 
     /// One subscription to change events for all keys of this backend, or
@@ -688,12 +747,13 @@ trait DynEdge: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn min_ttl(&self) -> Duration;
     fn validate_key(&self, key: &Key) -> Result<(), ConfigError>;
-    fn setup(&self) -> BoxFuture<'_, Result<Prepared, BackendError>>;
+    fn setup(&self, budget: Duration) -> BoxFuture<'_, Result<Prepared, BackendError>>;
     fn acquire<'a>(
         &'a self,
         key: &'a Key,
         claim: &'a Claim,
         ttl: Duration,
+        budget: Duration,
     ) -> BoxFuture<'a, Result<Acquired, BackendError>>;
     fn renew<'a>(
         &'a self,
@@ -706,8 +766,13 @@ trait DynEdge: Send + Sync + 'static {
         &'a self,
         key: &'a Key,
         lease: &'a Lease,
+        budget: Duration,
     ) -> BoxFuture<'a, Result<(), BackendError>>;
-    fn holder<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Result<Option<Holder>, BackendError>>;
+    fn holder<'a>(
+        &'a self,
+        key: &'a Key,
+        budget: Duration,
+    ) -> BoxFuture<'a, Result<Option<Holder>, BackendError>>;
     fn watch(&self) -> BoxFuture<'_, Result<Option<WatchStream>, BackendError>>;
     fn watch_reports_expiry(&self) -> bool;
 }
@@ -722,16 +787,17 @@ impl<T: BackendEdge> DynEdge for T {
     fn validate_key(&self, key: &Key) -> Result<(), ConfigError> {
         BackendEdge::validate_key(self, key)
     }
-    fn setup(&self) -> BoxFuture<'_, Result<Prepared, BackendError>> {
-        Box::pin(BackendEdge::setup(self))
+    fn setup(&self, budget: Duration) -> BoxFuture<'_, Result<Prepared, BackendError>> {
+        Box::pin(BackendEdge::setup(self, budget))
     }
     fn acquire<'a>(
         &'a self,
         key: &'a Key,
         claim: &'a Claim,
         ttl: Duration,
+        budget: Duration,
     ) -> BoxFuture<'a, Result<Acquired, BackendError>> {
-        Box::pin(BackendEdge::acquire(self, key, claim, ttl))
+        Box::pin(BackendEdge::acquire(self, key, claim, ttl, budget))
     }
     fn renew<'a>(
         &'a self,
@@ -746,11 +812,16 @@ impl<T: BackendEdge> DynEdge for T {
         &'a self,
         key: &'a Key,
         lease: &'a Lease,
+        budget: Duration,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
-        Box::pin(BackendEdge::release(self, key, lease))
+        Box::pin(BackendEdge::release(self, key, lease, budget))
     }
-    fn holder<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Result<Option<Holder>, BackendError>> {
-        Box::pin(BackendEdge::holder(self, key))
+    fn holder<'a>(
+        &'a self,
+        key: &'a Key,
+        budget: Duration,
+    ) -> BoxFuture<'a, Result<Option<Holder>, BackendError>> {
+        Box::pin(BackendEdge::holder(self, key, budget))
     }
     fn watch(&self) -> BoxFuture<'_, Result<Option<WatchStream>, BackendError>> {
         Box::pin(BackendEdge::watch(self))
@@ -812,6 +883,12 @@ impl Backend {
         Backend::new(backend)
     }
 
+    /// A backend on a store with a synchronous client, run on tokio's
+    /// blocking pool; see [`blocking`].
+    pub fn blocking(edge: impl blocking::BlockingBackendEdge) -> Backend {
+        Backend::new(blocking::Blocking::new(edge))
+    }
+
     /// A backend on an in-process [`MemoryStore`](memory::MemoryStore).
     pub fn memory(store: &memory::MemoryStore) -> Backend {
         Backend::new(store.backend())
@@ -835,9 +912,14 @@ impl Backend {
     /// See [`BackendEdge::setup`]. Runs once per `Backend` (and its
     /// clones) after it first succeeds: many `Leader`s sharing a backend set
     /// the store up once, and every later call reports what the first one
-    /// found.
+    /// found. The budget is [`DEFAULT_BUDGET`].
     pub async fn setup(&self) -> Result<Prepared, BackendError> {
-        Ok(match self.setup_at().await? {
+        self.setup_within(DEFAULT_BUDGET).await
+    }
+
+    /// [`setup`](Self::setup) with the time it may take.
+    pub async fn setup_within(&self, budget: Duration) -> Result<Prepared, BackendError> {
+        Ok(match self.setup_at(budget).await? {
             Some(_) => Prepared::Created,
             None => Prepared::Existing,
         })
@@ -845,12 +927,15 @@ impl Backend {
 
     /// Like [`setup`](Self::setup): `Some(when)` (tokio's clock) if the
     /// store object was created by this backend's setup.
-    pub(crate) async fn setup_at(&self) -> Result<Option<tokio::time::Instant>, BackendError> {
+    pub(crate) async fn setup_at(
+        &self,
+        budget: Duration,
+    ) -> Result<Option<tokio::time::Instant>, BackendError> {
         self.inner
             .setup
             .get_or_try_init(|| async {
                 Ok(
-                    match guarded(Op::Setup, || self.inner.edge.setup()).await? {
+                    match guarded(Op::Setup, || self.inner.edge.setup(budget)).await? {
                         Prepared::Created => Some(tokio::time::Instant::now()),
                         _ => None,
                     },
@@ -860,14 +945,30 @@ impl Backend {
             .copied()
     }
 
-    /// See [`BackendEdge::acquire`].
+    /// See [`BackendEdge::acquire`]; the budget is `ttl`.
     pub async fn acquire(
         &self,
         key: &Key,
         claim: &Claim,
         ttl: Duration,
     ) -> Result<Acquired, BackendError> {
-        self.kicked(guarded(Op::Acquire, || self.inner.edge.acquire(key, claim, ttl)).await)
+        self.acquire_within(key, claim, ttl, ttl).await
+    }
+
+    /// See [`BackendEdge::acquire`].
+    pub async fn acquire_within(
+        &self,
+        key: &Key,
+        claim: &Claim,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Acquired, BackendError> {
+        self.kicked(
+            guarded(Op::Acquire, || {
+                self.inner.edge.acquire(key, claim, ttl, budget)
+            })
+            .await,
+        )
     }
 
     /// See [`BackendEdge::renew`]; the budget is `ttl`.
@@ -891,14 +992,33 @@ impl Backend {
         self.kicked(guarded(Op::Renew, || self.inner.edge.renew(key, lease, ttl, budget)).await)
     }
 
-    /// See [`BackendEdge::release`].
+    /// See [`BackendEdge::release`]; the budget is [`DEFAULT_BUDGET`].
     pub async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
-        self.kicked(guarded(Op::Release, || self.inner.edge.release(key, lease)).await)
+        self.release_within(key, lease, DEFAULT_BUDGET).await
+    }
+
+    /// See [`BackendEdge::release`].
+    pub async fn release_within(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        self.kicked(guarded(Op::Release, || self.inner.edge.release(key, lease, budget)).await)
+    }
+
+    /// See [`BackendEdge::holder`]; the budget is [`DEFAULT_BUDGET`].
+    pub async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+        self.holder_within(key, DEFAULT_BUDGET).await
     }
 
     /// See [`BackendEdge::holder`].
-    pub async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
-        self.kicked(guarded(Op::Holder, || self.inner.edge.holder(key)).await)
+    pub async fn holder_within(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> Result<Option<Holder>, BackendError> {
+        self.kicked(guarded(Op::Holder, || self.inner.edge.holder(key, budget)).await)
     }
 
     /// A call that succeeded shows the store reachable: a watch that is

@@ -840,7 +840,7 @@ impl BackendEdge for NatsBackend {
         Ok(())
     }
 
-    async fn setup(&self) -> Result<Prepared, BackendError> {
+    async fn setup(&self, _budget: Duration) -> Result<Prepared, BackendError> {
         if let Err(e) = validate_bucket(&self.bucket) {
             return Err(BackendError::Misconfigured {
                 problem: e.to_string(),
@@ -920,6 +920,7 @@ impl BackendEdge for NatsBackend {
         key: &Key,
         claim: &Claim,
         ttl: Duration,
+        _budget: Duration,
     ) -> Result<Acquired, BackendError> {
         let expected = match self.entry(key).await? {
             Some(e) => match Self::holder(&e) {
@@ -986,7 +987,12 @@ impl BackendEdge for NatsBackend {
         ))
     }
 
-    async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
+    async fn release(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        _budget: Duration,
+    ) -> Result<(), BackendError> {
         for _ in 0..2 {
             let revision = match self.entry(key).await?.as_ref().and_then(Self::holder) {
                 Some(h) if h.is_nonce(lease.nonce()) => h.revision(),
@@ -1014,7 +1020,7 @@ impl BackendEdge for NatsBackend {
         ))
     }
 
-    async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
+    async fn holder(&self, key: &Key, _budget: Duration) -> Result<Option<Holder>, BackendError> {
         Ok(self.entry(key).await?.as_ref().and_then(Self::holder))
     }
 

@@ -793,8 +793,8 @@ impl BackendEdge for PostgresBackend {
         "postgres"
     }
 
-    async fn setup(&self) -> Result<Prepared, BackendError> {
-        let bound = self.bound();
+    async fn setup(&self, budget: Duration) -> Result<Prepared, BackendError> {
+        let bound = self.bound().min(budget);
         let mut client = self.client().await?;
         let mut prepared = Prepared::Existing;
         // One transaction, its statements bounded on the server: dropped
@@ -841,11 +841,12 @@ impl BackendEdge for PostgresBackend {
         key: &Key,
         claim: &Claim,
         ttl: Duration,
+        budget: Duration,
     ) -> Result<Acquired, BackendError> {
         self.note_ttl(ttl);
         // The campaign waits ttl - drift margin (more than ttl/2) for an
         // acquire; the server gives up well before.
-        let until = Instant::now() + self.bound().min(ttl / 3);
+        let until = Instant::now() + self.bound().min(ttl / 3).min(budget);
         let client = self.client().await?;
         let value = LeaseValue {
             token: None,
@@ -968,8 +969,13 @@ impl BackendEdge for PostgresBackend {
         }
     }
 
-    async fn release(&self, key: &Key, lease: &Lease) -> Result<(), BackendError> {
-        let until = Instant::now() + self.bound();
+    async fn release(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        let until = Instant::now() + self.bound().min(budget);
         let client = self.client().await?;
         let nonce = lease.nonce().as_u128().to_be_bytes();
         let nonce = &nonce[..];
@@ -989,8 +995,8 @@ impl BackendEdge for PostgresBackend {
         }
     }
 
-    async fn holder(&self, key: &Key) -> Result<Option<Holder>, BackendError> {
-        let until = Instant::now() + self.bound();
+    async fn holder(&self, key: &Key, budget: Duration) -> Result<Option<Holder>, BackendError> {
+        let until = Instant::now() + self.bound().min(budget);
         let client = self.client().await?;
         self.holder_on(&client, key, until).await
     }

@@ -241,7 +241,7 @@ async fn run(
                     let backend = shared.backend.clone();
                     let limit = timing.renew_interval;
                     op = Some(Box::pin(async move {
-                        Input::Setup(bounded(limit, backend.setup_at()).await)
+                        Input::Setup(bounded(limit, backend.setup_at(limit)).await)
                     }));
                 }
                 Output::Acquire { nonce, timeout } => {
@@ -256,7 +256,10 @@ async fn run(
                     };
                     let ttl = timing.ttl;
                     op = Some(Box::pin(async move {
-                        Input::Acquire(bounded(timeout, backend.acquire(&key, &claim, ttl)).await)
+                        Input::Acquire(
+                            bounded(timeout, backend.acquire_within(&key, &claim, ttl, timeout))
+                                .await,
+                        )
                     }));
                 }
                 Output::Renew { lease, timeout } => {
@@ -276,7 +279,9 @@ async fn run(
                     let backend = shared.backend.clone();
                     let key = shared.key.clone();
                     op = Some(Box::pin(async move {
-                        Input::Release(bounded(timeout, backend.release(&key, &lease)).await)
+                        Input::Release(
+                            bounded(timeout, backend.release_within(&key, &lease, timeout)).await,
+                        )
                     }));
                 }
                 Output::ReadHolder { timeout } => {
@@ -284,7 +289,7 @@ async fn run(
                     let backend = shared.backend.clone();
                     let key = shared.key.clone();
                     op = Some(Box::pin(async move {
-                        Input::Holder(bounded(timeout, backend.holder(&key)).await)
+                        Input::Holder(bounded(timeout, backend.holder_within(&key, timeout)).await)
                     }));
                 }
                 Output::BeginTerm {
