@@ -74,6 +74,22 @@ pub trait Harness: Send + Sync {
         self.ttl() / 2 + Duration::from_millis(500)
     }
 
+    /// A command that starts this test binary's *child* test in a new
+    /// process, for the rows where separate processes matter (racers). The
+    /// child test calls [`child_main`] first thing. Default: `None` (those
+    /// rows are reported unsupported).
+    ///
+    /// ```no_run
+    /// # fn child() -> Option<tokio::process::Command> {
+    /// let mut cmd = tokio::process::Command::new(std::env::current_exe().ok()?);
+    /// cmd.args(["--exact", "child", "--nocapture"]);
+    /// Some(cmd)
+    /// # }
+    /// ```
+    fn child(&self) -> Option<tokio::process::Command> {
+        None
+    }
+
     /// A fresh key for one row, so rows and runs never share state.
     fn key(&self, row: &str) -> Key {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
@@ -181,6 +197,14 @@ pub async fn run<H: Harness>(h: &H) -> Report {
             watch_fires_on_release_and_expiry(h).await,
         ),
         ("foreign_values_are_held", foreign_values_are_held(h).await),
+        (
+            "a_short_renew_budget_never_breaks_the_lease",
+            a_short_renew_budget_never_breaks_the_lease(h).await,
+        ),
+        (
+            "racers_in_separate_processes",
+            racers_in_separate_processes(h).await,
+        ),
     ];
     for (row, result) in rows {
         match result {
@@ -571,6 +595,187 @@ pub async fn lost_reply_recognized_on_read_back<H: Harness>(h: &H) -> RowResult 
         Some(other) => return Err(fail(ROW, format!("dropped acquire left {other:?}"))),
     }
     Ok(Outcome::Passed)
+}
+
+/// A renewal given almost no time (1 ms, then 10 ms) either renews or
+/// fails with a transient error; it never reports the live lease `Lost`,
+/// never hands back another lease, and leaves the lease ours: a normal
+/// renewal afterwards succeeds. (A store that bounds the request on its
+/// side by the budget is exercised here.)
+pub async fn a_short_renew_budget_never_breaks_the_lease<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "a_short_renew_budget_never_breaks_the_lease";
+    let (key, a) = one_client(h, ROW, "budget").await?;
+    let ttl = h.ttl() * 4;
+    let c = claim();
+    let mut lease = acquire_won(ROW, &a, &key, &c, ttl).await?;
+    for budget in [Duration::from_millis(1), Duration::from_millis(10)] {
+        for _ in 0..3 {
+            match a.renew_within(&key, &lease, ttl, budget).await {
+                Ok(Renewed::Renewed(l)) if l.nonce() == c.nonce && l.token() == lease.token() => {
+                    lease = l;
+                }
+                Ok(Renewed::Renewed(l)) => {
+                    return Err(fail(ROW, format!("a short renewal returned {l:?}")));
+                }
+                Ok(Renewed::Lost) => {
+                    return Err(fail(
+                        ROW,
+                        format!(
+                            "a renewal with a budget of {budget:?} reported the live lease lost"
+                        ),
+                    ));
+                }
+                Err(e) if e.is_transient() => {}
+                Err(e) => {
+                    return Err(fail(
+                        ROW,
+                        format!(
+                            "a renewal with a budget of {budget:?} failed fatally: {e} ({e:?})"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    // The lease is still ours (a renewal that timed out on the store's
+    // side may or may not have landed: adopt the revision the store shows).
+    let seen = ok(ROW, "holder", a.holder(&key).await)?
+        .ok_or_else(|| fail(ROW, "the lease is gone after short renewals"))?;
+    if !seen.is_nonce(c.nonce) {
+        return Err(fail(
+            ROW,
+            format!("after short renewals the key shows {seen:?}"),
+        ));
+    }
+    let adopted = lease.with_revision(seen.revision());
+    match ok(ROW, "renew", a.renew(&key, &adopted, ttl).await)? {
+        Renewed::Renewed(l) => ok(ROW, "release", a.release(&key, &l).await)?,
+        Renewed::Lost => {
+            return Err(fail(ROW, "a normal renewal after short ones reported Lost"));
+        }
+    }
+    Ok(Outcome::Passed)
+}
+
+/// Five racers in five separate processes (each its own client, as
+/// [`Harness::child`] starts them): exactly one wins, and every other one
+/// sees the winner. Unsupported unless the harness can start processes.
+pub async fn racers_in_separate_processes<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "racers_in_separate_processes";
+    const RACERS: usize = 5;
+    let (key, a) = one_client(h, ROW, "processes").await?;
+    let ttl = h.ttl() * 4;
+    let mut children = Vec::new();
+    for _ in 0..RACERS {
+        let Some(mut cmd) = h.child() else {
+            return Ok(Outcome::Unsupported(
+                "the harness starts no child processes (Harness::child)".into(),
+            ));
+        };
+        cmd.env(
+            CHILD_ENV,
+            format!("race {} {}", ttl.as_millis(), key.as_str()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .map_err(|e| fail(ROW, format!("starting a child process failed: {e}")))?;
+        children.push(child);
+    }
+    let mut won = Vec::new();
+    let mut held = Vec::new();
+    let limit = ttl + Duration::from_secs(30);
+    for child in children {
+        let out = tokio::time::timeout(limit, child.wait_with_output())
+            .await
+            .map_err(|_| fail(ROW, format!("a child did not finish within {limit:?}")))?
+            .map_err(|e| fail(ROW, format!("a child failed: {e}")))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix(CHILD_REPLY))
+            .ok_or_else(|| fail(ROW, format!("a child printed no result: {text:?}")))?;
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["won", nonce] => won.push(nonce.to_string()),
+            ["held", nonce] => held.push(nonce.to_string()),
+            _ => return Err(fail(ROW, format!("a child replied {line:?}"))),
+        }
+    }
+    if won.len() != 1 {
+        return Err(fail(
+            ROW,
+            format!("{} winners among {RACERS} racing processes", won.len()),
+        ));
+    }
+    if let Some(other) = held.iter().find(|n| **n != won[0]) {
+        return Err(fail(
+            ROW,
+            format!(
+                "a loser saw holder nonce {other}, not the winner's {}",
+                won[0]
+            ),
+        ));
+    }
+    // The winner's process is gone; its lease lives on in the store.
+    let seen = ok(ROW, "holder", a.holder(&key).await)?
+        .ok_or_else(|| fail(ROW, "the winner's lease is gone"))?;
+    let nonce = seen.nonce().map(|n| format!("{:032x}", n.as_u128()));
+    if nonce.as_deref() != Some(won[0].as_str()) {
+        return Err(fail(
+            ROW,
+            format!("the store shows {seen:?}, not the winner"),
+        ));
+    }
+    Ok(Outcome::Passed)
+}
+
+/// The environment variable that tells a test binary started by
+/// [`racers_in_separate_processes`] what to do; see [`child_main`].
+pub const CHILD_ENV: &str = "LEASEHOLDER_CONFORMANCE_CHILD";
+
+const CHILD_REPLY: &str = "leaseholder-conformance-child: ";
+
+/// The child side of the rows that run in separate processes. Call it at
+/// the start of the test that [`Harness::child`] starts: it returns `false`
+/// at once unless [`CHILD_ENV`] is set; if it is, it does what the
+/// variable asks (one acquire, with a client from
+/// [`Harness::backend`]), prints the result on stdout and returns `true`.
+///
+/// ```no_run
+/// # use leaseholder::conformance::{self, Harness};
+/// # async fn demo<H: Harness>(harness: H) {
+/// // tests/conformance.rs: a test named `child`, started by Harness::child
+/// if conformance::child_main(&harness).await {
+///     return;
+/// }
+/// # }
+/// ```
+pub async fn child_main<H: Harness>(h: &H) -> bool {
+    let Ok(task) = std::env::var(CHILD_ENV) else {
+        return false;
+    };
+    let reply = match task.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["race", ms, key] => match (ms.parse::<u64>(), Key::new(*key)) {
+            (Ok(ms), Ok(key)) => {
+                let b = h.backend().await;
+                let c = claim();
+                match b.acquire(&key, &c, Duration::from_millis(ms)).await {
+                    Ok(Acquired::Won(l)) => format!("won {:032x}", l.nonce().as_u128()),
+                    Ok(Acquired::Held(holder)) => match holder.nonce() {
+                        Some(n) => format!("held {:032x}", n.as_u128()),
+                        None => "held foreign".to_owned(),
+                    },
+                    Err(e) => format!("error {e}"),
+                }
+            }
+            _ => format!("bad task {task:?}"),
+        },
+        _ => format!("bad task {task:?}"),
+    };
+    println!("{CHILD_REPLY}{reply}");
+    true
 }
 
 /// The watch reports a release, and an expiry where the backend says it

@@ -35,8 +35,16 @@ async fn memory_backend_passes_the_contract() {
     let report = conformance::run(&Memory(MemoryStore::new(), Duration::from_secs(1))).await;
     println!("{report}");
     assert!(report.is_ok(), "{report}");
-    assert!(report.unsupported.is_empty(), "{report}");
-    assert_eq!(report.passed.len(), 12, "{report}");
+    // Only the multi-process row may be unsupported: this harness starts
+    // no child processes (the single-node real-server suites do).
+    assert!(
+        report
+            .unsupported
+            .iter()
+            .all(|(row, _)| *row == "racers_in_separate_processes"),
+        "{report}"
+    );
+    assert_eq!(report.passed.len(), 13, "{report}");
 }
 
 /// The same on a real clock and the multi-thread runtime, with a short ttl.

@@ -10,19 +10,24 @@ use leaseholder::conformance::{self, Harness};
 use leaseholder::{Backend, BoxError, Key};
 use leaseholder_testkit::NatsServer;
 
+/// Where a child process (see `child`) finds the parent's server.
+const URL_ENV: &str = "LEASEHOLDER_TEST_NATS_URL";
+
 struct Nats {
-    server: NatsServer,
+    url: String,
     bucket: String,
+    /// Owned by the parent test; a child only has the url.
+    _server: Option<NatsServer>,
 }
 
 impl Harness for Nats {
     async fn backend(&self) -> Backend {
-        let client = async_nats::connect(self.server.url()).await.unwrap();
+        let client = async_nats::connect(&self.url).await.unwrap();
         Backend::nats(client, &self.bucket)
     }
 
     async fn put_foreign(&self, key: &Key, value: &[u8], ttl: Duration) -> Result<(), BoxError> {
-        let client = async_nats::connect(self.server.url()).await?;
+        let client = async_nats::connect(&self.url).await?;
         let js = async_nats::jetstream::new(client);
         let mut headers = HeaderMap::new();
         headers.insert("Nats-TTL", format!("{}s", ttl.as_secs().max(1)).as_str());
@@ -43,6 +48,27 @@ impl Harness for Nats {
     fn expiry_slack(&self) -> Duration {
         Duration::from_secs(2)
     }
+
+    fn child(&self) -> Option<tokio::process::Command> {
+        let mut cmd = tokio::process::Command::new(std::env::current_exe().ok()?);
+        cmd.args(["--exact", "child", "--nocapture"])
+            .env(URL_ENV, &self.url);
+        Some(cmd)
+    }
+}
+
+/// Not a test of its own: the entry point of the child processes the
+/// suite's multi-process rows start (it does nothing when run directly).
+#[tokio::test]
+async fn child() {
+    if let Ok(url) = std::env::var(URL_ENV) {
+        let harness = Nats {
+            url,
+            bucket: "leases".into(),
+            _server: None,
+        };
+        assert!(conformance::child_main(&harness).await);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,8 +77,9 @@ async fn nats_backend_passes_the_contract() {
         .await
         .expect("nats-server 2.11+ (run scripts/setup)");
     let harness = Nats {
-        server,
+        url: server.url(),
         bucket: "leases".into(),
+        _server: Some(server),
     };
     let report = conformance::run(&harness).await;
     println!("{report}");

@@ -9,8 +9,13 @@ use leaseholder::conformance::{self, Harness};
 use leaseholder::{Backend, BoxError, Key, PostgresBackend};
 use leaseholder_testkit::PostgresServer;
 
+/// Where a child process (see `child`) finds the parent's server.
+const URL_ENV: &str = "LEASEHOLDER_TEST_POSTGRES_URL";
+
 struct Postgres {
-    server: PostgresServer,
+    url: String,
+    /// Owned by the parent test; a child only has the url.
+    _server: Option<PostgresServer>,
 }
 
 impl Harness for Postgres {
@@ -18,7 +23,7 @@ impl Harness for Postgres {
         // Its own pool and LISTEN connection, as another process would have.
         Backend::postgres(
             PostgresBackend::builder()
-                .url(self.server.url())
+                .url(&self.url)
                 .pool_size(2)
                 .build()
                 .unwrap(),
@@ -26,7 +31,9 @@ impl Harness for Postgres {
     }
 
     async fn put_foreign(&self, key: &Key, value: &[u8], ttl: Duration) -> Result<(), BoxError> {
-        let client = self.server.connect().await?;
+        let (client, connection) =
+            tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
         client
             .execute(
                 "INSERT INTO public.leaseholder_leases AS l \
@@ -48,6 +55,23 @@ impl Harness for Postgres {
         // Expiry is judged by the server's clock at each read: exact.
         Duration::from_millis(300)
     }
+
+    fn child(&self) -> Option<tokio::process::Command> {
+        let mut cmd = tokio::process::Command::new(std::env::current_exe().ok()?);
+        cmd.args(["--exact", "child", "--nocapture"])
+            .env(URL_ENV, &self.url);
+        Some(cmd)
+    }
+}
+
+/// Not a test of its own: the entry point of the child processes the
+/// suite's multi-process rows start (it does nothing when run directly).
+#[tokio::test]
+async fn child() {
+    if let Ok(url) = std::env::var(URL_ENV) {
+        let harness = Postgres { url, _server: None };
+        assert!(conformance::child_main(&harness).await);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,7 +79,10 @@ async fn postgres_backend_passes_the_contract() {
     let server = PostgresServer::start()
         .await
         .expect("PostgreSQL 15+ (run scripts/setup)");
-    let harness = Postgres { server };
+    let harness = Postgres {
+        url: server.url(),
+        _server: Some(server),
+    };
     let report = conformance::run(&harness).await;
     println!("{report}");
     assert!(report.is_ok(), "{report}");

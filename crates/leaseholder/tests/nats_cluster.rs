@@ -149,7 +149,15 @@ mod conformance_on_a_cluster {
         let report = conformance::run(&harness).await;
         println!("{report}");
         assert!(report.is_ok(), "{report}\n{:#?}", report.failed);
-        assert!(report.unsupported.is_empty(), "{report}");
+        // Only the multi-process row may be unsupported: this harness starts
+        // no child processes (the single-node real-server suites do).
+        assert!(
+            report
+                .unsupported
+                .iter()
+                .all(|(row, _)| *row == "racers_in_separate_processes"),
+            "{report}"
+        );
     }
 }
 
@@ -295,7 +303,17 @@ async fn a_node_restarted_under_a_connected_candidate_does_not_end_its_campaign(
         }
     );
     assert!(token >= first.fencing_token());
-    let terms = log.intervals().len();
+    // A's work for that term starts just after its state says it leads:
+    // count the intervals once it has.
+    let terms = loop {
+        let all = log.intervals();
+        if all.iter().any(|t| t.who == "a" && t.token == token.get()) {
+            break all.len();
+        }
+        timeout(WAIT, log.wait_for_start(all.len() + 1))
+            .await
+            .unwrap();
+    };
     cluster.kill(i).await.unwrap();
     let killed = Instant::now();
     let next = timeout(WAIT, log.wait_for_start(terms + 1)).await.unwrap();

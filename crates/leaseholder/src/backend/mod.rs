@@ -23,7 +23,24 @@
 //! database's `clock_timestamp()`, an in-process tokio clock); two
 //! machines' clocks are never compared. The expiry hint returned by
 //! [`holder`](BackendEdge::holder) only times followers' wake-ups; the
-//! leader's deadline comes from its own monotonic clock.
+//! leader's deadline comes from its own monotonic clock. An *embedded*
+//! store (a file several processes of one host share) has no server clock:
+//! use the host's monotonic clock (`CLOCK_BOOTTIME`, which all processes of
+//! the host share and which counts suspend), stored together with the
+//! host's boot id so that a lease written before a reboot reads as expired,
+//! never the wall clock, which can be set back or forward under a running
+//! leader. No conformance row can tell a wall clock from a monotonic one:
+//! this is on you.
+//!
+//! **Dropped calls.** The campaign bounds each call by its budget and drops
+//! the future when that passes; the request may still land (like a reply
+//! lost in the network). Every write must therefore be safe to apply late:
+//! an acquire that lands after its caller gave up creates a lease that
+//! expires unused; a renewal that lands late extends only a lease whose
+//! nonce still matches.
+//!
+//! **Tokens** stay below 2^63, so that they fit a signed 64-bit integer
+//! downstream.
 //!
 //! **Ambiguous replies.** A write whose reply was lost may have taken
 //! effect. The campaign then calls [`holder`](BackendEdge::holder) and
@@ -542,7 +559,29 @@ pub enum Renewed {
 
 /// A change a backend's watch reports.
 ///
-/// A watch is a hint: the campaign re-reads the store before acting on it.
+/// A watch is a hint: the campaign re-reads the store before acting on it,
+/// and a follower whose watch says nothing still wakes by the holder's
+/// expiry hint and its retry interval. What each event makes a follower do:
+///
+/// | event | follower |
+/// |---|---|
+/// | `Released(key)` | tries to acquire within a few milliseconds (a random spread of at most 5 ms, so that followers do not all call at once) |
+/// | `Updated(key, Some(holder))` | no store call: a new leader is published, and the next wake-up moves to the holder's expiry hint (or, without a hint, one ttl later if the backend's watch reports expiry); an event older than what it last read is ignored |
+/// | `Updated(key, None)` | nothing; the follower keeps its timers (so a backend that can attach the holder saves its followers' calls: with `None` an idle follower re-reads at every retry or expiry, with `Some` it makes no calls while the leader renews) |
+/// | `Resync` | tries to acquire at once (it may have missed a release) |
+///
+/// A leader that sees another holder's `Updated`, a `Released` or a
+/// `Resync` for its key renews at once to find out whether it still leads.
+///
+/// The watch hub sends `Resync` to every key itself each time the
+/// backend's watch (re)connects; a backend sends it when it may have lost
+/// events (a lagging subscription) or when it cannot tell which key
+/// changed (a watch that polls a change counter).
+///
+/// If the backend does not say that its watch reports expiry
+/// ([`BackendEdge::watch_reports_expiry`]), followers also wake at each
+/// lease's expiry hint; otherwise a `Released` is expected when a lease
+/// expires, and the expiry hint only matters while the watch is down.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WatchEvent {
@@ -551,7 +590,8 @@ pub enum WatchEvent {
     /// The key was written: acquired or renewed. Carries the holder when the
     /// backend has it at hand.
     Updated(Key, Option<Holder>),
-    /// Events may have been missed (reconnect, lag): re-read every key.
+    /// Events may have been missed (reconnect, lag), or something changed
+    /// and the backend cannot tell what: re-read every key.
     Resync,
 }
 
