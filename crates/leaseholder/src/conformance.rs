@@ -45,7 +45,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use tokio::time::Instant;
 
-use crate::backend::{Acquired, Backend, Claim, Key, LeaderId, Lease, Renewed, WatchEvent};
+use crate::backend::{Acquired, Backend, Claim, Key, LeaderId, Lease, Nonce, Renewed, WatchEvent};
 use crate::error::{BackendError, BoxError};
 
 /// What the suite needs from the store under test.
@@ -204,6 +204,10 @@ pub async fn run<H: Harness>(h: &H) -> Report {
         (
             "racers_in_separate_processes",
             racers_in_separate_processes(h).await,
+        ),
+        (
+            "a_lease_of_a_process_that_died_is_kept_not_adopted",
+            a_lease_of_a_process_that_died_is_kept_not_adopted(h).await,
         ),
     ];
     for (row, result) in rows {
@@ -731,6 +735,71 @@ pub async fn racers_in_separate_processes<H: Harness>(h: &H) -> RowResult {
     Ok(Outcome::Passed)
 }
 
+/// A process acquires and exits before anyone hears its reply (a crash
+/// right after the write): the store keeps that process's lease, with its
+/// nonce, until it expires; another client sees it held, never free and
+/// never its own; after the ttl the key is free again and the next token
+/// is larger. Unsupported unless the harness can start processes.
+pub async fn a_lease_of_a_process_that_died_is_kept_not_adopted<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "a_lease_of_a_process_that_died_is_kept_not_adopted";
+    let (key, a) = one_client(h, ROW, "died").await?;
+    let ttl = h.ttl();
+    let Some(mut cmd) = h.child() else {
+        return Ok(Outcome::Unsupported(
+            "the harness starts no child processes (Harness::child)".into(),
+        ));
+    };
+    cmd.env(
+        CHILD_ENV,
+        format!("die {} {}", ttl.as_millis(), key.as_str()),
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::inherit())
+    .kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .map_err(|e| fail(ROW, format!("starting a child process failed: {e}")))?;
+    let limit = ttl + Duration::from_secs(30);
+    let out = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .map_err(|_| fail(ROW, format!("the child did not finish within {limit:?}")))?
+        .map_err(|e| fail(ROW, format!("the child failed: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let nonce = text
+        .lines()
+        .find_map(|l| l.strip_prefix(CHILD_REPLY))
+        .and_then(|l| l.strip_prefix("claim "))
+        .ok_or_else(|| fail(ROW, format!("the child printed no claim: {text:?}")))?
+        .trim()
+        .to_owned();
+    let started = Instant::now();
+    let seen = ok(ROW, "holder", a.holder(&key).await)?
+        .ok_or_else(|| fail(ROW, "the dead process's acquire left no lease"))?;
+    if seen.nonce().map(|n| format!("{:032x}", n.as_u128())) != Some(nonce.clone()) {
+        return Err(fail(
+            ROW,
+            format!("the store shows {seen:?}, not the dead process's lease"),
+        ));
+    }
+    let token = seen
+        .token()
+        .ok_or_else(|| fail(ROW, "the dead process's lease has no token"))?;
+    match ok(ROW, "acquire", a.acquire(&key, &claim(), ttl).await)? {
+        Acquired::Held(holder) if holder.is_nonce(seen.nonce().unwrap_or(Nonce::from_u128(0))) => {}
+        other => return Err(fail(ROW, format!("acquire beside a live lease: {other:?}"))),
+    }
+    wait_free(ROW, &a, &key, started, ttl + h.expiry_slack()).await?;
+    let next = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    if next.token() <= token {
+        return Err(fail(
+            ROW,
+            format!("token {} after the dead process's {token}", next.token()),
+        ));
+    }
+    ok(ROW, "release", a.release(&key, &next).await)?;
+    Ok(Outcome::Passed)
+}
+
 /// The environment variable that tells a test binary started by
 /// [`racers_in_separate_processes`] what to do; see [`child_main`].
 pub const CHILD_ENV: &str = "LEASEHOLDER_CONFORMANCE_CHILD";
@@ -757,6 +826,18 @@ pub async fn child_main<H: Harness>(h: &H) -> bool {
         return false;
     };
     let reply = match task.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["die", ms, key] => match (ms.parse::<u64>(), Key::new(*key)) {
+            (Ok(ms), Ok(key)) => {
+                let b = h.backend().await;
+                let c = claim();
+                // The claim goes out first; the reply never does: the
+                // process exits as if it crashed after the write.
+                println!("{CHILD_REPLY}claim {:032x}", c.nonce.as_u128());
+                let _ = b.acquire(&key, &c, Duration::from_millis(ms)).await;
+                return true;
+            }
+            _ => format!("bad task {task:?}"),
+        },
         ["race", ms, key] => match (ms.parse::<u64>(), Key::new(*key)) {
             (Ok(ms), Ok(key)) => {
                 let b = h.backend().await;
