@@ -515,3 +515,12 @@ async fn the_postgres_example_leads_stops_on_ctrl_c_and_explains_a_missing_serve
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_example_leads_stops_on_ctrl_c_and_explains_a_missing_directory() {
+    let (dir, url) = sqlite_with_table().await;
+    let path = url.trim_start_matches("sqlite:").to_owned();
+    let nowhere = dir.path().join("missing").join("leases.db");
+    example_leads_and_stops_on_ctrl_c("sqlite", "LEASES_DB", path, nowhere.display().to_string())
+        .await;
+}

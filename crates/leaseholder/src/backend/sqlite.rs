@@ -502,7 +502,7 @@ impl SqliteBackend {
                 Fail::Other(BackendError::denied(format!("{path}: {e}")))
             }
             ErrorCode::CannotOpen => Fail::Other(BackendError::Misconfigured {
-                problem: format!("cannot open {path}: {e}"),
+                problem: format!("cannot open {path} ({failure})"),
                 fix: "give a path in an existing directory that this process may write, on a \
                       local filesystem"
                     .into(),
