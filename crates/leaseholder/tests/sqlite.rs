@@ -345,3 +345,29 @@ fn a_follower_takes_over_within_about_a_ttl_after_the_leader_crashes() {
     let tokens: Vec<u64> = log.intervals().iter().map(|i| i.token).collect();
     assert!(tokens[0] < tokens[1], "{tokens:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_table_ends_the_term_and_stops_acquires() {
+    let h = Sqlite::new();
+    let key = Key::new("job").unwrap();
+    let ttl = Duration::from_secs(5);
+    let a = sqlite(&h.path);
+    a.setup().await.unwrap();
+    let Acquired::Won(lease) = a.acquire(&key, &claim(), ttl).await.unwrap() else {
+        panic!("the key is free");
+    };
+    let db = rusqlite::Connection::open(&h.path).unwrap();
+    db.execute_batch("DROP TABLE leaseholder_leases").unwrap();
+    assert_eq!(a.renew(&key, &lease, ttl).await.unwrap(), Renewed::Lost);
+    a.release(&key, &lease).await.unwrap();
+    match a.acquire(&key, &claim(), ttl).await {
+        Err(BackendError::Misconfigured { problem, .. }) => {
+            assert!(problem.contains("does not exist"), "{problem}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        a.holder(&key).await,
+        Err(BackendError::Misconfigured { .. })
+    ));
+}
