@@ -2,8 +2,8 @@
 //! pause one.
 //!
 //! `leaseholder-candidate <url> <key> <ttl-ms> [write-delay-ms]` campaigns
-//! for `key` on NATS (`nats://…`) or PostgreSQL (`postgres://…`) and prints
-//! one line per event on stdout:
+//! for `key` on NATS (`nats://…`), PostgreSQL (`postgres://…`) or a SQLite
+//! file (`sqlite:<path>`) and prints one line per event on stdout:
 //!
 //! - `READY` once the bucket is set up and the campaign starts;
 //! - `START <token>` when its work starts, `STOP <token>` when the work
@@ -21,7 +21,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use leaseholder::{Backend, Leader, PostgresBackend, State};
+use leaseholder::{Backend, Leader, PostgresBackend, SqliteBackend, State};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -37,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(url), Some(key), Some(ttl)) = (args.next(), args.next(), args.next()) else {
         anyhow::bail!(
-            "usage: leaseholder-candidate <nats-or-postgres-url> <key> <ttl-ms> [write-delay-ms]"
+            "usage: leaseholder-candidate <nats://…|postgres://…|sqlite:PATH> <key> <ttl-ms> [write-delay-ms]"
         );
     };
     let ttl = Duration::from_millis(ttl.parse()?);
@@ -45,7 +45,9 @@ async fn main() -> anyhow::Result<()> {
         Some(ms) => ms.parse()?,
         None => 0,
     });
-    let backend = if url.starts_with("postgres") {
+    let backend = if let Some(path) = url.strip_prefix("sqlite:") {
+        Backend::sqlite(SqliteBackend::builder().path(path).build()?)
+    } else if url.starts_with("postgres") {
         Backend::postgres(PostgresBackend::builder().url(url).build()?)
     } else {
         Backend::nats(async_nats::connect(&url).await?, "leases")

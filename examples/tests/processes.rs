@@ -1,6 +1,7 @@
-//! Candidates as separate OS processes on a real nats-server and a real
-//! PostgreSQL: graceful handoff (SIGTERM) and crash failover (SIGKILL)
-//! measured at ttl 10 s, and
+//! Candidates as separate OS processes on a real nats-server, a real
+//! PostgreSQL and a SQLite file: graceful handoff (SIGTERM) and crash
+//! failover (SIGKILL) measured at ttl 10 s (SQLite: 2 s), five processes
+//! racing on one SQLite file, and
 //! a leader process paused (SIGSTOP) past its ttl whose stale writes a
 //! fenced sink refuses.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -134,6 +135,35 @@ impl Fleet {
         }
     }
 
+    /// Starts `n` more candidates at once, then waits until all campaign.
+    async fn spawn_many(&mut self, n: usize) -> Vec<usize> {
+        let first = self.procs.len();
+        for index in first..first + n {
+            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_leaseholder-candidate"));
+            cmd.args([
+                self.url.clone(),
+                self.key.to_owned(),
+                self.ttl.as_millis().to_string(),
+                self.write_delay.as_millis().to_string(),
+            ])
+            .stdout(Stdio::piped());
+            let mut guard = ChildGuard::spawn(&mut cmd).unwrap();
+            let stdout = guard.child_mut().stdout.take().unwrap();
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let _ = tx.send((index, Instant::now(), line));
+                }
+            });
+            self.procs.push(guard);
+        }
+        for index in first..first + n {
+            self.until("READY", |i, l| i == index && l == "READY").await;
+        }
+        (first..first + n).collect()
+    }
+
     /// Waits for the next `START`: who, when, and the term's token.
     async fn next_start(&mut self) -> (usize, Instant, u64) {
         let (i, at, line) = self
@@ -151,20 +181,77 @@ fn median_max(mut v: Vec<Duration>) -> (Duration, Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handoff_and_crash_failover_between_processes_at_ttl_10s_on_nats() {
     let server = nats_with_bucket("leases").await;
-    handoff_and_crash_failover("NATS", server.url()).await;
+    handoff_and_crash_failover("NATS", server.url(), Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handoff_and_crash_failover_between_processes_at_ttl_10s_on_postgres() {
     let server = postgres_with_table().await;
-    handoff_and_crash_failover("PostgreSQL", server.url()).await;
+    handoff_and_crash_failover("PostgreSQL", server.url(), Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_and_crash_failover_between_processes_at_ttl_2s_on_sqlite() {
+    let (_dir, url) = sqlite_with_table().await;
+    handoff_and_crash_failover("SQLite", url, Duration::from_secs(2)).await;
+}
+
+/// Five candidate processes started at once on one SQLite file: exactly
+/// one leads at a time (each successor's work starts after its
+/// predecessor's stopped, and the fenced sink refuses no write), and the
+/// tokens of successive terms increase, over ten SIGTERM handoffs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_processes_race_on_one_sqlite_file_and_one_leads_at_a_time() {
+    let (_dir, url) = sqlite_with_table().await;
+    let ttl = Duration::from_secs(2);
+    let mut fleet = Fleet::new(url, "race", ttl, Duration::ZERO);
+    fleet.spawn_many(5).await;
+    let (mut leader, _, mut token) = fleet.next_start().await;
+    let mut tokens = vec![token];
+    let mut handoffs = Vec::new();
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        fleet.procs[leader].terminate().unwrap();
+        let stop = format!("STOP {token}");
+        let (_, stopped, _) = fleet
+            .until("the leader's work stop", |i, l| i == leader && l == stop)
+            .await;
+        let (next, at, next_token) = fleet.next_start().await;
+        assert_ne!(next, leader);
+        assert!(next_token > token, "{next_token} after {token}");
+        assert!(
+            stopped <= at,
+            "the successor started before the leader stopped"
+        );
+        handoffs.push(at - t0);
+        fleet
+            .until("the leader's exit", |i, l| i == leader && l == "EXIT")
+            .await;
+        // Keep five in the race.
+        fleet.spawn_many(1).await;
+        (leader, token) = (next, next_token);
+        tokens.push(token);
+    }
+    // No second START is waiting: the last leader is the only one.
+    assert!(
+        !fleet
+            .backlog
+            .iter()
+            .any(|(_, _, l)| l.starts_with("START ")),
+        "{:?}",
+        fleet.backlog
+    );
+    let (hm, hx) = median_max(handoffs.clone());
+    println!("SQLite, 5 processes: SIGTERM handoff median {hm:?}, max {hx:?}; tokens {tokens:?}");
+    assert!(hx < ttl / 5, "{handoffs:?}");
+    assert!(fleet.sink.rejected.is_empty(), "{:?}", fleet.sink);
+    assert!(fleet.sink.accepted > 0);
 }
 
 /// Three candidate processes on `url`; five rounds of: SIGTERM the leader
 /// (graceful handoff), start a replacement, SIGKILL the new leader (crash
 /// failover), start a replacement. Prints median and max of each.
-async fn handoff_and_crash_failover(store: &str, url: String) {
-    let ttl = Duration::from_secs(10);
+async fn handoff_and_crash_failover(store: &str, url: String, ttl: Duration) {
     let mut fleet = Fleet::new(url, "jobs", ttl, Duration::ZERO);
     for _ in 0..3 {
         fleet.spawn().await;
@@ -206,10 +293,10 @@ async fn handoff_and_crash_failover(store: &str, url: String) {
     let (hm, hx) = median_max(handoffs.clone());
     let (fm, fx) = median_max(failovers.clone());
     println!(
-        "{store}: graceful handoff (SIGTERM -> successor's work starts), ttl 10 s, 5 runs: median {hm:?}, max {hx:?}; all {handoffs:?}"
+        "{store}: graceful handoff (SIGTERM -> successor's work starts), ttl {ttl:?}, 5 runs: median {hm:?}, max {hx:?}; all {handoffs:?}"
     );
     println!(
-        "{store}: crash failover (SIGKILL -> successor's work starts), ttl 10 s, 5 runs: median {fm:?}, max {fx:?}; all {failovers:?}"
+        "{store}: crash failover (SIGKILL -> successor's work starts), ttl {ttl:?}, 5 runs: median {fm:?}, max {fx:?}; all {failovers:?}"
     );
     // A handoff is driven by the watch, not by the retry timer (2 s).
     assert!(hx < ttl / 5, "{handoffs:?}");
@@ -427,4 +514,13 @@ async fn the_postgres_example_leads_stops_on_ctrl_c_and_explains_a_missing_serve
         format!("postgres://postgres@127.0.0.1:{free}/postgres"),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_example_leads_stops_on_ctrl_c_and_explains_a_missing_directory() {
+    let (dir, url) = sqlite_with_table().await;
+    let path = url.trim_start_matches("sqlite:").to_owned();
+    let nowhere = dir.path().join("missing").join("leases.db");
+    example_leads_and_stops_on_ctrl_c("sqlite", "LEASES_DB", path, nowhere.display().to_string())
+        .await;
 }

@@ -32,6 +32,9 @@ pub use backend::nats::NatsBackend;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use backend::postgres::{PostgresBackend, PostgresBuilder};
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use backend::sqlite::{SqliteBackend, SqliteBuilder};
 pub use backend::{
     Acquired, Backend, BackendEdge, Claim, FencingToken, Holder, Key, LeaderId, Lease, LeaseValue,
     Nonce, Prepared, Renewed, WatchEvent, WatchStream,

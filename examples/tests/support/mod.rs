@@ -4,7 +4,7 @@
 //! running leader), which these tests are not about.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use leaseholder_testkit::{NatsServer, PostgresServer};
+use leaseholder_testkit::{NatsServer, PostgresServer, TempDir};
 
 /// The message a test gives when PostgreSQL is not installed.
 pub(crate) const NO_POSTGRES: &str = "PostgreSQL 15+: run scripts/setup";
@@ -35,4 +35,22 @@ pub(crate) async fn nats_with_bucket(bucket: &str) -> NatsServer {
         .await
         .unwrap();
     server
+}
+
+/// A SQLite file in a fresh temporary directory (removed with the
+/// returned guard), with the lease table created; and the candidate's
+/// store argument for it, `sqlite:<path>`.
+pub(crate) async fn sqlite_with_table() -> (TempDir, String) {
+    let dir = TempDir::new("leaseholder-sqlite").unwrap();
+    let path = dir.path().join("leases.db");
+    leaseholder::Backend::sqlite(
+        leaseholder::SqliteBackend::builder()
+            .path(&path)
+            .build()
+            .unwrap(),
+    )
+    .setup()
+    .await
+    .unwrap();
+    (dir, format!("sqlite:{}", path.display()))
 }

@@ -62,6 +62,9 @@ pub mod nats;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub mod sqlite;
 mod value;
 
 use std::fmt;
@@ -921,6 +924,15 @@ impl Backend {
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn postgres(backend: postgres::PostgresBackend) -> Backend {
         Backend::new(backend)
+    }
+
+    /// A backend on a SQLite file shared by the processes of one host
+    /// (feature `sqlite`), run on tokio's blocking pool; see
+    /// [`SqliteBackend`](sqlite::SqliteBackend).
+    #[cfg(feature = "sqlite")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+    pub fn sqlite(backend: sqlite::SqliteBackend) -> Backend {
+        Backend::blocking(backend)
     }
 
     /// A backend on a store with a synchronous client, run on tokio's
