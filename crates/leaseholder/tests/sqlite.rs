@@ -32,8 +32,12 @@ fn host_clock() -> (i64, String) {
     (ns, boot.trim().to_owned())
 }
 
+/// Where a child process (see `child`) finds the parent's file.
+const PATH_ENV: &str = "LEASEHOLDER_TEST_SQLITE_PATH";
+
 struct Sqlite {
-    _dir: TempDir,
+    /// Owned by the parent test; a child only has the path.
+    _dir: Option<TempDir>,
     path: PathBuf,
 }
 
@@ -41,7 +45,10 @@ impl Sqlite {
     fn new() -> Sqlite {
         let dir = TempDir::new("leaseholder-sqlite").unwrap();
         let path = dir.path().join("leases.db");
-        Sqlite { _dir: dir, path }
+        Sqlite {
+            _dir: Some(dir),
+            path,
+        }
     }
 }
 
@@ -72,6 +79,26 @@ impl Harness for Sqlite {
     fn ttl(&self) -> Duration {
         Duration::from_millis(500)
     }
+
+    fn child(&self) -> Option<tokio::process::Command> {
+        let mut cmd = tokio::process::Command::new(std::env::current_exe().ok()?);
+        cmd.args(["--exact", "child", "--nocapture"])
+            .env(PATH_ENV, &self.path);
+        Some(cmd)
+    }
+}
+
+/// Not a test of its own: the entry point of the child processes the
+/// suite's multi-process rows start (it does nothing when run directly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child() {
+    if let Some(path) = std::env::var_os(PATH_ENV) {
+        let harness = Sqlite {
+            _dir: None,
+            path: PathBuf::from(path),
+        };
+        assert!(conformance::child_main(&harness).await);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,6 +106,9 @@ async fn sqlite_passes_the_lease_contract() {
     let report = conformance::run(&Sqlite::new()).await;
     println!("{report}");
     assert!(report.is_ok(), "{report}");
+    // The rows in separate processes run too: processes sharing one file
+    // are what this backend is for.
+    assert!(report.unsupported.is_empty(), "{report}");
 }
 
 fn claim() -> Claim {
