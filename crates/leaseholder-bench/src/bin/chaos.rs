@@ -3,7 +3,7 @@
 //! property.
 //!
 //! ```text
-//! chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres] [--long]
+//! chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite] [--long]
 //! ```
 //!
 //! It starts the server (nats-server 2.11+ or PostgreSQL 15+, as installed
@@ -42,8 +42,7 @@ mod chaos;
 use chaos::check::FaultKind;
 use chaos::harness::{Options, Store};
 
-const USAGE: &str =
-    "usage: chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres] [--long]";
+const USAGE: &str = "usage: chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite] [--long]";
 
 /// `120`, `120s`, `1500ms`, `2m`.
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
@@ -86,7 +85,8 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
                 opts.store = match value()?.as_str() {
                     "nats" => Store::Nats,
                     "postgres" => Store::Postgres,
-                    other => bail!("--store {other}: nats or postgres"),
+                    "sqlite" => Store::Sqlite,
+                    other => bail!("--store {other}: nats, postgres or sqlite"),
                 }
             }
             "-h" | "--help" => {
@@ -116,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
     let store = match opts.store {
         Store::Nats => "nats",
         Store::Postgres => "postgres",
+        Store::Sqlite => "sqlite",
     };
     println!(
         "chaos: seed {} (repeat the fault schedule with --seed {}), store {store}, {} candidates, {} s, ttl {} ms, write delay {} ms",

@@ -58,7 +58,7 @@ const SETUP_PATIENCE: Duration = Duration::from_secs(60);
 pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let [url, key, ttl, write_delay] = args else {
         anyhow::bail!(
-            "usage: chaos candidate <nats-or-postgres-url> <key> <ttl-ms> <write-delay-ms>"
+            "usage: chaos candidate <nats-or-postgres-url | sqlite:path> <key> <ttl-ms> <write-delay-ms>"
         );
     };
     let ttl = Duration::from_millis(ttl.parse().context("ttl-ms")?);
@@ -73,7 +73,9 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     });
 
     let patience = Instant::now() + SETUP_PATIENCE;
-    let backend = if url.starts_with("postgres") {
+    let backend = if let Some(path) = url.strip_prefix("sqlite:") {
+        Backend::sqlite(leaseholder::SqliteBackend::builder().path(path).build()?)
+    } else if url.starts_with("postgres") {
         Backend::postgres(PostgresBackend::builder().url(url).pool_size(2).build()?)
     } else {
         loop {

@@ -20,6 +20,10 @@ use super::rng::Rng;
 pub(crate) enum Store {
     Nats,
     Postgres,
+    /// One SQLite file shared by the candidate processes: no server and no
+    /// link, so the faults are kills, pauses and stalls of the file (another
+    /// process holding its write lock) in place of server restarts.
+    Sqlite,
 }
 
 #[derive(Debug, Clone)]
@@ -35,6 +39,10 @@ pub(crate) struct Options {
 enum Server {
     Nats(NatsServer),
     Postgres(PostgresServer),
+    Sqlite {
+        _dir: leaseholder_testkit::TempDir,
+        path: std::path::PathBuf,
+    },
 }
 
 impl Server {
@@ -58,6 +66,9 @@ impl Server {
                     .url(s.url())
                     .pool_size(2)
                     .build()?,
+            ),
+            Server::Sqlite { path, .. } => leaseholder::Backend::sqlite(
+                leaseholder::SqliteBackend::builder().path(path).build()?,
             ),
         };
         backend
@@ -90,36 +101,64 @@ impl Server {
                 .context("creating the lease table")?;
                 Server::Postgres(server)
             }
+            Store::Sqlite => {
+                let dir = leaseholder_testkit::TempDir::new("leaseholder-chaos")?;
+                let path = dir.path().join("leases.db");
+                Server::Sqlite { _dir: dir, path }
+            }
         })
     }
 
-    fn addr(&self) -> std::net::SocketAddr {
+    /// The server's address, for the candidates' proxies; `None` for a
+    /// store with no link.
+    fn addr(&self) -> Option<std::net::SocketAddr> {
         match self {
-            Server::Nats(s) => s.addr(),
-            Server::Postgres(s) => s.addr(),
+            Server::Nats(s) => Some(s.addr()),
+            Server::Postgres(s) => Some(s.addr()),
+            Server::Sqlite { .. } => None,
         }
     }
 
-    fn url_via(&self, port: u16) -> String {
-        match self {
-            Server::Nats(_) => format!("nats://127.0.0.1:{port}"),
-            Server::Postgres(_) => format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        }
+    /// How a candidate reaches the store: through the proxy on `port`, or
+    /// directly where there is no link.
+    fn url_via(&self, port: Option<u16>) -> anyhow::Result<String> {
+        Ok(match (self, port) {
+            (Server::Sqlite { path, .. }, _) => format!("sqlite:{}", path.display()),
+            (Server::Nats(_), Some(port)) => format!("nats://127.0.0.1:{port}"),
+            (Server::Postgres(_), Some(port)) => {
+                format!("postgres://postgres@127.0.0.1:{port}/postgres")
+            }
+            _ => anyhow::bail!("no proxy for a store with a link"),
+        })
     }
 
     fn describe(&self) -> String {
         match self {
             Server::Nats(s) => format!("nats-server {}", s.version()),
             Server::Postgres(s) => format!("PostgreSQL {}", s.version()),
+            Server::Sqlite { path, .. } => format!("SQLite file {}", path.display()),
         }
     }
 
-    async fn restart(&mut self) -> anyhow::Result<()> {
+    /// Restarts the server; for SQLite, stalls the file for `stall`
+    /// instead: another connection holds its write lock meanwhile.
+    async fn restart(&mut self, stall: Duration) -> anyhow::Result<()> {
         match self {
             Server::Nats(s) => s.restart().await?,
             Server::Postgres(s) => s.restart().await?,
+            Server::Sqlite { path, .. } => {
+                let db = rusqlite::Connection::open(&*path)?;
+                db.busy_timeout(Duration::from_secs(5))?;
+                db.execute_batch("BEGIN EXCLUSIVE")?;
+                tokio::time::sleep(stall).await;
+                db.execute_batch("ROLLBACK")?;
+            }
         }
         Ok(())
+    }
+
+    fn has_link(&self) -> bool {
+        self.addr().is_some()
     }
 }
 
@@ -182,10 +221,9 @@ impl Harness {
 
     fn spawn(&mut self, slot: usize) -> anyhow::Result<usize> {
         let inst = self.procs.len();
-        let Some(proxy) = self.proxies.get(slot) else {
-            anyhow::bail!("no proxy for slot {slot}");
-        };
-        let url = self.server.url_via(proxy.url_port());
+        let url = self
+            .server
+            .url_via(self.proxies.get(slot).map(TcpProxy::url_port))?;
         let mut cmd = tokio::process::Command::new(&self.self_exe);
         cmd.args([
             "candidate".to_owned(),
@@ -337,8 +375,11 @@ impl Harness {
         let kind = match self.rng.below(100) {
             0..20 => FaultKind::Kill,
             20..45 => FaultKind::Pause,
-            45..67 => FaultKind::Cut,
-            67..85 => FaultKind::Blackhole,
+            45..67 if self.server.has_link() => FaultKind::Cut,
+            67..85 if self.server.has_link() => FaultKind::Blackhole,
+            // No link to cut: kills, pauses and stalls instead.
+            45..70 => FaultKind::Kill,
+            70..85 => FaultKind::Pause,
             _ => FaultKind::Restart,
         };
         match kind {
@@ -443,10 +484,18 @@ impl Harness {
                     .push((Instant::now() + length, Later::Restore { slot, fault }));
             }
             FaultKind::Restart => {
-                self.log("fault: restart the server");
+                let stall = self.fault_length() / 2;
+                if self.server.has_link() {
+                    self.log("fault: restart the server");
+                } else {
+                    self.log(&format!(
+                        "fault: stall the file for {} (another process holds its write lock)",
+                        secs(stall)
+                    ));
+                }
                 let from = now_us();
                 let started = Instant::now();
-                self.server.restart().await?;
+                self.server.restart(stall).await?;
                 self.record.faults.push(Fault {
                     kind,
                     target: 0,
@@ -542,8 +591,10 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let server = Server::start(opts.store).await?;
     let describe = server.describe();
     let mut proxies = Vec::with_capacity(opts.candidates);
-    for _ in 0..opts.candidates {
-        proxies.push(TcpProxy::start(server.addr()).await?);
+    if let Some(addr) = server.addr() {
+        for _ in 0..opts.candidates {
+            proxies.push(TcpProxy::start(addr).await?);
+        }
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let wall0 = SystemTime::now();
