@@ -1,6 +1,7 @@
-//! The chaos harness for two minutes on a real nats-server: kills, pauses,
-//! link cuts and blackholes, server restarts; no safety violation, every
-//! kind of fault injected, and leadership changing hands several times.
+//! The chaos harness for two minutes on a real nats-server (kills, pauses,
+//! link cuts and blackholes, server restarts) and for one on a SQLite file
+//! (kills, pauses, file stalls): no safety violation, every kind of fault
+//! injected, and leadership changing hands several times.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
@@ -52,4 +53,40 @@ fn two_minutes_of_chaos_on_nats_keep_the_safety_property() {
         "too few leadership transitions: {line}"
     );
     assert!(started.elapsed() < Duration::from_secs(240));
+}
+
+#[test]
+fn a_minute_of_chaos_on_a_sqlite_file_keeps_the_safety_property() {
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_chaos"))
+        .args(["--duration", "60s", "--store", "sqlite"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let summary = stdout
+        .find("== chaos summary")
+        .map_or(&stdout[..], |at| &stdout[at..]);
+    println!("{summary}\n(in {:?})", started.elapsed());
+    assert!(
+        output.status.success(),
+        "chaos failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("CHAOS "))
+        .unwrap_or_else(|| panic!("no CHAOS line:\n{stdout}\n{stderr}"));
+    assert_eq!(field(line, "violations"), 0, "{line}");
+    // No link and no server: kills, pauses and stalls of the file (counted
+    // as restarts) only.
+    for kind in ["kill", "pause", "restart"] {
+        assert!(field(line, kind) > 0, "no {kind} fault injected: {line}");
+    }
+    assert_eq!(field(line, "cut") + field(line, "blackhole"), 0, "{line}");
+    assert!(
+        field(line, "transitions") >= 5,
+        "too few leadership transitions: {line}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(180));
 }
