@@ -669,38 +669,18 @@ pub async fn racers_in_separate_processes<H: Harness>(h: &H) -> RowResult {
     const RACERS: usize = 5;
     let (key, a) = one_client(h, ROW, "processes").await?;
     let ttl = h.ttl() * 4;
+    let task = format!("race {} {}", ttl.as_millis(), key.as_str());
     let mut children = Vec::new();
     for _ in 0..RACERS {
-        let Some(mut cmd) = h.child() else {
-            return Ok(Outcome::Unsupported(
-                "the harness starts no child processes (Harness::child)".into(),
-            ));
-        };
-        cmd.env(
-            CHILD_ENV,
-            format!("race {} {}", ttl.as_millis(), key.as_str()),
-        )
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true);
-        let child = cmd
-            .spawn()
-            .map_err(|e| fail(ROW, format!("starting a child process failed: {e}")))?;
-        children.push(child);
+        match spawn_child(h, ROW, &task)? {
+            Some(child) => children.push(child),
+            None => return Ok(unsupported_without_children()),
+        }
     }
     let mut won = Vec::new();
     let mut held = Vec::new();
-    let limit = ttl + Duration::from_secs(30);
     for child in children {
-        let out = tokio::time::timeout(limit, child.wait_with_output())
-            .await
-            .map_err(|_| fail(ROW, format!("a child did not finish within {limit:?}")))?
-            .map_err(|e| fail(ROW, format!("a child failed: {e}")))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .find_map(|l| l.strip_prefix(CHILD_REPLY))
-            .ok_or_else(|| fail(ROW, format!("a child printed no result: {text:?}")))?;
+        let line = child_reply(ROW, child, ttl).await?;
         match line.split_whitespace().collect::<Vec<_>>().as_slice() {
             ["won", nonce] => won.push(nonce.to_string()),
             ["held", nonce] => held.push(nonce.to_string()),
@@ -744,32 +724,14 @@ pub async fn a_lease_of_a_process_that_died_is_kept_not_adopted<H: Harness>(h: &
     const ROW: &str = "a_lease_of_a_process_that_died_is_kept_not_adopted";
     let (key, a) = one_client(h, ROW, "died").await?;
     let ttl = h.ttl();
-    let Some(mut cmd) = h.child() else {
-        return Ok(Outcome::Unsupported(
-            "the harness starts no child processes (Harness::child)".into(),
-        ));
+    let task = format!("die {} {}", ttl.as_millis(), key.as_str());
+    let Some(child) = spawn_child(h, ROW, &task)? else {
+        return Ok(unsupported_without_children());
     };
-    cmd.env(
-        CHILD_ENV,
-        format!("die {} {}", ttl.as_millis(), key.as_str()),
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::inherit())
-    .kill_on_drop(true);
-    let child = cmd
-        .spawn()
-        .map_err(|e| fail(ROW, format!("starting a child process failed: {e}")))?;
-    let limit = ttl + Duration::from_secs(30);
-    let out = tokio::time::timeout(limit, child.wait_with_output())
-        .await
-        .map_err(|_| fail(ROW, format!("the child did not finish within {limit:?}")))?
-        .map_err(|e| fail(ROW, format!("the child failed: {e}")))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let nonce = text
-        .lines()
-        .find_map(|l| l.strip_prefix(CHILD_REPLY))
-        .and_then(|l| l.strip_prefix("claim "))
-        .ok_or_else(|| fail(ROW, format!("the child printed no claim: {text:?}")))?
+    let line = child_reply(ROW, child, ttl).await?;
+    let nonce = line
+        .strip_prefix("claim ")
+        .ok_or_else(|| fail(ROW, format!("the child printed no claim: {line:?}")))?
         .trim()
         .to_owned();
     let started = Instant::now();
@@ -798,6 +760,47 @@ pub async fn a_lease_of_a_process_that_died_is_kept_not_adopted<H: Harness>(h: &
     }
     ok(ROW, "release", a.release(&key, &next).await)?;
     Ok(Outcome::Passed)
+}
+
+fn unsupported_without_children() -> Outcome {
+    Outcome::Unsupported("the harness starts no child processes (Harness::child)".into())
+}
+
+/// Starts the harness's child process on `task`; `None` if the harness
+/// starts none.
+fn spawn_child<H: Harness>(
+    h: &H,
+    row: &'static str,
+    task: &str,
+) -> Result<Option<tokio::process::Child>, Failure> {
+    let Some(mut cmd) = h.child() else {
+        return Ok(None);
+    };
+    cmd.env(CHILD_ENV, task)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true);
+    cmd.spawn()
+        .map(Some)
+        .map_err(|e| fail(row, format!("starting a child process failed: {e}")))
+}
+
+/// Waits for a child to finish; the reply it printed.
+async fn child_reply(
+    row: &'static str,
+    child: tokio::process::Child,
+    ttl: Duration,
+) -> Result<String, Failure> {
+    let limit = ttl + Duration::from_secs(30);
+    let out = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .map_err(|_| fail(row, format!("a child did not finish within {limit:?}")))?
+        .map_err(|e| fail(row, format!("a child failed: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix(CHILD_REPLY))
+        .map(str::to_owned)
+        .ok_or_else(|| fail(row, format!("a child printed no reply: {text:?}")))
 }
 
 /// The environment variable that tells a test binary started by
