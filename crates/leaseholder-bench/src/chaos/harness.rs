@@ -141,20 +141,33 @@ impl Server {
     }
 
     /// Restarts the server; for SQLite, stalls the file for `stall`
-    /// instead: another connection holds its write lock meanwhile.
-    async fn restart(&mut self, stall: Duration) -> anyhow::Result<()> {
+    /// instead: another connection holds its write lock meanwhile. `false`
+    /// if the stall could not start (a candidate paused in the middle of a
+    /// write holds the lock, or SQLite refused to wait for it).
+    async fn restart(&mut self, stall: Duration) -> anyhow::Result<bool> {
         match self {
             Server::Nats(s) => s.restart().await?,
             Server::Postgres(s) => s.restart().await?,
             Server::Sqlite { path, .. } => {
                 let db = rusqlite::Connection::open(&*path)?;
-                db.busy_timeout(Duration::from_secs(5))?;
-                db.execute_batch("BEGIN EXCLUSIVE")?;
+                db.busy_timeout(Duration::from_millis(100))?;
+                // SQLite may answer "busy" without waiting (a lock held by a
+                // frozen process, a checkpoint): try for a while, then skip.
+                let until = Instant::now() + Duration::from_secs(10);
+                loop {
+                    match db.execute_batch("BEGIN EXCLUSIVE") {
+                        Ok(()) => break,
+                        Err(_) if Instant::now() < until => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(_) => return Ok(false),
+                    }
+                }
                 tokio::time::sleep(stall).await;
                 db.execute_batch("ROLLBACK")?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn has_link(&self) -> bool {
@@ -495,7 +508,10 @@ impl Harness {
                 }
                 let from = now_us();
                 let started = Instant::now();
-                self.server.restart(stall).await?;
+                if !self.server.restart(stall).await? {
+                    self.log("fault skipped: the file stayed busy");
+                    return Ok(());
+                }
                 self.record.faults.push(Fault {
                     kind,
                     target: 0,
