@@ -568,7 +568,7 @@ pub enum Renewed {
 ///
 /// | event | follower |
 /// |---|---|
-/// | `Released(key)` | tries to acquire within a few milliseconds (a random spread of at most 5 ms, so that followers do not all call at once) |
+/// | `Released(key)` | tries to acquire at once, after a random spread of at most 1 ms, so that followers do not all call at the same instant |
 /// | `Updated(key, Some(holder))` | no store call: a new leader is published, and the next wake-up moves to the holder's expiry hint (or, without a hint, one ttl later if the backend's watch reports expiry); an event older than what it last read is ignored |
 /// | `Updated(key, None)` | nothing; the follower keeps its timers (so a backend that can attach the holder saves its followers' calls: with `None` an idle follower re-reads at every retry or expiry, with `Some` it makes no calls while the leader renews) |
 /// | `Resync` | tries to acquire at once (it may have missed a release) |

@@ -483,11 +483,11 @@ impl Core {
     }
 
     /// The spread of followers' acquires after a release: uniform up to the
-    /// jitter fraction of the retry interval, but at most 5 ms (a handoff
+    /// jitter fraction of the retry interval, but at most 1 ms (a handoff
     /// should cost milliseconds, not a retry interval).
     fn release_spread(&mut self) -> Duration {
         let j = f64::from(self.t.jitter_ppm) / 1e6;
-        let cap = self.t.retry.mul_f64(j).min(Duration::from_millis(5));
+        let cap = self.t.retry.mul_f64(j).min(Duration::from_millis(1));
         cap.mul_f64(self.rand_unit())
     }
 
