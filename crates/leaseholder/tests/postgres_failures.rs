@@ -1074,8 +1074,10 @@ async fn a_row_lock_held_past_the_ttl_on_one_key_does_not_cost_another_keys_lead
     let during = revision_of(&c, "a").await;
     let cancellations = timeout_cancellations(&s);
     let b_while_locked = seen_b.lock().unwrap().clone();
-    tx.rollback().await.unwrap();
+    // Taken before the rollback is sent: B's waiting acquire may go
+    // through, and B's work start, before the rollback's reply is back.
     let unlocked = Instant::now();
+    tx.rollback().await.unwrap();
 
     timeout(WAIT, b.state().wait_for(State::is_leader))
         .await
