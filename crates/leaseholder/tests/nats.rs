@@ -36,6 +36,17 @@ async fn prepared_server() -> NatsServer {
     s
 }
 
+/// Campaigns on `l` until the campaign fails; its error.
+async fn campaign_error(l: &Leader) -> Error {
+    timeout(
+        WAIT,
+        l.acquire_and_run(|_| async { Ok::<_, std::io::Error>(()) }),
+    )
+    .await
+    .expect("the campaign fails within the wait")
+    .expect_err("the campaign fails")
+}
+
 /// The `problem` and `fix` of a `Misconfigured` store error, or a panic
 /// that shows what came instead.
 fn misconfigured(e: &BackendError) -> (&str, &str) {
@@ -74,13 +85,7 @@ async fn nats_2_9_is_refused_with_the_version_needed() {
         .expect("Debian's nats-server 2.9 is needed for this test: run scripts/setup");
     assert!(old.version().starts_with("2.9"), "{}", old.version());
     let l = leader(&old.url(), Duration::from_secs(2)).await;
-    let err = timeout(
-        WAIT,
-        l.acquire_and_run(|_| async { Ok::<_, std::io::Error>(()) }),
-    )
-    .await
-    .unwrap()
-    .unwrap_err();
+    let err = campaign_error(&l).await;
     match &err {
         Error::Backend {
             op: Op::Setup,
@@ -817,13 +822,7 @@ async fn max_age_must_be_at_least_twice_each_leases_ttl() {
 
     // Refused at the first acquire, naming max_age and the ttl.
     let l = leader_on(client.clone(), "aged5", Duration::from_secs(10));
-    let err = timeout(
-        WAIT,
-        l.acquire_and_run(|_| async { Ok::<_, std::io::Error>(()) }),
-    )
-    .await
-    .unwrap()
-    .unwrap_err();
+    let err = campaign_error(&l).await;
     println!("{}", chain(&err));
     let (problem, fix) = misconfigured(backend_source(&err, Op::Acquire));
     assert!(problem.contains("max_age is 5s"), "{problem}");
@@ -954,13 +953,7 @@ async fn a_bucket_full_under_discard_new_is_misconfigured_saying_which_limit() {
         .ttl(ttl)
         .build()
         .unwrap();
-    let err = timeout(
-        WAIT,
-        other.acquire_and_run(|_| async { Ok::<_, std::io::Error>(()) }),
-    )
-    .await
-    .unwrap()
-    .unwrap_err();
+    let err = campaign_error(&other).await;
     println!("{}", chain(&err));
     let (problem, fix) = misconfigured(backend_source(&err, Op::Acquire));
     assert!(problem.contains("maximum messages exceeded"), "{problem}");
