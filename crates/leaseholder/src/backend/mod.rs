@@ -54,6 +54,8 @@
 //! checks every row of this contract against a real store.
 
 pub mod blocking;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod clock;
 mod hub;
 pub mod memory;
 #[cfg(feature = "nats")]
@@ -62,6 +64,9 @@ pub mod nats;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
@@ -923,6 +928,14 @@ impl Backend {
     #[cfg(feature = "postgres")]
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn postgres(backend: postgres::PostgresBackend) -> Backend {
+        Backend::new(backend)
+    }
+
+    /// A backend on Redis: one server, a Sentinel group or a Cluster
+    /// (feature `redis`); see [`RedisBackend`](redis::RedisBackend).
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn redis(backend: redis::RedisBackend) -> Backend {
         Backend::new(backend)
     }
 

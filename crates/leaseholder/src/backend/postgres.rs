@@ -87,6 +87,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
+use super::clock::ServerClock;
 use super::{
     Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Prepared, Renewed,
     WatchEvent, WatchStream,
@@ -142,50 +143,6 @@ struct Inner {
     /// The shortest ttl acquire or renew was called with, in µs
     /// (`u64::MAX` before the first).
     min_ttl_us: AtomicU64,
-}
-
-/// What we know of the server's clock: a lower bound on its offset from
-/// ours, from the last reply that carried the server's time.
-///
-/// A reply to a request sent at local time `s` and received at `r` that
-/// says the server's clock read `t` proves the server read its clock no
-/// later than `r`, so `offset >= t - r`. A leader's deadline `d` on our
-/// clock is then at least `d + (t - r)` on the server's: a renewal the
-/// server performs before that is performed before `d` (clocks running at
-/// the same rate, which the drift margin covers).
-#[derive(Default)]
-struct ServerClock {
-    /// `t - r` in µs, `r` measured from `base`.
-    offset_min_us: std::sync::Mutex<Option<i128>>,
-    base: std::sync::OnceLock<Instant>,
-}
-
-impl ServerClock {
-    fn local_us(&self, at: Instant) -> i128 {
-        let base = *self.base.get_or_init(Instant::now);
-        i128::try_from(at.saturating_duration_since(base).as_micros()).unwrap_or(i128::MAX)
-    }
-
-    /// Records that the server's clock read `server_us` at or before
-    /// `received`. The newest sample wins, so a server clock stepped back
-    /// is picked up at once.
-    fn sample(&self, server_us: i64, received: Instant) {
-        let offset = i128::from(server_us) - self.local_us(received);
-        *self
-            .offset_min_us
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(offset);
-    }
-
-    /// `deadline` on the server's clock, early rather than late; `None`
-    /// before the first sample.
-    fn server_deadline_us(&self, deadline: Instant) -> Option<i64> {
-        let offset = (*self
-            .offset_min_us
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))?;
-        i64::try_from(self.local_us(deadline) + offset).ok()
-    }
 }
 
 impl fmt::Debug for PostgresBackend {
