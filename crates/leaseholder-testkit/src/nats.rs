@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::time::Instant;
 
+use crate::process::log_tail;
 use crate::{ChildGuard, Error, TempDir, binary_version, find_binary_candidates, free_port};
 
 /// The oldest `nats-server` (major, minor) that [`NatsServer::start`]
@@ -35,9 +36,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause between two failed probes, so the loop does not spin while the
 /// server is still binding its port.
 const PROBE_BACKOFF: Duration = Duration::from_millis(20);
-
-/// How much of the server's log is quoted when it exits early.
-const LOG_TAIL: usize = 2000;
 
 /// A `nats-server` with JetStream enabled, running as a child process on a
 /// free `127.0.0.1` port with its own temporary store directory.
@@ -714,21 +712,6 @@ fn parse_version(text: &str) -> Option<(u32, u32)> {
             Some((major, minor))
         })
         .next()
-}
-
-/// The end of the server's log, for an error message.
-fn log_tail(path: &Path) -> String {
-    match std::fs::read_to_string(path) {
-        Ok(log) => {
-            let log = log.trim();
-            let mut start = log.len().saturating_sub(LOG_TAIL);
-            while !log.is_char_boundary(start) {
-                start += 1;
-            }
-            format!("log {}:\n{}", path.display(), &log[start..])
-        }
-        Err(e) => format!("no log at {}: {e}", path.display()),
-    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use crate::binary::is_executable;
+use crate::process::{log_tail, wait_stopped};
 use crate::{ChildGuard, Error, TempDir, binary_version, find_binary_candidates, free_port};
 
 /// The oldest PostgreSQL major version that [`PostgresServer::start`]
@@ -53,15 +54,9 @@ const STOP_DEADLINE: Duration = Duration::from_secs(10);
 /// cannot await).
 const STOP_POLL: Duration = Duration::from_millis(2);
 
-/// Bound on waiting for a signalled process to be stopped.
-const STOP_WAIT: Duration = Duration::from_secs(1);
-
 /// How many times [`PostgresServer::start`] tries a fresh port when the one
 /// it picked was taken before the server could bind it.
 const START_ATTEMPTS: u32 = 3;
-
-/// How much of the server's log is quoted when it exits early.
-const LOG_TAIL: usize = 2000;
 
 /// The maximum number of client connections the server accepts.
 pub const POSTGRES_MAX_CONNECTIONS: u32 = 200;
@@ -431,31 +426,6 @@ fn stop_blocking(child: &mut ChildGuard) {
     tracing::warn!(pid = child.pid(), "postgres did not exit; sending SIGKILL");
 }
 
-/// Blocks until each of `pids` is stopped, a zombie or gone, for at most
-/// [`STOP_WAIT`]: a signal is delivered asynchronously, after `kill`
-/// returns.
-fn wait_stopped(pids: &[u32]) {
-    let deadline = std::time::Instant::now() + STOP_WAIT;
-    while pids
-        .iter()
-        .any(|&pid| process_state(pid).is_some_and(|state| !matches!(state, 'T' | 't' | 'Z' | 'X')))
-    {
-        if std::time::Instant::now() >= deadline {
-            tracing::debug!(?pids, "processes not stopped in time");
-            return;
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
-/// The state letter of process `pid` (`S` sleeping, `T` stopped, `Z`
-/// zombie...), or `None` if there is no such process.
-fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, after_name) = stat.rsplit_once(')')?;
-    after_name.trim_start().chars().next()
-}
-
 /// Finds the directory holding a PostgreSQL `postgres` and `initdb` whose
 /// major version is at least `min_major`, judging by `postgres --version`.
 ///
@@ -800,21 +770,6 @@ fn signal_pids(name: &str, pids: &[u32]) -> Result<(), Error> {
             status: output.status,
             output: stderr.trim().to_owned(),
         })
-    }
-}
-
-/// The end of the server's log, for an error message.
-fn log_tail(path: &Path) -> String {
-    match std::fs::read_to_string(path) {
-        Ok(log) => {
-            let log = log.trim();
-            let mut start = log.len().saturating_sub(LOG_TAIL);
-            while !log.is_char_boundary(start) {
-                start += 1;
-            }
-            format!("log {}:\n{}", path.display(), &log[start..])
-        }
-        Err(e) => format!("no log at {}: {e}", path.display()),
     }
 }
 

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::process::{Child, Command};
 
@@ -224,4 +224,50 @@ impl Drop for TempDir {
             tracing::trace!(path = %self.path.display(), %error, "removing temporary directory");
         }
     }
+}
+
+/// How much of a server's log [`log_tail`] quotes.
+const LOG_TAIL: usize = 2000;
+
+/// Bound on waiting for a signalled process to be stopped.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// The end of a server's log at `path`, for an error message.
+pub(crate) fn log_tail(path: &Path) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(log) => {
+            let log = log.trim();
+            let mut start = log.len().saturating_sub(LOG_TAIL);
+            while !log.is_char_boundary(start) {
+                start += 1;
+            }
+            format!("log {}:\n{}", path.display(), &log[start..])
+        }
+        Err(e) => format!("no log at {}: {e}", path.display()),
+    }
+}
+
+/// Blocks until each of `pids` is stopped, a zombie or gone, for at most
+/// [`STOP_WAIT`]: a signal is delivered asynchronously, after `kill`
+/// returns.
+pub(crate) fn wait_stopped(pids: &[u32]) {
+    let deadline = std::time::Instant::now() + STOP_WAIT;
+    while pids
+        .iter()
+        .any(|&pid| process_state(pid).is_some_and(|state| !matches!(state, 'T' | 't' | 'Z' | 'X')))
+    {
+        if std::time::Instant::now() >= deadline {
+            tracing::debug!(?pids, "processes not stopped in time");
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// The state letter of process `pid` (`S` sleeping, `T` stopped, `Z`
+/// zombie...), or `None` if there is no such process.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, after_name) = stat.rsplit_once(')')?;
+    after_name.trim_start().chars().next()
 }
