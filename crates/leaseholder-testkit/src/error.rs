@@ -20,6 +20,20 @@ pub enum Error {
         setup: String,
     },
 
+    /// A required binary was found, but only in a version that is too old.
+    #[error("{binary} is version {found}, but {required} is needed; install it with `{setup}`")]
+    UnsupportedVersion {
+        /// The binary that was found (the first candidate on `PATH`).
+        binary: PathBuf,
+        /// The version it reported, e.g. `6.0.16`.
+        found: String,
+        /// What is needed, e.g. `redis-server >= 7.0`.
+        required: String,
+        /// The command that installs a suitable version, e.g.
+        /// `scripts/setup`.
+        setup: String,
+    },
+
     /// An I/O operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -58,6 +72,18 @@ pub enum Error {
         waited: Duration,
         /// Why the last probe failed.
         last_error: String,
+    },
+
+    /// A Redis server (or Sentinel) answered a command with an error, or
+    /// with a reply the testkit did not expect.
+    #[error("{context}: {message}")]
+    Redis {
+        /// What was being done, e.g. `SENTINEL FAILOVER leaseholder on
+        /// 127.0.0.1:26379`.
+        context: String,
+        /// The error reply, e.g. `NOGOODSLAVE No suitable replica to
+        /// promote`, or what was wrong with the reply.
+        message: String,
     },
 
     /// A PostgreSQL client operation (connecting, a query) failed.

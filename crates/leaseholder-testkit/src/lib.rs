@@ -16,7 +16,10 @@
 //!   property (no overlap, tokens strictly increasing);
 //! - [`NatsServer`] and [`NatsCluster`]: real `nats-server`s with JetStream;
 //! - [`PostgresServer`]: a real PostgreSQL server with a fresh cluster
-//!   (run as the `postgres` user when the tests run as root).
+//!   (run as the `postgres` user when the tests run as root);
+//! - [`RedisServer`], [`RedisCluster`] and [`RedisSentinel`]: a real
+//!   `redis-server`, a Redis Cluster, and a primary with a replica watched
+//!   by three Sentinels.
 //!
 //! Wrappers that start real servers (NATS, Postgres, Redis, etcd) build on
 //! these pieces, one module per server.
@@ -30,6 +33,7 @@ mod port;
 mod postgres;
 mod process;
 mod proxy;
+mod redis;
 mod worklog;
 
 pub use binary::{binary_version, find_binary, find_binary_candidates, find_binary_in};
@@ -42,4 +46,9 @@ pub use postgres::{
 };
 pub use process::{ChildGuard, TempDir};
 pub use proxy::{LinkState, TcpProxy};
+pub use redis::{
+    MIN_REDIS_VERSION, REDIS_CLUSTER_NODE_TIMEOUT, REDIS_SENTINEL_DOWN_AFTER,
+    REDIS_SENTINEL_FAILOVER_TIMEOUT, RedisCluster, RedisOptions, RedisSentinel, RedisServer,
+    find_redis_cli, find_redis_server,
+};
 pub use worklog::{Interval, Violation, WorkGuard, WorkLog};

@@ -112,6 +112,33 @@ impl ChildGuard {
             .map_err(|e| Error::io(format!("killing {} ({})", self.program, self.pid), e))
     }
 
+    /// Sends the child `SIGKILL` and blocks the thread until it has exited
+    /// and been reaped, for at most `deadline`; for drops, which cannot
+    /// await. Does nothing if the child has already exited.
+    ///
+    /// Left to [`Drop`], the child is killed but reaped later, in the
+    /// background; if the test process exits first, the zombie is handed
+    /// to PID 1, which may reap it late (seconds, on the project's
+    /// machines), so it can outlive the test run.
+    pub(crate) fn kill_blocking(&mut self, deadline: Duration) {
+        match self.try_wait() {
+            Ok(None) => {}
+            Ok(Some(_)) | Err(_) => return,
+        }
+        if let Err(error) = self.child.start_kill() {
+            tracing::debug!(program = %self.program, pid = self.pid, %error, "killing");
+            return;
+        }
+        let deadline = std::time::Instant::now() + deadline;
+        while std::time::Instant::now() < deadline {
+            match self.try_wait() {
+                Ok(None) => std::thread::sleep(Duration::from_micros(500)),
+                Ok(Some(_)) | Err(_) => return,
+            }
+        }
+        tracing::warn!(program = %self.program, pid = self.pid, "killed child not reaped in time");
+    }
+
     /// Freezes the child with `SIGSTOP`: it stays alive, keeps its sockets
     /// open, and does nothing, like a process stuck in a long GC pause or a
     /// VM that was suspended.
