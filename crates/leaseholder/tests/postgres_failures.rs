@@ -34,7 +34,7 @@ use tokio::time::{Instant, timeout};
 use tokio_postgres::{Client, NoTls};
 
 mod support;
-use support::{run_reporting_terms, wait_any_leader};
+use support::{run_reporting_terms, stop, wait_any_leader, wait_sees};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -73,43 +73,6 @@ fn leader_on(backend: Backend, ttl: Duration) -> Leader {
         .ttl(ttl)
         .build()
         .unwrap()
-}
-
-/// Shuts `l` down and joins its `acquire_and_run` task.
-async fn stop(l: &Leader, task: JoinHandle<Result<(), Error>>) {
-    timeout(WAIT, l.shutdown())
-        .await
-        .expect("shutdown within 30 s")
-        .unwrap();
-    timeout(WAIT, task)
-        .await
-        .expect("the campaign ends after shutdown")
-        .unwrap()
-        .unwrap();
-}
-
-/// Waits until `l` leads with `token`, or follows a leader with `token`.
-async fn wait_sees(l: &Leader, token: u64) -> State {
-    let mut state = l.state();
-    timeout(
-        WAIT,
-        state.wait_for(|s| match s {
-            State::Leader { token: t, .. } => t.get() == token,
-            State::Follower {
-                leader: Some(holder),
-            } => holder.token().map(|t| t.get()) == Some(token),
-            _ => false,
-        }),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "no sight of term {token} within 30 s: {:?}",
-            l.state().borrow()
-        )
-    })
-    .unwrap()
-    .clone()
 }
 
 async fn connect(s: &PostgresServer) -> Client {

@@ -573,8 +573,8 @@ impl RedisBackend {
 
     /// The server's version, as `INFO server` reports it.
     async fn check_version(&self, budget: Duration) -> Result<(), BackendError> {
-        let info = match self.command(redis::cmd("INFO").arg("server"), budget).await {
-            Ok(info) => text(&info),
+        let reply = match self.command(redis::cmd("INFO").arg("server"), budget).await {
+            Ok(reply) => reply,
             // A role that may not run INFO: nothing to check.
             Err(BackendError::Denied(e)) => {
                 tracing::debug!(error = %e, "INFO refused; the server's version is not checked");
@@ -582,18 +582,25 @@ impl RedisBackend {
             }
             Err(e) => return Err(e),
         };
-        let version = info
-            .lines()
-            .find_map(|line| line.strip_prefix("redis_version:"))
-            .map(str::trim)
-            .unwrap_or("unknown");
-        match parse_version(version) {
-            Some(v) if v >= MIN_VERSION => Ok(()),
-            _ => Err(BackendError::Unsupported {
-                what: format!("Redis {version}"),
-                needed: "Redis 7.0 or newer".to_owned(),
-            }),
+        // A Cluster answers for every node.
+        for info in per_node(&reply) {
+            let info = text(info);
+            let version = info
+                .lines()
+                .find_map(|line| line.strip_prefix("redis_version:"))
+                .map(str::trim)
+                .unwrap_or("unknown");
+            match parse_version(version) {
+                Some(v) if v >= MIN_VERSION => {}
+                _ => {
+                    return Err(BackendError::Unsupported {
+                        what: format!("Redis {version}"),
+                        needed: "Redis 7.0 or newer".to_owned(),
+                    });
+                }
+            }
         }
+        Ok(())
     }
 
     /// Refuses a server that may evict keys (a live lease among them).
@@ -616,18 +623,20 @@ impl RedisBackend {
             }
             Err(e) => return Err(e),
         };
-        let settings = config_pairs(&reply);
-        let maxmemory = settings.get("maxmemory").map_or("0", String::as_str);
-        let policy = settings
-            .get("maxmemory-policy")
-            .map_or("noeviction", String::as_str);
-        if maxmemory != "0" && policy != "noeviction" {
-            return Err(BackendError::Misconfigured {
-                problem: format!(
-                    "maxmemory is {maxmemory} with maxmemory-policy {policy}: Redis may evict a live lease"
-                ),
-                fix: "set maxmemory-policy noeviction (or maxmemory 0)".to_owned(),
-            });
+        for node in per_node(&reply) {
+            let settings = config_pairs(node);
+            let maxmemory = settings.get("maxmemory").map_or("0", String::as_str);
+            let policy = settings
+                .get("maxmemory-policy")
+                .map_or("noeviction", String::as_str);
+            if maxmemory != "0" && policy != "noeviction" {
+                return Err(BackendError::Misconfigured {
+                    problem: format!(
+                        "maxmemory is {maxmemory} with maxmemory-policy {policy}: Redis may evict a live lease"
+                    ),
+                    fix: "set maxmemory-policy noeviction (or maxmemory 0)".to_owned(),
+                });
+            }
         }
         Ok(())
     }
@@ -1036,6 +1045,28 @@ fn text(value: &Value) -> String {
         other => bytes_of(other)
             .map(|b| String::from_utf8_lossy(b).into_owned())
             .unwrap_or_default(),
+    }
+}
+
+/// The replies of each node: a Cluster answers a command sent to every
+/// node with a map from node to reply.
+fn per_node(value: &Value) -> Vec<&Value> {
+    match value {
+        Value::Map(pairs)
+            if pairs.iter().all(|(_, v)| {
+                matches!(
+                    v,
+                    Value::Array(_)
+                        | Value::Map(_)
+                        | Value::BulkString(_)
+                        | Value::VerbatimString { .. }
+                )
+            }) && !pairs.is_empty()
+                && pairs.iter().all(|(k, _)| text(k).contains(':')) =>
+        {
+            pairs.iter().map(|(_, v)| v).collect()
+        }
+        other => vec![other],
     }
 }
 

@@ -1,8 +1,12 @@
 //! Helpers shared by the real-server test files (`mod support;`).
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use leaseholder::{Error, Leader};
+use std::time::Duration;
+
+use leaseholder::{Error, Leader, State};
 use leaseholder_testkit::WorkLog;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
 
 /// Runs `acquire_and_run` on `l` with work that records its interval in
 /// `log` as `who`, reports each term, and waits for its token.
@@ -42,4 +46,44 @@ pub(crate) async fn wait_any_leader(leaders: &[&Leader]) -> usize {
         let changes = states.iter_mut().map(|s| Box::pin(s.changed()));
         let _ = futures_util::future::select_all(changes).await;
     }
+}
+
+/// How long the helpers wait for a state.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Shuts `l` down and joins its `acquire_and_run` task.
+pub(crate) async fn stop(l: &Leader, task: JoinHandle<Result<(), Error>>) {
+    timeout(WAIT, l.shutdown())
+        .await
+        .expect("shutdown within 30 s")
+        .unwrap();
+    timeout(WAIT, task)
+        .await
+        .expect("the campaign ends after shutdown")
+        .unwrap()
+        .unwrap();
+}
+
+/// Waits until `l` leads with `token`, or follows a leader with `token`.
+pub(crate) async fn wait_sees(l: &Leader, token: u64) -> State {
+    let mut state = l.state();
+    timeout(
+        WAIT,
+        state.wait_for(|s| match s {
+            State::Leader { token: t, .. } => t.get() == token,
+            State::Follower {
+                leader: Some(holder),
+            } => holder.token().map(|t| t.get()) == Some(token),
+            _ => false,
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no sight of term {token} within 30 s: {:?}",
+            l.state().borrow()
+        )
+    })
+    .unwrap()
+    .clone()
 }
