@@ -23,7 +23,7 @@ struct Redis {
 
 #[allow(dead_code)]
 enum Servers {
-    One(RedisServer),
+    One(Box<RedisServer>),
     Cluster(RedisCluster),
 }
 
@@ -120,7 +120,7 @@ async fn redis_standalone_passes_the_contract() {
     passes(Redis {
         urls: vec![server.url()],
         cluster: false,
-        _servers: Some(Servers::One(server)),
+        _servers: Some(Servers::One(Box::new(server))),
     })
     .await;
 }
