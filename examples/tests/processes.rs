@@ -196,6 +196,12 @@ async fn handoff_and_crash_failover_between_processes_at_ttl_2s_on_sqlite() {
     handoff_and_crash_failover("SQLite", url, Duration::from_secs(2)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_and_crash_failover_between_processes_at_ttl_2s_on_redis() {
+    let server = redis_in_use().await;
+    handoff_and_crash_failover("Redis", server.url(), Duration::from_secs(2)).await;
+}
+
 /// Five candidate processes started at once on one SQLite file: exactly
 /// one leads at a time (each successor's work starts after its
 /// predecessor's stopped, and the fenced sink refuses no write), and the
@@ -310,10 +316,23 @@ async fn handoff_and_crash_failover(store: &str, url: String, ttl: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_process_paused_past_its_ttl_is_refused_by_the_fence() {
     let server = nats_with_bucket("leases").await;
+    a_paused_leader_is_refused_by_the_fence(server.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_process_paused_past_its_ttl_is_refused_by_the_fence_on_redis() {
+    let server = redis_in_use().await;
+    a_paused_leader_is_refused_by_the_fence(server.url()).await;
+}
+
+/// SIGSTOP the leader's process past its ttl: a successor leads, and once
+/// the old leader thaws, the writes it had queued reach the fenced sink
+/// after the successor's, and every one is refused.
+async fn a_paused_leader_is_refused_by_the_fence(url: String) {
     // Each write sits 300 ms in the candidate's outbox, so the writes a
     // leader issued just before it froze go out after it thaws.
     let mut fleet = Fleet::new(
-        server.url(),
+        url,
         "fenced",
         Duration::from_secs(2),
         Duration::from_millis(300),
@@ -523,4 +542,20 @@ async fn the_sqlite_example_leads_stops_on_ctrl_c_and_explains_a_missing_directo
     let nowhere = dir.path().join("missing").join("leases.db");
     example_leads_and_stops_on_ctrl_c("sqlite", "LEASES_DB", path, nowhere.display().to_string())
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_example_leads_stops_on_ctrl_c_and_explains_a_missing_server() {
+    let server = redis_in_use().await;
+    // The example's own prefix: its epoch marker, as in use for long.
+    let out = server.cli(&["SET", "example:epoch", "0"]).await.unwrap();
+    assert_eq!(out.trim(), "OK");
+    let free = leaseholder_testkit::free_port().unwrap();
+    example_leads_and_stops_on_ctrl_c(
+        "redis",
+        "REDIS_URL",
+        server.url(),
+        format!("redis://127.0.0.1:{free}"),
+    )
+    .await;
 }

@@ -4,7 +4,7 @@
 //! running leader), which these tests are not about.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use leaseholder_testkit::{NatsServer, PostgresServer, TempDir};
+use leaseholder_testkit::{NatsServer, PostgresServer, RedisServer, TempDir};
 
 /// The message a test gives when PostgreSQL is not installed.
 pub(crate) const NO_POSTGRES: &str = "PostgreSQL 15+: run scripts/setup";
@@ -53,4 +53,20 @@ pub(crate) async fn sqlite_with_table() -> (TempDir, String) {
     .await
     .unwrap();
     (dir, format!("sqlite:{}", path.display()))
+}
+
+/// A fresh redis-server whose epoch marker says it has been in use for a
+/// long time (on a fresh store, the backend's setup writes the marker and
+/// every acquisition waits one ttl after it, which these tests are not
+/// about; `crates/leaseholder/tests/redis.rs` tests that wait).
+pub(crate) async fn redis_in_use() -> RedisServer {
+    let server = RedisServer::start()
+        .await
+        .expect("redis-server 7+: run scripts/setup");
+    let out = server
+        .cli(&["SET", "leaseholder:epoch", "0"])
+        .await
+        .unwrap();
+    assert_eq!(out.trim(), "OK");
+    server
 }
