@@ -1383,7 +1383,7 @@ impl BackendEdge for RedisBackend {
     }
 
     async fn holder(&self, key: &Key, budget: Duration) -> Result<Option<Holder>, BackendError> {
-        let (reply, _) = self
+        let (reply, received) = self
             .run(&scripts().holder, &[&self.lease_key(key)], &[], budget)
             .await?;
         let items = array(reply)?;
@@ -1391,6 +1391,9 @@ impl BackendEdge for RedisBackend {
             Some(0) => Ok(None),
             Some(1) => {
                 let now = items.get(1).and_then(int_of).unwrap_or(0);
+                // A lease adopted by a read-back (its acquire's reply was
+                // lost) renews with a deadline check from here on.
+                self.sample(key, now, received);
                 let value = items.get(2).and_then(bytes_of).unwrap_or_default();
                 let pttl = items.get(3).and_then(int_of).unwrap_or(-1);
                 Ok(Some(Holder::decode(
