@@ -28,7 +28,9 @@
 //!   acquire out for a ttl, so this costs a ttl with no leader.
 //!
 //! With SQLite (no server, no link) the faults are kills, pauses and
-//! stalls of the file, counted as restarts.
+//! stalls of the file, counted as restarts. Half-way through a run, a
+//! kind of fault not injected yet is taken in place of the one drawn, so
+//! every kind the store has is injected.
 //!
 //! Faults pick the leader seven times in ten. Afterwards every fault is
 //! undone, a leader must appear (liveness), every candidate is stopped

@@ -281,6 +281,8 @@ struct Harness {
     /// Candidates that exited without the harness asking them to.
     unexpected_exits: Vec<String>,
     self_exe: std::path::PathBuf,
+    /// From when a fault kind not injected yet is preferred (half-way).
+    coverage_from: Instant,
 }
 
 /// The key the candidates campaign for.
@@ -447,9 +449,21 @@ impl Harness {
         }
     }
 
+    /// The fault kinds this store can be given.
+    fn kinds(&self) -> Vec<FaultKind> {
+        FaultKind::ALL
+            .into_iter()
+            .filter(|k| match k {
+                FaultKind::Cut | FaultKind::Blackhole => self.server.has_link(),
+                FaultKind::Wipe => self.server.can_lose_data(),
+                FaultKind::Kill | FaultKind::Pause | FaultKind::Restart => true,
+            })
+            .collect()
+    }
+
     async fn inject(&mut self) -> anyhow::Result<()> {
         self.drain();
-        let kind = match self.rng.below(100) {
+        let drawn = match self.rng.below(100) {
             0..20 => FaultKind::Kill,
             20..45 => FaultKind::Pause,
             45..67 if self.server.has_link() => FaultKind::Cut,
@@ -461,6 +475,18 @@ impl Harness {
             85..93 if self.server.can_lose_data() => FaultKind::Wipe,
             _ => FaultKind::Restart,
         };
+        // Every kind the store has is injected at least once: from half-way
+        // through the run, a kind not injected yet is taken in place of the
+        // one drawn (a minute has about 30 faults, so a kind drawn one time
+        // in thirteen would be missing from one run in ten).
+        let missing = (Instant::now() >= self.coverage_from)
+            .then(|| {
+                self.kinds()
+                    .into_iter()
+                    .find(|&k| !self.record.faults.iter().any(|f| f.kind == k))
+            })
+            .flatten();
+        let kind = missing.unwrap_or(drawn);
         match kind {
             FaultKind::Kill | FaultKind::Pause => {
                 let eligible: Vec<usize> = self
@@ -719,6 +745,7 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
         t0: 0,
         unexpected_exits: Vec::new(),
         self_exe: std::env::current_exe().context("locating the chaos binary")?,
+        coverage_from: Instant::now() + opts.duration / 2,
         opts,
     };
     h.t0 = now_us();
