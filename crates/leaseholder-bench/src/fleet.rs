@@ -1,6 +1,6 @@
-//! Candidates for one key: OS processes (NATS, PostgreSQL; leaseholder or
-//! noleader) or tasks in this process (the memory backend), driven the same
-//! way and reporting the same events.
+//! Candidates for one key: OS processes (NATS, PostgreSQL, Redis;
+//! leaseholder or noleader) or tasks in this process (the memory backend),
+//! driven the same way and reporting the same events.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! `leaseholder-bench [--quick] [--out DIR] [--no-noleader]`: leader election
-//! benchmarks on the memory backend, a real nats-server and a real
-//! PostgreSQL, with noleader 0.1.2 on the same nats-server. See
-//! `scripts/bench`.
+//! benchmarks on the memory backend, a real nats-server, a real PostgreSQL
+//! and a real redis-server, with noleader 0.1.2 on the same nats-server.
+//! See `scripts/bench`.
 
 mod counting;
 mod fleet;
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use leaseholder::MemoryStore;
-use leaseholder_testkit::{NatsServer, PostgresServer};
+use leaseholder_testkit::{NatsServer, PostgresServer, RedisServer};
 use tokio::time::Instant;
 
 use crate::fleet::{Fleet, MemFleet, ProcFleet};
@@ -57,18 +57,19 @@ async fn main() -> anyhow::Result<()> {
     run(opts).await
 }
 
-/// `scale-worker <memory|nats|postgres> <url> <keys> <ttl-ms> <window-ms>`:
+/// `scale-worker <memory|nats|postgres|redis> <url> <keys> <ttl-ms> <window-ms>`:
 /// one process, one client, `keys` leaders; prints one `SCALE` line.
 async fn scale_worker(args: &[String]) -> anyhow::Result<()> {
     let [kind, url, keys, ttl, window] = args else {
         anyhow::bail!(
-            "usage: scale-worker <memory|nats|postgres> <url> <keys> <ttl-ms> <window-ms>"
+            "usage: scale-worker <memory|nats|postgres|redis> <url> <keys> <ttl-ms> <window-ms>"
         );
     };
     let store = match kind.as_str() {
         "memory" => Store::Memory(MemoryStore::new()),
         "nats" => Store::Nats(url.clone()),
         "postgres" => Store::Postgres(url.clone()),
+        "redis" => Store::Redis(url.clone()),
         other => anyhow::bail!("unknown store {other:?}"),
     };
     let s = scenarios::scale(
@@ -187,6 +188,10 @@ impl Sink {
         });
     }
 }
+
+/// The longest ttl of any scenario (first election, steady state, scale,
+/// and the full run's first handoff and crash rounds).
+const LONGEST_TTL: Duration = Duration::from_secs(10);
 
 fn log(start: Instant, what: &str) {
     eprintln!("[{:>6.1} s] {what}", start.elapsed().as_secs_f64());
@@ -487,11 +492,43 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
         .context("PostgreSQL 15+ is needed: run scripts/setup")?;
     let pg_url = pg.url();
     Store::Postgres(pg_url.clone()).prepare().await?;
+
+    // Redis: setup writes the epoch marker of this fresh server (one per
+    // database, shared by every key), and no acquire succeeds until the
+    // marker is one ttl old (the acquiring campaign's ttl): the server
+    // cannot tell a fresh store from one that lost its data. That is paid
+    // once per server (and again after a data loss), not per key or per
+    // election, so the honest steady state, and what the Redis rows time,
+    // is a marker older than every ttl: it is written now, PostgreSQL's
+    // scenarios run meanwhile, and the Redis ones start once it is
+    // LONGEST_TTL old. Every first election is then on a fresh key under
+    // an old marker.
+    log(start, "starting redis-server");
+    let redis = RedisServer::start()
+        .await
+        .context("redis-server 7+ is needed: run scripts/setup")?;
+    let redis_url = redis.url();
+    Store::Redis(redis_url.clone()).prepare().await?;
+    let redis_quiet_until = Instant::now() + LONGEST_TTL;
+
     fleet_scenarios(
         &mut sink,
         &opts,
         "postgres",
         |key, ttl| ProcFleet::new(exe.clone(), "leaseholder", &pg_url, key, ttl),
+        start,
+    )
+    .await?;
+
+    if Instant::now() < redis_quiet_until {
+        log(start, "redis: waiting until the epoch marker is a ttl old");
+        tokio::time::sleep_until(redis_quiet_until).await;
+    }
+    fleet_scenarios(
+        &mut sink,
+        &opts,
+        "redis",
+        |key, ttl| ProcFleet::new(exe.clone(), "leaseholder", &redis_url, key, ttl),
         start,
     )
     .await?;
@@ -520,6 +557,14 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
         start,
     )
     .await?;
+    steady_and_scale(
+        &mut sink,
+        &opts,
+        &Store::Redis(redis_url.clone()),
+        &redis_url,
+        start,
+    )
+    .await?;
 
     if let Some(task) = noleader {
         log(start, "waiting for noleader");
@@ -536,19 +581,22 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
         ("wall_time_s", format!("{:.1}", wall.as_secs_f64())),
         ("nats_server", nats.version().to_owned()),
         ("postgres", pg.version().to_owned()),
+        ("redis_server", redis.version().to_owned()),
         ("cpus", cpus.to_string()),
         ("noleader", "0.1.2".to_owned()),
     ];
     report::write(&opts.out, "results.json", &report::json(&sink.rows, &meta))?;
     let header = format!(
         "# leaseholder benchmark results ({mode})\n\nRun by `scripts/bench{}`; wall time {:.0} s on {cpus} CPUs shared with other work, so figures are noisy. \
-nats-server {}, PostgreSQL {}, noleader 0.1.2 on the same nats-server. Times in ms from the action (SIGTERM, SIGKILL, or letting all candidates campaign) to the successor's work start, \
-measured by the bench process reading the candidates' stdout. NATS and PostgreSQL candidates are separate processes; memory candidates are tasks in the bench process. \
+nats-server {}, PostgreSQL {}, redis-server {}, noleader 0.1.2 on the same nats-server. Times in ms from the action (SIGTERM, SIGKILL, or letting all candidates campaign) to the successor's work start, \
+measured by the bench process reading the candidates' stdout. NATS, PostgreSQL and Redis candidates are separate processes; memory candidates are tasks in the bench process. \
+Redis rows run once the server's epoch marker is older than every ttl (it is written once per server: see `src/main.rs`). \
 Targets are checked against p99 (single figures: their value). Raw samples: `results.json`.\n",
         if opts.quick { " --quick" } else { "" },
         wall.as_secs_f64(),
         nats.version(),
-        pg.version()
+        pg.version(),
+        redis.version()
     );
     let md = report::markdown(&sink.rows, &header);
     report::write(&opts.out, "RESULTS.md", &md)?;

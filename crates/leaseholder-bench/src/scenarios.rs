@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use leaseholder::{Backend, Leader, MemoryStore, NatsBackend, PostgresBackend};
+use leaseholder::{Backend, Leader, MemoryStore, NatsBackend, PostgresBackend, RedisBackend};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -21,6 +21,19 @@ pub(crate) enum Store {
     Memory(MemoryStore),
     Nats(String),
     Postgres(String),
+    Redis(String),
+}
+
+/// The key prefix of the bench's Redis clients and candidates (like the
+/// NATS bucket, `bench`).
+pub(crate) const REDIS_PREFIX: &str = "bench";
+
+/// A Redis backend of the bench on `url`.
+pub(crate) fn redis_backend(url: &str) -> anyhow::Result<RedisBackend> {
+    Ok(RedisBackend::builder()
+        .url(url)
+        .prefix(REDIS_PREFIX)
+        .build()?)
 }
 
 impl Store {
@@ -29,6 +42,7 @@ impl Store {
             Store::Memory(_) => "memory",
             Store::Nats(_) => "nats",
             Store::Postgres(_) => "postgres",
+            Store::Redis(_) => "redis",
         }
     }
 
@@ -37,6 +51,10 @@ impl Store {
     /// it waits one ttl before its first acquire (the object may replace
     /// one deleted under a running leader): the figures are not about
     /// that wait, so every scenario runs after this.
+    ///
+    /// Redis has nothing to create, but its setup writes the epoch marker
+    /// of a fresh server, and no acquire succeeds until the marker is one
+    /// ttl old: the caller waits for that (see `main.rs`).
     pub(crate) async fn prepare(&self) -> anyhow::Result<()> {
         match self {
             Store::Memory(_) => {}
@@ -53,6 +71,12 @@ impl Store {
                     .setup()
                     .await
                     .context("creating the PostgreSQL table")?;
+            }
+            Store::Redis(url) => {
+                Backend::redis(redis_backend(url)?)
+                    .setup()
+                    .await
+                    .context("writing the Redis epoch marker")?;
             }
         }
         Ok(())
@@ -77,6 +101,10 @@ impl Store {
             Store::Postgres(url) => {
                 let pg = PostgresBackend::builder().url(url.clone()).build()?;
                 let (edge, counts) = Counting::new(pg, renew_interval);
+                (Backend::new(edge), counts)
+            }
+            Store::Redis(url) => {
+                let (edge, counts) = Counting::new(redis_backend(url)?, renew_interval);
                 (Backend::new(edge), counts)
             }
         })

@@ -1,9 +1,10 @@
 //! A candidate process for the benchmarks, for leaseholder or noleader 0.1.2.
 //!
-//! `bench-candidate <leaseholder|noleader> <nats-or-postgres-url> <key> <ttl-ms>`
-//! connects, sets the bucket or table up, prints `READY` and waits for a
-//! `GO` line on stdin before it campaigns, so that a first election can be
-//! timed from the moment every candidate is connected. Then it prints:
+//! `bench-candidate <leaseholder|noleader> <nats-postgres-or-redis-url> <key> <ttl-ms>`
+//! connects, sets the bucket, table or Redis key prefix (`bench`) up,
+//! prints `READY` and waits for a `GO` line on stdin before it campaigns,
+//! so that a first election can be timed from the moment every candidate
+//! is connected. Then it prints:
 //!
 //! - `START <token>` when its work starts (noleader has no fencing token:
 //!   it prints `START 0`), `STOP <token>` when the work returns;
@@ -17,7 +18,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
-use leaseholder::{Backend, Leader, PostgresBackend};
+use leaseholder::{Backend, Leader, PostgresBackend, RedisBackend};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -64,6 +65,8 @@ async fn leaseholder(
 ) -> anyhow::Result<()> {
     let backend = if url.starts_with("postgres") {
         Backend::postgres(PostgresBackend::builder().url(url).build()?)
+    } else if url.starts_with("redis") {
+        Backend::redis(RedisBackend::builder().url(url).prefix("bench").build()?)
     } else {
         Backend::nats(async_nats::connect(url).await?, "bench")
     };

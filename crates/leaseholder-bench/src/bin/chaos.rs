@@ -3,13 +3,13 @@
 //! property.
 //!
 //! ```text
-//! chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite] [--long]
+//! chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis] [--long]
 //! ```
 //!
-//! It starts the server (nats-server 2.11+ or PostgreSQL 15+, as installed
-//! by `scripts/setup`), one TCP proxy per candidate, and N candidate
-//! processes (this binary, `chaos candidate …`) on one key, each through
-//! its own proxy, with a 2 s ttl. For `--duration` it injects a fault every
+//! It starts the server (nats-server 2.11+, PostgreSQL 15+ or redis-server
+//! 7+, as installed by `scripts/setup`), one TCP proxy per candidate, and
+//! N candidate processes (this binary, `chaos candidate …`) on one key,
+//! each through its own proxy, with a 2 s ttl. For `--duration` it injects a fault every
 //! one to three seconds, chosen with a generator seeded by `--seed` (the
 //! seed is printed first, so a run can be repeated; the timing of the
 //! processes is not under its control, so a repeat follows the same fault
@@ -20,7 +20,17 @@
 //! - cut: close a candidate's link to the server for 0.25 to 2.5 ttl;
 //! - blackhole: hold every byte on a candidate's link for as long, then
 //!   deliver them;
-//! - restart: kill the server and start it again (same port, same data).
+//! - restart: kill the server and start it again (same port, same data;
+//!   Redis keeps an append-only file, fsynced on every write);
+//! - wipe (Redis only): the server loses its data while the leaders lead,
+//!   by `FLUSHALL` or by a restart with its append-only files deleted (a
+//!   server without persistence). The backend's epoch marker keeps every
+//!   acquire out for a ttl, so this costs a ttl with no leader.
+//!
+//! With SQLite (no server, no link) the faults are kills, pauses and
+//! stalls of the file, counted as restarts. Half-way through a run, a
+//! kind of fault not injected yet is taken in place of the one drawn, so
+//! every kind the store has is injected.
 //!
 //! Faults pick the leader seven times in ten. Afterwards every fault is
 //! undone, a leader must appear (liveness), every candidate is stopped
@@ -42,7 +52,7 @@ mod chaos;
 use chaos::check::FaultKind;
 use chaos::harness::{Options, Store};
 
-const USAGE: &str = "usage: chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite] [--long]";
+const USAGE: &str = "usage: chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis] [--long]";
 
 /// `120`, `120s`, `1500ms`, `2m`.
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
@@ -86,7 +96,8 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
                     "nats" => Store::Nats,
                     "postgres" => Store::Postgres,
                     "sqlite" => Store::Sqlite,
-                    other => bail!("--store {other}: nats, postgres or sqlite"),
+                    "redis" => Store::Redis,
+                    other => bail!("--store {other}: nats, postgres, sqlite or redis"),
                 }
             }
             "-h" | "--help" => {
@@ -117,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
         Store::Nats => "nats",
         Store::Postgres => "postgres",
         Store::Sqlite => "sqlite",
+        Store::Redis => "redis",
     };
     println!(
         "chaos: seed {} (repeat the fault schedule with --seed {}), store {store}, {} candidates, {} s, ttl {} ms, write delay {} ms",
@@ -202,12 +214,13 @@ async fn main() -> anyhow::Result<()> {
     }
     let count = |k| outcome.faults.get(&k).copied().unwrap_or(0);
     println!(
-        "CHAOS seed={seed} kill={} pause={} cut={} blackhole={} restart={} transitions={} rejected={} largest_overlap_us={} violations={} anomalies={}",
+        "CHAOS seed={seed} kill={} pause={} cut={} blackhole={} restart={} wipe={} transitions={} rejected={} largest_overlap_us={} violations={} anomalies={}",
         count(FaultKind::Kill),
         count(FaultKind::Pause),
         count(FaultKind::Cut),
         count(FaultKind::Blackhole),
         count(FaultKind::Restart),
+        count(FaultKind::Wipe),
         r.transitions(),
         r.rejected,
         r.largest_overlap,

@@ -33,7 +33,9 @@
 //!   pause cannot excuse a later overlap: the work would have to keep
 //!   running long after the thaw.
 //! - A link cut, blackhole or server restart never excuses an overlap: the
-//!   leader's deadline comes before the store can expire its lease.
+//!   leader's deadline comes before the store can expire its lease. Nor
+//!   does a wipe (the server lost the lease): the store must keep a
+//!   successor out until the lost lease's holder has passed its deadline.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -100,15 +102,19 @@ pub(crate) enum FaultKind {
     Blackhole,
     /// Kill the server and start it again on the same port and data.
     Restart,
+    /// The server loses its data while the leaders still lead (Redis:
+    /// `FLUSHALL`, or a restart without its append-only files).
+    Wipe,
 }
 
 impl FaultKind {
-    pub(crate) const ALL: [FaultKind; 5] = [
+    pub(crate) const ALL: [FaultKind; 6] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Cut,
         FaultKind::Blackhole,
         FaultKind::Restart,
+        FaultKind::Wipe,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -118,15 +124,16 @@ impl FaultKind {
             FaultKind::Cut => "cut",
             FaultKind::Blackhole => "blackhole",
             FaultKind::Restart => "restart",
+            FaultKind::Wipe => "wipe",
         }
     }
 }
 
 /// One injected fault and the window it was in force. `target` is the
 /// instance for kill and pause, the slot (proxy) for cut and blackhole,
-/// unused for restart. The window is the part of the fault the harness is
-/// sure of: from after the signal or state change took effect, to before it
-/// was undone.
+/// unused for restart and wipe. The window is the part of the fault the
+/// harness is sure of: from after the signal or state change took effect,
+/// to before it was undone.
 #[derive(Debug, Clone)]
 pub(crate) struct Fault {
     pub(crate) kind: FaultKind,
@@ -251,7 +258,7 @@ impl Faults<'_> {
     }
 
     /// What disturbed `inst` in `(lo, hi)`, if anything: the first of
-    /// pause, cut, blackhole, server restart.
+    /// pause, cut, blackhole, server restart, data loss.
     fn cause(&self, inst: usize, slot: usize, lo: Micros, hi: Micros) -> Option<&'static str> {
         if self.paused(inst, lo, hi) {
             Some("pause")
@@ -261,6 +268,8 @@ impl Faults<'_> {
             Some("blackhole")
         } else if self.any(FaultKind::Restart, None, lo, hi) {
             Some("restart")
+        } else if self.any(FaultKind::Wipe, None, lo, hi) {
+            Some("wipe")
         } else {
             None
         }

@@ -7,7 +7,9 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use leaseholder_testkit::{ChildGuard, NatsServer, PostgresServer, TcpProxy};
+use leaseholder_testkit::{
+    ChildGuard, NatsServer, PostgresServer, RedisOptions, RedisServer, TcpProxy,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -24,6 +26,10 @@ pub(crate) enum Store {
     /// link, so the faults are kills, pauses and stalls of the file (another
     /// process holding its write lock) in place of server restarts.
     Sqlite,
+    /// One redis-server with its append-only file fsynced on every write:
+    /// a restart keeps the leases. It can also lose its data on purpose
+    /// ([`FaultKind::Wipe`]), which the backend's epoch marker covers.
+    Redis,
 }
 
 #[derive(Debug, Clone)]
@@ -39,6 +45,7 @@ pub(crate) struct Options {
 enum Server {
     Nats(NatsServer),
     Postgres(PostgresServer),
+    Redis(RedisServer),
     Sqlite {
         _dir: leaseholder_testkit::TempDir,
         path: std::path::PathBuf,
@@ -46,9 +53,9 @@ enum Server {
 }
 
 impl Server {
-    async fn start(store: Store) -> anyhow::Result<Server> {
+    async fn start(store: Store, ttl: Duration) -> anyhow::Result<Server> {
         let server = Server::start_only(store).await?;
-        server.prepare().await?;
+        server.prepare(ttl).await?;
         Ok(server)
     }
 
@@ -56,7 +63,12 @@ impl Server {
     /// backend. A candidate whose own setup creates it waits one ttl
     /// before its first acquire (the object may replace one deleted under
     /// a running leader); the run is not about that wait.
-    async fn prepare(&self) -> anyhow::Result<()> {
+    ///
+    /// Redis has no object to create, but an epoch marker: setup writes it
+    /// on a fresh server, and no acquire succeeds until it is one ttl old
+    /// (the server cannot tell a fresh store from one that lost its data).
+    /// The run starts once it is, so the wait is not counted in it.
+    async fn prepare(&self, ttl: Duration) -> anyhow::Result<()> {
         let backend = match self {
             Server::Nats(s) => {
                 leaseholder::Backend::nats(async_nats::connect(s.url()).await?, "leases")
@@ -67,14 +79,20 @@ impl Server {
                     .pool_size(2)
                     .build()?,
             ),
+            Server::Redis(s) => leaseholder::Backend::redis(
+                leaseholder::RedisBackend::builder().url(s.url()).build()?,
+            ),
             Server::Sqlite { path, .. } => leaseholder::Backend::sqlite(
                 leaseholder::SqliteBackend::builder().path(path).build()?,
             ),
         };
-        backend
+        let prepared = backend
             .setup()
             .await
             .context("creating the bucket or table")?;
+        if matches!(self, Server::Redis(_)) && prepared == leaseholder::Prepared::Created {
+            tokio::time::sleep(ttl).await;
+        }
         Ok(())
     }
 
@@ -101,6 +119,11 @@ impl Server {
                 .context("creating the lease table")?;
                 Server::Postgres(server)
             }
+            Store::Redis => Server::Redis(
+                RedisServer::start_with(RedisOptions::new().persistence(true))
+                    .await
+                    .context("starting redis-server 7+ (install it with scripts/setup)")?,
+            ),
             Store::Sqlite => {
                 let dir = leaseholder_testkit::TempDir::new("leaseholder-chaos")?;
                 let path = dir.path().join("leases.db");
@@ -115,6 +138,7 @@ impl Server {
         match self {
             Server::Nats(s) => Some(s.addr()),
             Server::Postgres(s) => Some(s.addr()),
+            Server::Redis(s) => Some(s.addr()),
             Server::Sqlite { .. } => None,
         }
     }
@@ -128,6 +152,7 @@ impl Server {
             (Server::Postgres(_), Some(port)) => {
                 format!("postgres://postgres@127.0.0.1:{port}/postgres")
             }
+            (Server::Redis(_), Some(port)) => format!("redis://127.0.0.1:{port}"),
             _ => anyhow::bail!("no proxy for a store with a link"),
         })
     }
@@ -136,11 +161,16 @@ impl Server {
         match self {
             Server::Nats(s) => format!("nats-server {}", s.version()),
             Server::Postgres(s) => format!("PostgreSQL {}", s.version()),
+            Server::Redis(s) => format!(
+                "redis-server {} (append-only file, fsync always)",
+                s.version()
+            ),
             Server::Sqlite { path, .. } => format!("SQLite file {}", path.display()),
         }
     }
 
-    /// Restarts the server; for SQLite, stalls the file for `stall`
+    /// Restarts the server (Redis: `SIGKILL`, then the same port and
+    /// append-only file); for SQLite, stalls the file for `stall`
     /// instead: another connection holds its write lock meanwhile. `false`
     /// if the stall could not start (a candidate paused in the middle of a
     /// write holds the lock, or SQLite refused to wait for it).
@@ -148,6 +178,7 @@ impl Server {
         match self {
             Server::Nats(s) => s.restart().await?,
             Server::Postgres(s) => s.restart().await?,
+            Server::Redis(s) => s.restart().await?,
             Server::Sqlite { path, .. } => {
                 let db = rusqlite::Connection::open(&*path)?;
                 db.busy_timeout(Duration::from_millis(100))?;
@@ -172,6 +203,39 @@ impl Server {
 
     fn has_link(&self) -> bool {
         self.addr().is_some()
+    }
+
+    /// Whether [`wipe`](Self::wipe) can make this server lose its data.
+    fn can_lose_data(&self) -> bool {
+        matches!(self, Server::Redis(_))
+    }
+
+    /// Loses every key: `FLUSHALL` on the running server if `restart` is
+    /// false, else a restart without persistence (`SIGKILL`, the
+    /// append-only files deleted, started again on the same port). Either
+    /// way the leases and the epoch marker are gone while their holders
+    /// still lead.
+    async fn wipe(&mut self, restart: bool) -> anyhow::Result<()> {
+        let Server::Redis(s) = self else {
+            anyhow::bail!("this store cannot lose its data");
+        };
+        if restart {
+            s.kill().await?;
+            let aof = s.dir().join("appendonlydir");
+            match std::fs::remove_dir_all(&aof) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).context(format!("deleting {}", aof.display()));
+                }
+                _ => {}
+            }
+            s.restart().await?;
+        } else {
+            let reply = tokio::time::timeout(Duration::from_secs(10), s.cli(&["FLUSHALL"]))
+                .await
+                .context("FLUSHALL timed out")??;
+            anyhow::ensure!(reply == "OK", "FLUSHALL answered {reply:?}");
+        }
+        Ok(())
     }
 }
 
@@ -217,6 +281,8 @@ struct Harness {
     /// Candidates that exited without the harness asking them to.
     unexpected_exits: Vec<String>,
     self_exe: std::path::PathBuf,
+    /// From when a fault kind not injected yet is preferred (half-way).
+    coverage_from: Instant,
 }
 
 /// The key the candidates campaign for.
@@ -383,9 +449,21 @@ impl Harness {
         }
     }
 
+    /// The fault kinds this store can be given.
+    fn kinds(&self) -> Vec<FaultKind> {
+        FaultKind::ALL
+            .into_iter()
+            .filter(|k| match k {
+                FaultKind::Cut | FaultKind::Blackhole => self.server.has_link(),
+                FaultKind::Wipe => self.server.can_lose_data(),
+                FaultKind::Kill | FaultKind::Pause | FaultKind::Restart => true,
+            })
+            .collect()
+    }
+
     async fn inject(&mut self) -> anyhow::Result<()> {
         self.drain();
-        let kind = match self.rng.below(100) {
+        let drawn = match self.rng.below(100) {
             0..20 => FaultKind::Kill,
             20..45 => FaultKind::Pause,
             45..67 if self.server.has_link() => FaultKind::Cut,
@@ -393,8 +471,22 @@ impl Harness {
             // No link to cut: kills, pauses and stalls instead.
             45..70 => FaultKind::Kill,
             70..85 => FaultKind::Pause,
+            // A store that can lose its data shares the restarts' part.
+            85..93 if self.server.can_lose_data() => FaultKind::Wipe,
             _ => FaultKind::Restart,
         };
+        // Every kind the store has is injected at least once: from half-way
+        // through the run, a kind not injected yet is taken in place of the
+        // one drawn (a minute has about 30 faults, so a kind drawn one time
+        // in thirteen would be missing from one run in ten).
+        let missing = (Instant::now() >= self.coverage_from)
+            .then(|| {
+                self.kinds()
+                    .into_iter()
+                    .find(|&k| !self.record.faults.iter().any(|f| f.kind == k))
+            })
+            .flatten();
+        let kind = missing.unwrap_or(drawn);
         match kind {
             FaultKind::Kill | FaultKind::Pause => {
                 let eligible: Vec<usize> = self
@@ -523,6 +615,27 @@ impl Harness {
                     started.elapsed().as_secs_f64() * 1000.0
                 ));
             }
+            FaultKind::Wipe => {
+                let restart = self.rng.below(2) == 0;
+                self.log(if restart {
+                    "fault: restart the server without its data (append-only files deleted)"
+                } else {
+                    "fault: FLUSHALL (the server loses every key)"
+                });
+                let from = now_us();
+                let started = Instant::now();
+                self.server.wipe(restart).await?;
+                self.record.faults.push(Fault {
+                    kind,
+                    target: 0,
+                    from,
+                    to: now_us(),
+                });
+                self.log(&format!(
+                    "data gone after {:.0} ms: no acquire succeeds for a ttl (the epoch marker)",
+                    started.elapsed().as_secs_f64() * 1000.0
+                ));
+            }
         }
         Ok(())
     }
@@ -604,7 +717,7 @@ pub(crate) struct Outcome {
 }
 
 pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
-    let server = Server::start(opts.store).await?;
+    let server = Server::start(opts.store, opts.ttl).await?;
     let describe = server.describe();
     let mut proxies = Vec::with_capacity(opts.candidates);
     if let Some(addr) = server.addr() {
@@ -632,6 +745,7 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
         t0: 0,
         unexpected_exits: Vec::new(),
         self_exe: std::env::current_exe().context("locating the chaos binary")?,
+        coverage_from: Instant::now() + opts.duration / 2,
         opts,
     };
     h.t0 = now_us();
