@@ -19,7 +19,9 @@
 //!   (run as the `postgres` user when the tests run as root);
 //! - [`RedisServer`], [`RedisCluster`] and [`RedisSentinel`]: a real
 //!   `redis-server`, a Redis Cluster, and a primary with a replica watched
-//!   by three Sentinels.
+//!   by three Sentinels;
+//! - [`EtcdServer`] and [`EtcdCluster`]: a real single-member etcd, and a
+//!   cluster of members.
 //!
 //! Wrappers that start real servers (NATS, Postgres, Redis, etcd) build on
 //! these pieces, one module per server.
@@ -28,6 +30,7 @@
 
 mod binary;
 mod error;
+mod etcd;
 mod nats;
 mod port;
 mod postgres;
@@ -38,6 +41,10 @@ mod worklog;
 
 pub use binary::{binary_version, find_binary, find_binary_candidates, find_binary_in};
 pub use error::Error;
+pub use etcd::{
+    ETCD_ELECTION_TIMEOUT, ETCD_HEARTBEAT_INTERVAL, EtcdCluster, EtcdServer, EtcdStatus,
+    MIN_ETCD_VERSION, find_etcd, find_etcdctl,
+};
 pub use nats::{DEBIAN_NATS_SERVER, MIN_NATS_VERSION, NatsCluster, NatsServer, find_nats_server};
 pub use port::free_port;
 pub use postgres::{
