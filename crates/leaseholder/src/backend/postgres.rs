@@ -25,11 +25,11 @@
 //! | op | statement |
 //! |---|---|
 //! | setup | under a transaction-scoped advisory lock (so that candidates starting together do not race on DDL): whether the table exists, then `CREATE SCHEMA/TABLE IF NOT EXISTS`, unless auto-creation is off; then check the table's columns. Reports [`Prepared::Created`] if the table was missing |
-//! | acquire | `INSERT … ON CONFLICT (key) DO UPDATE … WHERE` the row is free or expired, setting `term = greatest(term + 1, <server clock in µs>)`; returns the new lease, or the holder when nothing was written; notifies `a<key>` |
+//! | acquire | `INSERT … ON CONFLICT (key) DO UPDATE … WHERE` the row is free or expired, setting `term = greatest(term + 1, <server clock in µs>)`; returns the new lease, or the holder when nothing was written; notifies the new holder |
 //! | renew | `UPDATE … WHERE key, nonce and term match AND expires_at > clock_timestamp() AND` the server's clock is before the leader's deadline (mapped to the server's clock from earlier replies, early rather than late), with `statement_timeout`/`lock_timeout` = the time left: a renewal that reaches the server after the leader gave up changes nothing |
 //! | release | `UPDATE` the row to free (nonce, value and expiry cleared, term kept) if nonce and term match; notifies `r<key>` |
 //! | holder | the row if `expires_at > clock_timestamp()`, with the exact time left by the server's clock |
-//! | watch | `LISTEN` on one dedicated connection per backend; followers also wake at the current lease's expiry, since nothing notifies an expiry |
+//! | watch | `LISTEN` on one dedicated connection per backend. Acquire and renew notify the holder with its expiry (`u<term>:<revision>:<ttl ms>:<value hex>:<key>`), release notifies `r<key>`: an idle follower makes no call while its leader renews, and wakes at the expiry the last renewal set, since nothing notifies an expiry |
 //!
 //! The token is the server's clock in microseconds when the term began (or
 //! the previous term + 1, if larger), so even a dropped and re-created table
@@ -442,7 +442,10 @@ impl Sql {
                    WHERE l.expires_at IS NULL OR l.expires_at <= clock_timestamp() \
                    RETURNING term, revision) \
                  SELECT true AS won, w.term, w.revision, NULL::bytea AS value, \
-                        NULL::float8 AS left_s, pg_notify($5, 'a' || $1) IS NULL AS notified, \
+                        NULL::float8 AS left_s, \
+                        pg_notify($5, 'u' || w.term || ':' || w.revision || ':' || \
+                                  ceil($4 * 1000)::bigint || ':' || encode($3::bytea, 'hex') || \
+                                  ':' || $1) IS NULL AS notified, \
                         {NOW_MICROS} AS server_us \
                    FROM won w \
                  UNION ALL \
@@ -454,9 +457,11 @@ impl Sql {
                     AND NOT EXISTS (SELECT 1 FROM won)"
             ),
             // $1 key, $2 nonce, $3 term, $4 ttl in seconds, $5 the leader's
-            // deadline on the server's clock in µs (NULL: not known yet).
-            // One row: the new revision (NULL if nothing was renewed), the
-            // server's clock, and whether the deadline had passed.
+            // deadline on the server's clock in µs (NULL: not known yet),
+            // $6 channel. One row: the new revision (NULL if nothing was
+            // renewed), the server's clock, and whether the deadline had
+            // passed. A renewal notifies the holder with its new expiry, so
+            // that followers move their wake-up instead of re-reading.
             renew: format!(
                 "WITH renewed AS (\
                    UPDATE {table} SET \
@@ -465,9 +470,12 @@ impl Sql {
                    WHERE key = $1 AND nonce = $2 AND term = $3 \
                      AND expires_at > clock_timestamp() \
                      AND ($5::bigint IS NULL OR {NOW_MICROS} < $5::bigint) \
-                   RETURNING revision) \
+                   RETURNING revision, term, value) \
                  SELECT (SELECT revision FROM renewed), {NOW_MICROS}, \
-                        coalesce({NOW_MICROS} >= $5::bigint, false)"
+                        coalesce({NOW_MICROS} >= $5::bigint, false), \
+                        (SELECT pg_notify($6, 'u' || term || ':' || revision || ':' || \
+                                ceil($4 * 1000)::bigint || ':' || encode(value, 'hex') || \
+                                ':' || $1) IS NULL FROM renewed)"
             ),
             // $1 key, $2 nonce, $3 term, $4 channel.
             release: format!(
@@ -887,12 +895,13 @@ impl BackendEdge for PostgresBackend {
         // stuck behind a lock or a slow server from tying up the
         // connection past the deadline.
         let server_deadline = self.inner.clock.server_deadline_us(deadline);
-        let params: [(&(dyn ToSql + Sync), Type); 5] = [
+        let params: [(&(dyn ToSql + Sync), Type); 6] = [
             (&key, Type::TEXT),
             (&nonce, Type::BYTEA),
             (&term, Type::INT8),
             (&secs, Type::FLOAT8),
             (&server_deadline, Type::INT8),
+            (&self.inner.channel, Type::TEXT),
         ];
         let (rows, received) =
             match Self::pipelined(&client, &self.inner.sql.renew, &params, deadline).await? {
@@ -1016,13 +1025,45 @@ impl Drop for AbortOnDrop {
 
 /// `a<key>`: acquired; `r<key>`: released. Anything else is ignored.
 fn event_from(payload: &str) -> Option<WatchEvent> {
-    let (kind, key) = payload.split_at_checked(1)?;
-    let key = Key::new(key).ok()?;
+    let (kind, rest) = payload.split_at_checked(1)?;
     match kind {
-        "a" => Some(WatchEvent::Updated(key, None)),
-        "r" => Some(WatchEvent::Released(key)),
+        "u" => updated_from(rest),
+        "a" => Some(WatchEvent::Updated(Key::new(rest).ok()?, None)),
+        "r" => Some(WatchEvent::Released(Key::new(rest).ok()?)),
         _ => None,
     }
+}
+
+/// `<term>:<revision>:<ttl ms>:<value in hex>:<key>`, as acquire and renew
+/// notify it: the holder, with its full ttl as the expiry hint.
+fn updated_from(rest: &str) -> Option<WatchEvent> {
+    let mut fields = rest.splitn(5, ':');
+    let term: i64 = fields.next()?.parse().ok()?;
+    let revision: i64 = fields.next()?.parse().ok()?;
+    let ttl_ms: u64 = fields.next()?.parse().ok()?;
+    let value = hex(fields.next()?)?;
+    let key = Key::new(fields.next()?).ok()?;
+    let holder = PostgresBackend::holder_from(
+        term,
+        revision,
+        Some(value),
+        Some(Duration::from_millis(ttl_ms).as_secs_f64()),
+    );
+    Some(WatchEvent::Updated(key, Some(holder)))
+}
+
+/// Decodes lowercase or uppercase hex.
+fn hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let digit = |b: u8| (b as char).to_digit(16);
+            u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -1071,6 +1112,38 @@ mod tests {
         assert!(
             matches!(event_from("ajobs"), Some(WatchEvent::Updated(k, None)) if k.as_str() == "jobs")
         );
+        let value = crate::backend::LeaseValue {
+            nonce: crate::backend::Nonce::random(),
+            id: crate::backend::LeaderId::new(),
+            token: None,
+            acquired_at: std::time::UNIX_EPOCH,
+            metadata: bytes::Bytes::from_static(b"m:x"),
+        };
+        let hexed: String = value.encode().iter().map(|b| format!("{b:02x}")).collect();
+        match event_from(&format!("u42:7:2500:{hexed}:a:key")) {
+            Some(WatchEvent::Updated(k, Some(h))) => {
+                assert_eq!(k.as_str(), "a:key");
+                assert_eq!(h.token().map(|t| t.get()), Some(42));
+                assert_eq!(h.revision(), 7);
+                assert_eq!(h.nonce(), Some(value.nonce));
+                assert_eq!(h.expires_in(), Some(Duration::from_millis(2500)));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A value that is not ours: a foreign holder. Malformed: ignored.
+        assert!(matches!(
+            event_from("u1:1:10:00ff:k"),
+            Some(WatchEvent::Updated(_, Some(h))) if h.is_foreign()
+        ));
+        for junk in [
+            "u1:1:10:0:k",
+            "u1:1:10:zz:k",
+            "u1:x:10:00:k",
+            "u1:1:10:00",
+            "u",
+        ] {
+            assert!(event_from(junk).is_none(), "{junk}");
+        }
         assert!(event_from("").is_none());
         assert!(event_from("x").is_none());
         assert!(event_from("zjobs").is_none());
