@@ -24,7 +24,7 @@
 //! # }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -73,6 +73,9 @@ impl Drop for StoreInner {
 #[derive(Default)]
 struct StoreState {
     entries: HashMap<Key, Entry>,
+    /// Every entry by its expiry, earliest first: a sweep pops what has
+    /// expired instead of scanning every entry, on every call.
+    by_expiry: BTreeSet<(Instant, Key)>,
     /// The last token issued per key; never decreases, survives release.
     tokens: HashMap<Key, u64>,
     revision: u64,
@@ -84,6 +87,45 @@ struct Entry {
     token: Option<FencingToken>,
     revision: u64,
     expires_at: Instant,
+}
+
+impl StoreState {
+    fn insert(&mut self, key: &Key, entry: Entry) {
+        self.by_expiry.insert((entry.expires_at, key.clone()));
+        if let Some(old) = self.entries.insert(key.clone(), entry) {
+            self.by_expiry.remove(&(old.expires_at, key.clone()));
+        }
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<Entry> {
+        let entry = self.entries.remove(key)?;
+        self.by_expiry.remove(&(entry.expires_at, key.clone()));
+        Some(entry)
+    }
+
+    /// Moves `key`'s expiry (the entry must exist).
+    fn set_expiry(&mut self, key: &Key, at: Instant) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            self.by_expiry.remove(&(entry.expires_at, key.clone()));
+            entry.expires_at = at;
+            self.by_expiry.insert((at, key.clone()));
+        }
+    }
+
+    /// Removes the entries that expired by `now`; their keys.
+    fn sweep(&mut self, now: Instant) -> Vec<Key> {
+        let mut expired = Vec::new();
+        while let Some((at, _)) = self.by_expiry.first() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, key)) = self.by_expiry.pop_first() {
+                self.entries.remove(&key);
+                expired.push(key);
+            }
+        }
+        expired
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -113,8 +155,8 @@ impl MemoryStore {
         let mut state = self.lock_swept(now);
         state.revision += 1;
         let revision = state.revision;
-        state.entries.insert(
-            key.clone(),
+        state.insert(
+            key,
             Entry {
                 value: value.into(),
                 token: None,
@@ -131,7 +173,7 @@ impl MemoryStore {
 
     /// Removes whatever is stored under `key`, as an operator would.
     pub fn force_delete(&self, key: &Key) {
-        let removed = self.lock_swept(Instant::now()).entries.remove(key);
+        let removed = self.lock_swept(Instant::now()).remove(key);
         if removed.is_some() {
             let _ = self.inner.events.send(WatchEvent::Released(key.clone()));
         }
@@ -155,25 +197,14 @@ impl MemoryStore {
     /// about each one.
     fn lock_swept(&self, now: Instant) -> MutexGuard<'_, StoreState> {
         let mut state = lock(&self.inner.state);
-        let expired: Vec<Key> = state
-            .entries
-            .iter()
-            .filter(|(_, e)| e.expires_at <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in expired {
-            state.entries.remove(&key);
+        for key in state.sweep(now) {
             let _ = self.inner.events.send(WatchEvent::Released(key));
         }
         state
     }
 
     fn next_expiry(&self) -> Option<Instant> {
-        lock(&self.inner.state)
-            .entries
-            .values()
-            .map(|e| e.expires_at)
-            .min()
+        lock(&self.inner.state).by_expiry.first().map(|(at, _)| *at)
     }
 
     fn apply(&self, call: &Call) -> Result<Reply, BackendError> {
@@ -203,7 +234,7 @@ impl MemoryStore {
                     expires_at: crate::campaign::core::later(now, *ttl),
                 };
                 event = WatchEvent::Updated(key.clone(), Some(entry.holder(now)));
-                state.entries.insert(key.clone(), entry);
+                state.insert(key, entry);
                 Reply::Acquire(Acquired::Won(lease))
             }
             Call::Renew(key, lease, ttl) => {
@@ -212,12 +243,13 @@ impl MemoryStore {
                 match state.entries.get_mut(key) {
                     Some(entry) if entry.nonce() == Some(lease.nonce()) => {
                         entry.revision = revision;
-                        entry.expires_at = crate::campaign::core::later(now, *ttl);
-                        event = WatchEvent::Updated(key.clone(), Some(entry.holder(now)));
-                        Reply::Renew(Renewed::Renewed(lease.with_revision(revision)))
                     }
                     _ => return Ok(Reply::Renew(Renewed::Lost)),
                 }
+                state.set_expiry(key, crate::campaign::core::later(now, *ttl));
+                let holder = state.entries.get(key).map(|e| e.holder(now));
+                event = WatchEvent::Updated(key.clone(), holder);
+                Reply::Renew(Renewed::Renewed(lease.with_revision(revision)))
             }
             Call::Release(key, lease) => {
                 let ours = state
@@ -227,7 +259,7 @@ impl MemoryStore {
                 if !ours {
                     return Ok(Reply::Release);
                 }
-                state.entries.remove(key);
+                state.remove(key);
                 event = WatchEvent::Released(key.clone());
                 Reply::Release
             }
@@ -599,5 +631,78 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::backend::{BackendEdge, Claim, LeaderId};
+
+    fn consistent(store: &MemoryStore) {
+        let state = lock(&store.inner.state);
+        assert_eq!(state.entries.len(), state.by_expiry.len());
+        for (key, entry) in &state.entries {
+            assert!(state.by_expiry.contains(&(entry.expires_at, key.clone())));
+        }
+    }
+
+    /// The expiry index follows every write: a renewal moves a lease's
+    /// expiry, a release, a forced delete or a raw put over an entry
+    /// replaces its place, and each lease expires exactly when its last
+    /// write said.
+    #[tokio::test(start_paused = true)]
+    async fn the_expiry_index_follows_every_write() {
+        let store = MemoryStore::new();
+        let b = store.backend();
+        let budget = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        let (k1, k2, k3) = (
+            Key::new("k1").unwrap(),
+            Key::new("k2").unwrap(),
+            Key::new("k3").unwrap(),
+        );
+        let claim = || Claim::new(LeaderId::new(), Bytes::new());
+        let Acquired::Won(l1) = b.acquire(&k1, &claim(), ms(100), budget).await.unwrap() else {
+            panic!("k1 is free");
+        };
+        let Acquired::Won(l2) = b.acquire(&k2, &claim(), ms(300), budget).await.unwrap() else {
+            panic!("k2 is free");
+        };
+        store.put_raw(&k3, &b"x"[..], ms(1000));
+        store.put_raw(&k3, &b"y"[..], ms(200));
+        consistent(&store);
+        tokio::time::advance(ms(50)).await;
+        assert!(matches!(
+            b.renew(&k1, &l1, ms(400), budget).await.unwrap(),
+            Renewed::Renewed(_)
+        ));
+        consistent(&store);
+        // 310 ms: k2 (300) and k3 (200, its second put) are gone; k1 (450) is not.
+        tokio::time::advance(ms(260)).await;
+        assert!(b.holder(&k2, budget).await.unwrap().is_none());
+        assert!(b.holder(&k3, budget).await.unwrap().is_none());
+        assert!(b.holder(&k1, budget).await.unwrap().is_some());
+        assert_eq!(
+            b.renew(&k2, &l2, ms(400), budget).await.unwrap(),
+            Renewed::Lost
+        );
+        consistent(&store);
+        tokio::time::advance(ms(139)).await;
+        assert!(b.holder(&k1, budget).await.unwrap().is_some());
+        tokio::time::advance(ms(1)).await;
+        assert!(b.holder(&k1, budget).await.unwrap().is_none());
+        consistent(&store);
+        // Release and forced delete leave no entry behind in the index.
+        let Acquired::Won(l1) = b.acquire(&k1, &claim(), ms(100), budget).await.unwrap() else {
+            panic!("k1 is free again");
+        };
+        b.release(&k1, &l1, budget).await.unwrap();
+        b.acquire(&k2, &claim(), ms(100), budget).await.unwrap();
+        store.force_delete(&k2);
+        consistent(&store);
+        assert!(lock(&store.inner.state).by_expiry.is_empty());
+        assert_eq!(store.next_expiry(), None);
     }
 }
