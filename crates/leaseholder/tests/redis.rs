@@ -723,6 +723,30 @@ async fn a_key_of_another_type_is_a_foreign_holder_and_a_garbage_token_is_replac
 
 // ----- Sentinel ----------------------------------------------------------
 
+/// A Sentinel group whose epoch marker is older than `ttl`, and its
+/// `redis+sentinel://` URL.
+async fn sentinel_group(ttl: Duration) -> (RedisSentinel, String) {
+    let group = RedisSentinel::start()
+        .await
+        .expect("redis-server 7+ (with --sentinel) is needed: run scripts/setup");
+    let sentinels: Vec<String> = group
+        .sentinel_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let url = format!(
+        "redis+sentinel://{}/{}",
+        sentinels.join(","),
+        group.master_name()
+    );
+    timeout(WAIT, backend(&url).setup())
+        .await
+        .expect("setup within 30 s")
+        .unwrap();
+    tokio::time::sleep(ttl).await;
+    (group, url)
+}
+
 /// A Sentinel failover under a running election. Replication is
 /// asynchronous, but with the replica in sync (as here) the lease, the
 /// token counter and the epoch marker are on the new primary: the backend
@@ -734,37 +758,11 @@ async fn a_key_of_another_type_is_a_foreign_holder_and_a_garbage_token_is_replac
 /// holder for up to a ttl, while fencing tokens still rise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_moves_the_election_to_the_new_primary_and_tokens_rise() {
-    let mut group = RedisSentinel::start()
-        .await
-        .expect("redis-server 7+ (with --sentinel) is needed: run scripts/setup");
-    let url = format!(
-        "redis+sentinel://{}/{}",
-        group
-            .sentinel_addrs()
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
-        group.master_name()
-    );
     let ttl = Duration::from_secs(3);
-    let sentinel_backend = || {
-        Backend::redis(
-            RedisBackend::builder()
-                .url(url.as_str())
-                .watch_ping(Duration::from_millis(200))
-                .build()
-                .unwrap(),
-        )
-    };
-    timeout(WAIT, sentinel_backend().setup())
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::time::sleep(ttl).await;
+    let (mut group, url) = sentinel_group(ttl).await;
     let log = WorkLog::new();
-    let a = leader_on(sentinel_backend(), ttl);
-    let b = leader_on(sentinel_backend(), ttl);
+    let a = leader_on(backend(&url), ttl);
+    let b = leader_on(backend(&url), ttl);
     let (ta, mut terms) = run_reporting_terms(&a, "a", &log);
     let term = timeout(WAIT, terms.recv()).await.unwrap().unwrap();
     let token = term.fencing_token().get();
@@ -825,37 +823,11 @@ async fn a_sentinel_failover_moves_the_election_to_the_new_primary_and_tokens_ri
 /// refuses A's writes once B has written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_to_a_replica_that_missed_renewals_can_end_a_lease_early_but_tokens_rise() {
-    let mut group = RedisSentinel::start()
-        .await
-        .expect("redis-server 7+ (with --sentinel) is needed: run scripts/setup");
-    let url = format!(
-        "redis+sentinel://{}/{}",
-        group
-            .sentinel_addrs()
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
-        group.master_name()
-    );
     let ttl = Duration::from_secs(4);
-    let sentinel_backend = || {
-        Backend::redis(
-            RedisBackend::builder()
-                .url(url.as_str())
-                .watch_ping(Duration::from_millis(200))
-                .build()
-                .unwrap(),
-        )
-    };
-    timeout(WAIT, sentinel_backend().setup())
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::time::sleep(ttl).await;
+    let (mut group, url) = sentinel_group(ttl).await;
     let log = WorkLog::new();
-    let a = leader_on(sentinel_backend(), ttl);
-    let b = leader_on(sentinel_backend(), ttl);
+    let a = leader_on(backend(&url), ttl);
+    let b = leader_on(backend(&url), ttl);
     let (ta, mut terms) = run_reporting_terms(&a, "a", &log);
     let term = timeout(WAIT, terms.recv()).await.unwrap().unwrap();
     let token = term.fencing_token().get();
