@@ -94,6 +94,55 @@ pub fn binary_version(path: &Path, args: &[&str]) -> Result<String, Error> {
     }
 }
 
+/// The first of `candidates` whose version, as `version_of` reads it, is
+/// at least `min`.
+///
+/// Returns [`Error::UnsupportedVersion`] (naming the first candidate that
+/// was too old) if every readable one is older, and
+/// [`Error::MissingBinary`] (as `name >= MAJOR.MINOR`) if none could be
+/// read; both name `setup` as the install command.
+pub(crate) fn pick_by_version(
+    name: &str,
+    candidates: Vec<PathBuf>,
+    min: (u32, u32),
+    setup: &str,
+    version_of: impl Fn(&Path) -> Option<String>,
+) -> Result<PathBuf, Error> {
+    let required = format!("{name} >= {}.{}", min.0, min.1);
+    let mut too_old = None;
+    for candidate in candidates {
+        let version = version_of(&candidate);
+        tracing::debug!(candidate = %candidate.display(), ?version, "{name} candidate");
+        let Some(version) = version else { continue };
+        if parse_major_minor(&version).is_some_and(|found| found >= min) {
+            return Ok(candidate);
+        }
+        too_old.get_or_insert((candidate, version));
+    }
+    match too_old {
+        Some((binary, found)) => Err(Error::UnsupportedVersion {
+            binary,
+            found,
+            required,
+            setup: setup.to_owned(),
+        }),
+        None => Err(Error::MissingBinary {
+            name: required,
+            dirs: Vec::new(),
+            setup: setup.to_owned(),
+        }),
+    }
+}
+
+/// (major, minor) of `MAJOR.MINOR[.PATCH...]`.
+pub(crate) fn parse_major_minor(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?;
+    let digits: String = minor.chars().take_while(char::is_ascii_digit).collect();
+    Some((major, digits.parse().ok()?))
+}
+
 fn command_line(path: &Path, args: &[&str]) -> String {
     std::iter::once(path.as_os_str())
         .chain(args.iter().map(OsStr::new))

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::time::Instant;
 
+use crate::binary::{parse_major_minor, pick_by_version};
 use crate::process::{log_tail, wait_stopped};
 use crate::{ChildGuard, Error, TempDir, find_binary_candidates, free_port};
 
@@ -98,31 +99,9 @@ pub fn find_etcdctl() -> Result<PathBuf, Error> {
 /// The first of `candidates` whose version is at least
 /// [`MIN_ETCD_VERSION`].
 fn pick_etcd_binary(name: &str, candidates: Vec<PathBuf>) -> Result<PathBuf, Error> {
-    let required = format!("{name} >= {}.{}", MIN_ETCD_VERSION.0, MIN_ETCD_VERSION.1);
-    let mut too_old = None;
-    for candidate in candidates {
-        let text = version_text(&candidate, name);
-        let version = text.as_deref().and_then(version_token);
-        tracing::debug!(candidate = %candidate.display(), ?version, "{name} candidate");
-        let Some(version) = version else { continue };
-        if parse_major_minor(version).is_some_and(|found| found >= MIN_ETCD_VERSION) {
-            return Ok(candidate);
-        }
-        too_old.get_or_insert((candidate, version.to_owned()));
-    }
-    match too_old {
-        Some((binary, found)) => Err(Error::UnsupportedVersion {
-            binary,
-            found,
-            required,
-            setup: SETUP.to_owned(),
-        }),
-        None => Err(Error::MissingBinary {
-            name: required,
-            dirs: Vec::new(),
-            setup: SETUP.to_owned(),
-        }),
-    }
+    pick_by_version(name, candidates, MIN_ETCD_VERSION, SETUP, |path| {
+        version_text(path, name).and_then(|text| version_token(&text).map(str::to_owned))
+    })
 }
 
 /// What `etcd --version` or `etcdctl version` prints (`etcdctl` has no
@@ -1246,15 +1225,6 @@ async fn run_ctl(program: &Path, args: &[&str]) -> Result<String, Error> {
 fn version_token(text: &str) -> Option<&str> {
     text.split_whitespace()
         .find(|word| word.split('.').count() >= 3 && parse_major_minor(word).is_some())
-}
-
-/// (major, minor) of `MAJOR.MINOR[.PATCH...]`.
-fn parse_major_minor(version: &str) -> Option<(u32, u32)> {
-    let mut parts = version.split('.');
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?;
-    let digits: String = minor.chars().take_while(char::is_ascii_digit).collect();
-    Some((major, digits.parse().ok()?))
 }
 
 #[cfg(test)]

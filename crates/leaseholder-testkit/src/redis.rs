@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::time::Instant;
 
+use crate::binary::{parse_major_minor, pick_by_version};
 use crate::process::{log_tail, wait_stopped};
 use crate::{ChildGuard, Error, TempDir, binary_version, find_binary_candidates, free_port};
 
@@ -116,31 +117,11 @@ fn find_redis_binary(name: &str) -> Result<PathBuf, Error> {
 /// The first of `candidates` whose version is at least
 /// [`MIN_REDIS_VERSION`].
 fn pick_redis_binary(name: &str, candidates: Vec<PathBuf>) -> Result<PathBuf, Error> {
-    let required = format!("{name} >= {}.{}", MIN_REDIS_VERSION.0, MIN_REDIS_VERSION.1);
-    let mut too_old = None;
-    for candidate in candidates {
-        let text = binary_version(&candidate, &["--version"]).ok();
-        let version = text.as_deref().and_then(version_token);
-        tracing::debug!(candidate = %candidate.display(), ?version, "{name} candidate");
-        let Some(version) = version else { continue };
-        if parse_major_minor(version).is_some_and(|found| found >= MIN_REDIS_VERSION) {
-            return Ok(candidate);
-        }
-        too_old.get_or_insert((candidate, version.to_owned()));
-    }
-    match too_old {
-        Some((binary, found)) => Err(Error::UnsupportedVersion {
-            binary,
-            found,
-            required,
-            setup: SETUP.to_owned(),
-        }),
-        None => Err(Error::MissingBinary {
-            name: required,
-            dirs: Vec::new(),
-            setup: SETUP.to_owned(),
-        }),
-    }
+    pick_by_version(name, candidates, MIN_REDIS_VERSION, SETUP, |path| {
+        binary_version(path, &["--version"])
+            .ok()
+            .and_then(|text| version_token(&text).map(str::to_owned))
+    })
 }
 
 /// `redis-cli`, found once per process.
@@ -1630,15 +1611,6 @@ fn version_token(text: &str) -> Option<&str> {
     text.split_whitespace()
         .map(|word| word.strip_prefix("v=").unwrap_or(word))
         .find(|word| parse_major_minor(word).is_some())
-}
-
-/// (major, minor) of `MAJOR.MINOR[.PATCH...]`.
-fn parse_major_minor(version: &str) -> Option<(u32, u32)> {
-    let mut parts = version.split('.');
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?;
-    let digits: String = minor.chars().take_while(char::is_ascii_digit).collect();
-    Some((major, digits.parse().ok()?))
 }
 
 #[cfg(test)]
