@@ -156,7 +156,7 @@ impl<E: BackendEdge> BackendEdge for Counting<E> {
             }
         }
         let res = self.inner.renew(key, lease, ttl, budget).await;
-        if let Ok(Renewed::Renewed(_)) = &res {
+        if let Ok(Renewed::Renewed(_) | Renewed::SentAt(..)) = &res {
             let due = Instant::now() + self.renew_interval;
             self.counts.timing().due.insert(key.clone(), due);
         }

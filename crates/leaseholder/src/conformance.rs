@@ -395,8 +395,34 @@ pub async fn renew_extends_the_lease<H: Harness>(h: &H) -> RowResult {
     let start = Instant::now();
     while start.elapsed() < ttl * 2 {
         tokio::time::sleep(ttl / 3).await;
-        lease = match ok(ROW, "renew", a.renew(&key, &lease, ttl).await)? {
-            Renewed::Renewed(l) => l,
+        let called = Instant::now();
+        let renewed = ok(ROW, "renew", a.renew(&key, &lease, ttl).await)?;
+        if let Some(at) = renewed.sent_at()
+            && at > Instant::now()
+        {
+            return Err(fail(
+                ROW,
+                format!(
+                    "a renewal called {:?} ago reported a send time in the future",
+                    called.elapsed()
+                ),
+            ));
+        }
+        if let Renewed::SentAt(l, _) = &renewed
+            && l.revision() != lease.revision()
+        {
+            return Err(fail(
+                ROW,
+                format!(
+                    "a renewal answered with SentAt moved the revision from {} to {}: \
+                     a read-back after a lost reply would credit the wrong send time",
+                    lease.revision(),
+                    l.revision()
+                ),
+            ));
+        }
+        lease = match renewed {
+            Renewed::Renewed(l) | Renewed::SentAt(l, _) => l,
             Renewed::Lost => return Err(fail(ROW, "renewal of a live lease said Lost")),
         };
         if lease.token() != token {
@@ -577,7 +603,7 @@ pub async fn lost_reply_recognized_on_read_back<H: Harness>(h: &H) -> RowResult 
     }
     let adopted = lease.with_revision(after.revision());
     match ok(ROW, "renew", a.renew(&key, &adopted, ttl).await)? {
-        Renewed::Renewed(l) => ok(ROW, "release", a.release(&key, &l).await)?,
+        Renewed::Renewed(l) | Renewed::SentAt(l, _) => ok(ROW, "release", a.release(&key, &l).await)?,
         Renewed::Lost => return Err(fail(ROW, "the read-back lease could not be renewed")),
     }
     // Drop an acquire after its first poll.
@@ -615,10 +641,12 @@ pub async fn a_short_renew_budget_never_breaks_the_lease<H: Harness>(h: &H) -> R
     for budget in [Duration::from_millis(1), Duration::from_millis(10)] {
         for _ in 0..3 {
             match a.renew_within(&key, &lease, ttl, budget).await {
-                Ok(Renewed::Renewed(l)) if l.nonce() == c.nonce && l.token() == lease.token() => {
+                Ok(Renewed::Renewed(l) | Renewed::SentAt(l, _))
+                    if l.nonce() == c.nonce && l.token() == lease.token() =>
+                {
                     lease = l;
                 }
-                Ok(Renewed::Renewed(l)) => {
+                Ok(Renewed::Renewed(l) | Renewed::SentAt(l, _)) => {
                     return Err(fail(ROW, format!("a short renewal returned {l:?}")));
                 }
                 Ok(Renewed::Lost) => {
@@ -653,7 +681,7 @@ pub async fn a_short_renew_budget_never_breaks_the_lease<H: Harness>(h: &H) -> R
     }
     let adopted = lease.with_revision(seen.revision());
     match ok(ROW, "renew", a.renew(&key, &adopted, ttl).await)? {
-        Renewed::Renewed(l) => ok(ROW, "release", a.release(&key, &l).await)?,
+        Renewed::Renewed(l) | Renewed::SentAt(l, _) => ok(ROW, "release", a.release(&key, &l).await)?,
         Renewed::Lost => {
             return Err(fail(ROW, "a normal renewal after short ones reported Lost"));
         }

@@ -558,11 +558,59 @@ pub enum Acquired {
 /// The result of [`BackendEdge::renew`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Renewed {
-    /// The lease was extended by a full ttl from the store's point of view.
+    /// The lease was extended by a full ttl from the store's point of view,
+    /// by a request this call sent.
     Renewed(Lease),
+    /// The lease was extended by a full ttl from a request sent at this
+    /// instant, which may be before this call began: for a store where one
+    /// request keeps many keys alive (etcd's shared lease), a renewal can
+    /// be answered by a keep-alive already sent for other keys.
+    ///
+    /// The campaign credits the earlier of this instant and the time it
+    /// called `renew` (so an instant later than the call costs nothing but
+    /// margin), and schedules the key's next renewal one renew interval
+    /// after it, so that keys answered by one request stay in step and
+    /// share the next one too.
+    ///
+    /// A backend that answers `SentAt` must not change the lease's
+    /// revision when it renews (the keep-alive writes no key): after a
+    /// renewal whose reply was lost, the campaign reads the key back and
+    /// takes a new revision as proof that *its own* renewal landed, which
+    /// credits its own send time, not the earlier one this variant allows.
+    /// The conformance suite checks it.
+    ///
+    /// ```
+    /// use leaseholder::{Claim, FencingToken, LeaderId, Lease, Renewed};
+    /// use tokio::time::Instant;
+    ///
+    /// let lease = Lease::new(&Claim::new(LeaderId::new(), Default::default()), FencingToken::new(7), 1);
+    /// let sent = Instant::now();
+    /// let reply = Renewed::SentAt(lease.clone(), sent);
+    /// assert_eq!(reply.lease(), Some(&lease));
+    /// assert_eq!(reply.sent_at(), Some(sent));
+    /// ```
+    SentAt(Lease, tokio::time::Instant),
     /// The lease with this nonce is no longer live (expired, released, or
     /// replaced). Final: the campaign never tries to revive it.
     Lost,
+}
+
+impl Renewed {
+    /// The renewed lease, unless it was lost.
+    pub fn lease(&self) -> Option<&Lease> {
+        match self {
+            Renewed::Renewed(lease) | Renewed::SentAt(lease, _) => Some(lease),
+            Renewed::Lost => None,
+        }
+    }
+
+    /// The instant a [`Renewed::SentAt`] reports.
+    pub fn sent_at(&self) -> Option<tokio::time::Instant> {
+        match self {
+            Renewed::SentAt(_, at) => Some(*at),
+            Renewed::Renewed(_) | Renewed::Lost => None,
+        }
+    }
 }
 
 /// A change a backend's watch reports.

@@ -1009,9 +1009,20 @@ impl Core {
             Ok(Renewed::Renewed(lease)) if lease.nonce() == nonce => {
                 tracing::debug!(token = %lease.token(), "renewed");
                 self.store_ok();
-                self.extend(now, lease, sent_at, out);
+                self.extend(now, lease, sent_at, None, out);
             }
-            Ok(Renewed::Renewed(_) | Renewed::Lost) => self.end_term(now, EndReason::Lost, out),
+            Ok(Renewed::SentAt(lease, at)) if lease.nonce() == nonce => {
+                // Renewed by a request that may have been sent before ours
+                // (a keep-alive shared by many keys): credit the earlier of
+                // the two, and renew next one interval after it.
+                tracing::debug!(token = %lease.token(), "renewed by a shared request");
+                self.store_ok();
+                let credit = at.min(sent_at);
+                self.extend(now, lease, credit, Some(credit), out);
+            }
+            Ok(Renewed::Renewed(_) | Renewed::SentAt(..) | Renewed::Lost) => {
+                self.end_term(now, EndReason::Lost, out)
+            }
             Err(e) if e.is_transient() => {
                 // The renewal may have taken effect: read back.
                 tracing::debug!(error = %e, "renewal failed; reading back");
@@ -1029,7 +1040,16 @@ impl Core {
     }
 
     /// A renewal sent at `sent_at` is confirmed: move the deadline forward.
-    fn extend(&mut self, now: Instant, lease: Lease, sent_at: Instant, out: &mut Vec<Output>) {
+    /// The next renewal is due one (jittered) interval after `from` if that
+    /// is still ahead, else one interval from now.
+    fn extend(
+        &mut self,
+        now: Instant,
+        lease: Lease,
+        sent_at: Instant,
+        from: Option<Instant>,
+        out: &mut Vec<Output>,
+    ) {
         if let Phase::Leading(term) = &self.phase
             && now >= term.deadline
         {
@@ -1044,7 +1064,10 @@ impl Core {
         };
         term.lease = lease;
         term.failures = 0;
-        term.renew_at = now + next;
+        term.renew_at = match from {
+            Some(from) if from + next > now => from + next,
+            _ => now + next,
+        };
         let deadline = sent_at + self.t.ttl - self.t.drift;
         if deadline > term.deadline {
             term.deadline = deadline;
@@ -1093,7 +1116,7 @@ impl Core {
                         if h.revision() != lease.revision() {
                             // A renewal took effect whose reply was lost: the
                             // earliest ambiguous one, as far as we can tell.
-                            self.extend(now, lease.with_revision(h.revision()), credit, out);
+                            self.extend(now, lease.with_revision(h.revision()), credit, None, out);
                         } else {
                             self.retry_renew(now);
                         }

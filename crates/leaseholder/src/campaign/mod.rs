@@ -423,7 +423,7 @@ async fn run(
                 if let Some((kind, sent)) = call.take() {
                     if let Some(e) = input.error() {
                         telemetry.store_error(kind, e);
-                    } else if matches!(input, Input::Renew(Ok(Renewed::Renewed(_)))) {
+                    } else if matches!(input, Input::Renew(Ok(Renewed::Renewed(_) | Renewed::SentAt(..)))) {
                         last_renew = Some(sent.elapsed());
                     }
                 }

@@ -202,6 +202,12 @@ struct Config {
     /// Check B as `deadline + margin <= expires_at`: the machine claims it
     /// for the drift margin. `None`: do not check B (to see what A says).
     b_margin: Option<Duration>,
+    /// Renewals are answered as by a keep-alive shared by many keys, sent
+    /// this long before the store applies the call: the store extends the
+    /// lease from then, and the reply is `Renewed::SentAt` with that
+    /// instant (later than the campaign's own send time when the call was
+    /// held in the network).
+    shared: Option<Duration>,
 }
 
 // ----- the world -----------------------------------------------------------
@@ -279,6 +285,8 @@ enum Reply {
     Won(Lease),
     Held(Holder),
     Renewed(Lease),
+    /// `Renewed::SentAt` with this instant.
+    RenewedAt(Lease, Duration),
     Lost,
     Released,
     Holder(Option<Holder>),
@@ -641,6 +649,7 @@ impl World {
                     Reply::Won(l) => Input::Acquire(Ok(Acquired::Won(l))),
                     Reply::Held(h) => Input::Acquire(Ok(Acquired::Held(h))),
                     Reply::Renewed(l) => Input::Renew(Ok(Renewed::Renewed(l))),
+                    Reply::RenewedAt(l, t) => Input::Renew(Ok(Renewed::SentAt(l, at(t)))),
                     Reply::Lost => Input::Renew(Ok(Renewed::Lost)),
                     Reply::Released => Input::Release(Ok(())),
                     Reply::Holder(h) => Input::Holder(Ok(h)),
@@ -769,14 +778,28 @@ impl World {
             },
             Req::Renew(lease) => match live {
                 Some(s) if s.lease.nonce() == lease.nonce() => {
-                    self.store.revision += 1;
+                    // A shared keep-alive does not write the key: its
+                    // revision stays (the contract of `Renewed::SentAt`).
+                    if cfg.shared.is_none() {
+                        self.store.revision += 1;
+                    }
                     let lease = s.lease.with_revision(self.store.revision);
+                    // A shared keep-alive sent `early` ago extended it from
+                    // then (never shortening it).
+                    let from = cfg.shared.map_or(now, |early| now.saturating_sub(early));
+                    let expires_at = s.expires_at.max(from + TTL);
                     self.store.lease = Some(Stored {
                         lease: lease.clone(),
-                        expires_at: now + TTL,
+                        expires_at,
                     });
-                    self.watch_all(WatchMsg::Updated(lease.holder(Some(TTL))), cfg);
-                    Reply::Renewed(lease)
+                    self.watch_all(
+                        WatchMsg::Updated(lease.holder(Some(expires_at - now))),
+                        cfg,
+                    );
+                    match cfg.shared {
+                        Some(_) => Reply::RenewedAt(lease, from),
+                        None => Reply::Renewed(lease),
+                    }
                 }
                 _ => Reply::Lost,
             },
@@ -1219,6 +1242,7 @@ fn show_reply(r: &Reply) -> String {
         Reply::Won(l) => format!("Won({})", show_lease(l)),
         Reply::Held(h) => format!("Held({})", show_holder(&Some(h.clone()))),
         Reply::Renewed(l) => format!("Renewed({})", show_lease(l)),
+        Reply::RenewedAt(l, t) => format!("Renewed({}, sent {})", show_lease(l), show_t(*t)),
         Reply::Lost => "Lost".into(),
         Reply::Released => "ok".into(),
         Reply::Holder(h) => format!("Holder({})", show_holder(h)),
@@ -1246,6 +1270,9 @@ fn show_input(i: &Input) -> String {
             "Renew {}",
             show_result(r, |a| match a {
                 Renewed::Renewed(l) => format!("Renewed({})", show_lease(l)),
+                Renewed::SentAt(l, t) => {
+                    format!("Renewed({}, sent {})", show_lease(l), show_t(since_base(*t)))
+                }
                 Renewed::Lost => "Lost".into(),
             })
         ),
@@ -1422,6 +1449,7 @@ fn two() -> Config {
         slow_drain: false,
         edge_points: true,
         b_margin: Some(DRIFT),
+        shared: None,
     }
 }
 
@@ -1431,6 +1459,22 @@ fn two() -> Config {
 #[test]
 fn exhaustive_faults() {
     let stats = run("faults", &two());
+    assert!(stats.tokens >= 3, "the search should reach a third term");
+}
+
+/// Renewals answered by a shared keep-alive sent 150 ms before the store
+/// applies them (`Renewed::SentAt`), with up to three faults: the
+/// deadline follows the earlier of that instant and the campaign's own
+/// send time, and the next renewal is due one interval after it.
+#[test]
+fn exhaustive_shared_renewals() {
+    let stats = run(
+        "shared renewals",
+        &Config {
+            shared: Some(ms(150)),
+            ..two()
+        },
+    );
     assert!(stats.tokens >= 3, "the search should reach a third term");
 }
 
@@ -1744,6 +1788,84 @@ fn lost_renewal_reply_with_a_newer_revision_in_the_store_extends() {
             lease: l2,
             timeout: ms(570),
         }]
+    );
+}
+
+/// A renewal answered by a request sent before it (a shared keep-alive)
+/// credits that earlier instant and schedules the next renewal one
+/// interval after it; one sent after the call credits the call; one so
+/// old that its interval has passed moves nothing and renews one interval
+/// from now.
+#[test]
+fn a_shared_renewal_credits_the_earlier_send_time_and_keeps_in_step() {
+    let (mut c, l1) = Solo::lead();
+    assert_eq!(
+        c.at(300).tick(),
+        vec![Output::Renew {
+            lease: l1.clone(),
+            timeout: ms(600),
+        }]
+    );
+    // Answered by a keep-alive sent at 200ms: deadline 200 + ttl - drift,
+    // next renewal at 200 + 300.
+    let out = c
+        .at(320)
+        .feed(Input::Renew(Ok(Renewed::SentAt(l1.clone(), at(ms(200))))));
+    assert_eq!(
+        out,
+        vec![Output::Extend {
+            id: 1,
+            deadline: at(ms(1100)),
+        }]
+    );
+    assert_eq!(c.wake(), Some(ms(500)));
+
+    // Sent at 500ms, answered by one the backend says it sent at 700ms:
+    // the campaign credits its own 500ms.
+    assert_eq!(
+        c.at(500).tick(),
+        vec![Output::Renew {
+            lease: l1.clone(),
+            timeout: ms(600),
+        }]
+    );
+    let out = c
+        .at(510)
+        .feed(Input::Renew(Ok(Renewed::SentAt(l1.clone(), at(ms(700))))));
+    assert_eq!(
+        out,
+        vec![Output::Extend {
+            id: 1,
+            deadline: at(ms(1400)),
+        }]
+    );
+    assert_eq!(c.wake(), Some(ms(800)));
+
+    // A stale instant (0ms): the deadline stays, the next renewal is one
+    // interval from now.
+    assert_eq!(
+        c.at(800).tick(),
+        vec![Output::Renew {
+            lease: l1.clone(),
+            timeout: ms(600),
+        }]
+    );
+    let out = c
+        .at(810)
+        .feed(Input::Renew(Ok(Renewed::SentAt(l1.clone(), at(ms(0))))));
+    assert_eq!(out, vec![]);
+    assert_eq!(c.wake(), Some(ms(1110)));
+    assert!(c.core.is_leading());
+
+    // Someone else's lease in a SentAt is a lost term.
+    let other = our_lease(Nonce::from_u128(99), 2);
+    assert_eq!(c.at(1110).tick().len(), 1);
+    let out = c
+        .at(1120)
+        .feed(Input::Renew(Ok(Renewed::SentAt(other, at(ms(1110))))));
+    assert!(
+        out.iter().any(|o| matches!(o, Output::CancelTerm { .. })),
+        "{out:?}"
     );
 }
 
