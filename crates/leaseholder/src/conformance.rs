@@ -603,7 +603,9 @@ pub async fn lost_reply_recognized_on_read_back<H: Harness>(h: &H) -> RowResult 
     }
     let adopted = lease.with_revision(after.revision());
     match ok(ROW, "renew", a.renew(&key, &adopted, ttl).await)? {
-        Renewed::Renewed(l) | Renewed::SentAt(l, _) => ok(ROW, "release", a.release(&key, &l).await)?,
+        Renewed::Renewed(l) | Renewed::SentAt(l, _) => {
+            ok(ROW, "release", a.release(&key, &l).await)?
+        }
         Renewed::Lost => return Err(fail(ROW, "the read-back lease could not be renewed")),
     }
     // Drop an acquire after its first poll.
@@ -681,7 +683,9 @@ pub async fn a_short_renew_budget_never_breaks_the_lease<H: Harness>(h: &H) -> R
     }
     let adopted = lease.with_revision(seen.revision());
     match ok(ROW, "renew", a.renew(&key, &adopted, ttl).await)? {
-        Renewed::Renewed(l) | Renewed::SentAt(l, _) => ok(ROW, "release", a.release(&key, &l).await)?,
+        Renewed::Renewed(l) | Renewed::SentAt(l, _) => {
+            ok(ROW, "release", a.release(&key, &l).await)?
+        }
         Renewed::Lost => {
             return Err(fail(ROW, "a normal renewal after short ones reported Lost"));
         }

@@ -2,9 +2,10 @@
 //!
 //! The first [`Subscription`] starts a watcher task. The task calls
 //! `BackendEdge::watch`, forwards each event to the subscribers of its key
-//! (and [`WatchEvent::Resync`] to all), and when the stream ends it
-//! reconnects with capped backoff and sends `Resync` once it is back, since
-//! events may have been missed. The task ends when the backend is dropped
+//! (and [`WatchEvent::Resync`] to all), and when the stream ends it sends
+//! `Resync` (followers that were waiting for the watch read the store and
+//! go by its expiry hints), reconnects with capped backoff and sends
+//! `Resync` again once it is back, since events may have been missed. The task ends when the backend is dropped
 //! (its `Hub` aborts it) or when the backend cannot watch.
 //!
 //! A store call that succeeds while the watcher is backing off
@@ -146,6 +147,13 @@ where
                     if !dispatch(&state, event) {
                         return;
                     }
+                }
+                drop(stream);
+                // Followers that wait for the watch to tell them (no
+                // expiry hint, a watch that reports expiry) read the store
+                // now, and go by its hints until the watch is back.
+                if !dispatch(&state, WatchEvent::Resync) {
+                    return;
                 }
                 tracing::debug!("watch stream ended; reconnecting");
             }

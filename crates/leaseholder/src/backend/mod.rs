@@ -622,7 +622,7 @@ impl Renewed {
 /// | event | follower |
 /// |---|---|
 /// | `Released(key)` | tries to acquire at once, after a random spread of at most 1 ms, so that followers do not all call at the same instant |
-/// | `Updated(key, Some(holder))` | no store call: a new leader is published, and the next wake-up moves to the holder's expiry hint (or, without a hint, one ttl later if the backend's watch reports expiry); an event older than what it last read is ignored |
+/// | `Updated(key, Some(holder))` | no store call: a new leader is published, and the next wake-up moves to the holder's expiry hint; an event older than what it last read is ignored. Without a hint, a backend whose watch reports expiry makes the follower set no timer at all (the watch will say when the lease ends); other backends' followers keep their timers |
 /// | `Updated(key, None)` | nothing; the follower keeps its timers (so a backend that can attach the holder saves its followers' calls: with `None` an idle follower re-reads at every retry or expiry, with `Some` it makes no calls while the leader renews) |
 /// | `Resync` | tries to acquire at once (it may have missed a release) |
 ///
@@ -630,14 +630,18 @@ impl Renewed {
 /// `Resync` for its key renews at once to find out whether it still leads.
 ///
 /// The watch hub sends `Resync` to every key itself each time the
-/// backend's watch (re)connects; a backend sends it when it may have lost
-/// events (a lagging subscription) or when it cannot tell which key
-/// changed (a watch that polls a change counter).
+/// backend's watch stream ends and each time it (re)connects; a backend
+/// sends it when it may have lost events (a lagging subscription) or when
+/// it cannot tell which key changed (a watch that polls a change counter).
 ///
 /// If the backend does not say that its watch reports expiry
-/// ([`BackendEdge::watch_reports_expiry`]), followers also wake at each
-/// lease's expiry hint; otherwise a `Released` is expected when a lease
-/// expires, and the expiry hint only matters while the watch is down.
+/// ([`BackendEdge::watch_reports_expiry`]), followers wake at each
+/// lease's expiry hint. If it does, a `Released` is expected when a lease
+/// expires, and a follower that has no expiry hint (a holder read or
+/// event without one) sets no timer: while its watch is up, such a
+/// backend should leave the hint out, and put it in while the watch is
+/// down (the hub's `Resync` at the end of a stream makes followers read
+/// again then), so that idle followers make no store calls at all.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WatchEvent {

@@ -589,10 +589,15 @@ impl Core {
         };
     }
 
-    /// When a follower that saw `holder` should try again.
+    /// When a follower that saw `holder` should try again. Without an
+    /// expiry hint it retries after the retry interval, unless the watch
+    /// reports expiry: then the watch says when the lease ends (a
+    /// `Released`, or a `Resync` when the watch breaks or comes back), and
+    /// the follower sets no timer of its own.
     fn wake_for(&mut self, now: Instant, holder: Option<&Holder>) -> Instant {
         match holder.and_then(Holder::expires_in) {
             Some(left) => later(later(now, left), self.spread()),
+            None if self.watch_reports_expiry && holder.is_some() => later(now, UNTIL_TOLD),
             None => now + self.jittered(self.t.retry),
         }
     }
@@ -849,13 +854,13 @@ impl Core {
             (Phase::Follower { .. }, WatchEvent::Updated(_, Some(holder))) => {
                 // A renewal or a new leader: push the expiry wake-up out,
                 // with no store call. Without a hint, a watch that reports
-                // expiry will say when the lease ends; until then, this
-                // write keeps it alive about a ttl (ours: a hint to wake
-                // up, never a promise), so an idle follower makes no store
-                // calls while the leader renews and the watch is up.
+                // expiry will say when the lease ends (or send `Resync`
+                // when it breaks), so the follower sets no timer: an idle
+                // follower makes no store calls while the watch is up,
+                // whether or not the leader's renewals write the key.
                 let left = match holder.expires_in() {
                     Some(left) => Some(left),
-                    None if self.watch_reports_expiry => Some(self.t.ttl),
+                    None if self.watch_reports_expiry => Some(UNTIL_TOLD),
                     None => None,
                 };
                 if let Some(left) = left {
@@ -1301,6 +1306,11 @@ impl Core {
 
 /// `at + d`, or a far-future instant where that would overflow (settings
 /// such as `drain_timeout(Duration::MAX)` mean "no limit").
+/// How long a follower waits with no timer of its own, when the watch
+/// will tell it when to act: far enough never to fire in practice, short
+/// enough to add to any instant.
+const UNTIL_TOLD: Duration = crate::config::MAX_INTERVAL;
+
 pub(crate) fn later(at: Instant, d: Duration) -> Instant {
     at.checked_add(d)
         .unwrap_or_else(|| at + Duration::from_secs(86_400 * 365 * 30))

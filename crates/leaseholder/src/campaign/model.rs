@@ -792,10 +792,7 @@ impl World {
                         lease: lease.clone(),
                         expires_at,
                     });
-                    self.watch_all(
-                        WatchMsg::Updated(lease.holder(Some(expires_at - now))),
-                        cfg,
-                    );
+                    self.watch_all(WatchMsg::Updated(lease.holder(Some(expires_at - now))), cfg);
                     match cfg.shared {
                         Some(_) => Reply::RenewedAt(lease, from),
                         None => Reply::Renewed(lease),
@@ -1271,7 +1268,11 @@ fn show_input(i: &Input) -> String {
             show_result(r, |a| match a {
                 Renewed::Renewed(l) => format!("Renewed({})", show_lease(l)),
                 Renewed::SentAt(l, t) => {
-                    format!("Renewed({}, sent {})", show_lease(l), show_t(since_base(*t)))
+                    format!(
+                        "Renewed({}, sent {})",
+                        show_lease(l),
+                        show_t(since_base(*t))
+                    )
                 }
                 Renewed::Lost => "Lost".into(),
             })
@@ -1867,6 +1868,62 @@ fn a_shared_renewal_credits_the_earlier_send_time_and_keeps_in_step() {
         out.iter().any(|o| matches!(o, Output::CancelTerm { .. })),
         "{out:?}"
     );
+}
+
+/// With a watch that reports expiry, a follower that saw the holder with
+/// no expiry hint sets no timer: the watch will say when the lease ends
+/// (`Released`) or that it broke (`Resync`, after which the follower goes
+/// by the hints of what it reads).
+#[test]
+fn a_follower_without_a_hint_waits_for_a_watch_that_reports_expiry() {
+    let (mut c, _) = Solo::new();
+    c.core.set_watch_reports_expiry(true);
+    let year = crate::config::MAX_INTERVAL;
+    let other = Lease::new(&claim(1, Nonce::from_u128(5)), FencingToken::new(1), 1);
+    let out = c
+        .at(10)
+        .feed(Input::Acquire(Ok(Acquired::Held(other.holder(None)))));
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, Output::Acquire { .. } | Output::ReadHolder { .. })),
+        "{out:?}"
+    );
+    assert!(c.wake().is_some_and(|w| w >= year), "{:?}", c.wake());
+    let out = c.at(500).feed(Input::Watch(WatchEvent::Updated(
+        key(),
+        Some(other.with_revision(2).holder(None)),
+    )));
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Acquire { .. })),
+        "{out:?}"
+    );
+    assert!(c.wake().is_some_and(|w| w >= year), "{:?}", c.wake());
+
+    // The watch broke: the hub's Resync makes it read now, and a read
+    // with a hint sets the timer to it.
+    let out = c.at(600).feed(Input::Watch(WatchEvent::Resync));
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Acquire { .. })) || {
+            let out = c.at(601).tick();
+            out.iter().any(|o| matches!(o, Output::Acquire { .. }))
+        },
+        "a Resync should make the follower try"
+    );
+    c.at(610).feed(Input::Acquire(Ok(Acquired::Held(
+        other.holder(Some(ms(800))),
+    ))));
+    assert!(
+        c.wake().is_some_and(|w| w >= ms(1410) && w < ms(1500)),
+        "{:?}",
+        c.wake()
+    );
+
+    // Without a watch that reports expiry, a hint-less holder means a
+    // retry interval.
+    let (mut c, _) = Solo::new();
+    c.at(10)
+        .feed(Input::Acquire(Ok(Acquired::Held(other.holder(None)))));
+    assert_eq!(c.wake(), Some(ms(10) + RETRY));
 }
 
 #[test]
