@@ -25,6 +25,9 @@ pub mod conformance;
 pub mod noleader;
 
 pub use backend::blocking::{Blocking, BlockingBackendEdge};
+#[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
+pub use backend::etcd::{EtcdBackend, EtcdBuilder};
 pub use backend::memory::{Fault, Faults, MemoryBackend, MemoryStore};
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]

@@ -56,6 +56,9 @@
 pub mod blocking;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 mod clock;
+#[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
+pub mod etcd;
 mod hub;
 pub mod memory;
 #[cfg(feature = "nats")]
@@ -988,6 +991,15 @@ impl Backend {
     #[cfg(feature = "redis")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub fn redis(backend: redis::RedisBackend) -> Backend {
+        Backend::new(backend)
+    }
+
+    /// A backend on etcd 3.4 or newer (feature `etcd`): one etcd lease per
+    /// backend keeps every key it holds alive; see
+    /// [`EtcdBackend`](etcd::EtcdBackend).
+    #[cfg(feature = "etcd")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
+    pub fn etcd(backend: etcd::EtcdBackend) -> Backend {
         Backend::new(backend)
     }
 
