@@ -135,6 +135,8 @@ pub struct EtcdBuilder {
     prefix: Option<String>,
     connect_timeout: Option<Duration>,
     user: Option<(String, String)>,
+    /// A URL given to [`url`](Self::url) that is not `etcd://…`.
+    bad_url: Option<String>,
 }
 
 impl std::fmt::Debug for EtcdBuilder {
@@ -165,6 +167,37 @@ impl EtcdBuilder {
         S: Into<String>,
     {
         self.endpoints.extend(endpoints.into_iter().map(Into::into));
+        self
+    }
+
+    /// Endpoints (and a prefix) from one URL: `etcd://host:port[,host:port…][/prefix]`,
+    /// for a command line or an environment variable. Checked by
+    /// [`build`](Self::build), like the other settings.
+    ///
+    /// ```
+    /// use leaseholder::EtcdBackend;
+    ///
+    /// let backend = EtcdBackend::builder()
+    ///     .url("etcd://10.0.0.1:2379,10.0.0.2:2379/billing")
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(backend.prefix(), "billing");
+    /// assert!(EtcdBackend::builder().url("http://x:1").build().is_err());
+    /// ```
+    pub fn url(mut self, url: &str) -> Self {
+        match url.strip_prefix("etcd://") {
+            Some(rest) => {
+                let (hosts, prefix) = match rest.split_once('/') {
+                    Some((hosts, prefix)) => (hosts, Some(prefix)),
+                    None => (rest, None),
+                };
+                self.endpoints.extend(hosts.split(',').map(str::to_owned));
+                if let Some(prefix) = prefix {
+                    self.prefix = Some(prefix.to_owned());
+                }
+            }
+            None => self.bad_url = Some(url.to_owned()),
+        }
         self
     }
 
@@ -211,6 +244,11 @@ impl EtcdBuilder {
     /// assert!(err.to_string().contains("TLS"));
     /// ```
     pub fn build(self) -> Result<EtcdBackend, ConfigError> {
+        if let Some(url) = &self.bad_url {
+            return Err(config(format!(
+                "URL {url:?} is not etcd://host:port[,host:port…][/prefix]"
+            )));
+        }
         let prefix = self.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
         check_prefix(&prefix)?;
         let connect_timeout = self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
