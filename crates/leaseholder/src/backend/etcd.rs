@@ -120,6 +120,13 @@ pub const SHARE_FRACTION: u32 = 6;
 /// The oldest etcd accepted.
 const MIN_VERSION: (u32, u32) = (3, 4);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_WATCH_PING: Duration = Duration::from_secs(1);
+/// etcd refuses longer leases (`MaxLeaseTTL`).
+const MAX_LEASE_TTL_SECS: i64 = 9_000_000_000;
+/// How often an idle connection is pinged (HTTP/2): well above etcd's
+/// default `--grpc-keepalive-min-time` of 5 s. A silent link is noticed
+/// sooner by each call's budget.
+const HTTP2_PING: Duration = Duration::from_secs(10);
 const NAME: &str = "etcd";
 
 /// How many stale keys one sweep deletes in one transaction (etcd's
@@ -134,6 +141,7 @@ pub struct EtcdBuilder {
     client: Option<Client>,
     prefix: Option<String>,
     connect_timeout: Option<Duration>,
+    watch_ping: Option<Duration>,
     user: Option<(String, String)>,
     /// A URL given to [`url`](Self::url) that is not `etcd://…`.
     bad_url: Option<String>,
@@ -146,6 +154,7 @@ impl std::fmt::Debug for EtcdBuilder {
             .field("client", &self.client.is_some())
             .field("prefix", &self.prefix)
             .field("connect_timeout", &self.connect_timeout)
+            .field("watch_ping", &self.watch_ping)
             .field("user", &self.user.as_ref().map(|(name, _)| name))
             .finish()
     }
@@ -224,6 +233,16 @@ impl EtcdBuilder {
         self
     }
 
+    /// How long the watch may stay silent before the backend asks the
+    /// server for a progress report; with no answer within as long again,
+    /// the watch is taken for dead and reopened on a new connection
+    /// (default 1 s). A watch that went silent would otherwise leave idle
+    /// followers waiting for events that cannot come.
+    pub fn watch_ping(mut self, ping: Duration) -> Self {
+        self.watch_ping = Some(ping);
+        self
+    }
+
     /// The user and password, for a cluster with authentication on.
     pub fn user(mut self, name: impl Into<String>, password: impl Into<String>) -> Self {
         self.user = Some((name.into(), password.into()));
@@ -257,6 +276,12 @@ impl EtcdBuilder {
                 "connect_timeout {connect_timeout:?} is outside 1 ms to one year"
             )));
         }
+        let watch_ping = self.watch_ping.unwrap_or(DEFAULT_WATCH_PING);
+        if watch_ping < Duration::from_millis(1) || watch_ping > crate::MAX_INTERVAL {
+            return Err(config(format!(
+                "watch_ping {watch_ping:?} is outside 1 ms to one year"
+            )));
+        }
         let source = match (self.client, self.endpoints.is_empty()) {
             (Some(_), false) => {
                 return Err(config(
@@ -275,7 +300,10 @@ impl EtcdBuilder {
                 }
                 let mut options = ConnectOptions::new()
                     .with_connect_timeout(connect_timeout)
-                    .with_keep_alive(Duration::from_secs(1), connect_timeout)
+                    // etcd closes a connection that pings more often than
+                    // its --grpc-keepalive-min-time (5 s by default), which
+                    // would break the watch every few seconds.
+                    .with_keep_alive(HTTP2_PING, connect_timeout.max(HTTP2_PING))
                     .with_require_leader(true);
                 if let Some((name, password)) = &self.user {
                     if name.is_empty() {
@@ -293,7 +321,9 @@ impl EtcdBuilder {
                 fresh_key: format!("{prefix}/fresh"),
                 prefix,
                 source,
-                client: tokio::sync::Mutex::new(None),
+                watch_ping,
+                client: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
                 keepers: Mutex::new(HashMap::new()),
                 held: Mutex::new(HashMap::new()),
                 watch: WatchState::default(),
@@ -395,9 +425,13 @@ struct Inner {
     epoch_key: String,
     fresh_key: String,
     source: Source,
+    watch_ping: Duration,
     /// Connected on first use (etcd-client connects lazily per request
-    /// anyway; this only runs authentication once).
-    client: tokio::sync::Mutex<Option<Client>>,
+    /// anyway; this only runs authentication once), and again after a call
+    /// that got no reply ([`EtcdBackend::reset_client`]).
+    client: Mutex<Option<Client>>,
+    /// Held while connecting, so that one call connects at a time.
+    connecting: tokio::sync::Mutex<()>,
     /// One shared lease per ttl in whole seconds.
     keepers: Mutex<HashMap<i64, Arc<Keeper>>>,
     /// The keys this backend holds (or may hold: an acquire in flight).
@@ -428,6 +462,13 @@ struct Held {
     /// whole ttl has no live term and is deleted.
     touched: Instant,
     ttl: Duration,
+}
+
+impl Held {
+    /// `true` if no campaign has asked for the key in a whole ttl.
+    fn untouched_since(&self, now: Instant) -> bool {
+        self.touched.checked_add(self.ttl).is_some_and(|t| t < now)
+    }
 }
 
 #[derive(Default)]
@@ -493,12 +534,15 @@ impl EtcdBackend {
     }
 
     async fn client(&self, budget: Duration) -> Result<Client, BackendError> {
-        let mut slot = match tokio::time::timeout(budget, self.inner.client.lock()).await {
-            Ok(slot) => slot,
-            Err(_) => return Err(BackendError::Timeout(budget)),
+        if let Some(client) = lock(&self.inner.client).clone() {
+            return Ok(client);
+        }
+        let Ok(_connecting) = tokio::time::timeout(budget, self.inner.connecting.lock()).await
+        else {
+            return Err(BackendError::Timeout(budget));
         };
-        if let Some(client) = slot.as_ref() {
-            return Ok(client.clone());
+        if let Some(client) = lock(&self.inner.client).clone() {
+            return Ok(client);
         }
         let client = match &self.inner.source {
             Source::Client(client) => (**client).clone(),
@@ -515,8 +559,18 @@ impl EtcdBackend {
                 }
             }
         };
-        *slot = Some(client.clone());
+        *lock(&self.inner.client) = Some(client.clone());
         Ok(client)
+    }
+
+    /// A call got no reply within its budget: the next call connects
+    /// anew, so that a link that went silent (its connection still open,
+    /// nothing crossing it) is not used again. A client given to the
+    /// builder is kept.
+    fn reset_client(&self) {
+        if matches!(self.inner.source, Source::Endpoints(..)) {
+            lock(&self.inner.client).take();
+        }
     }
 
     /// Runs `txn` within `budget`.
@@ -537,7 +591,10 @@ impl EtcdBackend {
         let mut kv = client.kv_client();
         match tokio::time::timeout(left, kv.txn(txn)).await {
             Ok(result) => Ok(result),
-            Err(_) => Err(BackendError::Timeout(budget)),
+            Err(_) => {
+                self.reset_client();
+                Err(BackendError::Timeout(budget))
+            }
         }
     }
 
@@ -631,7 +688,10 @@ impl EtcdBackend {
         let fresh = match tokio::time::timeout(left(), leases.grant(ttl_secs(ttl), None)).await {
             Ok(Ok(reply)) => reply.id(),
             Ok(Err(e)) => return Err(error(e)),
-            Err(_) => return Err(BackendError::Timeout(budget)),
+            Err(_) => {
+                self.reset_client();
+                return Err(BackendError::Timeout(budget));
+            }
         };
         let now_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -728,7 +788,7 @@ impl EtcdBackend {
         let now = Instant::now();
         let stale: Vec<(Key, Held)> = lock(&self.inner.held)
             .iter()
-            .filter(|(_, h)| h.lease == lease && h.touched + h.ttl < now)
+            .filter(|(_, h)| h.lease == lease && h.untouched_since(now))
             .map(|(k, h)| (k.clone(), h.clone()))
             .collect();
         for chunk in stale.chunks(SWEEP_BATCH) {
@@ -872,6 +932,10 @@ enum Step {
 }
 
 impl Keeper {
+    fn ttl(&self) -> Duration {
+        Duration::from_secs(u64::try_from(self.ttl_secs).unwrap_or(u64::MAX))
+    }
+
     /// A confirmation that the lease lives for a ttl from an instant no
     /// earlier than `not_before`: the latest one if it is recent enough,
     /// the one in flight if it was sent late enough, else a new keep-alive
@@ -887,8 +951,25 @@ impl Keeper {
                     (_, _, Some(flight)) => {
                         Step::Wait(flight.done.clone(), flight.sent >= not_before)
                     }
-                    (lease, _, None) => {
-                        let lease = *lease;
+                    (lease, confirmed, None) => {
+                        let now = Instant::now();
+                        // Not confirmed for over a ttl (and a second of
+                        // etcd's rounding): no term on it is live, and the
+                        // lease has expired or is about to. Grant a new one
+                        // rather than spend a round trip on a keep-alive
+                        // that would say so (a follower's acquire after a
+                        // release is one request shorter).
+                        let stale = confirmed.is_some_and(|at| {
+                            at.checked_add(self.ttl() + Duration::from_secs(1))
+                                .is_some_and(|gone| gone < now)
+                        });
+                        let lease = if stale {
+                            state.lease = None;
+                            state.confirmed = None;
+                            None
+                        } else {
+                            *lease
+                        };
                         let (tx, rx) = watch::channel(None);
                         let id = state.next_flight;
                         state.next_flight += 1;
@@ -950,12 +1031,11 @@ impl Keeper {
                             let now = Instant::now();
                             lock(&backend.inner.held)
                                 .values()
-                                .any(|h| h.lease == *id && h.touched + h.ttl < now)
+                                .any(|h| h.lease == *id && h.untouched_since(now))
                         };
                         if stale {
                             let backend = backend.clone();
-                            let budget =
-                                Duration::from_secs(u64::try_from(self.ttl_secs).unwrap_or(1));
+                            let budget = self.ttl();
                             let id = *id;
                             tokio::spawn(async move { backend.sweep(id, budget).await });
                         }
@@ -968,7 +1048,7 @@ impl Keeper {
 
     /// One keep-alive of `lease`, or a grant of a new lease.
     async fn send(&self, backend: &EtcdBackend, lease: Option<i64>, sent: Instant) -> Outcome {
-        let budget = Duration::from_secs(u64::try_from(self.ttl_secs).unwrap_or(1));
+        let budget = self.ttl();
         let client = match backend.client(budget).await {
             Ok(client) => client,
             Err(e) => return Outcome::Failed(e.to_string(), e.is_transient()),
@@ -984,7 +1064,10 @@ impl Keeper {
                     let e = error(e);
                     Outcome::Failed(e.to_string(), e.is_transient())
                 }
-                Err(_) => Outcome::Failed(format!("no keep-alive reply within {budget:?}"), true),
+                Err(_) => {
+                    backend.reset_client();
+                    Outcome::Failed(format!("no keep-alive reply within {budget:?}"), true)
+                }
             },
             None => match tokio::time::timeout(budget, leases.grant(self.ttl_secs, None)).await {
                 Ok(Ok(reply)) => {
@@ -999,7 +1082,10 @@ impl Keeper {
                     let e = error(e);
                     Outcome::Failed(e.to_string(), e.is_transient())
                 }
-                Err(_) => Outcome::Failed(format!("no grant reply within {budget:?}"), true),
+                Err(_) => {
+                    backend.reset_client();
+                    Outcome::Failed(format!("no grant reply within {budget:?}"), true)
+                }
             },
         }
     }
@@ -1052,7 +1138,10 @@ impl BackendEdge for EtcdBackend {
         let status = match tokio::time::timeout(left, maintenance.status()).await {
             Ok(Ok(status)) => status,
             Ok(Err(e)) => return Err(error(e)),
-            Err(_) => return Err(BackendError::Timeout(budget)),
+            Err(_) => {
+                self.reset_client();
+                return Err(BackendError::Timeout(budget));
+            }
         };
         let version = status.version().to_owned();
         match parse_version(&version) {
@@ -1148,7 +1237,10 @@ impl BackendEdge for EtcdBackend {
             match tokio::time::timeout(budget, watcher.watch(prefix, Some(options))).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => return Err(error(e)),
-                Err(_) => return Err(BackendError::Timeout(budget)),
+                Err(_) => {
+                    self.reset_client();
+                    return Err(BackendError::Timeout(budget));
+                }
             };
         // The first reply says the watch was created (or refused: a start
         // revision compacted away).
@@ -1156,7 +1248,10 @@ impl BackendEdge for EtcdBackend {
             Ok(Ok(Some(reply))) => reply,
             Ok(Ok(None)) => return Err(BackendError::unavailable("the watch stream closed")),
             Ok(Err(e)) => return Err(error(e)),
-            Err(_) => return Err(BackendError::Timeout(budget)),
+            Err(_) => {
+                self.reset_client();
+                return Err(BackendError::Timeout(budget));
+            }
         };
         if first.canceled() || first.compact_revision() > 0 {
             tracing::warn!(
@@ -1185,53 +1280,102 @@ impl BackendEdge for EtcdBackend {
             inner: Arc::downgrade(&self.inner),
             generation,
         };
-        let backend = self.clone();
-        let events = futures_util::stream::unfold(
-            (
-                stream,
-                backend,
-                guard,
-                std::collections::VecDeque::new(),
-                false,
-            ),
-            |(mut stream, backend, guard, mut queue, mut ended)| async move {
-                loop {
-                    if let Some(event) = queue.pop_front() {
-                        return Some((event, (stream, backend, guard, queue, ended)));
-                    }
-                    if ended {
-                        return None;
-                    }
-                    match stream.message().await {
-                        Ok(Some(reply)) => {
-                            if reply.canceled() || reply.compact_revision() > 0 {
-                                tracing::warn!(
-                                    compacted = reply.compact_revision(),
-                                    "watch cancelled by the server; reconnecting"
-                                );
-                                if reply.compact_revision() > 0 {
-                                    backend.inner.watch.revision.store(0, Ordering::Release);
-                                }
-                                guard.down();
-                                queue.push_back(WatchEvent::Resync);
-                                ended = true;
-                                continue;
-                            }
-                            backend.on_watch(&reply, &mut queue);
-                        }
-                        Ok(None) | Err(_) => {
-                            guard.down();
-                            return None;
-                        }
-                    }
-                }
-            },
-        );
+        let (sender, receiver) = stream.split();
+        let watching = Watching {
+            sender,
+            receiver,
+            backend: self.clone(),
+            _guard: guard,
+            queue: std::collections::VecDeque::new(),
+            ended: false,
+            ping: self.inner.watch_ping,
+            next_ping: Instant::now() + self.inner.watch_ping,
+            asked: None,
+        };
+        let events = futures_util::stream::unfold(watching, |mut w| async move {
+            let event = w.next().await?;
+            Some((event, w))
+        });
         Ok(Some(Box::pin(events)))
     }
 
     fn watch_reports_expiry(&self) -> bool {
         true
+    }
+}
+
+/// One watch stream, as the hub reads it.
+struct Watching {
+    sender: etcd_client::WatchRequestSender,
+    receiver: etcd_client::WatchResponseStream,
+    backend: EtcdBackend,
+    _guard: UpGuard,
+    queue: std::collections::VecDeque<WatchEvent>,
+    ended: bool,
+    /// No reply for this long: ask for one (a progress request); none for
+    /// this long after asking: the stream is dead.
+    ping: Duration,
+    next_ping: Instant,
+    /// When the progress request still unanswered was sent.
+    asked: Option<Instant>,
+}
+
+impl Watching {
+    /// The next event, or `None` once the stream is over (the watch is
+    /// marked down before).
+    async fn next(&mut self) -> Option<WatchEvent> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Some(event);
+            }
+            if self.ended {
+                return None;
+            }
+            let wake = self.asked.map_or(self.next_ping, |at| at + self.ping);
+            tokio::select! {
+                reply = self.receiver.message() => match reply {
+                    Ok(Some(reply)) => {
+                        // Any reply shows the stream alive.
+                        self.asked = None;
+                        self.next_ping = Instant::now() + self.ping;
+                        if reply.canceled() || reply.compact_revision() > 0 {
+                            tracing::warn!(
+                                compacted = reply.compact_revision(),
+                                "watch cancelled by the server; reconnecting"
+                            );
+                            if reply.compact_revision() > 0 {
+                                self.backend.inner.watch.revision.store(0, Ordering::Release);
+                            }
+                            self.end();
+                            continue;
+                        }
+                        self.backend.on_watch(&reply, &mut self.queue);
+                    }
+                    Ok(None) | Err(_) => {
+                        self.end();
+                        return None;
+                    }
+                },
+                () = tokio::time::sleep_until(wake) => {
+                    if self.asked.is_some() {
+                        tracing::warn!(ping = ?self.ping, "the watch stream went silent; reconnecting");
+                        self.backend.reset_client();
+                        self.end();
+                        return None;
+                    }
+                    if self.sender.request_progress().await.is_err() {
+                        self.end();
+                        return None;
+                    }
+                    self.asked = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        self._guard.down();
+        self.ended = true;
     }
 }
 
@@ -1267,6 +1411,12 @@ impl EtcdBackend {
         budget: Duration,
     ) -> Result<Acquired, BackendError> {
         let called = Instant::now();
+        if ttl_secs(ttl) > MAX_LEASE_TTL_SECS {
+            return Err(BackendError::Unsupported {
+                what: format!("a ttl of {ttl:?}"),
+                needed: format!("at most {MAX_LEASE_TTL_SECS} s, etcd's longest lease"),
+            });
+        }
         let keeper = self.keeper(ttl);
         // Two rounds at most: a lease that expired between its keep-alive
         // and the put is replaced once.
