@@ -3,7 +3,9 @@
 //!
 //! `leaseholder-candidate <url> <key> <ttl-ms> [write-delay-ms]` campaigns
 //! for `key` on NATS (`nats://…`), PostgreSQL (`postgres://…`), Redis
-//! (`redis://…` or `redis+sentinel://…`) or a SQLite file (`sqlite:<path>`) and prints one line per event on stdout:
+//! (`redis://…` or `redis+sentinel://…`), etcd
+//! (`etcd://host:port[,host:port…][/prefix]`; whole-second ttls) or a SQLite
+//! file (`sqlite:<path>`) and prints one line per event on stdout:
 //!
 //! - `READY` once the bucket is set up and the campaign starts;
 //! - `START <token>` when its work starts, `STOP <token>` when the work
@@ -21,7 +23,9 @@
 use std::io::Write;
 use std::time::Duration;
 
-use leaseholder::{Backend, Leader, PostgresBackend, RedisBackend, SqliteBackend, State};
+use leaseholder::{
+    Backend, EtcdBackend, Leader, PostgresBackend, RedisBackend, SqliteBackend, State,
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -37,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(url), Some(key), Some(ttl)) = (args.next(), args.next(), args.next()) else {
         anyhow::bail!(
-            "usage: leaseholder-candidate <nats://…|postgres://…|redis://…|sqlite:PATH> <key> <ttl-ms> [write-delay-ms]"
+            "usage: leaseholder-candidate <nats://…|postgres://…|redis://…|etcd://…|sqlite:PATH> <key> <ttl-ms> [write-delay-ms]"
         );
     };
     let ttl = Duration::from_millis(ttl.parse()?);
@@ -49,6 +53,8 @@ async fn main() -> anyhow::Result<()> {
         Backend::sqlite(SqliteBackend::builder().path(path).build()?)
     } else if url.starts_with("redis") {
         Backend::redis(RedisBackend::builder().url(url).build()?)
+    } else if url.starts_with("etcd://") {
+        Backend::etcd(EtcdBackend::builder().url(&url).build()?)
     } else if url.starts_with("postgres") {
         Backend::postgres(PostgresBackend::builder().url(url).build()?)
     } else {

@@ -4,7 +4,7 @@
 //! running leader), which these tests are not about.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use leaseholder_testkit::{NatsServer, PostgresServer, RedisServer, TempDir};
+use leaseholder_testkit::{EtcdServer, NatsServer, PostgresServer, RedisServer, TempDir};
 
 /// The message a test gives when PostgreSQL is not installed.
 pub(crate) const NO_POSTGRES: &str = "PostgreSQL 15+: run scripts/setup";
@@ -69,4 +69,26 @@ pub(crate) async fn redis_in_use() -> RedisServer {
         .unwrap();
     assert_eq!(out.trim(), "OK");
     server
+}
+
+/// A fresh single-member etcd whose epoch marker (`leaseholder/epoch`)
+/// says it has been in use for a long time (on a new cluster, the first
+/// acquire writes the marker and every acquire waits one ttl after it,
+/// which these tests are not about; see the module docs of
+/// `crates/leaseholder/src/backend/etcd.rs`).
+pub(crate) async fn etcd_in_use() -> EtcdServer {
+    let server = EtcdServer::start()
+        .await
+        .expect("etcd 3.4+ (run scripts/setup)");
+    let out = server
+        .ctl(&["put", "leaseholder/epoch", "0"])
+        .await
+        .unwrap();
+    assert_eq!(out.trim(), "OK");
+    server
+}
+
+/// The candidate's store argument for `server`: `etcd://127.0.0.1:PORT`.
+pub(crate) fn etcd_url(server: &EtcdServer) -> String {
+    format!("etcd://{}", server.addr())
 }
