@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use leaseholder::{
@@ -20,8 +20,14 @@ pub(crate) struct Counts {
     pub(crate) holder: AtomicU64,
     pub(crate) setup: AtomicU64,
     pub(crate) watch: AtomicU64,
+    /// How many keep-alives the wrapped backend has sent, where it counts
+    /// them (etcd: `EtcdBackend::keep_alives_sent`).
+    pub(crate) keep_alives: OnceLock<KeepAlives>,
     timing: Mutex<Timing>,
 }
+
+/// Reads a backend's keep-alive counter.
+pub(crate) type KeepAlives = Box<dyn Fn() -> u64 + Send + Sync>;
 
 #[derive(Default)]
 struct Timing {

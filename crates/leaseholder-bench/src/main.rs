@@ -1,9 +1,10 @@
 //! `leaseholder-bench [--quick] [--out DIR] [--no-noleader]`: leader election
-//! benchmarks on the memory backend, a real nats-server, a real PostgreSQL
-//! and a real redis-server, with noleader 0.1.2 on the same nats-server.
-//! See `scripts/bench`.
+//! benchmarks on the memory backend, a real nats-server, a real PostgreSQL,
+//! a real redis-server and a real (single-member) etcd, with noleader
+//! 0.1.2 on the same nats-server. See `scripts/bench`.
 
 mod counting;
+mod etcd_epoch;
 mod fleet;
 mod report;
 mod scenarios;
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use leaseholder::MemoryStore;
-use leaseholder_testkit::{NatsServer, PostgresServer, RedisServer};
+use leaseholder_testkit::{EtcdServer, NatsServer, PostgresServer, RedisServer};
 use tokio::time::Instant;
 
 use crate::fleet::{Fleet, MemFleet, ProcFleet};
@@ -57,12 +58,12 @@ async fn main() -> anyhow::Result<()> {
     run(opts).await
 }
 
-/// `scale-worker <memory|nats|postgres|redis> <url> <keys> <ttl-ms> <window-ms>`:
+/// `scale-worker <memory|nats|postgres|redis|etcd> <url> <keys> <ttl-ms> <window-ms>`:
 /// one process, one client, `keys` leaders; prints one `SCALE` line.
 async fn scale_worker(args: &[String]) -> anyhow::Result<()> {
     let [kind, url, keys, ttl, window] = args else {
         anyhow::bail!(
-            "usage: scale-worker <memory|nats|postgres|redis> <url> <keys> <ttl-ms> <window-ms>"
+            "usage: scale-worker <memory|nats|postgres|redis|etcd> <url> <keys> <ttl-ms> <window-ms>"
         );
     };
     let store = match kind.as_str() {
@@ -70,6 +71,7 @@ async fn scale_worker(args: &[String]) -> anyhow::Result<()> {
         "nats" => Store::Nats(url.clone()),
         "postgres" => Store::Postgres(url.clone()),
         "redis" => Store::Redis(url.clone()),
+        "etcd" => Store::Etcd(url.clone()),
         other => anyhow::bail!("unknown store {other:?}"),
     };
     let s = scenarios::scale(
@@ -333,7 +335,13 @@ async fn steady_and_scale(
     } else {
         &[1, 100, 1000, 10_000]
     };
-    let window = Duration::from_secs(if opts.quick { 5 } else { 20 });
+    // etcd's keep-alives per renew interval want whole intervals (ttl 10 s:
+    // 3.3 s each): 3 of them in a quick run rather than 1.5.
+    let window = Duration::from_secs(match (opts.quick, backend) {
+        (true, "etcd") => 10,
+        (true, _) => 5,
+        (false, _) => 20,
+    });
     for &n in keys {
         log(
             start,
@@ -400,8 +408,28 @@ async fn steady_and_scale(
                 s.late, s.renewals
             ),
         );
+        if let Some(sent) = s.keep_alives {
+            let renew = ttl / 3;
+            let intervals = s.window_s / renew.as_secs_f64();
+            sent_row(sink, backend, n, sent, intervals, s.window_s);
+        }
     }
     Ok(())
+}
+
+/// The keep-alives a process holding `n` keys sent per renew interval
+/// (etcd's shared lease: about one, whatever `n`).
+fn sent_row(sink: &mut Sink, backend: &str, n: usize, sent: u64, intervals: f64, window_s: f64) {
+    sink.figure(
+        backend,
+        format!("scale {n} keys: keep-alives per renew interval"),
+        "per interval",
+        vec![sent as f64 / intervals],
+        Some(("about 1 (<= 1.5)".into(), 1.5)),
+        format!(
+            "{sent} keep-alives and grants in {window_s:.1} s = {intervals:.2} renew intervals of 3.3 s"
+        ),
+    );
 }
 
 /// noleader on the NATS server: one fleet times the first election and a
@@ -511,6 +539,18 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
     Store::Redis(redis_url.clone()).prepare().await?;
     let redis_quiet_until = Instant::now() + LONGEST_TTL;
 
+    // etcd (a single member, like the other servers): the first acquire
+    // on it writes the epoch marker, and no acquire succeeds until the
+    // fresh marker's lease has expired. Paid here, once per server, like
+    // Redis's marker: `prepare` campaigns on a throwaway key until it
+    // leads, so every etcd row runs under a settled marker.
+    log(start, "starting etcd");
+    let etcd = EtcdServer::start()
+        .await
+        .context("etcd 3.4+ is needed: run scripts/setup")?;
+    let etcd_url = format!("etcd://{}", etcd.addr());
+    Store::Etcd(etcd_url.clone()).prepare().await?;
+
     fleet_scenarios(
         &mut sink,
         &opts,
@@ -529,6 +569,14 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
         &opts,
         "redis",
         |key, ttl| ProcFleet::new(exe.clone(), "leaseholder", &redis_url, key, ttl),
+        start,
+    )
+    .await?;
+    fleet_scenarios(
+        &mut sink,
+        &opts,
+        "etcd",
+        |key, ttl| ProcFleet::new(exe.clone(), "leaseholder", &etcd_url, key, ttl),
         start,
     )
     .await?;
@@ -565,6 +613,14 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
         start,
     )
     .await?;
+    steady_and_scale(
+        &mut sink,
+        &opts,
+        &Store::Etcd(etcd_url.clone()),
+        &etcd_url,
+        start,
+    )
+    .await?;
 
     if let Some(task) = noleader {
         log(start, "waiting for noleader");
@@ -582,21 +638,23 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
         ("nats_server", nats.version().to_owned()),
         ("postgres", pg.version().to_owned()),
         ("redis_server", redis.version().to_owned()),
+        ("etcd", etcd.version().to_owned()),
         ("cpus", cpus.to_string()),
         ("noleader", "0.1.2".to_owned()),
     ];
     report::write(&opts.out, "results.json", &report::json(&sink.rows, &meta))?;
     let header = format!(
         "# leaseholder benchmark results ({mode})\n\nRun by `scripts/bench{}`; wall time {:.0} s on {cpus} CPUs shared with other work, so figures are noisy. \
-nats-server {}, PostgreSQL {}, redis-server {}, noleader 0.1.2 on the same nats-server. Times in ms from the action (SIGTERM, SIGKILL, or letting all candidates campaign) to the successor's work start, \
-measured by the bench process reading the candidates' stdout. NATS, PostgreSQL and Redis candidates are separate processes; memory candidates are tasks in the bench process. \
-Redis rows run once the server's epoch marker is older than every ttl (it is written once per server: see `src/main.rs`). \
+nats-server {}, PostgreSQL {}, redis-server {}, etcd {} (one member), noleader 0.1.2 on the same nats-server. Times in ms from the action (SIGTERM, SIGKILL, or letting all candidates campaign) to the successor's work start, \
+measured by the bench process reading the candidates' stdout. NATS, PostgreSQL, Redis and etcd candidates are separate processes; memory candidates are tasks in the bench process. \
+Redis rows run once the server's epoch marker is older than every ttl, etcd rows once its fresh-cluster marker has expired (each is written once per server: see `src/main.rs`). \
 Targets are checked against p99 (single figures: their value). Raw samples: `results.json`.\n",
         if opts.quick { " --quick" } else { "" },
         wall.as_secs_f64(),
         nats.version(),
         pg.version(),
-        redis.version()
+        redis.version(),
+        etcd.version()
     );
     let md = report::markdown(&sink.rows, &header);
     report::write(&opts.out, "RESULTS.md", &md)?;

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use leaseholder::{Backend, Leader, MemoryStore, NatsBackend, PostgresBackend, RedisBackend};
+use leaseholder::{
+    Backend, EtcdBackend, Leader, MemoryStore, NatsBackend, PostgresBackend, RedisBackend,
+};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -22,6 +24,8 @@ pub(crate) enum Store {
     Nats(String),
     Postgres(String),
     Redis(String),
+    /// `etcd://host:port[,…]`.
+    Etcd(String),
 }
 
 /// The key prefix of the bench's Redis clients and candidates (like the
@@ -36,6 +40,18 @@ pub(crate) fn redis_backend(url: &str) -> anyhow::Result<RedisBackend> {
         .build()?)
 }
 
+/// The key prefix of the bench's etcd clients and candidates (`bench`,
+/// like the others).
+pub(crate) const ETCD_PREFIX: &str = "bench";
+
+/// An etcd backend of the bench on `url` (`etcd://host:port[,…]`).
+pub(crate) fn etcd_backend(url: &str) -> anyhow::Result<EtcdBackend> {
+    Ok(EtcdBackend::builder()
+        .url(url)
+        .prefix(ETCD_PREFIX)
+        .build()?)
+}
+
 impl Store {
     pub(crate) fn name(&self) -> &'static str {
         match self {
@@ -43,6 +59,7 @@ impl Store {
             Store::Nats(_) => "nats",
             Store::Postgres(_) => "postgres",
             Store::Redis(_) => "redis",
+            Store::Etcd(_) => "etcd",
         }
     }
 
@@ -55,6 +72,10 @@ impl Store {
     /// Redis has nothing to create, but its setup writes the epoch marker
     /// of a fresh server, and no acquire succeeds until the marker is one
     /// ttl old: the caller waits for that (see `main.rs`).
+    ///
+    /// etcd has nothing to create either; the first acquire on a cluster
+    /// writes its epoch marker, and none succeeds for a ttl after: this
+    /// campaigns on a throwaway key until it leads (see `etcd_epoch.rs`).
     pub(crate) async fn prepare(&self) -> anyhow::Result<()> {
         match self {
             Store::Memory(_) => {}
@@ -77,6 +98,15 @@ impl Store {
                     .setup()
                     .await
                     .context("writing the Redis epoch marker")?;
+            }
+            Store::Etcd(url) => {
+                crate::etcd_epoch::settle(
+                    etcd_backend(url)?,
+                    Duration::from_secs(2),
+                    Duration::from_secs(30),
+                )
+                .await
+                .context("waiting out the etcd epoch marker")?;
             }
         }
         Ok(())
@@ -105,6 +135,15 @@ impl Store {
             }
             Store::Redis(url) => {
                 let (edge, counts) = Counting::new(redis_backend(url)?, renew_interval);
+                (Backend::new(edge), counts)
+            }
+            Store::Etcd(url) => {
+                let etcd = etcd_backend(url)?;
+                let probe = etcd.clone();
+                let (edge, counts) = Counting::new(etcd, renew_interval);
+                let _ = counts
+                    .keep_alives
+                    .set(Box::new(move || probe.keep_alives_sent()));
                 (Backend::new(edge), counts)
             }
         })
@@ -359,12 +398,15 @@ pub(crate) struct Scale {
     pub(crate) late: usize,
     pub(crate) late_p99_pct: f64,
     pub(crate) lost: usize,
+    /// Keep-alives (and grants) the backend sent in the window, where it
+    /// counts them (etcd's shared lease).
+    pub(crate) keep_alives: Option<u64>,
 }
 
 impl Scale {
     pub(crate) fn to_line(&self) -> String {
         format!(
-            "SCALE {} {} {} {} {} {} {} {} {}",
+            "SCALE {} {} {} {} {} {} {} {} {} {}",
             self.keys,
             self.ready_ms,
             self.window_s,
@@ -373,7 +415,9 @@ impl Scale {
             self.renewals,
             self.late,
             self.late_p99_pct,
-            self.lost
+            self.lost,
+            self.keep_alives
+                .map_or_else(|| "-".to_owned(), |n| n.to_string())
         )
     }
 
@@ -383,7 +427,7 @@ impl Scale {
             .context("not a SCALE line")?
             .split(' ')
             .collect();
-        anyhow::ensure!(f.len() == 9, "bad SCALE line {line:?}");
+        anyhow::ensure!(f.len() == 10, "bad SCALE line {line:?}");
         Ok(Scale {
             keys: f[0].parse()?,
             ready_ms: f[1].parse()?,
@@ -394,6 +438,10 @@ impl Scale {
             late: f[6].parse()?,
             late_p99_pct: f[7].parse()?,
             lost: f[8].parse()?,
+            keep_alives: match f[9] {
+                "-" => None,
+                n => Some(n.parse()?),
+            },
         })
     }
 }
@@ -454,11 +502,14 @@ pub(crate) async fn scale(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _ = counts.take_lateness();
     let rss1 = crate::stats::rss_kib()?;
+    let sent = || counts.keep_alives.get().map(|f| f());
+    let sent0 = sent();
     let cpu0 = crate::stats::cpu_time()?;
     let w0 = Instant::now();
     tokio::time::sleep(window).await;
     let cpu1 = crate::stats::cpu_time()?;
     let elapsed = w0.elapsed();
+    let keep_alives = sent().zip(sent0).map(|(b, a)| b - a);
     let lateness = counts.take_lateness();
     let mut lost = 0;
     while let Ok(up) = rx.try_recv() {
@@ -483,6 +534,7 @@ pub(crate) async fn scale(
         late,
         late_p99_pct,
         lost,
+        keep_alives,
     };
     for task in tasks {
         task.abort();

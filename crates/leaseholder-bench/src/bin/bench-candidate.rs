@@ -1,7 +1,7 @@
 //! A candidate process for the benchmarks, for leaseholder or noleader 0.1.2.
 //!
-//! `bench-candidate <leaseholder|noleader> <nats-postgres-or-redis-url> <key> <ttl-ms>`
-//! connects, sets the bucket, table or Redis key prefix (`bench`) up,
+//! `bench-candidate <leaseholder|noleader> <nats-postgres-redis-or-etcd-url> <key> <ttl-ms>`
+//! connects, sets the bucket, table or Redis or etcd key prefix (`bench`) up,
 //! prints `READY` and waits for a `GO` line on stdin before it campaigns,
 //! so that a first election can be timed from the moment every candidate
 //! is connected. Then it prints:
@@ -18,7 +18,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
-use leaseholder::{Backend, Leader, PostgresBackend, RedisBackend};
+use leaseholder::{Backend, EtcdBackend, Leader, PostgresBackend, RedisBackend};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -67,6 +67,8 @@ async fn leaseholder(
         Backend::postgres(PostgresBackend::builder().url(url).build()?)
     } else if url.starts_with("redis") {
         Backend::redis(RedisBackend::builder().url(url).prefix("bench").build()?)
+    } else if url.starts_with("etcd://") {
+        Backend::etcd(EtcdBackend::builder().url(url).prefix("bench").build()?)
     } else {
         Backend::nats(async_nats::connect(url).await?, "bench")
     };

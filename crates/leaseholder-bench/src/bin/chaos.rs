@@ -3,11 +3,12 @@
 //! property.
 //!
 //! ```text
-//! chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis] [--long]
+//! chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis|etcd] [--long]
 //! ```
 //!
-//! It starts the server (nats-server 2.11+, PostgreSQL 15+ or redis-server
-//! 7+, as installed by `scripts/setup`), one TCP proxy per candidate, and
+//! It starts the server (nats-server 2.11+, PostgreSQL 15+, redis-server
+//! 7+, or a 3-member etcd 3.4+ cluster, as installed by `scripts/setup`),
+//! one TCP proxy per candidate (etcd: one per candidate and member), and
 //! N candidate processes (this binary, `chaos candidate …`) on one key,
 //! each through its own proxy, with a 2 s ttl. For `--duration` it injects a fault every
 //! one to three seconds, chosen with a generator seeded by `--seed` (the
@@ -26,6 +27,13 @@
 //!   by `FLUSHALL` or by a restart with its append-only files deleted (a
 //!   server without persistence). The backend's epoch marker keeps every
 //!   acquire out for a ttl, so this costs a ttl with no leader.
+//! - member-kill, member-pause (etcd only): `SIGKILL` one of the three
+//!   members (the Raft leader half of the time) and start it again 0.25
+//!   to 2.5 ttl later, or `SIGSTOP` it for as long; one member at a time,
+//!   and the next only once the cluster is healthy again, so the cluster
+//!   keeps its quorum. etcd's restart is the quorum loss: two members
+//!   killed, kept down for up to 1.25 ttl, started again one after the
+//!   other.
 //!
 //! With SQLite (no server, no link) the faults are kills, pauses and
 //! stalls of the file, counted as restarts. Half-way through a run, a
@@ -48,11 +56,13 @@ use anyhow::{Context as _, bail};
 
 #[path = "../chaos/mod.rs"]
 mod chaos;
+#[path = "../etcd_epoch.rs"]
+mod etcd_epoch;
 
 use chaos::check::FaultKind;
 use chaos::harness::{Options, Store};
 
-const USAGE: &str = "usage: chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis] [--long]";
+const USAGE: &str = "usage: chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis|etcd] [--long]";
 
 /// `120`, `120s`, `1500ms`, `2m`.
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
@@ -97,7 +107,8 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
                     "postgres" => Store::Postgres,
                     "sqlite" => Store::Sqlite,
                     "redis" => Store::Redis,
-                    other => bail!("--store {other}: nats, postgres, sqlite or redis"),
+                    "etcd" => Store::Etcd,
+                    other => bail!("--store {other}: nats, postgres, sqlite, redis or etcd"),
                 }
             }
             "-h" | "--help" => {
@@ -129,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
         Store::Postgres => "postgres",
         Store::Sqlite => "sqlite",
         Store::Redis => "redis",
+        Store::Etcd => "etcd",
     };
     println!(
         "chaos: seed {} (repeat the fault schedule with --seed {}), store {store}, {} candidates, {} s, ttl {} ms, write delay {} ms",
@@ -214,13 +226,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let count = |k| outcome.faults.get(&k).copied().unwrap_or(0);
     println!(
-        "CHAOS seed={seed} kill={} pause={} cut={} blackhole={} restart={} wipe={} transitions={} rejected={} largest_overlap_us={} violations={} anomalies={}",
+        "CHAOS seed={seed} kill={} pause={} cut={} blackhole={} restart={} wipe={} member_kill={} member_pause={} transitions={} rejected={} largest_overlap_us={} violations={} anomalies={}",
         count(FaultKind::Kill),
         count(FaultKind::Pause),
         count(FaultKind::Cut),
         count(FaultKind::Blackhole),
         count(FaultKind::Restart),
         count(FaultKind::Wipe),
+        count(FaultKind::MemberKill),
+        count(FaultKind::MemberPause),
         r.transitions(),
         r.rejected,
         r.largest_overlap,

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use leaseholder::{Backend, Leader, PostgresBackend, RedisBackend, State};
+use leaseholder::{Backend, EtcdBackend, Leader, PostgresBackend, RedisBackend, State};
 use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -58,7 +58,7 @@ const SETUP_PATIENCE: Duration = Duration::from_secs(60);
 pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let [url, key, ttl, write_delay] = args else {
         anyhow::bail!(
-            "usage: chaos candidate <nats-postgres-or-redis-url | sqlite:path> <key> <ttl-ms> <write-delay-ms>"
+            "usage: chaos candidate <nats-postgres-redis-or-etcd-url | sqlite:path> <key> <ttl-ms> <write-delay-ms>"
         );
     };
     let ttl = Duration::from_millis(ttl.parse().context("ttl-ms")?);
@@ -79,6 +79,8 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         Backend::postgres(PostgresBackend::builder().url(url).pool_size(2).build()?)
     } else if url.starts_with("redis") {
         Backend::redis(RedisBackend::builder().url(url).build()?)
+    } else if url.starts_with("etcd://") {
+        Backend::etcd(EtcdBackend::builder().url(url).build()?)
     } else {
         loop {
             match tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url)).await {

@@ -36,6 +36,13 @@
 //!   leader's deadline comes before the store can expire its lease. Nor
 //!   does a wipe (the server lost the lease): the store must keep a
 //!   successor out until the lost lease's holder has passed its deadline.
+//!   Nor does a cluster member's kill or pause, or an etcd quorum loss
+//!   (recorded as a restart): the lease lives on the cluster, and a new
+//!   Raft leader only extends it.
+//! - What outages do excuse is a write the fence refused: that is not a
+//!   violation when the writer's term was disturbed by a fault (its
+//!   process's pause, its link's cut or blackhole, the store's restart,
+//!   wipe or member fault: see `Faults::cause`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -105,16 +112,23 @@ pub(crate) enum FaultKind {
     /// The server loses its data while the leaders still lead (Redis:
     /// `FLUSHALL`, or a restart without its append-only files).
     Wipe,
+    /// `SIGKILL` one member of a cluster (etcd), start it again later on
+    /// its ports and data.
+    MemberKill,
+    /// `SIGSTOP` one member of a cluster, later `SIGCONT`.
+    MemberPause,
 }
 
 impl FaultKind {
-    pub(crate) const ALL: [FaultKind; 6] = [
+    pub(crate) const ALL: [FaultKind; 8] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Cut,
         FaultKind::Blackhole,
         FaultKind::Restart,
         FaultKind::Wipe,
+        FaultKind::MemberKill,
+        FaultKind::MemberPause,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -125,13 +139,16 @@ impl FaultKind {
             FaultKind::Blackhole => "blackhole",
             FaultKind::Restart => "restart",
             FaultKind::Wipe => "wipe",
+            FaultKind::MemberKill => "member-kill",
+            FaultKind::MemberPause => "member-pause",
         }
     }
 }
 
 /// One injected fault and the window it was in force. `target` is the
-/// instance for kill and pause, the slot (proxy) for cut and blackhole,
-/// unused for restart and wipe. The window is the part of the fault the
+/// instance for kill and pause, the slot (proxies) for cut and blackhole,
+/// the member for member kill and member pause, unused for restart and
+/// wipe. The window is the part of the fault the
 /// harness is sure of: from after the signal or state change took effect,
 /// to before it was undone.
 #[derive(Debug, Clone)]
@@ -258,7 +275,8 @@ impl Faults<'_> {
     }
 
     /// What disturbed `inst` in `(lo, hi)`, if anything: the first of
-    /// pause, cut, blackhole, server restart, data loss.
+    /// pause, cut, blackhole, server restart (etcd: a quorum loss), data
+    /// loss, a cluster member killed or paused.
     fn cause(&self, inst: usize, slot: usize, lo: Micros, hi: Micros) -> Option<&'static str> {
         if self.paused(inst, lo, hi) {
             Some("pause")
@@ -270,6 +288,10 @@ impl Faults<'_> {
             Some("restart")
         } else if self.any(FaultKind::Wipe, None, lo, hi) {
             Some("wipe")
+        } else if self.any(FaultKind::MemberKill, None, lo, hi) {
+            Some("member-kill")
+        } else if self.any(FaultKind::MemberPause, None, lo, hi) {
+            Some("member-pause")
         } else {
             None
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use leaseholder_testkit::{
-    ChildGuard, NatsServer, PostgresServer, RedisOptions, RedisServer, TcpProxy,
+    ChildGuard, EtcdCluster, NatsServer, PostgresServer, RedisOptions, RedisServer, TcpProxy,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -30,7 +30,21 @@ pub(crate) enum Store {
     /// a restart keeps the leases. It can also lose its data on purpose
     /// ([`FaultKind::Wipe`]), which the backend's epoch marker covers.
     Redis,
+    /// A 3-member etcd cluster, each candidate given every member's
+    /// endpoint (through proxies of its own). Besides the faults of the
+    /// other stores: one member killed and restarted later
+    /// ([`FaultKind::MemberKill`]) or paused ([`FaultKind::MemberPause`]),
+    /// never more than one at a time, so the cluster keeps its quorum; and
+    /// as its restart, a quorum loss: two members killed, then started
+    /// again one after the other.
+    Etcd,
 }
+
+/// The members of the etcd cluster.
+const ETCD_MEMBERS: usize = 3;
+
+/// The key prefix of the etcd candidates (in their `etcd://…/chaos` URL).
+const ETCD_PREFIX: &str = "chaos";
 
 #[derive(Debug, Clone)]
 pub(crate) struct Options {
@@ -46,6 +60,7 @@ enum Server {
     Nats(NatsServer),
     Postgres(PostgresServer),
     Redis(RedisServer),
+    Etcd(EtcdCluster),
     Sqlite {
         _dir: leaseholder_testkit::TempDir,
         path: std::path::PathBuf,
@@ -68,8 +83,22 @@ impl Server {
     /// on a fresh server, and no acquire succeeds until it is one ttl old
     /// (the server cannot tell a fresh store from one that lost its data).
     /// The run starts once it is, so the wait is not counted in it.
+    ///
+    /// etcd has nothing to create either, but the first acquire on a
+    /// cluster writes its epoch marker, and none succeeds for a ttl after:
+    /// a throwaway key is campaigned for until it leads.
     async fn prepare(&self, ttl: Duration) -> anyhow::Result<()> {
         let backend = match self {
+            Server::Etcd(cluster) => {
+                let backend = leaseholder::EtcdBackend::builder()
+                    .endpoints(cluster.endpoints())
+                    .prefix(ETCD_PREFIX)
+                    .build()?;
+                crate::etcd_epoch::settle(backend, ttl, Duration::from_secs(30))
+                    .await
+                    .context("waiting out the new etcd cluster's epoch marker")?;
+                return Ok(());
+            }
             Server::Nats(s) => {
                 leaseholder::Backend::nats(async_nats::connect(s.url()).await?, "leases")
             }
@@ -124,6 +153,9 @@ impl Server {
                     .await
                     .context("starting redis-server 7+ (install it with scripts/setup)")?,
             ),
+            Store::Etcd => Server::Etcd(EtcdCluster::start(ETCD_MEMBERS).await.context(
+                "starting a 3-member etcd 3.4+ cluster (install it with scripts/setup)",
+            )?),
             Store::Sqlite => {
                 let dir = leaseholder_testkit::TempDir::new("leaseholder-chaos")?;
                 let path = dir.path().join("leases.db");
@@ -132,27 +164,33 @@ impl Server {
         })
     }
 
-    /// The server's address, for the candidates' proxies; `None` for a
-    /// store with no link.
-    fn addr(&self) -> Option<std::net::SocketAddr> {
+    /// The server's addresses (one per etcd member), for the candidates'
+    /// proxies; none for a store with no link.
+    fn addrs(&self) -> Vec<std::net::SocketAddr> {
         match self {
-            Server::Nats(s) => Some(s.addr()),
-            Server::Postgres(s) => Some(s.addr()),
-            Server::Redis(s) => Some(s.addr()),
-            Server::Sqlite { .. } => None,
+            Server::Nats(s) => vec![s.addr()],
+            Server::Postgres(s) => vec![s.addr()],
+            Server::Redis(s) => vec![s.addr()],
+            Server::Etcd(c) => c.members().iter().map(|m| m.addr()).collect(),
+            Server::Sqlite { .. } => Vec::new(),
         }
     }
 
-    /// How a candidate reaches the store: through the proxy on `port`, or
-    /// directly where there is no link.
-    fn url_via(&self, port: Option<u16>) -> anyhow::Result<String> {
-        Ok(match (self, port) {
+    /// How a candidate reaches the store: through the proxies on `ports`
+    /// (one per address of [`addrs`](Self::addrs)), or directly where
+    /// there is no link.
+    fn url_via(&self, ports: &[u16]) -> anyhow::Result<String> {
+        Ok(match (self, ports) {
             (Server::Sqlite { path, .. }, _) => format!("sqlite:{}", path.display()),
-            (Server::Nats(_), Some(port)) => format!("nats://127.0.0.1:{port}"),
-            (Server::Postgres(_), Some(port)) => {
+            (Server::Nats(_), [port]) => format!("nats://127.0.0.1:{port}"),
+            (Server::Postgres(_), [port]) => {
                 format!("postgres://postgres@127.0.0.1:{port}/postgres")
             }
-            (Server::Redis(_), Some(port)) => format!("redis://127.0.0.1:{port}"),
+            (Server::Redis(_), [port]) => format!("redis://127.0.0.1:{port}"),
+            (Server::Etcd(_), ports) if !ports.is_empty() => {
+                let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+                format!("etcd://{}/{ETCD_PREFIX}", hosts.join(","))
+            }
             _ => anyhow::bail!("no proxy for a store with a link"),
         })
     }
@@ -165,6 +203,11 @@ impl Server {
                 "redis-server {} (append-only file, fsync always)",
                 s.version()
             ),
+            Server::Etcd(c) => format!(
+                "etcd {}, a {}-member cluster",
+                c.member(0).version(),
+                c.len()
+            ),
             Server::Sqlite { path, .. } => format!("SQLite file {}", path.display()),
         }
     }
@@ -174,11 +217,29 @@ impl Server {
     /// instead: another connection holds its write lock meanwhile. `false`
     /// if the stall could not start (a candidate paused in the middle of a
     /// write holds the lock, or SQLite refused to wait for it).
-    async fn restart(&mut self, stall: Duration) -> anyhow::Result<bool> {
+    ///
+    /// etcd: a quorum loss instead, every member but `rng_survivor` killed,
+    /// kept down for `stall`, and started again.
+    async fn restart(&mut self, stall: Duration, rng_survivor: usize) -> anyhow::Result<bool> {
         match self {
             Server::Nats(s) => s.restart().await?,
             Server::Postgres(s) => s.restart().await?,
             Server::Redis(s) => s.restart().await?,
+            Server::Etcd(c) => {
+                // The quorum loss: two members down for `stall`, then
+                // started again one after the other (the first one back
+                // restores the quorum with the survivor).
+                let survivor = rng_survivor;
+                let down: Vec<usize> = (0..c.len()).filter(|&i| i != survivor).collect();
+                for &i in &down {
+                    c.kill(i).await?;
+                }
+                tokio::time::sleep(stall).await;
+                for &i in &down {
+                    c.member_mut(i).restart().await?;
+                }
+                c.wait_healthy().await?;
+            }
             Server::Sqlite { path, .. } => {
                 let db = rusqlite::Connection::open(&*path)?;
                 db.busy_timeout(Duration::from_millis(100))?;
@@ -202,7 +263,30 @@ impl Server {
     }
 
     fn has_link(&self) -> bool {
-        self.addr().is_some()
+        !self.addrs().is_empty()
+    }
+
+    /// The members of a clustered store (etcd), else 0.
+    fn members(&self) -> usize {
+        match self {
+            Server::Etcd(c) => c.len(),
+            _ => 0,
+        }
+    }
+
+    fn cluster(&mut self) -> anyhow::Result<&mut EtcdCluster> {
+        match self {
+            Server::Etcd(c) => Ok(c),
+            _ => anyhow::bail!("this store has no members"),
+        }
+    }
+
+    /// The member that is the Raft leader, if the members agree on one.
+    async fn leader_member(&self) -> Option<usize> {
+        match self {
+            Server::Etcd(c) => c.leader_index().await.ok(),
+            _ => None,
+        }
     }
 
     /// Whether [`wipe`](Self::wipe) can make this server lose its data.
@@ -258,20 +342,37 @@ struct Proc {
 
 /// Something to undo or do later.
 enum Later {
-    Resume { inst: usize },
-    Restore { slot: usize, fault: usize },
-    Respawn { slot: usize },
+    Resume {
+        inst: usize,
+    },
+    Restore {
+        slot: usize,
+        fault: usize,
+    },
+    Respawn {
+        slot: usize,
+    },
+    /// Start a killed etcd member again, or wake a paused one.
+    MemberBack {
+        member: usize,
+        fault: usize,
+    },
 }
 
 struct Harness {
     opts: Options,
     rng: Rng,
     server: Server,
-    proxies: Vec<TcpProxy>,
+    /// Each slot's proxies, one per server address (an etcd candidate has
+    /// one to each member); a link fault acts on all of a slot's.
+    proxies: Vec<Vec<TcpProxy>>,
     /// The instance in each slot.
     slots: Vec<Option<usize>>,
     /// Open link fault (index into faults) of each slot.
     link_fault: Vec<Option<usize>>,
+    /// The open member fault (index into faults), if a member is down or
+    /// paused: at most one at a time, so the cluster keeps its quorum.
+    member_fault: Option<usize>,
     procs: Vec<Proc>,
     record: Record,
     tx: mpsc::UnboundedSender<Msg>,
@@ -300,9 +401,12 @@ impl Harness {
 
     fn spawn(&mut self, slot: usize) -> anyhow::Result<usize> {
         let inst = self.procs.len();
-        let url = self
-            .server
-            .url_via(self.proxies.get(slot).map(TcpProxy::url_port))?;
+        let ports: Vec<u16> = self
+            .proxies
+            .get(slot)
+            .map(|ps| ps.iter().map(TcpProxy::url_port).collect())
+            .unwrap_or_default();
+        let url = self.server.url_via(&ports)?;
         let mut cmd = tokio::process::Command::new(&self.self_exe);
         cmd.args([
             "candidate".to_owned(),
@@ -456,6 +560,7 @@ impl Harness {
             .filter(|k| match k {
                 FaultKind::Cut | FaultKind::Blackhole => self.server.has_link(),
                 FaultKind::Wipe => self.server.can_lose_data(),
+                FaultKind::MemberKill | FaultKind::MemberPause => self.server.members() > 1,
                 FaultKind::Kill | FaultKind::Pause | FaultKind::Restart => true,
             })
             .collect()
@@ -463,17 +568,32 @@ impl Harness {
 
     async fn inject(&mut self) -> anyhow::Result<()> {
         self.drain();
-        let drawn = match self.rng.below(100) {
-            0..20 => FaultKind::Kill,
-            20..45 => FaultKind::Pause,
-            45..67 if self.server.has_link() => FaultKind::Cut,
-            67..85 if self.server.has_link() => FaultKind::Blackhole,
-            // No link to cut: kills, pauses and stalls instead.
-            45..70 => FaultKind::Kill,
-            70..85 => FaultKind::Pause,
-            // A store that can lose its data shares the restarts' part.
-            85..93 if self.server.can_lose_data() => FaultKind::Wipe,
-            _ => FaultKind::Restart,
+        let roll = self.rng.below(100);
+        let drawn = if self.server.members() > 1 {
+            // A cluster: a third of the faults are its members' (a quorum
+            // loss is its restart), the rest the candidates' and links'.
+            match roll {
+                0..16 => FaultKind::Kill,
+                16..34 => FaultKind::Pause,
+                34..50 => FaultKind::Cut,
+                50..64 => FaultKind::Blackhole,
+                64..80 => FaultKind::MemberKill,
+                80..94 => FaultKind::MemberPause,
+                _ => FaultKind::Restart,
+            }
+        } else {
+            match roll {
+                0..20 => FaultKind::Kill,
+                20..45 => FaultKind::Pause,
+                45..67 if self.server.has_link() => FaultKind::Cut,
+                67..85 if self.server.has_link() => FaultKind::Blackhole,
+                // No link to cut: kills, pauses and stalls instead.
+                45..70 => FaultKind::Kill,
+                70..85 => FaultKind::Pause,
+                // A store that can lose its data shares the restarts' part.
+                85..93 if self.server.can_lose_data() => FaultKind::Wipe,
+                _ => FaultKind::Restart,
+            }
         };
         // Every kind the store has is injected at least once: from half-way
         // through the run, a kind not injected yet is taken in place of the
@@ -561,13 +681,15 @@ impl Harness {
                 };
                 let role = self.role(inst);
                 let slot = self.record.instances.get(inst).map_or(0, |i| i.slot);
-                let Some(proxy) = self.proxies.get(slot) else {
+                let Some(proxies) = self.proxies.get(slot) else {
                     return Ok(());
                 };
-                if kind == FaultKind::Cut {
-                    proxy.cut();
-                } else {
-                    proxy.blackhole();
+                for proxy in proxies {
+                    if kind == FaultKind::Cut {
+                        proxy.cut();
+                    } else {
+                        proxy.blackhole();
+                    }
                 }
                 let fault = self.record.faults.len();
                 self.record.faults.push(Fault {
@@ -590,7 +712,24 @@ impl Harness {
             }
             FaultKind::Restart => {
                 let stall = self.fault_length() / 2;
-                if self.server.has_link() {
+                let members = self.server.members();
+                // Drawn for a cluster only: the other stores' schedules
+                // stay what their seeds gave before.
+                let survivor = if members > 1 {
+                    self.rng.below(members as u64) as usize
+                } else {
+                    0
+                };
+                if members > 1 {
+                    if self.member_fault.is_some() {
+                        self.log("fault skipped: quorum loss while a member fault is open");
+                        return Ok(());
+                    }
+                    self.log(&format!(
+                        "fault: quorum loss, every member but m{survivor} killed for {}, then started again",
+                        secs(stall)
+                    ));
+                } else if self.server.has_link() {
                     self.log("fault: restart the server");
                 } else {
                     self.log(&format!(
@@ -600,7 +739,7 @@ impl Harness {
                 }
                 let from = now_us();
                 let started = Instant::now();
-                if !self.server.restart(stall).await? {
+                if !self.server.restart(stall, survivor).await? {
                     self.log("fault skipped: the file stayed busy");
                     return Ok(());
                 }
@@ -614,6 +753,58 @@ impl Harness {
                     "server back after {:.0} ms",
                     started.elapsed().as_secs_f64() * 1000.0
                 ));
+            }
+            FaultKind::MemberKill | FaultKind::MemberPause => {
+                if self.member_fault.is_some() {
+                    // One member at a time: the cluster keeps its quorum.
+                    self.log(&format!(
+                        "fault skipped: {} while a member fault is open",
+                        kind.name()
+                    ));
+                    return Ok(());
+                }
+                let members = self.server.members() as u64;
+                // The Raft leader half of the time (its loss moves every
+                // lease to a new leader, which extends them), else any.
+                // Both drawn every time, so the schedule does not depend on
+                // whether the members could name their leader.
+                let (coin, any) = (self.rng.below(2), self.rng.below(members) as usize);
+                let leader = self.server.leader_member().await;
+                let member = match leader {
+                    Some(l) if coin == 0 => l,
+                    _ => any,
+                };
+                let role = if leader == Some(member) {
+                    "the Raft leader"
+                } else {
+                    "a Raft follower"
+                };
+                let length = self.fault_length();
+                let cluster = self.server.cluster()?;
+                if kind == FaultKind::MemberKill {
+                    cluster.kill(member).await?;
+                } else {
+                    cluster.member(member).pause()?;
+                }
+                let fault = self.record.faults.len();
+                self.record.faults.push(Fault {
+                    kind,
+                    target: member,
+                    from: now_us(),
+                    to: Micros::MAX,
+                });
+                self.member_fault = Some(fault);
+                self.log(&format!(
+                    "fault: {} m{member} ({role}) for {}",
+                    if kind == FaultKind::MemberKill {
+                        "SIGKILL"
+                    } else {
+                        "SIGSTOP"
+                    },
+                    secs(length)
+                ));
+                self.later
+                    .push((Instant::now() + length, Later::MemberBack { member, fault }));
             }
             FaultKind::Wipe => {
                 let restart = self.rng.below(2) == 0;
@@ -660,7 +851,7 @@ impl Harness {
         if let Some(f) = self.record.faults.get_mut(fault) {
             f.to = now_us();
         }
-        if let Some(p) = self.proxies.get(slot) {
+        for p in self.proxies.get(slot).into_iter().flatten() {
             p.restore();
         }
         if let Some(f) = self.link_fault.get_mut(slot) {
@@ -677,7 +868,38 @@ impl Harness {
                 let inst = self.spawn(slot)?;
                 self.log(&format!("c{inst} starts in slot {slot}"));
             }
+            Later::MemberBack { member, fault } => self.member_back(member, fault).await?,
         }
+        Ok(())
+    }
+
+    /// Ends a member fault: a killed member is started again (on its
+    /// ports and data), a paused one woken; then waits until the whole
+    /// cluster is healthy, before another member fault may begin.
+    async fn member_back(&mut self, member: usize, fault: usize) -> anyhow::Result<()> {
+        let kind = self.record.faults.get(fault).map(|f| f.kind);
+        let started = Instant::now();
+        let to = now_us();
+        let cluster = self.server.cluster()?;
+        if kind == Some(FaultKind::MemberKill) {
+            cluster.member_mut(member).restart().await?;
+        } else {
+            cluster.member(member).resume()?;
+        }
+        cluster.wait_healthy().await?;
+        if let Some(f) = self.record.faults.get_mut(fault) {
+            f.to = to;
+        }
+        self.member_fault = None;
+        self.log(&format!(
+            "m{member} {} and the cluster healthy after {:.0} ms",
+            if kind == Some(FaultKind::MemberKill) {
+                "restarted"
+            } else {
+                "resumed"
+            },
+            started.elapsed().as_secs_f64() * 1000.0
+        ));
         Ok(())
     }
 
@@ -720,9 +942,14 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let server = Server::start(opts.store, opts.ttl).await?;
     let describe = server.describe();
     let mut proxies = Vec::with_capacity(opts.candidates);
-    if let Some(addr) = server.addr() {
+    let addrs = server.addrs();
+    if !addrs.is_empty() {
         for _ in 0..opts.candidates {
-            proxies.push(TcpProxy::start(addr).await?);
+            let mut slot = Vec::with_capacity(addrs.len());
+            for &addr in &addrs {
+                slot.push(TcpProxy::start(addr).await?);
+            }
+            proxies.push(slot);
         }
     }
     let (tx, rx) = mpsc::unbounded_channel();
@@ -734,6 +961,7 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
         proxies,
         slots: vec![None; opts.candidates],
         link_fault: vec![None; opts.candidates],
+        member_fault: None,
         procs: Vec::new(),
         record: Record {
             ttl: u64::try_from(opts.ttl.as_micros())?,
