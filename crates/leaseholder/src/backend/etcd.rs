@@ -129,10 +129,6 @@ const MAX_LEASE_TTL_SECS: i64 = 9_000_000_000;
 const HTTP2_PING: Duration = Duration::from_secs(10);
 const NAME: &str = "etcd";
 
-/// How many stale keys one sweep deletes in one transaction (etcd's
-/// default `--max-txn-ops` is 128).
-const SWEEP_BATCH: usize = 64;
-
 /// Builds an [`EtcdBackend`]; see [`EtcdBackend::builder`].
 #[derive(Clone, Default)]
 #[must_use]
@@ -791,33 +787,41 @@ impl EtcdBackend {
             .filter(|(_, h)| h.lease == lease && h.untouched_since(now))
             .map(|(k, h)| (k.clone(), h.clone()))
             .collect();
-        for chunk in stale.chunks(SWEEP_BATCH) {
-            for (key, held) in chunk {
-                let rev = match held.create_rev {
-                    Some(rev) => Some(rev),
-                    None => match self.check(key, held.nonce, budget).await {
-                        Ok(Some(h)) => h.create_rev,
-                        Ok(None) => None,
-                        Err(_) => continue,
-                    },
-                };
-                let Some(rev) = rev else {
-                    self.forget(key, held.nonce);
-                    continue;
-                };
-                let txn = Txn::new()
-                    .when(vec![Compare::create_revision(
-                        self.lease_key(key),
-                        CompareOp::Equal,
-                        rev,
-                    )])
-                    .and_then(vec![TxnOp::delete(self.lease_key(key), None)]);
-                if self.txn(txn, budget).await.is_ok() {
-                    tracing::info!(%key, "deleted a key whose term ended unreleased");
-                    self.forget(key, held.nonce);
-                }
+        for (key, held) in &stale {
+            let rev = match held.create_rev {
+                Some(rev) => Some(rev),
+                None => match self.check(key, held.nonce, budget).await {
+                    Ok(Some(h)) => h.create_rev,
+                    Ok(None) => None,
+                    Err(_) => continue,
+                },
+            };
+            let Some(rev) = rev else {
+                self.forget(key, held.nonce);
+                continue;
+            };
+            if self.delete_created(key, rev, budget).await.is_ok() {
+                tracing::info!(%key, "deleted a key whose term ended unreleased");
+                self.forget(key, held.nonce);
             }
         }
+    }
+
+    /// Deletes `key` if it is still the one created at revision `rev`.
+    async fn delete_created(
+        &self,
+        key: &Key,
+        rev: i64,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                self.lease_key(key),
+                CompareOp::Equal,
+                rev,
+            )])
+            .and_then(vec![TxnOp::delete(self.lease_key(key), None)]);
+        self.txn(txn, budget).await.map(drop)
     }
 }
 
@@ -1197,14 +1201,7 @@ impl BackendEdge for EtcdBackend {
                 }
             };
             if let Some(rev) = rev {
-                let txn = Txn::new()
-                    .when(vec![Compare::create_revision(
-                        self.lease_key(key),
-                        CompareOp::Equal,
-                        rev,
-                    )])
-                    .and_then(vec![TxnOp::delete(self.lease_key(key), None)]);
-                self.txn(txn, budget).await?;
+                self.delete_created(key, rev, budget).await?;
             }
             self.forget(key, nonce);
             Ok(())
