@@ -50,6 +50,17 @@ pub struct LeaderConfig {
     pub(crate) key: Key,
     pub(crate) timing: Timing,
     pub(crate) metadata: Bytes,
+    pub(crate) candidacy: Candidacy,
+}
+
+/// The registry settings, validated (see [`LeaderBuilder::registry`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Candidacy {
+    pub(crate) registry: bool,
+    pub(crate) priority: i32,
+    pub(crate) preemptible: bool,
+    pub(crate) min_term: Duration,
+    pub(crate) holdoff: Duration,
 }
 
 /// The timing settings, validated (see [`LeaderBuilder`]).
@@ -102,6 +113,26 @@ impl LeaderConfig {
     pub fn metadata(&self) -> &Bytes {
         &self.metadata
     }
+    /// Whether this candidate keeps an entry in the candidate registry.
+    pub fn registry(&self) -> bool {
+        self.candidacy.registry
+    }
+    /// The candidate's priority (higher is preferred).
+    pub fn priority(&self) -> i32 {
+        self.candidacy.priority
+    }
+    /// Whether a candidate of higher priority may preempt this one.
+    pub fn preemptible(&self) -> bool {
+        self.candidacy.preemptible
+    }
+    /// How long a term lasts at least before a preemption.
+    pub fn min_term(&self) -> Duration {
+        self.candidacy.min_term
+    }
+    /// How long this candidate lets a preferred one try first.
+    pub fn holdoff(&self) -> Duration {
+        self.candidacy.holdoff
+    }
 }
 
 /// Builds a [`Leader`]; every rule is checked in [`build`](Self::build), so
@@ -142,6 +173,11 @@ pub struct LeaderBuilder {
     drain_timeout: Duration,
     backoff: Option<(Duration, Duration)>,
     metadata: Bytes,
+    registry: Option<bool>,
+    priority: Option<i32>,
+    preemptible: Option<bool>,
+    min_term: Option<Duration>,
+    holdoff: Option<Duration>,
 }
 
 impl LeaderBuilder {
@@ -157,6 +193,11 @@ impl LeaderBuilder {
             drain_timeout: Duration::from_secs(10),
             backoff: None,
             metadata: Bytes::new(),
+            registry: None,
+            priority: None,
+            preemptible: None,
+            min_term: None,
+            holdoff: None,
         }
     }
 
@@ -236,6 +277,79 @@ impl LeaderBuilder {
         self
     }
 
+    /// Keep an entry in the key's candidate registry, so that
+    /// [`Leader::candidates`] lists this candidate, a free key goes to the
+    /// preferred candidate first, and a candidate of higher priority can
+    /// preempt the leader. Default: off, unless [`priority`](Self::priority),
+    /// [`preemptible`](Self::preemptible), [`min_term`](Self::min_term) or
+    /// [`holdoff`](Self::holdoff) is set. The backend must keep a registry
+    /// ([`BackendEdge::supports_candidates`](crate::BackendEdge::supports_candidates)),
+    /// else `build()` fails with [`ConfigError::NoRegistry`].
+    ///
+    /// The cost: one store write per renew interval for every candidate
+    /// (the entry's renewal), plus, for the leader, one read of the
+    /// registry per renew interval; a follower reads it once each time the
+    /// key becomes free. Without the registry an idle follower makes no
+    /// store calls at all on a backend whose watch reports expiry.
+    ///
+    /// ```
+    /// use leaseholder::{Backend, Leader, MemoryStore};
+    ///
+    /// let store = MemoryStore::new();
+    /// let leader = Leader::builder("scheduler")
+    ///     .backend(Backend::memory(&store))
+    ///     .priority(10) // turns the registry on
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(leader.config().registry());
+    /// ```
+    pub fn registry(mut self, on: bool) -> Self {
+        self.registry = Some(on);
+        self
+    }
+
+    /// This candidate's priority: higher is preferred. Default 0. When the
+    /// key is free, a candidate that sees a live candidate of higher
+    /// priority in the registry lets it try first (for at most the
+    /// [`holdoff`](Self::holdoff)); a live candidate of strictly higher
+    /// priority preempts the leader once its term has lasted
+    /// [`min_term`](Self::min_term). Equal priorities never preempt; among
+    /// them, the longest-waiting candidate goes first. Turns the registry
+    /// on.
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// Whether a live candidate of strictly higher priority may make this
+    /// candidate step down while it leads. Default `true`. A preempted
+    /// leader hands over as [`Leader::resign_to`] does: its work's token
+    /// fires, the lease is renewed while the work drains, then released,
+    /// and the preferred candidate goes first. Turns the registry on.
+    pub fn preemptible(mut self, preemptible: bool) -> Self {
+        self.preemptible = Some(preemptible);
+        self
+    }
+
+    /// The shortest term before a preemption: a candidate of higher
+    /// priority that appears earlier waits until the term has lasted this
+    /// long, so that candidates that come and go cannot move leadership
+    /// more than once per `min_term`. Default: the ttl. At most
+    /// [`MAX_INTERVAL`]. Turns the registry on.
+    pub fn min_term(mut self, min_term: Duration) -> Self {
+        self.min_term = Some(min_term);
+        self
+    }
+
+    /// How long a follower lets a preferred candidate try first when the
+    /// key becomes free, before it tries itself. A dead or slow preferred
+    /// candidate costs at most this, never a ttl. Default ttl/10, at most
+    /// 1 s. Between [`MIN_INTERVAL`] and ttl/2. Turns the registry on.
+    pub fn holdoff(mut self, holdoff: Duration) -> Self {
+        self.holdoff = Some(holdoff);
+        self
+    }
+
     /// Checks every rule and builds the [`Leader`].
     pub fn build(self) -> Result<Leader, ConfigError> {
         let backend = self.backend.clone().ok_or(ConfigError::MissingBackend)?;
@@ -261,7 +375,60 @@ impl LeaderBuilder {
                 backoff_max: retry,
             },
             metadata: self.metadata.clone(),
+            candidacy: Candidacy {
+                registry: false,
+                priority: self.priority.unwrap_or(0),
+                preemptible: self.preemptible.unwrap_or(true),
+                min_term: self.min_term.unwrap_or(ttl),
+                holdoff: self.holdoff.unwrap_or(ttl / 10),
+            },
         }
+    }
+
+    /// The registry settings: on if asked for, or implied by a registry
+    /// setting; refused on a backend without a registry.
+    fn candidacy(&self, backend: &Backend, ttl: Duration) -> Result<Candidacy, ConfigError> {
+        let implied = [
+            ("priority", self.priority.is_some()),
+            ("preemptible", self.preemptible.is_some()),
+            ("min_term", self.min_term.is_some()),
+            ("holdoff", self.holdoff.is_some()),
+        ]
+        .into_iter()
+        .find(|(_, set)| *set)
+        .map(|(name, _)| name);
+        let registry = match (self.registry, implied) {
+            (Some(false), Some(setting)) => {
+                return Err(ConfigError::NeedsRegistry { setting });
+            }
+            (Some(on), _) => on,
+            (None, implied) => implied.is_some(),
+        };
+        if registry && !backend.supports_candidates() {
+            return Err(ConfigError::NoRegistry {
+                backend: backend.name(),
+            });
+        }
+        let min_term = self.min_term.unwrap_or(ttl);
+        at_most("min_term", min_term)?;
+        let holdoff = self
+            .holdoff
+            .unwrap_or_else(|| (ttl / 10).min(Duration::from_secs(1)).max(MIN_INTERVAL));
+        at_least("holdoff", holdoff)?;
+        if holdoff > ttl / 2 {
+            return Err(ConfigError::TooLong {
+                field: "holdoff",
+                value: holdoff,
+                max: ttl / 2,
+            });
+        }
+        Ok(Candidacy {
+            registry,
+            priority: self.priority.unwrap_or(0),
+            preemptible: self.preemptible.unwrap_or(true),
+            min_term,
+            holdoff,
+        })
     }
 
     pub(crate) fn validate(&self, backend: &Backend) -> Result<LeaderConfig, ConfigError> {
@@ -347,8 +514,10 @@ impl LeaderBuilder {
                 max: MAX_METADATA_LEN,
             });
         }
+        let candidacy = self.candidacy(backend, ttl)?;
         Ok(LeaderConfig {
             key,
+            candidacy,
             timing: Timing {
                 ttl,
                 renew_interval: renew,

@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::{FencingToken, Key};
+use crate::backend::{FencingToken, Key, LeaderId};
 
 /// A boxed error, as carried by [`Error::Work`] and the `source` of
 /// [`BackendError`].
@@ -93,6 +93,17 @@ pub enum Error {
         /// The key.
         key: Key,
     },
+
+    /// [`Leader::resign_to`](crate::Leader::resign_to) named a candidate
+    /// that is not live in the key's registry (or this candidate itself).
+    /// The leader did not step down.
+    #[error("{candidate} is not a live candidate for key {key}")]
+    NotACandidate {
+        /// The key.
+        key: Key,
+        /// The candidate named.
+        candidate: LeaderId,
+    },
 }
 
 impl Error {
@@ -128,6 +139,12 @@ pub enum Op {
     Holder,
     /// [`BackendEdge::watch`](crate::BackendEdge::watch).
     Watch,
+    /// [`BackendEdge::register`](crate::BackendEdge::register).
+    Register,
+    /// [`BackendEdge::deregister`](crate::BackendEdge::deregister).
+    Deregister,
+    /// [`BackendEdge::candidates`](crate::BackendEdge::candidates).
+    Candidates,
 }
 
 impl fmt::Display for Op {
@@ -139,6 +156,9 @@ impl fmt::Display for Op {
             Op::Release => "release",
             Op::Holder => "holder",
             Op::Watch => "watch",
+            Op::Register => "register",
+            Op::Deregister => "deregister",
+            Op::Candidates => "candidates",
         })
     }
 }
@@ -368,6 +388,24 @@ pub enum ConfigError {
         value: Duration,
         /// The minimum.
         min: Duration,
+    },
+
+    /// A registry setting (priority, preemption, `.registry(true)`) on a
+    /// backend that keeps no candidate registry.
+    #[error(
+        "the {backend} backend keeps no candidate registry, which priority, preemption and \
+         Leader::candidates need"
+    )]
+    NoRegistry {
+        /// The backend's name.
+        backend: &'static str,
+    },
+
+    /// A registry setting was given with `.registry(false)`.
+    #[error("{setting} needs the candidate registry, which .registry(false) turned off")]
+    NeedsRegistry {
+        /// The setting that needs it.
+        setting: &'static str,
     },
 
     /// `jitter` must be a fraction in `[0, 1)`.

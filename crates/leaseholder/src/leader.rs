@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, FencingToken, Holder, Key, LeaderId};
+use crate::backend::{Backend, Candidate, FencingToken, Holder, Key, LeaderId};
 use crate::campaign::core::StopKind;
 use crate::campaign::{self, Command, Fatal, Run, Shared, WorkOutcome};
 use crate::config::{LeaderBuilder, LeaderConfig};
@@ -361,6 +361,115 @@ impl Leader {
             () = term.ended() => Ok(()),
             result = wait_stopped(&mut run) => self.fatal(result),
         }
+    }
+
+    /// Steps down in favour of `candidate`, a live candidate in the key's
+    /// registry: writes a nomination into this candidate's registry entry,
+    /// then resigns as [`resign`](Self::resign) does. When the lease is
+    /// released, the nominee tries first and every other candidate holds
+    /// off (for at most its [`holdoff`](crate::LeaderBuilder::holdoff)), so
+    /// the handover costs the nomination, the release and one acquire. If
+    /// the nominee does not take the key within the hold-off, the others
+    /// try. Returns when the lease is released; does nothing if not leading.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotACandidate`] if `candidate` is not live in the registry
+    /// (the leader keeps leading); [`Error::Config`] with
+    /// [`ConfigError::NeedsRegistry`](crate::ConfigError::NeedsRegistry) if
+    /// this leader was built without the registry; [`Error::Backend`] if the
+    /// registry could not be read or written.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use leaseholder::{Backend, Leader, MemoryStore};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let build = |p| Leader::builder("k").backend(Backend::memory(&store)).priority(p).build();
+    /// let (a, b) = (build(1)?, build(1)?);
+    /// let (ra, rb) = (a.clone(), b.clone());
+    /// tokio::spawn(async move { ra.start(Default::default()).await });
+    /// a.state().wait_for(|s| s.is_leader()).await?;
+    /// tokio::spawn(async move { rb.start(Default::default()).await });
+    /// # tokio::time::sleep(Duration::from_millis(50)).await; // b registers
+    /// a.resign_to(b.leader_id()).await?;
+    /// b.state().wait_for(|s| s.is_leader()).await?;
+    /// # a.shutdown().await?; b.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn resign_to(&self, candidate: LeaderId) -> Result<(), Error> {
+        self.stopped_by()?;
+        if !self.shared.config.candidacy.registry {
+            return Err(Error::Config(crate::ConfigError::NeedsRegistry {
+                setting: "resign_to",
+            }));
+        }
+        let Some(term) = self.shared.term.borrow().clone() else {
+            return Ok(());
+        };
+        let (reply, answer) = oneshot::channel();
+        let ask = campaign::registry::Ask {
+            to: candidate,
+            reply,
+        };
+        if !self.shared.command(Command::ResignTo(ask)) {
+            return self.stopped_by();
+        }
+        let mut run = self.shared.run.subscribe();
+        let answer = tokio::select! {
+            answer = answer => answer,
+            result = wait_stopped(&mut run) => return self.fatal(result),
+        };
+        use campaign::registry::Handover;
+        match answer {
+            Ok(Handover::Handing) => {}
+            Ok(Handover::NotLeading) => return Ok(()),
+            Ok(Handover::NotACandidate) => {
+                return Err(Error::NotACandidate {
+                    key: self.shared.key.clone(),
+                    candidate,
+                });
+            }
+            Ok(Handover::Store(op, e)) => return Err(self.backend_error(op, Arc::new(e))),
+            Err(_) => return self.stopped_by(),
+        }
+        tokio::select! {
+            () = term.ended() => Ok(()),
+            result = wait_stopped(&mut run) => self.fatal(result),
+        }
+    }
+
+    /// The live candidates in the key's registry (one read), in the order
+    /// in which they would go first: highest priority, then the
+    /// longest-waiting. Works whether or not this handle keeps an entry,
+    /// on any backend that keeps a registry.
+    ///
+    /// ```
+    /// # use leaseholder::{Backend, Leader, MemoryStore};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let leader = Leader::builder("k").backend(Backend::memory(&store)).priority(5).build()?;
+    /// let runner = leader.clone();
+    /// tokio::spawn(async move { runner.start(Default::default()).await });
+    /// leader.state().wait_for(|s| s.is_leader()).await?;
+    /// let live = leader.candidates().await?;
+    /// assert_eq!(live[0].id(), leader.leader_id());
+    /// assert_eq!(live[0].priority(), 5);
+    /// # leader.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn candidates(&self) -> Result<Vec<Candidate>, Error> {
+        if let Some(e) = &self.shared.invalid {
+            return Err(Error::Config(e.clone()));
+        }
+        let limit = self.shared.config.timing.renew_interval;
+        crate::observer::read_candidates(&self.shared.backend, &self.shared.key, limit)
+            .await
+            .map_err(|e| self.backend_error(Op::Candidates, Arc::new(e)))
     }
 
     /// Stops for good: cancels the work's token, keeps renewing while the

@@ -42,13 +42,13 @@ pub use backend::redis::{RedisBackend, RedisBuilder};
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use backend::sqlite::{SqliteBackend, SqliteBuilder};
 pub use backend::{
-    Acquired, Backend, BackendEdge, Claim, FencingToken, Holder, Key, LeaderId, Lease, LeaseValue,
-    Nonce, Prepared, Renewed, WatchEvent, WatchStream,
+    Acquired, Backend, BackendEdge, Candidate, Claim, FencingToken, Holder, Key, LeaderId, Lease,
+    LeaseValue, Nonce, Prepared, Renewed, WatchEvent, WatchStream,
 };
 pub use config::{LeaderBuilder, LeaderConfig, MAX_INTERVAL, MIN_INTERVAL};
 pub use error::{BackendError, BoxError, ConfigError, Error, Op};
 pub use health::Health;
 pub use leader::Leader;
 pub use observer::{Observed, Observer};
-pub use state::{State, Status};
+pub use state::{State, Status, Waiting};
 pub use term::Term;

@@ -7,8 +7,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::backend::{Backend, Holder, Key, WatchEvent};
-use crate::error::ConfigError;
+use crate::backend::{Backend, Candidate, Holder, Key, WatchEvent};
+use crate::error::{BackendError, ConfigError};
 
 /// What an [`Observer`] knows about a key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,9 +82,14 @@ impl Observed {
 /// ```
 pub struct Observer {
     key: Key,
+    backend: Backend,
+    poll: Duration,
     rx: watch::Receiver<Observed>,
     task: JoinHandle<()>,
+    candidates: std::sync::OnceLock<(CandidatesRx, JoinHandle<()>)>,
 }
+
+type CandidatesRx = watch::Receiver<Option<Vec<Candidate>>>;
 
 impl Observer {
     /// Starts observing `key`; `poll` bounds the time between reads when
@@ -104,8 +109,15 @@ impl Observer {
             });
         }
         let (tx, rx) = watch::channel(Observed::Unknown);
-        let task = tokio::spawn(observe(backend, key.clone(), poll, tx));
-        Ok(Observer { key, rx, task })
+        let task = tokio::spawn(observe(backend.clone(), key.clone(), poll, tx));
+        Ok(Observer {
+            key,
+            backend,
+            poll,
+            rx,
+            task,
+            candidates: std::sync::OnceLock::new(),
+        })
     }
 
     /// The key observed.
@@ -122,11 +134,127 @@ impl Observer {
     pub fn watch(&self) -> watch::Receiver<Observed> {
         self.rx.clone()
     }
+
+    /// The live candidates in the key's registry (one read), in the order
+    /// in which they would go first: highest priority, then the
+    /// longest-waiting. Fails on a backend without a registry.
+    pub async fn candidates(&self) -> Result<Vec<Candidate>, BackendError> {
+        read_candidates(&self.backend, &self.key, self.poll).await
+    }
+
+    /// A receiver of the key's live candidates, in the order of
+    /// [`candidates`](Self::candidates); `None` until the first read and
+    /// while the store cannot be read. It is read again on every registry
+    /// event of the backend's watch and at least every `poll` (entries that
+    /// expire make no event on most stores), and changes only when the
+    /// list does. The first call starts a task of its own, which stops
+    /// with the observer. Must be called inside a tokio runtime.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use leaseholder::{Backend, Leader, MemoryStore, Observer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let observer = Observer::new("k", Backend::memory(&store), Duration::from_secs(1))?;
+    /// let mut seen = observer.watch_candidates();
+    /// let leader = Leader::builder("k").backend(Backend::memory(&store)).priority(3).build()?;
+    /// let runner = leader.clone();
+    /// tokio::spawn(async move { runner.start(Default::default()).await });
+    /// let live = seen.wait_for(|c| c.as_ref().is_some_and(|c| !c.is_empty())).await?.clone();
+    /// assert_eq!(live.unwrap_or_default()[0].priority(), 3);
+    /// # leader.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn watch_candidates(&self) -> watch::Receiver<Option<Vec<Candidate>>> {
+        self.candidates
+            .get_or_init(|| {
+                let (tx, rx) = watch::channel(None);
+                let task = tokio::spawn(observe_candidates(
+                    self.backend.clone(),
+                    self.key.clone(),
+                    self.poll,
+                    tx,
+                ));
+                (rx, task)
+            })
+            .0
+            .clone()
+    }
 }
 
 impl Drop for Observer {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some((_, task)) = self.candidates.get() {
+            task.abort();
+        }
+    }
+}
+
+/// One read of the registry, bounded by `limit`, in the order in which
+/// candidates go first.
+pub(crate) async fn read_candidates(
+    backend: &Backend,
+    key: &Key,
+    limit: Duration,
+) -> Result<Vec<Candidate>, BackendError> {
+    let limit = limit.max(Duration::from_millis(1));
+    let mut list = tokio::time::timeout(limit, backend.candidates_within(key, limit))
+        .await
+        .unwrap_or(Err(BackendError::Timeout(limit)))?;
+    list.sort_by(|a, b| {
+        if a.before(b) {
+            std::cmp::Ordering::Less
+        } else if b.before(a) {
+            std::cmp::Ordering::Greater
+        } else {
+            std::cmp::Ordering::Equal
+        }
+    });
+    Ok(list)
+}
+
+async fn observe_candidates(
+    backend: Backend,
+    key: Key,
+    poll: Duration,
+    tx: watch::Sender<Option<Vec<Candidate>>>,
+) {
+    let mut subscription = backend.subscribe(&key);
+    let mut failures = 0u32;
+    loop {
+        let now = Instant::now();
+        let next = match read_candidates(&backend, &key, poll).await {
+            Ok(list) => {
+                failures = 0;
+                tx.send_if_modified(|current| {
+                    let changed = current.as_ref() != Some(&list);
+                    if changed {
+                        *current = Some(list);
+                    }
+                    changed
+                });
+                now + poll
+            }
+            Err(error) => {
+                tracing::debug!(%error, key = %key, "observer cannot read the registry");
+                failures = failures.saturating_add(1);
+                tx.send_if_modified(|current| current.take().is_some());
+                now + backoff(failures, poll)
+            }
+        };
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => break,
+                event = subscription.next() => match event {
+                    WatchEvent::Candidates(_) | WatchEvent::Resync => break,
+                    _ => {}
+                },
+            }
+        }
     }
 }
 
@@ -177,6 +305,8 @@ async fn observe(backend: Backend, key: Key, poll: Duration, tx: watch::Sender<O
                     // A renewal of the term already reported: nothing new.
                     WatchEvent::Updated(_, Some(holder))
                         if tx.borrow().is_term_of(&holder) => {}
+                    // The registry changed, not the lease.
+                    WatchEvent::Candidates(_) => {}
                     // Anything else may be a new term: read, and publish
                     // what the store says now.
                     _ => break,

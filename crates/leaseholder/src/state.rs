@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::backend::{FencingToken, Holder};
+use crate::backend::{FencingToken, Holder, LeaderId};
 use crate::error::BackendError;
 
 /// The state of one [`Leader`](crate::Leader)'s campaign, published through
@@ -15,10 +15,14 @@ pub enum State {
     /// Not campaigning yet.
     Idle,
     /// Campaigning; someone else leads, or nobody does yet. `leader` is the
-    /// holder last seen, if any.
+    /// holder last seen, if any; `waiting` says why this candidate does not
+    /// lead. Match with `..`: more fields may come.
+    #[non_exhaustive]
     Follower {
         /// The current leader as last seen.
         leader: Option<Holder>,
+        /// Why this candidate waits.
+        waiting: Waiting,
     },
     /// This candidate leads.
     Leader {
@@ -39,7 +43,37 @@ pub enum State {
     Stopped,
 }
 
+/// Why a [`State::Follower`] does not lead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Waiting {
+    /// Another candidate holds the lease (as last seen).
+    Held,
+    /// No live lease is known to this candidate: it is about to try, or
+    /// waits for the store's answer, a retry or the end of a quiet period
+    /// after stepping down.
+    Trying,
+    /// The key is free, but a preferred candidate (of higher priority, or
+    /// nominated by the last leader) goes first; this one tries when the
+    /// bounded hold-off has passed, unless a new leader shows up.
+    HoldingOff {
+        /// The candidate that goes first.
+        preferred: LeaderId,
+    },
+}
+
 impl State {
+    /// A follower's state: [`Waiting::Held`] if a leader is known, else
+    /// [`Waiting::Trying`].
+    pub(crate) fn following(leader: Option<Holder>) -> State {
+        let waiting = if leader.is_some() {
+            Waiting::Held
+        } else {
+            Waiting::Trying
+        };
+        State::Follower { leader, waiting }
+    }
+
     /// `true` in [`State::Leader`].
     pub fn is_leader(&self) -> bool {
         matches!(self, State::Leader { .. })

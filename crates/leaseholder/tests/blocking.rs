@@ -272,8 +272,15 @@ async fn a_polled_watch_hands_over_a_release() {
     let tb = start(&b);
     tokio::time::timeout(
         Duration::from_secs(10),
-        b.state()
-            .wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+        b.state().wait_for(|s| {
+            matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            )
+        }),
     )
     .await
     .unwrap()

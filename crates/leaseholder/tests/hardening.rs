@@ -498,7 +498,13 @@ async fn a_follower_whose_watch_stalls_takes_over_within_ttl_plus_retry() {
     let b = builder("job", Backend::new(edge)).build().unwrap();
     let tb = started(&b);
     wait(&mut b.state(), |s| {
-        matches!(s, State::Follower { leader: Some(_) })
+        matches!(
+            s,
+            State::Follower {
+                leader: Some(_),
+                ..
+            }
+        )
     })
     .await;
     tokio::time::sleep(TTL * 3).await;
@@ -530,7 +536,13 @@ async fn a_release_still_hands_over_within_milliseconds() {
     }
     for f in &followers {
         wait(&mut f.state(), |s| {
-            matches!(s, State::Follower { leader: Some(_) })
+            matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            )
         })
         .await;
     }
@@ -598,7 +610,13 @@ fn the_watch_hub_starts_again_on_a_new_runtime() {
         let b = builder("job", backend.clone()).build().unwrap();
         let tb = started(&b);
         wait(&mut b.state(), |s| {
-            matches!(s, State::Follower { leader: Some(_) })
+            matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            )
         })
         .await;
         let released = Instant::now();
@@ -694,7 +712,10 @@ async fn a_polling_follower_publishes_each_leader_once() {
         while states.changed().await.is_ok() {
             if matches!(
                 &*states.borrow_and_update(),
-                State::Follower { leader: Some(_) }
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
             ) {
                 followers += 1;
             }
@@ -736,7 +757,13 @@ async fn a_healed_link_reconnects_the_watch_at_once() {
     wait(&mut a.state(), State::is_leader).await;
     let tb = started(&b);
     wait(&mut b.state(), |s| {
-        matches!(s, State::Follower { leader: Some(_) })
+        matches!(
+            s,
+            State::Follower {
+                leader: Some(_),
+                ..
+            }
+        )
     })
     .await;
     // B's link is down long enough for the watch's backoff to reach its
@@ -749,7 +776,13 @@ async fn a_healed_link_reconnects_the_watch_at_once() {
         tokio::time::sleep(ms(10)).await;
     }
     wait(&mut b.state(), |s| {
-        matches!(s, State::Follower { leader: Some(_) })
+        matches!(
+            s,
+            State::Follower {
+                leader: Some(_),
+                ..
+            }
+        )
     })
     .await;
     tokio::time::sleep(ms(200)).await;

@@ -190,7 +190,13 @@ async fn resign_hands_over_through_the_watch_at_once() {
     let tb = started(&b);
     let mut sb = b.state();
     wait(&mut sb, |s| {
-        matches!(s, State::Follower { leader: Some(_) })
+        matches!(
+            s,
+            State::Follower {
+                leader: Some(_),
+                ..
+            }
+        )
     })
     .await;
     let t0 = Instant::now();
@@ -238,7 +244,13 @@ async fn shutdown_keeps_renewing_until_slow_work_has_drained() {
     let tb = started(&b);
     let mut sb = b.state();
     wait(&mut sb, |s| {
-        matches!(s, State::Follower { leader: Some(_) })
+        matches!(
+            s,
+            State::Follower {
+                leader: Some(_),
+                ..
+            }
+        )
     })
     .await;
     let asked = Instant::now();
@@ -303,7 +315,13 @@ async fn crashed_leader_is_replaced_after_the_ttl() {
     let tb = started(&b);
     let mut sb = b.state();
     wait(&mut sb, |s| {
-        matches!(s, State::Follower { leader: Some(_) })
+        matches!(
+            s,
+            State::Follower {
+                leader: Some(_),
+                ..
+            }
+        )
     })
     .await;
     // "Crash": A's link dies and its task is gone; nothing is released.
@@ -624,7 +642,13 @@ async fn dropping_acquire_and_run_cancels_the_work_and_releases() {
     let tb = started(&b);
     let mut sb = b.state();
     wait(&mut sb, |s| {
-        matches!(s, State::Follower { leader: Some(_) })
+        matches!(
+            s,
+            State::Follower {
+                leader: Some(_),
+                ..
+            }
+        )
     })
     .await;
     runner.abort();
@@ -701,7 +725,13 @@ async fn followers_make_no_store_calls_while_the_watch_is_up() {
     wait(&mut a.state(), State::is_leader).await;
     let tb = started(&b);
     wait(&mut b.state(), |s| {
-        matches!(s, State::Follower { leader: Some(_) })
+        matches!(
+            s,
+            State::Follower {
+                leader: Some(_),
+                ..
+            }
+        )
     })
     .await;
     let before = b_faults.calls();
@@ -748,7 +778,13 @@ async fn observer_sees_terms_change_without_campaigning() {
     assert_eq!(o.holder().unwrap().id(), Some(a.leader_id()));
     let tb = started(&b);
     wait(&mut b.state(), |s| {
-        matches!(s, State::Follower { leader: Some(_) })
+        matches!(
+            s,
+            State::Follower {
+                leader: Some(_),
+                ..
+            }
+        )
     })
     .await;
     a.resign().await.unwrap();
@@ -778,10 +814,19 @@ async fn followers_see_the_leader_and_its_metadata() {
     wait(&mut a.state(), State::is_leader).await;
     let tb = started(&b);
     let state = wait(&mut b.state(), |s| {
-        matches!(s, State::Follower { leader: Some(_) })
+        matches!(
+            s,
+            State::Follower {
+                leader: Some(_),
+                ..
+            }
+        )
     })
     .await;
-    let State::Follower { leader: Some(h) } = state else {
+    let State::Follower {
+        leader: Some(h), ..
+    } = state
+    else {
         unreachable!()
     };
     assert_eq!(h.id(), Some(a.leader_id()));
@@ -819,7 +864,13 @@ async fn dropping_do_while_leader_under_start_drops_the_work_and_releases() {
     let tb = started(&b);
     let mut sb = b.state();
     wait(&mut sb, |s| {
-        matches!(s, State::Follower { leader: Some(_) })
+        matches!(
+            s,
+            State::Follower {
+                leader: Some(_),
+                ..
+            }
+        )
     })
     .await;
     // The campaign belongs to `start`; dropping the work's runner drops the

@@ -154,7 +154,14 @@ async fn resign_hands_over_through_the_watch() {
             timeout(
                 WAIT,
                 c.leader.state().wait_for(|s| {
-                    s.is_leader() || matches!(s, State::Follower { leader: Some(_) })
+                    s.is_leader()
+                        || matches!(
+                            s,
+                            State::Follower {
+                                leader: Some(_),
+                                ..
+                            }
+                        )
                 }),
             )
             .await
@@ -206,7 +213,15 @@ async fn a_cut_off_leader_is_replaced_after_its_lease_expires() {
     let mut sb = b.state();
     timeout(
         WAIT,
-        sb.wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+        sb.wait_for(|s| {
+            matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            )
+        }),
     )
     .await
     .unwrap()
@@ -278,8 +293,15 @@ async fn a_paused_server_past_the_ttl_cancels_the_leader_then_recovers() {
     let (tb, _) = run_reporting_terms(&b, "b", &log);
     timeout(
         WAIT,
-        b.state()
-            .wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+        b.state().wait_for(|s| {
+            matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            )
+        }),
     )
     .await
     .unwrap()
@@ -334,7 +356,15 @@ async fn a_noleader_value_is_a_foreign_lease_until_it_expires() {
     let mut sa = a.state();
     let seen = timeout(
         WAIT,
-        sa.wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+        sa.wait_for(|s| {
+            matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            )
+        }),
     )
     .await
     .unwrap()
@@ -342,6 +372,7 @@ async fn a_noleader_value_is_a_foreign_lease_until_it_expires() {
     .clone();
     let State::Follower {
         leader: Some(holder),
+        ..
     } = seen
     else {
         unreachable!()
@@ -574,8 +605,15 @@ async fn an_idle_follower_makes_no_store_calls_while_the_leader_renews() {
     let tb = started(&b);
     timeout(
         WAIT,
-        b.state()
-            .wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+        b.state().wait_for(|s| {
+            matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            )
+        }),
     )
     .await
     .unwrap()
@@ -1090,8 +1128,15 @@ async fn a_follower_whose_link_healed_takes_over_promptly_after_a_resign() {
     let (tf, _) = run_reporting_terms(&f, "f", &log);
     timeout(
         WAIT,
-        f.state()
-            .wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+        f.state().wait_for(|s| {
+            matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            )
+        }),
     )
     .await
     .unwrap()

@@ -227,7 +227,15 @@ async fn losing_the_leaders_node_hands_over_to_a_leader_on_the_others() {
     let mut sb = b.state();
     timeout(
         WAIT,
-        sb.wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+        sb.wait_for(|s| {
+            matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            )
+        }),
     )
     .await
     .unwrap()
@@ -276,8 +284,15 @@ async fn a_node_restarted_under_a_connected_candidate_does_not_end_its_campaign(
     let (tb, _) = run(&b, "b", &log);
     timeout(
         WAIT,
-        b.state()
-            .wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+        b.state().wait_for(|s| {
+            matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            )
+        }),
     )
     .await
     .unwrap()

@@ -67,8 +67,16 @@ fn run(l: &Leader, who: &str, log: &WorkLog) -> tokio::task::JoinHandle<Result<(
 async fn wait_campaigning(l: &Leader) {
     timeout(
         WAIT,
-        l.state()
-            .wait_for(|s| s.is_leader() || matches!(s, State::Follower { leader: Some(_) })),
+        l.state().wait_for(|s| {
+            s.is_leader()
+                || matches!(
+                    s,
+                    State::Follower {
+                        leader: Some(_),
+                        ..
+                    }
+                )
+        }),
     )
     .await
     .unwrap()
@@ -515,7 +523,7 @@ async fn a_polling_follower_publishes_a_steady_leader_once() {
     timeout(
         WAIT,
         b.state().wait_for(
-            |s| matches!(s, State::Follower { leader: Some(h) } if h.token() == Some(token)),
+            |s| matches!(s, State::Follower { leader: Some(h), .. } if h.token() == Some(token)),
         ),
     )
     .await
@@ -528,7 +536,9 @@ async fn a_polling_follower_publishes_a_steady_leader_once() {
     let seen = seen.lock().unwrap().clone();
     let of_term = seen
         .iter()
-        .filter(|s| matches!(s, State::Follower { leader: Some(h) } if h.token() == Some(token)))
+        .filter(
+            |s| matches!(s, State::Follower { leader: Some(h), .. } if h.token() == Some(token)),
+        )
         .count();
     println!(
         "follower: {} state changes over 3 ttls, {of_term} for the leader's term: {seen:?}",
@@ -538,8 +548,14 @@ async fn a_polling_follower_publishes_a_steady_leader_once() {
     // Before it: only the states of starting up.
     assert!(
         seen.iter()
-            .take_while(|s| !matches!(s, State::Follower { leader: Some(_) }))
-            .all(|s| matches!(s, State::Idle | State::Follower { leader: None })),
+            .take_while(|s| !matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            ))
+            .all(|s| matches!(s, State::Idle | State::Follower { leader: None, .. })),
         "{seen:?}"
     );
     a.shutdown().await.unwrap();

@@ -316,8 +316,16 @@ async fn every_campaign_recovers_after_the_server_restarts_and_resign_still_uses
         if i == first && row.term == before {
             continue;
         }
-        let known =
-            |now: &State| now.is_leader() || matches!(now, State::Follower { leader: Some(_) });
+        let known = |now: &State| {
+            now.is_leader()
+                || matches!(
+                    now,
+                    State::Follower {
+                        leader: Some(_),
+                        ..
+                    }
+                )
+        };
         if timeout(WAIT, st.wait_for(known)).await.is_err() {
             panic!("c{i} did not recover: {:?}", st.borrow());
         }
@@ -435,7 +443,7 @@ async fn a_pool_exhausted_by_the_users_queries_ends_the_term_before_the_lease_ex
     assert!(
         matches!(
             left,
-            State::Follower { leader: None } | State::Unknown { .. }
+            State::Follower { leader: None, .. } | State::Unknown { .. }
         ),
         "{left:?}"
     );

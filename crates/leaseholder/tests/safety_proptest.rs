@@ -813,7 +813,7 @@ async fn leader_partitioned_then_healed_after_ttl() {
     tokio::time::timeout(
         2 * TTL,
         state.wait_for(
-            |s| matches!(s, State::Follower { leader: Some(h) } if h.id() == Some(new_id)),
+            |s| matches!(s, State::Follower { leader: Some(h), .. } if h.id() == Some(new_id)),
         ),
     )
     .await
@@ -855,8 +855,9 @@ async fn lost_reply_on_acquire_is_adopted() {
     let mut state = cluster.candidates[b].leader.state();
     tokio::time::timeout(
         TTL,
-        state
-            .wait_for(|s| matches!(s, State::Follower { leader: Some(h) } if h.id() == Some(a_id))),
+        state.wait_for(
+            |s| matches!(s, State::Follower { leader: Some(h), .. } if h.id() == Some(a_id)),
+        ),
     )
     .await
     .unwrap()

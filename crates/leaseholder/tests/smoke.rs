@@ -32,7 +32,15 @@ async fn one_leads_then_hands_over() {
     let mut sb = b.state();
     tokio::time::timeout(
         Duration::from_secs(5),
-        sb.wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+        sb.wait_for(|s| {
+            matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            )
+        }),
     )
     .await
     .unwrap()

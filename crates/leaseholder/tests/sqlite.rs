@@ -267,8 +267,15 @@ fn run(l: &Leader, who: &str, log: &WorkLog) -> tokio::task::JoinHandle<Result<(
 async fn wait_following(l: &Leader) {
     timeout(
         WAIT,
-        l.state()
-            .wait_for(|s| matches!(s, State::Follower { leader: Some(_) })),
+        l.state().wait_for(|s| {
+            matches!(
+                s,
+                State::Follower {
+                    leader: Some(_),
+                    ..
+                }
+            )
+        }),
     )
     .await
     .unwrap()

@@ -108,7 +108,7 @@ fn dispatch(state: &Weak<Mutex<State>>, event: WatchEvent) -> bool {
     };
     let state = lock(&state);
     match &event {
-        WatchEvent::Released(key) | WatchEvent::Updated(key, _) => {
+        WatchEvent::Released(key) | WatchEvent::Updated(key, _) | WatchEvent::Candidates(key) => {
             for (_, tx) in state.subs.get(key).into_iter().flatten() {
                 let _ = tx.send(event.clone());
             }

@@ -35,8 +35,8 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::{
-    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Prepared, Renewed,
-    WatchEvent, WatchStream,
+    Acquired, BackendEdge, Candidate, Claim, FencingToken, Holder, Key, LeaderId, Lease,
+    LeaseValue, Prepared, Renewed, WatchEvent, WatchStream,
 };
 use crate::error::{BackendError, Op};
 
@@ -80,6 +80,11 @@ struct StoreState {
     tokens: HashMap<Key, u64>,
     revision: u64,
     setups: u64,
+    /// The candidate registry: per key, each candidate's stored entry and
+    /// its expiry.
+    candidates: HashMap<Key, HashMap<LeaderId, (Bytes, Instant)>>,
+    /// Every registry entry by its expiry, earliest first.
+    candidates_by_expiry: BTreeSet<(Instant, Key, LeaderId)>,
 }
 
 struct Entry {
@@ -110,6 +115,70 @@ impl StoreState {
             entry.expires_at = at;
             self.by_expiry.insert((at, key.clone()));
         }
+    }
+
+    /// Writes a registry entry; `true` if the set changed (a new entry, or
+    /// other contents), not for a plain renewal.
+    fn put_candidate(
+        &mut self,
+        key: &Key,
+        id: LeaderId,
+        value: Bytes,
+        expires_at: Instant,
+    ) -> bool {
+        self.candidates_by_expiry
+            .insert((expires_at, key.clone(), id));
+        let old = self
+            .candidates
+            .entry(key.clone())
+            .or_default()
+            .insert(id, (value.clone(), expires_at));
+        match old {
+            Some((old_value, old_at)) => {
+                if old_at != expires_at {
+                    self.candidates_by_expiry.remove(&(old_at, key.clone(), id));
+                }
+                old_value != value
+            }
+            None => true,
+        }
+    }
+
+    /// Removes a registry entry; `true` if there was one.
+    fn remove_candidate(&mut self, key: &Key, id: LeaderId) -> bool {
+        let Some(entries) = self.candidates.get_mut(key) else {
+            return false;
+        };
+        let Some((_, at)) = entries.remove(&id) else {
+            return false;
+        };
+        if entries.is_empty() {
+            self.candidates.remove(key);
+        }
+        self.candidates_by_expiry.remove(&(at, key.clone(), id));
+        true
+    }
+
+    /// Removes the registry entries that expired by `now`; their keys.
+    fn sweep_candidates(&mut self, now: Instant) -> Vec<Key> {
+        let mut changed = Vec::new();
+        while let Some((at, _, _)) = self.candidates_by_expiry.first() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, key, id)) = self.candidates_by_expiry.pop_first() {
+                if let Some(entries) = self.candidates.get_mut(&key) {
+                    entries.remove(&id);
+                    if entries.is_empty() {
+                        self.candidates.remove(&key);
+                    }
+                }
+                if !changed.contains(&key) {
+                    changed.push(key);
+                }
+            }
+        }
+        changed
     }
 
     /// Removes the entries that expired by `now`; their keys.
@@ -200,11 +269,43 @@ impl MemoryStore {
         for key in state.sweep(now) {
             let _ = self.inner.events.send(WatchEvent::Released(key));
         }
+        for key in state.sweep_candidates(now) {
+            let _ = self.inner.events.send(WatchEvent::Candidates(key));
+        }
         state
     }
 
     fn next_expiry(&self) -> Option<Instant> {
-        lock(&self.inner.state).by_expiry.first().map(|(at, _)| *at)
+        let state = lock(&self.inner.state);
+        let lease = state.by_expiry.first().map(|(at, _)| *at);
+        let entry = state.candidates_by_expiry.first().map(|(at, _, _)| *at);
+        match (lease, entry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Writes a raw registry entry under `key` for candidate `id` that lives
+    /// for `ttl`: another program's entry, or garbage.
+    pub fn put_raw_candidate(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        value: impl Into<Bytes>,
+        ttl: Duration,
+    ) {
+        let now = Instant::now();
+        let mut state = self.lock_swept(now);
+        let changed = state.put_candidate(
+            key,
+            id,
+            value.into(),
+            crate::campaign::core::later(now, ttl),
+        );
+        drop(state);
+        if changed {
+            let _ = self.inner.events.send(WatchEvent::Candidates(key.clone()));
+        }
     }
 
     fn apply(&self, call: &Call) -> Result<Reply, BackendError> {
@@ -212,6 +313,31 @@ impl MemoryStore {
         let mut state = self.lock_swept(now);
         let event;
         let reply = match call {
+            Call::Register(key, candidate, ttl) => {
+                let at = crate::campaign::core::later(now, *ttl);
+                if !state.put_candidate(key, candidate.id(), candidate.encode(), at) {
+                    return Ok(Reply::Done);
+                }
+                event = WatchEvent::Candidates(key.clone());
+                Reply::Done
+            }
+            Call::Deregister(key, id) => {
+                if !state.remove_candidate(key, *id) {
+                    return Ok(Reply::Done);
+                }
+                event = WatchEvent::Candidates(key.clone());
+                Reply::Done
+            }
+            Call::Candidates(key) => {
+                let list = state
+                    .candidates
+                    .get(key)
+                    .into_iter()
+                    .flat_map(|entries| entries.values())
+                    .filter_map(|(value, _)| Candidate::decode(value).ok())
+                    .collect();
+                return Ok(Reply::Candidates(list));
+            }
             Call::Setup => {
                 state.setups += 1;
                 return Ok(Reply::Setup);
@@ -301,11 +427,17 @@ enum Call {
     Renew(Key, Lease, Duration),
     Release(Key, Lease),
     Holder(Key),
+    Register(Key, Candidate, Duration),
+    Deregister(Key, LeaderId),
+    Candidates(Key),
 }
 
 impl Call {
     fn op(&self) -> Op {
         match self {
+            Call::Register(..) => Op::Register,
+            Call::Deregister(..) => Op::Deregister,
+            Call::Candidates(..) => Op::Candidates,
             Call::Setup => Op::Setup,
             Call::Acquire(..) => Op::Acquire,
             Call::Renew(..) => Op::Renew,
@@ -321,6 +453,8 @@ enum Reply {
     Renew(Renewed),
     Release,
     Holder(Option<Holder>),
+    Done,
+    Candidates(Vec<Candidate>),
 }
 
 /// A fault to inject into one candidate's calls.
@@ -591,6 +725,49 @@ impl BackendEdge for MemoryBackend {
 
     fn watch_reports_expiry(&self) -> bool {
         true
+    }
+
+    fn supports_candidates(&self) -> bool {
+        true
+    }
+
+    async fn register(
+        &self,
+        key: &Key,
+        candidate: &Candidate,
+        ttl: Duration,
+        _budget: Duration,
+    ) -> Result<(), BackendError> {
+        match self
+            .call(Call::Register(key.clone(), candidate.clone(), ttl))
+            .await?
+        {
+            Reply::Done => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn deregister(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        _budget: Duration,
+    ) -> Result<(), BackendError> {
+        match self.call(Call::Deregister(key.clone(), id)).await? {
+            Reply::Done => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn candidates(
+        &self,
+        key: &Key,
+        _budget: Duration,
+    ) -> Result<Vec<Candidate>, BackendError> {
+        match self.call(Call::Candidates(key.clone())).await? {
+            Reply::Candidates(list) => Ok(list),
+            _ => Err(unexpected()),
+        }
     }
 }
 

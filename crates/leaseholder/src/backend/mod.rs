@@ -18,6 +18,7 @@
 //! | [`release`](BackendEdge::release) | end the lease only if it still has this nonce (compare-and-delete); idempotent; never make a later token smaller |
 //! | [`holder`](BackendEdge::holder) | return the live lease with an expiry hint |
 //! | [`watch`](BackendEdge::watch) | optionally stream change events for all keys |
+//! | [`register`](BackendEdge::register), [`deregister`](BackendEdge::deregister), [`candidates`](BackendEdge::candidates) | optionally keep the candidate registry: entries that expire by the store's clock, listed live |
 //!
 //! **Whose clock.** Expiry is decided by the store's clock (a message TTL, a
 //! database's `clock_timestamp()`, an in-process tokio clock); two
@@ -54,6 +55,7 @@
 //! checks every row of this contract against a real store.
 
 pub mod blocking;
+mod candidate;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 mod clock;
 #[cfg(feature = "etcd")]
@@ -86,6 +88,8 @@ use futures_core::Stream;
 
 use crate::error::{BackendError, ConfigError, Op};
 
+pub use candidate::Candidate;
+pub(crate) use candidate::first_choice;
 pub use hub::Subscription;
 
 /// The budget [`Backend`]'s methods without one (`setup`, `acquire`,
@@ -656,6 +660,12 @@ pub enum WatchEvent {
     /// Events may have been missed (reconnect, lag), or something changed
     /// and the backend cannot tell what: re-read every key.
     Resync,
+    /// The candidate registry of the key changed: an entry was added,
+    /// removed or rewritten with other contents (not a plain renewal of an
+    /// entry, which would flood every watcher). Optional: a backend that
+    /// cannot tell sends nothing, and leaders read the registry at each
+    /// renew interval anyway.
+    Candidates(Key),
 }
 
 /// The stream [`BackendEdge::watch`] returns. It ends when the
@@ -817,6 +827,69 @@ pub trait BackendEdge: Send + Sync + 'static {
     fn watch_reports_expiry(&self) -> bool {
         false
     }
+
+    /// `true` if this backend keeps a candidate registry
+    /// ([`register`](Self::register), [`deregister`](Self::deregister),
+    /// [`candidates`](Self::candidates)). Default: `false`; then a
+    /// `Leader` with a priority or preemption is refused at `build()`, and
+    /// the others campaign without a registry entry.
+    fn supports_candidates(&self) -> bool {
+        false
+    }
+
+    /// Writes `candidate`'s entry in the registry of `key` (creating or
+    /// replacing the entry with its id), to live at least `ttl` by the
+    /// store's clock unless written again. Entries of a key are listed by
+    /// [`candidates`](Self::candidates); an entry not written again for a
+    /// ttl drops out of the list by the store's own expiry, with no
+    /// comparison of clocks. Independent of the lease: writing an entry
+    /// never touches the key's lease, and the registry may live in a
+    /// separate store object.
+    ///
+    /// Default: [`BackendError::Unsupported`].
+    fn register(
+        &self,
+        key: &Key,
+        candidate: &Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let _ = (key, candidate, ttl, budget);
+        async { Err(no_registry()) }
+    }
+
+    /// Removes the entry of candidate `id` from the registry of `key`.
+    /// Idempotent. Default: [`BackendError::Unsupported`].
+    fn deregister(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let _ = (key, id, budget);
+        async { Err(no_registry()) }
+    }
+
+    /// The live entries of the registry of `key`, in any order. An entry
+    /// that does not decode ([`Candidate::decode`]) is left out. Default:
+    /// [`BackendError::Unsupported`].
+    fn candidates(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> impl Future<Output = Result<Vec<Candidate>, BackendError>> + Send {
+        let _ = (key, budget);
+        async { Err(no_registry()) }
+    }
+}
+
+/// The error the registry methods' defaults return.
+fn no_registry() -> BackendError {
+    BackendError::Unsupported {
+        what: "a candidate registry".to_owned(),
+        needed: "a backend that implements BackendEdge::register, deregister and candidates"
+            .to_owned(),
+    }
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -878,6 +951,25 @@ trait DynEdge: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<Holder>, BackendError>>;
     fn watch(&self) -> BoxFuture<'_, Result<Option<WatchStream>, BackendError>>;
     fn watch_reports_expiry(&self) -> bool;
+    fn supports_candidates(&self) -> bool;
+    fn register<'a>(
+        &'a self,
+        key: &'a Key,
+        candidate: &'a Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> BoxFuture<'a, Result<(), BackendError>>;
+    fn deregister<'a>(
+        &'a self,
+        key: &'a Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> BoxFuture<'a, Result<(), BackendError>>;
+    fn candidates<'a>(
+        &'a self,
+        key: &'a Key,
+        budget: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Candidate>, BackendError>>;
 }
 
 impl<T: BackendEdge> DynEdge for T {
@@ -931,6 +1023,33 @@ impl<T: BackendEdge> DynEdge for T {
     }
     fn watch_reports_expiry(&self) -> bool {
         BackendEdge::watch_reports_expiry(self)
+    }
+    fn supports_candidates(&self) -> bool {
+        BackendEdge::supports_candidates(self)
+    }
+    fn register<'a>(
+        &'a self,
+        key: &'a Key,
+        candidate: &'a Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(BackendEdge::register(self, key, candidate, ttl, budget))
+    }
+    fn deregister<'a>(
+        &'a self,
+        key: &'a Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(BackendEdge::deregister(self, key, id, budget))
+    }
+    fn candidates<'a>(
+        &'a self,
+        key: &'a Key,
+        budget: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Candidate>, BackendError>> {
+        Box::pin(BackendEdge::candidates(self, key, budget))
     }
 }
 
@@ -1162,6 +1281,56 @@ impl Backend {
     /// See [`BackendEdge::watch_reports_expiry`].
     pub fn watch_reports_expiry(&self) -> bool {
         self.inner.edge.watch_reports_expiry()
+    }
+
+    /// See [`BackendEdge::supports_candidates`].
+    pub fn supports_candidates(&self) -> bool {
+        self.inner.edge.supports_candidates()
+    }
+
+    /// See [`BackendEdge::register`].
+    pub async fn register_within(
+        &self,
+        key: &Key,
+        candidate: &Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        self.kicked(
+            guarded(Op::Register, || {
+                self.inner.edge.register(key, candidate, ttl, budget)
+            })
+            .await,
+        )
+    }
+
+    /// See [`BackendEdge::deregister`].
+    pub async fn deregister_within(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        self.kicked(
+            guarded(Op::Deregister, || {
+                self.inner.edge.deregister(key, id, budget)
+            })
+            .await,
+        )
+    }
+
+    /// See [`BackendEdge::candidates`]; the budget is [`DEFAULT_BUDGET`].
+    pub async fn candidates(&self, key: &Key) -> Result<Vec<Candidate>, BackendError> {
+        self.candidates_within(key, DEFAULT_BUDGET).await
+    }
+
+    /// See [`BackendEdge::candidates`].
+    pub async fn candidates_within(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> Result<Vec<Candidate>, BackendError> {
+        self.kicked(guarded(Op::Candidates, || self.inner.edge.candidates(key, budget)).await)
     }
 
     /// Subscribes to the watch events of one key. The first subscription

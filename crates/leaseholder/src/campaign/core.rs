@@ -43,10 +43,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backend::{Acquired, FencingToken, Holder, Lease, Nonce, Renewed, WatchEvent};
+use crate::backend::{
+    Acquired, Candidate, FencingToken, Holder, LeaderId, Lease, Nonce, Renewed, WatchEvent,
+};
 use crate::config::Timing;
 use crate::error::{BackendError, Op};
-use crate::state::State;
+use crate::state::{State, Waiting};
 
 /// Why a term ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,8 +59,10 @@ pub(crate) enum EndReason {
     Lost,
     /// The work returned while we led.
     WorkDone,
-    /// `resign()`.
+    /// `resign()` or `resign_to()`.
     Resign,
+    /// A live candidate of higher priority asked for the key.
+    Preempted,
     /// `shutdown()`, or the run was abandoned.
     Shutdown,
     /// A fatal store error.
@@ -92,6 +96,11 @@ pub(crate) enum Input {
     WorkStarted(u64),
     WorkEnded(u64),
     Stop(StopKind),
+    /// The candidate registry, read for a follower about to try.
+    Candidates(Result<Vec<Candidate>, BackendError>),
+    /// Step down for a preferred candidate (the driver checked the minimum
+    /// term and wrote the nomination): like a resign, with its own cause.
+    Preempt,
 }
 
 impl Input {
@@ -102,7 +111,8 @@ impl Input {
             | Input::Acquire(Err(e))
             | Input::Renew(Err(e))
             | Input::Holder(Err(e))
-            | Input::Release(Err(e)) => Some(e),
+            | Input::Release(Err(e))
+            | Input::Candidates(Err(e)) => Some(e),
             _ => None,
         }
     }
@@ -125,6 +135,10 @@ pub(crate) enum Output {
         timeout: Duration,
     },
     ReadHolder {
+        timeout: Duration,
+    },
+    /// Read the candidate registry (the key looks free: who goes first?).
+    ReadCandidates {
         timeout: Duration,
     },
     BeginTerm {
@@ -180,7 +194,16 @@ impl PartialEq for StateOut {
         use State::*;
         match (&self.0, &other.0) {
             (Idle, Idle) | (Stopped, Stopped) => true,
-            (Follower { leader: a }, Follower { leader: b }) => a == b,
+            (
+                Follower {
+                    leader: a,
+                    waiting: x,
+                },
+                Follower {
+                    leader: b,
+                    waiting: y,
+                },
+            ) => a == b && x == y,
             (Leader { token: a, since: s }, Leader { token: b, since: t }) => a == b && s == t,
             (Unknown { since: a, .. }, Unknown { since: b, .. }) => a == b,
             _ => false,
@@ -201,6 +224,8 @@ enum InFlight {
         renewal: Option<Instant>,
     },
     Release,
+    /// Reading the candidate registry before trying.
+    Rank,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -212,6 +237,9 @@ enum Phase {
     Follower {
         wake_at: Instant,
         quiet_until: Option<Instant>,
+        /// Holding off for this preferred candidate until `wake_at`, then
+        /// trying without reading the registry again.
+        hold: Option<LeaderId>,
     },
     Acquiring {
         nonce: Nonce,
@@ -282,6 +310,10 @@ pub(crate) struct Core {
     stop_by: Option<Instant>,
     /// What was last published, so that each change is published once.
     published: Option<Published>,
+    /// With a candidate registry: this candidate's id and its hold-off.
+    /// A follower about to try reads the registry first, and holds off if
+    /// another candidate should go first.
+    rank: Option<(LeaderId, Duration)>,
 }
 
 /// The identity of a published state: a follower's state changes when the
@@ -289,7 +321,7 @@ pub(crate) struct Core {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Published {
     Idle,
-    Follower(Option<(Option<Nonce>, Option<FencingToken>)>),
+    Follower(Option<(Option<Nonce>, Option<FencingToken>)>, Waiting),
     Leader(FencingToken),
     Unknown(Instant),
     Stopped,
@@ -299,8 +331,8 @@ impl Published {
     fn of(state: &State) -> Published {
         match state {
             State::Idle => Published::Idle,
-            State::Follower { leader } => {
-                Published::Follower(leader.as_ref().map(|h| (h.nonce(), h.token())))
+            State::Follower { leader, waiting } => {
+                Published::Follower(leader.as_ref().map(|h| (h.nonce(), h.token())), *waiting)
             }
             State::Leader { token, .. } => Published::Leader(*token),
             State::Unknown { since, .. } => Published::Unknown(*since),
@@ -329,6 +361,13 @@ impl Core {
         self.watch_reports_expiry = reports;
     }
 
+    /// Tells the machine that this candidate is in the registry as `me`: a
+    /// follower about to try reads the registry first, and lets the
+    /// candidate that should go first try alone for `holdoff`.
+    pub(crate) fn set_rank(&mut self, me: LeaderId, holdoff: Duration) {
+        self.rank = Some((me, holdoff));
+    }
+
     pub(crate) fn new(timing: &Timing, seed: u64) -> Core {
         Core {
             t: TimingKey {
@@ -353,6 +392,7 @@ impl Core {
             watch_reports_expiry: false,
             stop_by: None,
             published: None,
+            rank: None,
         }
     }
 
@@ -423,7 +463,8 @@ impl Core {
                 if let Output::Acquire { timeout, .. }
                 | Output::Renew { timeout, .. }
                 | Output::Release { timeout, .. }
-                | Output::ReadHolder { timeout } = output
+                | Output::ReadHolder { timeout }
+                | Output::ReadCandidates { timeout } = output
                 {
                     *timeout = (*timeout).min(left);
                 }
@@ -438,7 +479,7 @@ impl Core {
                 if self.phase == Phase::Idle {
                     self.phase = Phase::SettingUp { retry_at: None };
                     self.send(InFlight::Setup, Output::Setup, out);
-                    self.publish(State::Follower { leader: None }, out);
+                    self.publish(State::following(None), out);
                 }
             }
             Input::Tick => self.tick(now, out),
@@ -454,6 +495,15 @@ impl Core {
             },
             Input::WorkEnded(id) => self.on_work_ended(now, id, out),
             Input::Stop(kind) => self.on_stop(now, kind, out),
+            Input::Candidates(result) => self.on_candidates(now, result, out),
+            Input::Preempt => {
+                if let Phase::Leading(term) = &self.phase
+                    && term.drain_until.is_none()
+                    && self.stop.is_none()
+                {
+                    self.drain(now, EndReason::Preempted, false, out);
+                }
+            }
         }
     }
 
@@ -586,6 +636,7 @@ impl Core {
         self.phase = Phase::Follower {
             wake_at,
             quiet_until,
+            hold: None,
         };
     }
 
@@ -719,9 +770,12 @@ impl Core {
             abort_at,
             retry_at: Some(now),
             failures: 0,
-            quiet: matches!(reason, EndReason::Resign | EndReason::WorkDone),
+            quiet: matches!(
+                reason,
+                EndReason::Resign | EndReason::Preempted | EndReason::WorkDone
+            ),
         });
-        self.publish(State::Follower { leader: None }, out);
+        self.publish(State::following(None), out);
     }
 
     fn finish_ending(&mut self, now: Instant, out: &mut Vec<Output>) {
@@ -760,9 +814,18 @@ impl Core {
                     self.send(InFlight::Setup, Output::Setup, out);
                 }
             }
-            Phase::Follower { wake_at, .. } => {
+            Phase::Follower { wake_at, hold, .. } => {
                 if idle && *wake_at <= now {
-                    self.acquire(now, out);
+                    if hold.is_none()
+                        && let Some((_, holdoff)) = self.rank
+                    {
+                        // Who goes first? One read of the registry, bounded
+                        // by the hold-off (a slow registry costs no more).
+                        let timeout = holdoff.max(Duration::from_millis(1));
+                        self.send(InFlight::Rank, Output::ReadCandidates { timeout }, out);
+                    } else {
+                        self.acquire(now, out);
+                    }
                 }
             }
             Phase::Acquiring { confirming, .. } => {
@@ -839,7 +902,9 @@ impl Core {
                     WatchEvent::Released(_) => self.release_spread(),
                     _ => Duration::ZERO,
                 };
-                if let Phase::Follower { wake_at, .. } = &mut self.phase {
+                if let Phase::Follower { wake_at, hold, .. } = &mut self.phase {
+                    // Free again (or unknown): who goes first is asked anew.
+                    *hold = None;
                     *wake_at = match quiet {
                         Some(q) if q > now => (*wake_at).min(q),
                         _ => (*wake_at).min(later(now, spread)),
@@ -863,18 +928,17 @@ impl Core {
                     None if self.watch_reports_expiry => Some(UNTIL_TOLD),
                     None => None,
                 };
-                if let Some(left) = left {
-                    let at = later(later(now, left), self.spread());
-                    if let Phase::Follower { wake_at, .. } = &mut self.phase {
-                        *wake_at = (*wake_at).max(at);
+                let spread = self.spread();
+                if let Phase::Follower { wake_at, hold, .. } = &mut self.phase {
+                    // A new leader ends a hold-off: nothing to try for.
+                    if hold.take().is_some() && left.is_none() {
+                        *wake_at = now + self.t.retry;
+                    }
+                    if let Some(left) = left {
+                        *wake_at = (*wake_at).max(later(later(now, left), spread));
                     }
                 }
-                self.publish(
-                    State::Follower {
-                        leader: Some(holder.clone()),
-                    },
-                    out,
-                );
+                self.publish(State::following(Some(holder.clone())), out);
                 self.leader = Some(holder);
             }
             (Phase::Leading(term), WatchEvent::Updated(_, Some(holder)))
@@ -915,6 +979,7 @@ impl Core {
                 };
                 self.phase = Phase::Follower {
                     wake_at,
+                    hold: None,
                     // Also when the watch says the key is free (its first
                     // Resync does, at once): nothing in a new bucket or
                     // table shows the old one's leader.
@@ -965,12 +1030,7 @@ impl Core {
                 }
                 let wake = self.wake_for(now, Some(&holder));
                 self.leader = Some(holder.clone());
-                self.publish(
-                    State::Follower {
-                        leader: Some(holder),
-                    },
-                    out,
-                );
+                self.publish(State::following(Some(holder)), out);
                 self.follow(wake, None, out);
             }
             Err(e) if e.is_transient() => {
@@ -1166,7 +1226,7 @@ impl Core {
                     None => now + self.backoff(0),
                 };
                 self.leader = holder.clone();
-                self.publish(State::Follower { leader: holder }, out);
+                self.publish(State::following(holder), out);
                 self.follow(wake, None, out);
             }
             Err(_) if self.stop.is_some() => {
@@ -1188,6 +1248,58 @@ impl Core {
                 }
             }
             Err(e) => self.fatal(now, Op::Holder, e, out),
+        }
+    }
+
+    /// The registry, read by a follower about to try: go now if this
+    /// candidate should go first (or nobody is preferred, or the read
+    /// failed: the registry is advisory), else hold off.
+    fn on_candidates(
+        &mut self,
+        now: Instant,
+        result: Result<Vec<Candidate>, BackendError>,
+        out: &mut Vec<Output>,
+    ) {
+        if self.op.take() != Some(InFlight::Rank) {
+            return;
+        }
+        if !matches!(self.phase, Phase::Follower { .. }) {
+            return;
+        }
+        if matches!(self.stop, Some(StopKind::Shutdown | StopKind::Abandon)) {
+            return self.stopped(out);
+        }
+        let Some((me, holdoff)) = self.rank else {
+            return self.acquire(now, out);
+        };
+        let list = match result {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read the candidates; trying anyway");
+                return self.acquire(now, out);
+            }
+        };
+        let last = self
+            .leader
+            .as_ref()
+            .and_then(|h| Some((h.id()?, h.token())));
+        match crate::backend::first_choice(&list, last) {
+            Some(preferred) if preferred != me => {
+                tracing::debug!(%preferred, "holding off for a preferred candidate");
+                self.phase = Phase::Follower {
+                    wake_at: later(now, holdoff),
+                    quiet_until: None,
+                    hold: Some(preferred),
+                };
+                self.publish(
+                    State::Follower {
+                        leader: None,
+                        waiting: Waiting::HoldingOff { preferred },
+                    },
+                    out,
+                );
+            }
+            _ => self.acquire(now, out),
         }
     }
 
@@ -1294,7 +1406,7 @@ impl Core {
                 reason,
             });
             term.drain_until = Some((until, reason));
-            self.publish(State::Follower { leader: None }, out);
+            self.publish(State::following(None), out);
         }
         if let Phase::Leading(term) = &self.phase
             && (abandon || !term.work)

@@ -11,6 +11,7 @@
 pub(crate) mod core;
 #[cfg(test)]
 mod model;
+pub(crate) mod registry;
 mod telemetry;
 
 use std::future::Future;
@@ -26,7 +27,7 @@ use tracing::Instrument;
 
 use self::core::{Core, Input, Output, StopKind};
 use self::telemetry::{Call, Telemetry};
-use crate::backend::{Backend, Claim, Key, LeaderId, Renewed};
+use crate::backend::{Backend, Candidate, Claim, Key, LeaderId, Renewed};
 use crate::config::LeaderConfig;
 use crate::error::BackendError;
 use crate::error::BoxError;
@@ -58,6 +59,8 @@ pub(crate) enum Command {
         work: WorkFuture,
         reply: oneshot::Sender<WorkOutcome>,
     },
+    /// `resign_to`: nominate a live candidate, then resign.
+    ResignTo(registry::Ask),
 }
 
 /// How a piece of work ended.
@@ -219,6 +222,22 @@ async fn run(
     let timing = config.timing;
     let mut core = Core::new(&timing, seed);
     core.set_watch_reports_expiry(shared.backend.watch_reports_expiry());
+    let mut registry = config.candidacy.registry.then(|| {
+        core.set_rank(shared.id, config.candidacy.holdoff);
+        registry::Registry::new(
+            shared.backend.clone(),
+            shared.key.clone(),
+            Candidate::new(
+                shared.id,
+                config.candidacy.priority,
+                config.metadata.clone(),
+            ),
+            config.candidacy,
+            timing.ttl,
+            timing.renew_interval,
+            seed.rotate_left(17),
+        )
+    });
     let mut subscription = shared.backend.subscribe(&shared.key);
     let mut op: Option<OpFuture> = None;
     let mut term: Option<Running> = None;
@@ -284,6 +303,16 @@ async fn run(
                         )
                     }));
                 }
+                Output::ReadCandidates { timeout } => {
+                    call = Some((Call::Candidates, Instant::now()));
+                    let backend = shared.backend.clone();
+                    let key = shared.key.clone();
+                    op = Some(Box::pin(async move {
+                        Input::Candidates(
+                            bounded(timeout, backend.candidates_within(&key, timeout)).await,
+                        )
+                    }));
+                }
                 Output::ReadHolder { timeout } => {
                     call = Some((Call::Holder, Instant::now()));
                     let backend = shared.backend.clone();
@@ -301,6 +330,9 @@ async fn run(
                     shared.term.send_replace(Some(t.clone()));
                     term = Some(Running { term: t });
                     telemetry.term_began();
+                    if let Some(r) = registry.as_mut() {
+                        r.began(lease.token(), Instant::now());
+                    }
                 }
                 Output::Extend { id, deadline } => {
                     if let Some(r) = term.as_ref().filter(|r| r.term.id() == id) {
@@ -314,6 +346,9 @@ async fn run(
                     }
                 }
                 Output::CancelTerm { id, reason } => {
+                    if let Some(r) = registry.as_mut() {
+                        r.ended();
+                    }
                     if let Some(r) = term.as_ref().filter(|r| r.term.id() == id) {
                         tracing::debug!(?reason, "cancelling the term's token");
                         if !r.term.is_cancelled() {
@@ -353,8 +388,12 @@ async fn run(
         if let Some(error) = stopped {
             break error;
         }
+        if let Some(r) = registry.as_mut() {
+            r.start(Instant::now());
+        }
 
         let wake = core.next_wake();
+        let registry_wake = registry.as_ref().and_then(registry::Registry::wake);
         let input = tokio::select! {
             biased;
             command = commands.recv() => match command {
@@ -378,6 +417,16 @@ async fn run(
                         }
                     }
                 }
+                Some(Command::ResignTo(ask)) => match registry.as_mut() {
+                    Some(r) => {
+                        r.ask(ask);
+                        continue;
+                    }
+                    None => {
+                        let _ = ask.reply.send(registry::Handover::NotACandidate);
+                        continue;
+                    }
+                },
                 // Every handle is gone: nobody can stop us any more.
                 None => Input::Stop(StopKind::Abandon),
             },
@@ -430,8 +479,20 @@ async fn run(
                 input
             },
             () = sleep_until(wake) => Input::Tick,
+            done = next_registry(&mut registry) => {
+                match registry.as_mut().and_then(|r| r.done(Instant::now(), done)) {
+                    Some(input) => input,
+                    None => continue,
+                }
+            }
+            () = sleep_until(registry_wake) => continue,
             () = sleep_until(health_at) => continue,
-            event = subscription.next() => Input::Watch(event),
+            event = subscription.next() => {
+                if let (crate::backend::WatchEvent::Candidates(_), Some(r)) = (&event, registry.as_mut()) {
+                    r.changed(Instant::now());
+                }
+                Input::Watch(event)
+            }
         };
         outputs = core.handle(Instant::now(), input);
     };
@@ -450,11 +511,21 @@ async fn run(
         r.term.end();
     }
     shared.term.send_replace(None);
+    if let Some(r) = registry.take() {
+        r.deregister().await;
+    }
     let mut control = shared.control();
     control.commands = None;
     shared
         .run
         .send_replace(Run::Stopped(fatal.map(Fatal::Store)));
+}
+
+async fn next_registry(registry: &mut Option<registry::Registry>) -> registry::Done {
+    match registry {
+        Some(r) => r.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn work_event(work: &mut Option<Work>) -> WorkEvent {

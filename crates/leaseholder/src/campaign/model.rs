@@ -92,7 +92,8 @@ use tokio::time::Instant;
 
 use super::core::{Core, EndReason, Input, Output, StopKind};
 use crate::backend::{
-    Acquired, Claim, FencingToken, Holder, Key, LeaderId, Lease, Nonce, Renewed, WatchEvent,
+    Acquired, Candidate, Claim, FencingToken, Holder, Key, LeaderId, Lease, Nonce, Renewed,
+    WatchEvent,
 };
 use crate::config::Timing;
 use crate::error::BackendError;
@@ -208,7 +209,18 @@ struct Config {
     /// instant (later than the campaign's own send time when the call was
     /// held in the network).
     shared: Option<Duration>,
+    /// The candidate registry: each candidate's priority (all registered
+    /// for the whole search, so a stopped one is a dead entry that has not
+    /// expired yet). A follower about to try reads it and may hold off for
+    /// [`HOLDOFF`]; [`Config::preempts`] preemptions per path come on top.
+    ranked: Option<&'static [i32]>,
+    /// `Preempt` inputs per path (with a nomination of the best other
+    /// candidate in the leader's entry, as the driver writes it first).
+    preempts: u8,
 }
+
+/// A follower's hold-off for a preferred candidate.
+const HOLDOFF: Duration = ms(100);
 
 // ----- the world -----------------------------------------------------------
 
@@ -225,6 +237,7 @@ struct World {
     last_token: u64,
     /// [`Config::slow_drain`].
     slow_drain: bool,
+    preempts_left: u8,
     /// Not part of the state's identity (see [`explore`]).
     deviations_left: u8,
 }
@@ -237,6 +250,7 @@ impl Hash for World {
         self.late.hash(h);
         self.late_left.hash(h);
         self.stops_left.hash(h);
+        self.preempts_left.hash(h);
         self.last_token.hash(h);
     }
 }
@@ -277,6 +291,7 @@ enum Req {
     Renew(Lease),
     Release(Lease),
     Holder,
+    Candidates,
 }
 
 #[derive(Clone, Debug, Hash)]
@@ -290,6 +305,7 @@ enum Reply {
     Lost,
     Released,
     Holder(Option<Holder>),
+    Candidates(Vec<Candidate>),
 }
 
 #[derive(Clone, Hash)]
@@ -325,6 +341,7 @@ struct Store {
     lease: Option<Stored>,
     tokens: u64,
     revision: u64,
+    registry: Vec<Candidate>,
 }
 
 #[derive(Clone, Hash)]
@@ -376,6 +393,8 @@ enum Step {
     /// * The watch event arrives at some later instant.
     DelayWatch(usize),
     Stop(usize, StopKind),
+    /// The driver saw a candidate of higher priority: nominate it, preempt.
+    Preempt(usize),
 }
 
 impl Step {
@@ -414,7 +433,13 @@ impl World {
             now: Duration::ZERO,
             cands: (0..cfg.candidates)
                 .map(|i| Cand {
-                    core: Core::new(&t, 0x9E37_79B9 + i as u64),
+                    core: {
+                        let mut core = Core::new(&t, 0x9E37_79B9 + i as u64);
+                        if cfg.ranked.is_some() {
+                            core.set_rank(leader_id(i), HOLDOFF);
+                        }
+                        core
+                    },
                     pending: None,
                     term: None,
                     work: None,
@@ -423,10 +448,26 @@ impl World {
                     stopped: false,
                 })
                 .collect(),
-            store: Store::default(),
+            store: Store {
+                registry: cfg
+                    .ranked
+                    .map(|p| {
+                        p.iter()
+                            .take(cfg.candidates)
+                            .enumerate()
+                            .map(|(i, &prio)| {
+                                Candidate::new(leader_id(i), prio, Bytes::new())
+                                    .with_since(SystemTime::UNIX_EPOCH + ms(i as u64))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                ..Store::default()
+            },
             late: None,
             late_left: u8::from(cfg.late),
             stops_left: cfg.stops,
+            preempts_left: cfg.preempts,
             last_token: 0,
             slow_drain: cfg.slow_drain,
             deviations_left: cfg.deviations,
@@ -564,6 +605,9 @@ impl World {
                     steps.push(Step::Stop(i, kind));
                 }
             }
+            if self.preempts_left > 0 && c.term.as_ref().is_some_and(|t| t.live) {
+                steps.push(Step::Preempt(i));
+            }
         }
         if self.late.is_some() {
             steps.push(Step::ApplyLate);
@@ -653,6 +697,7 @@ impl World {
                     Reply::Lost => Input::Renew(Ok(Renewed::Lost)),
                     Reply::Released => Input::Release(Ok(())),
                     Reply::Holder(h) => Input::Holder(Ok(h)),
+                    Reply::Candidates(list) => Input::Candidates(Ok(list)),
                 };
                 self.feed(i, input, log)
             }
@@ -682,6 +727,7 @@ impl World {
                     Req::Renew(_) => Input::Renew(Err(error)),
                     Req::Release(_) => Input::Release(Err(error)),
                     Req::Holder => Input::Holder(Err(error)),
+                    Req::Candidates => Input::Candidates(Err(error)),
                 };
                 self.feed(i, input, log)
             }
@@ -742,6 +788,28 @@ impl World {
             Step::Stop(i, kind) => {
                 self.stops_left -= 1;
                 self.feed(i, Input::Stop(kind), log)
+            }
+            Step::Preempt(i) => {
+                self.preempts_left -= 1;
+                let token = self.cands[i].term.as_ref().ok_or("no term")?.token;
+                let me = leader_id(i);
+                let best = self
+                    .store
+                    .registry
+                    .iter()
+                    .filter(|c| c.id() != me)
+                    .fold(None::<&Candidate>, |b, c| match b {
+                        Some(b) if !c.before(b) => Some(b),
+                        _ => Some(c),
+                    })
+                    .map(Candidate::id);
+                if let (Some(to), Some(entry)) =
+                    (best, self.store.registry.iter_mut().find(|c| c.id() == me))
+                {
+                    *entry = entry.clone().with_nominee(Some((to, token)));
+                    log!(log, "  c{i} nominates {to} in its registry entry");
+                }
+                self.feed(i, Input::Preempt, log)
             }
         }
     }
@@ -814,6 +882,7 @@ impl World {
                 Reply::Released
             }
             Req::Holder => Reply::Holder(live.map(|s| s.lease.holder(Some(s.expires_at - now)))),
+            Req::Candidates => Reply::Candidates(self.store.registry.clone()),
         };
         log!(
             log,
@@ -880,6 +949,7 @@ impl World {
             Output::Renew { lease, timeout } => self.send(i, Req::Renew(lease), timeout),
             Output::Release { lease, timeout } => self.send(i, Req::Release(lease), timeout),
             Output::ReadHolder { timeout } => self.send(i, Req::Holder, timeout),
+            Output::ReadCandidates { timeout } => self.send(i, Req::Candidates, timeout),
             Output::BeginTerm {
                 id,
                 lease,
@@ -938,7 +1008,10 @@ impl World {
                 t.live = false;
                 if let Some(w) = c.work.as_mut().filter(|w| w.id == id) {
                     w.cancelled = true;
-                    let drain = matches!(reason, EndReason::Resign | EndReason::Shutdown);
+                    let drain = matches!(
+                        reason,
+                        EndReason::Resign | EndReason::Preempted | EndReason::Shutdown
+                    );
                     if drain && self.slow_drain {
                         // Returns whenever it likes, or when aborted.
                         w.linger = true;
@@ -1230,6 +1303,7 @@ fn show_req(r: &Req) -> String {
         Req::Renew(l) => format!("renew({})", show_lease(l)),
         Req::Release(l) => format!("release({})", show_lease(l)),
         Req::Holder => "holder".into(),
+        Req::Candidates => "candidates".into(),
     }
 }
 
@@ -1243,6 +1317,13 @@ fn show_reply(r: &Reply) -> String {
         Reply::Lost => "Lost".into(),
         Reply::Released => "ok".into(),
         Reply::Holder(h) => format!("Holder({})", show_holder(h)),
+        Reply::Candidates(list) => format!(
+            "Candidates({})",
+            list.iter()
+                .map(|c| format!("{}:{}", c.id(), c.priority()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -1451,6 +1532,8 @@ fn two() -> Config {
         edge_points: true,
         b_margin: Some(DRIFT),
         shared: None,
+        ranked: None,
+        preempts: 0,
     }
 }
 
@@ -1552,6 +1635,44 @@ fn exhaustive_slow_drain() {
     );
 }
 
+/// The candidate registry with priorities 5 and 10: a follower about to
+/// try reads it and holds off for the other when that one goes first (a
+/// stopped candidate's entry stays, as a dead one does until it expires);
+/// one preemption (a resign with a nomination written first) and one stop
+/// anywhere, with one fault and watch events.
+#[test]
+fn exhaustive_priorities_and_preemption() {
+    let stats = run(
+        "priorities and preemption",
+        &Config {
+            deviations: 1,
+            watch: true,
+            stops: 1,
+            ranked: Some(&[5, 10]),
+            preempts: 1,
+            ..two()
+        },
+    );
+    assert!(stats.tokens >= 2, "the search should reach a second term");
+}
+
+/// Three candidates with priorities 1, 5 and 10 (the registry read, the
+/// hold-offs and one preemption), one fault.
+#[test]
+fn exhaustive_three_priorities() {
+    run(
+        "three priorities",
+        &Config {
+            candidates: 3,
+            deviations: 1,
+            watch: true,
+            ranked: Some(&[1, 5, 10]),
+            preempts: 1,
+            ..two()
+        },
+    );
+}
+
 fn env_config(mut cfg: Config) -> Config {
     let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
     let flag = |name: &str| var(name).map(|v| v != 0);
@@ -1635,6 +1756,7 @@ fn fault_free_candidates_elect_a_leader_within_two_seconds() {
             }),
             tokens: 1,
             revision: 1,
+            registry: Vec::new(),
         };
         let at = first_term(&cfg, w, ms(2000));
         assert_eq!(at, Some(ms(1000)), "{candidates} candidates, after a crash");

@@ -17,6 +17,7 @@ pub(crate) enum Call {
     Renew,
     Release,
     Holder,
+    Candidates,
 }
 
 impl Call {
@@ -28,6 +29,7 @@ impl Call {
             Call::Renew => "renew",
             Call::Release => "release",
             Call::Holder => "holder",
+            Call::Candidates => "candidates",
         }
     }
 }
@@ -39,6 +41,7 @@ fn cause(reason: EndReason) -> &'static str {
         EndReason::Lost => "lost",
         EndReason::WorkDone => "work_done",
         EndReason::Resign => "resign",
+        EndReason::Preempted => "preempted",
         EndReason::Shutdown => "shutdown",
         EndReason::Fatal => "store_error",
     }

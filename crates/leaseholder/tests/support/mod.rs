@@ -73,6 +73,7 @@ pub(crate) async fn wait_sees(l: &Leader, token: u64) -> State {
             State::Leader { token: t, .. } => t.get() == token,
             State::Follower {
                 leader: Some(holder),
+                ..
             } => holder.token().map(|t| t.get()) == Some(token),
             _ => false,
         }),
