@@ -45,7 +45,10 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use tokio::time::Instant;
 
-use crate::backend::{Acquired, Backend, Claim, Key, LeaderId, Lease, Nonce, Renewed, WatchEvent};
+use crate::backend::{
+    Acquired, Backend, Candidate, Claim, FencingToken, Key, LeaderId, Lease, Nonce, Renewed,
+    WatchEvent,
+};
 use crate::error::{BackendError, BoxError};
 
 /// What the suite needs from the store under test.
@@ -208,6 +211,18 @@ pub async fn run<H: Harness>(h: &H) -> Report {
         (
             "a_lease_of_a_process_that_died_is_kept_not_adopted",
             a_lease_of_a_process_that_died_is_kept_not_adopted(h).await,
+        ),
+        (
+            "registry_lists_replaces_and_removes_entries",
+            registry_lists_replaces_and_removes_entries(h).await,
+        ),
+        (
+            "registry_entries_expire_by_the_store_clock",
+            registry_entries_expire_by_the_store_clock(h).await,
+        ),
+        (
+            "registry_takes_many_candidates_at_once",
+            registry_takes_many_candidates_at_once(h).await,
         ),
     ];
     for (row, result) in rows {
@@ -1001,6 +1016,224 @@ pub async fn foreign_values_are_held<H: Harness>(h: &H) -> RowResult {
         if ok(ROW, "holder", a.holder(&key).await)?.is_none() {
             return Err(fail(ROW, format!("release removed a foreign {name} value")));
         }
+    }
+    Ok(Outcome::Passed)
+}
+
+fn no_registry(b: &Backend) -> Option<Outcome> {
+    (!b.supports_candidates())
+        .then(|| Outcome::Unsupported("the backend keeps no candidate registry".into()))
+}
+
+/// The entries `b` lists for `key`, by id.
+async fn listed(
+    row: &'static str,
+    b: &Backend,
+    key: &Key,
+) -> Result<std::collections::BTreeMap<LeaderId, Candidate>, Failure> {
+    let list = ok(row, "candidates", b.candidates(key).await)?;
+    let n = list.len();
+    let by_id: std::collections::BTreeMap<_, _> = list.into_iter().map(|c| (c.id(), c)).collect();
+    if by_id.len() != n {
+        return Err(fail(row, "an id is listed twice"));
+    }
+    Ok(by_id)
+}
+
+/// An entry as stored: `since` at millisecond precision.
+fn entry(priority: i32, metadata: &'static [u8]) -> Candidate {
+    let since = std::time::UNIX_EPOCH
+        + Duration::from_millis(
+            u64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis(),
+            )
+            .unwrap_or(0),
+        );
+    Candidate::new(LeaderId::new(), priority, Bytes::from_static(metadata)).with_since(since)
+}
+
+/// The registry of a key lists what was registered, as written, to every
+/// client; writing an entry again replaces it (no second entry for the id);
+/// deregistering removes it (and is idempotent); a key's registry is its
+/// own, and it neither makes the key held nor touches its lease.
+pub async fn registry_lists_replaces_and_removes_entries<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "registry_lists_replaces_and_removes_entries";
+    let (key, a, b) = two_clients(h, ROW, "registry").await?;
+    if let Some(unsupported) = no_registry(&a) {
+        return Ok(unsupported);
+    }
+    let ttl = h.ttl() * 20;
+    let (ca, cb) = (entry(3, b"a"), entry(-7, b""));
+    ok(
+        ROW,
+        "register",
+        a.register_within(&key, &ca, ttl, ttl).await,
+    )?;
+    ok(
+        ROW,
+        "register",
+        b.register_within(&key, &cb, ttl, ttl).await,
+    )?;
+    for client in [&a, &b] {
+        let seen = listed(ROW, client, &key).await?;
+        if seen.len() != 2 || seen.get(&ca.id()) != Some(&ca) || seen.get(&cb.id()) != Some(&cb) {
+            return Err(fail(
+                ROW,
+                format!("listed {seen:?}, registered {ca:?} and {cb:?}"),
+            ));
+        }
+    }
+    if ok(ROW, "holder", a.holder(&key).await)?.is_some() {
+        return Err(fail(ROW, "registering made the key held"));
+    }
+    let lease = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    let other = h.key("registry-other");
+    if !listed(ROW, &a, &other).await?.is_empty() {
+        return Err(fail(ROW, "another key lists this key's entries"));
+    }
+    let again = ca
+        .clone()
+        .with_nominee(Some((cb.id(), FencingToken::new(41))));
+    let again = Candidate::new(again.id(), 9, Bytes::from_static(b"a2"))
+        .with_since(again.since())
+        .with_nominee(again.nominee());
+    ok(
+        ROW,
+        "register",
+        a.register_within(&key, &again, ttl, ttl).await,
+    )?;
+    let seen = listed(ROW, &b, &key).await?;
+    if seen.len() != 2 || seen.get(&ca.id()) != Some(&again) {
+        return Err(fail(ROW, format!("after a rewrite: {seen:?}")));
+    }
+    ok(
+        ROW,
+        "deregister",
+        a.deregister_within(&key, ca.id(), ttl).await,
+    )?;
+    ok(
+        ROW,
+        "deregister",
+        a.deregister_within(&key, ca.id(), ttl).await,
+    )?;
+    let seen = listed(ROW, &b, &key).await?;
+    if seen.len() != 1 || !seen.contains_key(&cb.id()) {
+        return Err(fail(ROW, format!("after deregister: {seen:?}")));
+    }
+    match ok(ROW, "holder", a.holder(&key).await)? {
+        Some(holder) if holder.is_nonce(lease.nonce()) => {}
+        other => {
+            return Err(fail(
+                ROW,
+                format!("the registry touched the lease: {other:?}"),
+            ));
+        }
+    }
+    ok(ROW, "release", a.release(&key, &lease).await)?;
+    if listed(ROW, &a, &key).await?.len() != 1 {
+        return Err(fail(ROW, "releasing the lease touched the registry"));
+    }
+    ok(
+        ROW,
+        "deregister",
+        b.deregister_within(&key, cb.id(), ttl).await,
+    )?;
+    Ok(Outcome::Passed)
+}
+
+/// An entry lives at least its ttl from its last write by the store's
+/// clock, a rewrite extends it, and one not written again is gone within
+/// the ttl plus the store's expiry slack.
+pub async fn registry_entries_expire_by_the_store_clock<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "registry_entries_expire_by_the_store_clock";
+    let (key, a, b) = two_clients(h, ROW, "registry-expiry").await?;
+    if let Some(unsupported) = no_registry(&a) {
+        return Ok(unsupported);
+    }
+    let ttl = h.ttl() * 2;
+    let c = entry(1, b"short");
+    let budget = h.ttl() * 10;
+    ok(
+        ROW,
+        "register",
+        a.register_within(&key, &c, ttl, budget).await,
+    )?;
+    tokio::time::sleep(ttl * 6 / 10).await;
+    let written = Instant::now();
+    ok(
+        ROW,
+        "register",
+        a.register_within(&key, &c, ttl, budget).await,
+    )?;
+    // Past the first write's ttl, inside the second's.
+    tokio::time::sleep(ttl / 2).await;
+    if !listed(ROW, &b, &key).await?.contains_key(&c.id()) {
+        return Err(fail(
+            ROW,
+            format!(
+                "gone {:?} after a write with ttl {ttl:?}",
+                written.elapsed()
+            ),
+        ));
+    }
+    let limit = ttl + h.expiry_slack() + Duration::from_secs(1);
+    let step = (ttl / 20).max(Duration::from_millis(10));
+    loop {
+        if !listed(ROW, &b, &key).await?.contains_key(&c.id()) {
+            let after = written.elapsed();
+            // The reads above took time too: only a plain early expiry fails.
+            if after + step < ttl {
+                return Err(fail(ROW, format!("expired after {after:?}, ttl {ttl:?}")));
+            }
+            return Ok(Outcome::Passed);
+        }
+        if written.elapsed() > limit {
+            return Err(fail(
+                ROW,
+                format!("still listed {limit:?} after its last write"),
+            ));
+        }
+        tokio::time::sleep(step).await;
+    }
+}
+
+/// Sixteen candidates that register at once, each with its own client,
+/// are all listed: the registry is a set of entries, not one value.
+pub async fn registry_takes_many_candidates_at_once<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "registry_takes_many_candidates_at_once";
+    let (key, a) = one_client(h, ROW, "registry-many").await?;
+    if let Some(unsupported) = no_registry(&a) {
+        return Ok(unsupported);
+    }
+    let ttl = h.ttl() * 20;
+    let clients = join_all((0..16).map(|_| h.backend())).await;
+    let entries: Vec<Candidate> = (0..16).map(|i| entry(i, b"many")).collect();
+    let writes = join_all(
+        clients
+            .iter()
+            .zip(&entries)
+            .map(|(b, c)| b.register_within(&key, c, ttl, ttl)),
+    )
+    .await;
+    for w in writes {
+        ok(ROW, "register", w)?;
+    }
+    let seen = listed(ROW, &a, &key).await?;
+    if seen.len() != 16 || entries.iter().any(|c| seen.get(&c.id()) != Some(c)) {
+        return Err(fail(ROW, format!("{} of 16 listed as written", seen.len())));
+    }
+    for (b, c) in clients.iter().zip(&entries) {
+        ok(
+            ROW,
+            "deregister",
+            b.deregister_within(&key, c.id(), ttl).await,
+        )?;
+    }
+    if !listed(ROW, &a, &key).await?.is_empty() {
+        return Err(fail(ROW, "entries left after every candidate deregistered"));
     }
     Ok(Outcome::Passed)
 }

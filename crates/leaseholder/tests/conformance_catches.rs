@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use leaseholder::conformance::{self, Failure, Harness, Outcome};
 use leaseholder::{
-    Acquired, Backend, BackendEdge, BackendError, BoxError, Claim, FencingToken, Holder, Key,
-    Lease, LeaseValue, MemoryBackend, MemoryStore, Renewed, WatchEvent, WatchStream,
+    Acquired, Backend, BackendEdge, BackendError, BoxError, Candidate, Claim, FencingToken, Holder,
+    Key, LeaderId, Lease, LeaseValue, MemoryBackend, MemoryStore, Renewed, WatchEvent, WatchStream,
 };
 
 /// One deliberate violation of the lease contract.
@@ -40,6 +40,11 @@ enum Flaw {
     ExpiresEarly,
     /// The watch drops `Released` events but claims to report expiry.
     WatchDropsReleased,
+    /// Registry entries never expire.
+    RegistryNeverExpires,
+    /// A registry write replaces every entry of the key (one value, not a
+    /// set of entries).
+    RegistryKeepsOne,
 }
 
 /// The memory backend with one [`Flaw`].
@@ -166,6 +171,46 @@ impl BackendEdge for Broken {
     fn watch_reports_expiry(&self) -> bool {
         self.inner.watch_reports_expiry()
     }
+
+    fn supports_candidates(&self) -> bool {
+        true
+    }
+
+    async fn register(
+        &self,
+        key: &Key,
+        candidate: &Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        if self.flaw == Flaw::RegistryKeepsOne {
+            for other in self.inner.candidates(key, budget).await? {
+                self.inner.deregister(key, other.id(), budget).await?;
+            }
+        }
+        let ttl = match self.flaw {
+            Flaw::RegistryNeverExpires => ttl * 1000,
+            _ => ttl,
+        };
+        self.inner.register(key, candidate, ttl, budget).await
+    }
+
+    async fn deregister(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        self.inner.deregister(key, id, budget).await
+    }
+
+    async fn candidates(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> Result<Vec<Candidate>, BackendError> {
+        self.inner.candidates(key, budget).await
+    }
 }
 
 /// The holder as a store whose tokens restart would show it: token 1.
@@ -272,7 +317,7 @@ async fn the_wrapper_without_a_flaw_passes() {
             .all(|(row, _)| row.contains("process")),
         "{report}"
     );
-    assert_eq!(report.passed.len(), 13, "{report}");
+    assert_eq!(report.passed.len(), 16, "{report}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -471,4 +516,35 @@ async fn watch_that_drops_releases() {
         conformance::watch_fires_on_release_and_expiry(&h).await,
     );
     assert_run_catches(flaw, &["watch_fires_on_release_and_expiry"]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn registry_entries_that_never_expire() {
+    let flaw = Flaw::RegistryNeverExpires;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "registry_entries_expire_by_the_store_clock",
+        conformance::registry_entries_expire_by_the_store_clock(&h).await,
+    );
+    assert_run_catches(flaw, &["registry_entries_expire_by_the_store_clock"]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registry_that_keeps_one_entry() {
+    let flaw = Flaw::RegistryKeepsOne;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "registry_takes_many_candidates_at_once",
+        conformance::registry_takes_many_candidates_at_once(&h).await,
+    );
+    assert_run_catches(
+        flaw,
+        &[
+            "registry_lists_replaces_and_removes_entries",
+            "registry_takes_many_candidates_at_once",
+        ],
+    )
+    .await;
 }
