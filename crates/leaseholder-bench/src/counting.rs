@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use leaseholder::{
-    Acquired, BackendEdge, BackendError, Claim, ConfigError, Holder, Key, Lease, Renewed,
-    WatchStream,
+    Acquired, BackendEdge, BackendError, Candidate, Claim, ConfigError, Holder, Key, LeaderId,
+    Lease, Renewed, WatchStream,
 };
 
 /// Operation counts, shared by the wrapper and the bench.
@@ -20,6 +20,9 @@ pub(crate) struct Counts {
     pub(crate) holder: AtomicU64,
     pub(crate) setup: AtomicU64,
     pub(crate) watch: AtomicU64,
+    pub(crate) register: AtomicU64,
+    pub(crate) deregister: AtomicU64,
+    pub(crate) candidates: AtomicU64,
     /// How many keep-alives the wrapped backend has sent, where it counts
     /// them (etcd: `EtcdBackend::keep_alives_sent`).
     pub(crate) keep_alives: OnceLock<KeepAlives>,
@@ -47,6 +50,9 @@ pub(crate) struct Snapshot {
     pub(crate) renew: u64,
     pub(crate) release: u64,
     pub(crate) holder: u64,
+    pub(crate) register: u64,
+    pub(crate) deregister: u64,
+    pub(crate) candidates: u64,
 }
 
 impl Snapshot {
@@ -63,6 +69,9 @@ impl Snapshot {
             renew: self.renew - before.renew,
             release: self.release - before.release,
             holder: self.holder - before.holder,
+            register: self.register - before.register,
+            deregister: self.deregister - before.deregister,
+            candidates: self.candidates - before.candidates,
         }
     }
 }
@@ -74,6 +83,9 @@ impl Counts {
             renew: self.renew.load(Ordering::Relaxed),
             release: self.release.load(Ordering::Relaxed),
             holder: self.holder.load(Ordering::Relaxed),
+            register: self.register.load(Ordering::Relaxed),
+            deregister: self.deregister.load(Ordering::Relaxed),
+            candidates: self.candidates.load(Ordering::Relaxed),
         }
     }
 
@@ -192,5 +204,39 @@ impl<E: BackendEdge> BackendEdge for Counting<E> {
 
     fn watch_reports_expiry(&self) -> bool {
         self.inner.watch_reports_expiry()
+    }
+
+    fn supports_candidates(&self) -> bool {
+        self.inner.supports_candidates()
+    }
+
+    async fn register(
+        &self,
+        key: &Key,
+        candidate: &Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        self.counts.register.fetch_add(1, Ordering::Relaxed);
+        self.inner.register(key, candidate, ttl, budget).await
+    }
+
+    async fn deregister(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        self.counts.deregister.fetch_add(1, Ordering::Relaxed);
+        self.inner.deregister(key, id, budget).await
+    }
+
+    async fn candidates(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> Result<Vec<Candidate>, BackendError> {
+        self.counts.candidates.fetch_add(1, Ordering::Relaxed);
+        self.inner.candidates(key, budget).await
     }
 }

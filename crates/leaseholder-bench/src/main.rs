@@ -6,6 +6,7 @@
 mod counting;
 mod etcd_epoch;
 mod fleet;
+mod registry;
 mod report;
 mod scenarios;
 mod stats;
@@ -28,6 +29,8 @@ struct Opts {
     quick: bool,
     out: PathBuf,
     noleader: bool,
+    /// Only the registry rows (`--registry-only`), for a quick look.
+    registry_only: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -40,15 +43,20 @@ async fn main() -> anyhow::Result<()> {
         quick: false,
         out: PathBuf::from("bench-results"),
         noleader: true,
+        registry_only: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
             "--no-noleader" => opts.noleader = false,
+            "--registry-only" => {
+                opts.registry_only = true;
+                opts.noleader = false;
+            }
             "--out" => opts.out = PathBuf::from(it.next().context("--out DIR")?),
             other => anyhow::bail!(
-                "unknown argument {other:?}; usage: leaseholder-bench [--quick] [--out DIR] [--no-noleader]"
+                "unknown argument {other:?}; usage: leaseholder-bench [--quick] [--out DIR] [--no-noleader] [--registry-only]"
             ),
         }
     }
@@ -206,6 +214,9 @@ async fn fleet_scenarios<F: Fleet>(
     mut make: impl FnMut(&str, Duration) -> F,
     start: Instant,
 ) -> anyhow::Result<()> {
+    if opts.registry_only {
+        return Ok(());
+    }
     let runs = if opts.quick { 10 } else { 30 };
     log(
         start,
@@ -273,6 +284,9 @@ async fn steady_and_scale(
     url: &str,
     start: Instant,
 ) -> anyhow::Result<()> {
+    if opts.registry_only {
+        return Ok(());
+    }
     let backend = store.name();
     let ttl = Duration::from_secs(10);
     let window = Duration::from_secs(if opts.quick { 10 } else { 60 });
@@ -472,6 +486,89 @@ async fn noleader_scenarios(
     ])
 }
 
+/// Registry rows: store calls per graceful handoff with 3, 50 and 500
+/// registered followers, and preemption handoffs.
+async fn registry_scenarios(
+    sink: &mut Sink,
+    opts: &Opts,
+    store: &Store,
+    start: Instant,
+) -> anyhow::Result<()> {
+    let backend = store.name();
+    let ttl = Duration::from_secs(2);
+    for n in [3, 50, 500] {
+        log(
+            start,
+            &format!("{backend}: registry, graceful handoff with {n} followers"),
+        );
+        let key = format!("bench-registry-{n}-{}", std::process::id());
+        match registry::handoff_cost(store, &key, n, ttl).await {
+            Ok(c) => {
+                let note = format!(
+                    "ttl 2 s; in {:.0} ms from resign(): {} registry reads, {} registry writes \
+                     (entries' periodic renewals, not caused by the handoff)",
+                    c.window.as_secs_f64() * 1e3,
+                    c.registry_reads,
+                    c.registry_writes
+                );
+                sink.figure(
+                    backend,
+                    format!(
+                        "registry: graceful handoff, {} followers: lease writes",
+                        c.followers
+                    ),
+                    "writes",
+                    vec![c.lease_writes as f64],
+                    Some(("<= 5".to_owned(), 5.0)),
+                    note,
+                );
+                sink.figure(
+                    backend,
+                    format!(
+                        "registry: graceful handoff, {} followers: time",
+                        c.followers
+                    ),
+                    "ms",
+                    vec![c.took.as_secs_f64() * 1e3],
+                    None,
+                    "resign() to the successor's work start".to_owned(),
+                );
+            }
+            Err(e) => {
+                log(
+                    start,
+                    &format!("{backend}: registry handoff skipped: {e:#}"),
+                );
+                return Ok(());
+            }
+        }
+    }
+    let rounds = if opts.quick { 5 } else { 20 };
+    log(start, &format!("{backend}: registry, {rounds} preemptions"));
+    let prefix = format!("bench-{}", std::process::id());
+    let (handover, from_start) = registry::preemption(store, &prefix, rounds, ttl).await?;
+    sink.figure(
+        backend,
+        "registry: preemption handoff (step-down to the preferred's work start)".to_owned(),
+        "ms",
+        handover,
+        Some(("p99 <= 10 ms".to_owned(), 10.0)),
+        "ttl 2 s, min_term 200 ms; from the leader's token firing to priority 20's work start"
+            .to_owned(),
+    );
+    sink.figure(
+        backend,
+        "registry: preemption (the preferred's start to its work start)".to_owned(),
+        "ms",
+        from_start,
+        None,
+        "includes the leader noticing the new candidate: a registry event, else its next \
+         renew interval (667 ms)"
+            .to_owned(),
+    );
+    Ok(())
+}
+
 async fn run(opts: Opts) -> anyhow::Result<()> {
     let start = Instant::now();
     let exe = candidate_exe()?;
@@ -491,6 +588,7 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
         start,
     )
     .await?;
+    registry_scenarios(&mut sink, &opts, &Store::Memory(mem.clone()), start).await?;
 
     log(start, "starting nats-server");
     let nats = NatsServer::start()
@@ -622,6 +720,15 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
     )
     .await?;
 
+    for store in [
+        Store::Nats(nats_url.clone()),
+        Store::Postgres(pg_url.clone()),
+        Store::Redis(redis_url.clone()),
+        Store::Etcd(etcd_url.clone()),
+    ] {
+        registry_scenarios(&mut sink, &opts, &store, start).await?;
+    }
+
     if let Some(task) = noleader {
         log(start, "waiting for noleader");
         for (scenario, t) in task.await?? {
@@ -648,6 +755,7 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
 nats-server {}, PostgreSQL {}, redis-server {}, etcd {} (one member), noleader 0.1.2 on the same nats-server. Times in ms from the action (SIGTERM, SIGKILL, or letting all candidates campaign) to the successor's work start, \
 measured by the bench process reading the candidates' stdout. NATS, PostgreSQL, Redis and etcd candidates are separate processes; memory candidates are tasks in the bench process. \
 Redis rows run once the server's epoch marker is older than every ttl, etcd rows once its fresh-cluster marker has expired (each is written once per server: see `src/main.rs`). \
+Registry rows run their candidates as `Leader`s in the bench process (the leader on a client of its own, the followers on one shared client). \
 Targets are checked against p99 (single figures: their value). Raw samples: `results.json`.\n",
         if opts.quick { " --quick" } else { "" },
         wall.as_secs_f64(),
