@@ -210,6 +210,22 @@ impl<E: BackendEdge> BackendEdge for Counting<E> {
         self.inner.supports_candidates()
     }
 
+    fn supports_proclaim(&self) -> bool {
+        self.inner.supports_proclaim()
+    }
+
+    async fn proclaim(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        metadata: &bytes::Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        self.counts.renew.fetch_add(1, Ordering::Relaxed);
+        self.inner.proclaim(key, lease, metadata, ttl, budget).await
+    }
+
     async fn register(
         &self,
         key: &Key,

@@ -213,6 +213,10 @@ pub async fn run<H: Harness>(h: &H) -> Report {
             a_lease_of_a_process_that_died_is_kept_not_adopted(h).await,
         ),
         (
+            "proclaim_replaces_the_metadata_and_renews",
+            proclaim_replaces_the_metadata_and_renews(h).await,
+        ),
+        (
             "registry_lists_replaces_and_removes_entries",
             registry_lists_replaces_and_removes_entries(h).await,
         ),
@@ -1234,6 +1238,86 @@ pub async fn registry_takes_many_candidates_at_once<H: Harness>(h: &H) -> RowRes
     }
     if !listed(ROW, &a, &key).await?.is_empty() {
         return Err(fail(ROW, "entries left after every candidate deregistered"));
+    }
+    Ok(Outcome::Passed)
+}
+
+/// `proclaim` replaces a live lease's metadata and renews it, keeping its
+/// token: the holder shows the new metadata to every client, a renewal
+/// after it keeps it, and the lease lives a full ttl from the proclaim.
+/// Proclaiming a lease that is not ours, or gone, is `Lost` and changes
+/// nothing.
+pub async fn proclaim_replaces_the_metadata_and_renews<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "proclaim_replaces_the_metadata_and_renews";
+    let (key, a, b) = two_clients(h, ROW, "proclaim").await?;
+    if !a.supports_proclaim() {
+        return Ok(Outcome::Unsupported("the backend cannot proclaim".into()));
+    }
+    let ttl = h.ttl() * 2;
+    let c = claim();
+    let lease = acquire_won(ROW, &a, &key, &c, ttl).await?;
+    let new = Bytes::from_static(b"proclaimed metadata");
+    let proclaimed = match ok(
+        ROW,
+        "proclaim",
+        a.proclaim_within(&key, &lease, &new, ttl, ttl).await,
+    )? {
+        Renewed::Renewed(l) | Renewed::SentAt(l, _) => l,
+        Renewed::Lost => return Err(fail(ROW, "proclaim of a live lease was Lost")),
+    };
+    if proclaimed.metadata() != &new
+        || proclaimed.token() != lease.token()
+        || proclaimed.nonce() != lease.nonce()
+    {
+        return Err(fail(ROW, format!("proclaim returned {proclaimed:?}")));
+    }
+    let seen = ok(ROW, "holder", b.holder(&key).await)?;
+    match &seen {
+        Some(s)
+            if s.is_nonce(lease.nonce())
+                && s.metadata() == &new
+                && s.token() == Some(lease.token()) => {}
+        other => {
+            return Err(fail(
+                ROW,
+                format!("after proclaim another client sees {other:?}"),
+            ));
+        }
+    }
+    let renewed = match ok(ROW, "renew", a.renew(&key, &proclaimed, ttl).await)? {
+        Renewed::Renewed(l) | Renewed::SentAt(l, _) => l,
+        Renewed::Lost => return Err(fail(ROW, "renew after proclaim was Lost")),
+    };
+    let _ = renewed;
+    let seen = ok(ROW, "holder", b.holder(&key).await)?;
+    if seen.as_ref().is_none_or(|s| s.metadata() != &new) {
+        return Err(fail(
+            ROW,
+            format!("a renewal after proclaim shows {seen:?}"),
+        ));
+    }
+    // Someone else's proclaim of our lease changes nothing.
+    let forged = Lease::new(&claim(), lease.token(), lease.revision());
+    if ok(
+        ROW,
+        "proclaim",
+        b.proclaim_within(&key, &forged, &Bytes::from_static(b"x"), ttl, ttl)
+            .await,
+    )? != Renewed::Lost
+    {
+        return Err(fail(ROW, "proclaim with another nonce was not Lost"));
+    }
+    ok(ROW, "release", a.release(&key, &proclaimed).await)?;
+    if ok(
+        ROW,
+        "proclaim",
+        a.proclaim_within(&key, &proclaimed, &new, ttl, ttl).await,
+    )? != Renewed::Lost
+    {
+        return Err(fail(ROW, "proclaim of a released lease was not Lost"));
+    }
+    if ok(ROW, "holder", a.holder(&key).await)?.is_some() {
+        return Err(fail(ROW, "proclaim brought a released lease back"));
     }
     Ok(Outcome::Passed)
 }

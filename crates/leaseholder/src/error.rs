@@ -94,6 +94,14 @@ pub enum Error {
         key: Key,
     },
 
+    /// [`Leader::proclaim`](crate::Leader::proclaim) was called while this
+    /// candidate does not lead.
+    #[error("not leading key {key}")]
+    NotLeading {
+        /// The key.
+        key: Key,
+    },
+
     /// [`Leader::resign_to`](crate::Leader::resign_to) named a candidate
     /// that is not live in the key's registry (or this candidate itself).
     /// The leader did not step down.
@@ -139,6 +147,8 @@ pub enum Op {
     Holder,
     /// [`BackendEdge::watch`](crate::BackendEdge::watch).
     Watch,
+    /// [`BackendEdge::proclaim`](crate::BackendEdge::proclaim).
+    Proclaim,
     /// [`BackendEdge::register`](crate::BackendEdge::register).
     Register,
     /// [`BackendEdge::deregister`](crate::BackendEdge::deregister).
@@ -156,6 +166,7 @@ impl fmt::Display for Op {
             Op::Release => "release",
             Op::Holder => "holder",
             Op::Watch => "watch",
+            Op::Proclaim => "proclaim",
             Op::Register => "register",
             Op::Deregister => "deregister",
             Op::Candidates => "candidates",

@@ -441,6 +441,87 @@ impl Leader {
         }
     }
 
+    /// Replaces this leader's metadata within its term, without a new
+    /// election (as etcd's `Proclaim`): one write that renews the lease and
+    /// stores `metadata` in it, so followers, observers and
+    /// [`current_leader`](Self::current_leader) see it. Later terms of
+    /// this handle and its registry entry carry it too. Returns once the
+    /// store has confirmed it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotLeading`] if this candidate does not lead;
+    /// [`Error::Lost`] if the term ended before the store confirmed it (it
+    /// may still have been written); [`Error::Config`] with
+    /// [`ConfigError::MetadataTooLarge`](crate::ConfigError::MetadataTooLarge)
+    /// over 512 bytes; [`Error::Backend`] with
+    /// [`BackendError::Unsupported`](crate::BackendError::Unsupported) on a
+    /// backend that cannot ([`BackendEdge::supports_proclaim`](crate::BackendEdge::supports_proclaim)).
+    ///
+    /// ```
+    /// # use leaseholder::{Backend, Leader, MemoryStore};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let leader = Leader::builder("k").backend(Backend::memory(&store)).metadata("starting").build()?;
+    /// let runner = leader.clone();
+    /// tokio::spawn(async move { runner.start(Default::default()).await });
+    /// leader.state().wait_for(|s| s.is_leader()).await?;
+    /// leader.proclaim("serving at 10.0.0.7:8080").await?;
+    /// let now = leader.current_leader().await?.expect("held");
+    /// assert_eq!(now.metadata().as_ref(), b"serving at 10.0.0.7:8080");
+    /// # leader.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn proclaim(&self, metadata: impl Into<bytes::Bytes>) -> Result<(), Error> {
+        self.stopped_by()?;
+        let metadata = metadata.into();
+        if metadata.len() > crate::backend::MAX_METADATA_LEN {
+            return Err(Error::Config(crate::ConfigError::MetadataTooLarge {
+                len: metadata.len(),
+                max: crate::backend::MAX_METADATA_LEN,
+            }));
+        }
+        if !self.shared.backend.supports_proclaim() {
+            return Err(self.backend_error(
+                Op::Proclaim,
+                Arc::new(crate::BackendError::Unsupported {
+                    what: format!("proclaim on the {} backend", self.shared.backend.name()),
+                    needed: "a backend that implements BackendEdge::proclaim".to_owned(),
+                }),
+            ));
+        }
+        let not_leading = || Error::NotLeading {
+            key: self.shared.key.clone(),
+        };
+        let (reply, answer) = oneshot::channel();
+        if !self.shared.command(Command::Proclaim { metadata, reply }) {
+            self.stopped_by()?;
+            return Err(not_leading());
+        }
+        let mut run = self.shared.run.subscribe();
+        let answer = tokio::select! {
+            answer = answer => answer,
+            result = wait_stopped(&mut run) => {
+                self.fatal(result)?;
+                return Err(not_leading());
+            }
+        };
+        match answer {
+            Ok(campaign::Proclaimed::Done) => Ok(()),
+            Ok(campaign::Proclaimed::NotLeading) => Err(not_leading()),
+            Ok(campaign::Proclaimed::Lost(token)) => Err(Error::Lost {
+                key: self.shared.key.clone(),
+                token,
+            }),
+            Err(_) => {
+                self.stopped_by()?;
+                Err(not_leading())
+            }
+        }
+    }
+
     /// The live candidates in the key's registry (one read), in the order
     /// in which they would go first: highest priority, then the
     /// longest-waiting. Works whether or not this handle keeps an entry,

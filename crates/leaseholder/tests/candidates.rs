@@ -555,3 +555,93 @@ async fn registry_settings_are_checked_at_build_time() {
     plain.shutdown().await.unwrap();
     tp.await.unwrap().unwrap();
 }
+
+/// `proclaim` replaces the leader's metadata within its term: one write,
+/// the same token, seen by followers and `current_leader`, kept for later
+/// terms; refused when not leading, too large, or on a backend without it;
+/// `Error::Lost` if the term ends before the store confirms it.
+#[tokio::test(start_paused = true)]
+async fn proclaim_updates_the_metadata_within_the_term() {
+    let store = MemoryStore::new();
+    let edge = store.backend();
+    let faults = edge.faults();
+    let a = Leader::builder("job")
+        .backend(Backend::new(edge))
+        .ttl(TTL)
+        .metadata("v1")
+        .build()
+        .unwrap();
+    let ta = tokio::spawn({
+        let a = a.clone();
+        async move { a.start(Default::default()).await }
+    });
+    let token = leads(&a).await.token().unwrap();
+    let b = build(&store, 0);
+    let tb = tokio::spawn({
+        let b = b.clone();
+        async move { b.start(Default::default()).await }
+    });
+    let mut sb = b.state();
+    wait(
+        &mut sb,
+        |s| matches!(s, State::Follower { leader: Some(h), .. } if h.metadata().as_ref() == b"v1"),
+    )
+    .await;
+
+    a.proclaim("v2").await.unwrap();
+    assert_eq!(a.fencing_token(), Some(token), "no new election");
+    let now = a.current_leader().await.unwrap().unwrap();
+    assert_eq!(now.metadata().as_ref(), b"v2");
+    assert_eq!(now.token(), Some(token));
+    // The follower's view follows the store's (its watch carries holders).
+    let seen = b.current_leader().await.unwrap().unwrap();
+    assert_eq!(seen.metadata().as_ref(), b"v2");
+
+    assert!(matches!(
+        b.proclaim("x").await.unwrap_err(),
+        Error::NotLeading { .. }
+    ));
+    assert!(matches!(
+        a.proclaim(vec![0u8; 513]).await.unwrap_err(),
+        Error::Config(ConfigError::MetadataTooLarge { len: 513, .. })
+    ));
+
+    // A later term carries the proclaimed metadata.
+    a.resign().await.unwrap();
+    leads(&b).await;
+    b.shutdown().await.unwrap();
+    tb.await.unwrap().unwrap();
+    leads(&a).await;
+    assert_eq!(
+        a.current_leader()
+            .await
+            .unwrap()
+            .unwrap()
+            .metadata()
+            .as_ref(),
+        b"v2"
+    );
+
+    // Cut off: the proclaim cannot be confirmed, and the term ends.
+    let token = a.fencing_token().unwrap();
+    faults.partition();
+    let err = a.proclaim("v3").await.unwrap_err();
+    assert!(
+        matches!(err, Error::Lost { token: t, .. } if t == token),
+        "{err:?}"
+    );
+    faults.heal();
+    a.shutdown().await.unwrap();
+    ta.await.unwrap().unwrap();
+
+    // A backend without it: refused without a store call.
+    let none = Leader::builder("job")
+        .backend(Backend::new(NoRegistry))
+        .build()
+        .unwrap();
+    let err = none.proclaim("x").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Backend { op: leaseholder::Op::Proclaim, source, .. } if matches!(**source, BackendError::Unsupported { .. })),
+        "{err:?}"
+    );
+}

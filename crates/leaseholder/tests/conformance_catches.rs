@@ -40,6 +40,8 @@ enum Flaw {
     ExpiresEarly,
     /// The watch drops `Released` events but claims to report expiry.
     WatchDropsReleased,
+    /// `proclaim` renews but does not store the metadata (it only says so).
+    ProclaimStoresNothing,
     /// Registry entries never expire.
     RegistryNeverExpires,
     /// A registry write replaces every entry of the key (one value, not a
@@ -174,6 +176,27 @@ impl BackendEdge for Broken {
 
     fn supports_candidates(&self) -> bool {
         true
+    }
+
+    fn supports_proclaim(&self) -> bool {
+        true
+    }
+
+    async fn proclaim(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        metadata: &bytes::Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        if self.flaw == Flaw::ProclaimStoresNothing {
+            return Ok(match self.inner.renew(key, lease, ttl, budget).await? {
+                Renewed::Renewed(l) => Renewed::Renewed(l.with_metadata(metadata.clone())),
+                other => other,
+            });
+        }
+        self.inner.proclaim(key, lease, metadata, ttl, budget).await
     }
 
     async fn register(
@@ -317,7 +340,7 @@ async fn the_wrapper_without_a_flaw_passes() {
             .all(|(row, _)| row.contains("process")),
         "{report}"
     );
-    assert_eq!(report.passed.len(), 16, "{report}");
+    assert_eq!(report.passed.len(), 17, "{report}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -547,4 +570,16 @@ async fn a_registry_that_keeps_one_entry() {
         ],
     )
     .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_proclaim_that_stores_nothing() {
+    let flaw = Flaw::ProclaimStoresNothing;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "proclaim_replaces_the_metadata_and_renews",
+        conformance::proclaim_replaces_the_metadata_and_renews(&h).await,
+    );
+    assert_run_catches(flaw, &["proclaim_replaces_the_metadata_and_renews"]).await;
 }

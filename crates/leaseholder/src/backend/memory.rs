@@ -377,6 +377,24 @@ impl MemoryStore {
                 event = WatchEvent::Updated(key.clone(), holder);
                 Reply::Renew(Renewed::Renewed(lease.with_revision(revision)))
             }
+            Call::Proclaim(key, lease, metadata, ttl) => {
+                state.revision += 1;
+                let revision = state.revision;
+                let lease = lease
+                    .with_metadata(metadata.clone())
+                    .with_revision(revision);
+                match state.entries.get_mut(key) {
+                    Some(entry) if entry.nonce() == Some(lease.nonce()) => {
+                        entry.revision = revision;
+                        entry.value = lease.value().encode();
+                    }
+                    _ => return Ok(Reply::Renew(Renewed::Lost)),
+                }
+                state.set_expiry(key, crate::campaign::core::later(now, *ttl));
+                let holder = state.entries.get(key).map(|e| e.holder(now));
+                event = WatchEvent::Updated(key.clone(), holder);
+                Reply::Renew(Renewed::Renewed(lease))
+            }
             Call::Release(key, lease) => {
                 let ours = state
                     .entries
@@ -427,6 +445,7 @@ enum Call {
     Renew(Key, Lease, Duration),
     Release(Key, Lease),
     Holder(Key),
+    Proclaim(Key, Lease, Bytes, Duration),
     Register(Key, Candidate, Duration),
     Deregister(Key, LeaderId),
     Candidates(Key),
@@ -435,6 +454,7 @@ enum Call {
 impl Call {
     fn op(&self) -> Op {
         match self {
+            Call::Proclaim(..) => Op::Proclaim,
             Call::Register(..) => Op::Register,
             Call::Deregister(..) => Op::Deregister,
             Call::Candidates(..) => Op::Candidates,
@@ -729,6 +749,32 @@ impl BackendEdge for MemoryBackend {
 
     fn supports_candidates(&self) -> bool {
         true
+    }
+
+    fn supports_proclaim(&self) -> bool {
+        true
+    }
+
+    async fn proclaim(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        metadata: &Bytes,
+        ttl: Duration,
+        _budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        match self
+            .call(Call::Proclaim(
+                key.clone(),
+                lease.clone(),
+                metadata.clone(),
+                ttl,
+            ))
+            .await?
+        {
+            Reply::Renew(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
     }
 
     async fn register(

@@ -378,6 +378,15 @@ impl Lease {
         }
     }
 
+    /// The same lease with other metadata (after a
+    /// [`proclaim`](BackendEdge::proclaim)).
+    pub fn with_metadata(&self, metadata: Bytes) -> Lease {
+        Lease {
+            metadata,
+            ..self.clone()
+        }
+    }
+
     /// The same lease at a new store revision (after a renewal).
     pub fn with_revision(&self, revision: u64) -> Lease {
         Lease {
@@ -858,6 +867,40 @@ pub trait BackendEdge: Send + Sync + 'static {
         async { Err(no_registry()) }
     }
 
+    /// `true` if this backend can replace a live lease's metadata within
+    /// its term ([`proclaim`](Self::proclaim)). Default: `false`; then
+    /// [`Leader::proclaim`](crate::Leader::proclaim) fails without a store
+    /// call.
+    fn supports_proclaim(&self) -> bool {
+        false
+    }
+
+    /// Atomically, if the lease with `lease`'s nonce is live: replace its
+    /// metadata with `metadata` and extend it exactly as
+    /// [`renew`](Self::renew) does (same token, at least `ttl` from now by
+    /// the store's clock), and return the renewed lease carrying the new
+    /// metadata; [`Renewed::Lost`] otherwise. Holders read afterwards show
+    /// the new metadata. Like a renewal, it must be safe to apply late,
+    /// and it never resurrects an expired lease. `budget` as for `renew`.
+    ///
+    /// Default: [`BackendError::Unsupported`].
+    fn proclaim(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        metadata: &Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> impl Future<Output = Result<Renewed, BackendError>> + Send {
+        let _ = (key, lease, metadata, ttl, budget);
+        async {
+            Err(BackendError::Unsupported {
+                what: "proclaim (replacing a live lease's metadata)".to_owned(),
+                needed: "a backend that implements BackendEdge::proclaim".to_owned(),
+            })
+        }
+    }
+
     /// Removes the entry of candidate `id` from the registry of `key`.
     /// Idempotent. Default: [`BackendError::Unsupported`].
     fn deregister(
@@ -952,6 +995,15 @@ trait DynEdge: Send + Sync + 'static {
     fn watch(&self) -> BoxFuture<'_, Result<Option<WatchStream>, BackendError>>;
     fn watch_reports_expiry(&self) -> bool;
     fn supports_candidates(&self) -> bool;
+    fn supports_proclaim(&self) -> bool;
+    fn proclaim<'a>(
+        &'a self,
+        key: &'a Key,
+        lease: &'a Lease,
+        metadata: &'a Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> BoxFuture<'a, Result<Renewed, BackendError>>;
     fn register<'a>(
         &'a self,
         key: &'a Key,
@@ -1026,6 +1078,21 @@ impl<T: BackendEdge> DynEdge for T {
     }
     fn supports_candidates(&self) -> bool {
         BackendEdge::supports_candidates(self)
+    }
+    fn supports_proclaim(&self) -> bool {
+        BackendEdge::supports_proclaim(self)
+    }
+    fn proclaim<'a>(
+        &'a self,
+        key: &'a Key,
+        lease: &'a Lease,
+        metadata: &'a Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> BoxFuture<'a, Result<Renewed, BackendError>> {
+        Box::pin(BackendEdge::proclaim(
+            self, key, lease, metadata, ttl, budget,
+        ))
     }
     fn register<'a>(
         &'a self,
@@ -1286,6 +1353,28 @@ impl Backend {
     /// See [`BackendEdge::supports_candidates`].
     pub fn supports_candidates(&self) -> bool {
         self.inner.edge.supports_candidates()
+    }
+
+    /// See [`BackendEdge::supports_proclaim`].
+    pub fn supports_proclaim(&self) -> bool {
+        self.inner.edge.supports_proclaim()
+    }
+
+    /// See [`BackendEdge::proclaim`].
+    pub async fn proclaim_within(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        metadata: &Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        self.kicked(
+            guarded(Op::Proclaim, || {
+                self.inner.edge.proclaim(key, lease, metadata, ttl, budget)
+            })
+            .await,
+        )
     }
 
     /// See [`BackendEdge::register`].

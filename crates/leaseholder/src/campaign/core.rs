@@ -101,6 +101,9 @@ pub(crate) enum Input {
     /// Step down for a preferred candidate (the driver checked the minimum
     /// term and wrote the nomination): like a resign, with its own cause.
     Preempt,
+    /// Replace the lease's metadata within the term (`Leader::proclaim`):
+    /// the next renewal, sent at once, is a proclaim.
+    Proclaim(bytes::Bytes),
 }
 
 impl Input {
@@ -129,6 +132,17 @@ pub(crate) enum Output {
     Renew {
         lease: Lease,
         timeout: Duration,
+    },
+    /// A renewal that also replaces the lease's metadata; its reply comes
+    /// as [`Input::Renew`].
+    Proclaim {
+        lease: Lease,
+        metadata: bytes::Bytes,
+        timeout: Duration,
+    },
+    /// The store confirmed the proclaimed metadata of term `id`.
+    Proclaimed {
+        id: u64,
     },
     Release {
         lease: Lease,
@@ -268,6 +282,9 @@ struct Term {
     /// Set once the token is cancelled for a stop (resign, shutdown): keep
     /// renewing until the work returns or this time passes.
     drain_until: Option<(Instant, EndReason)>,
+    /// Metadata to proclaim: the next renewals are proclaims until the
+    /// store confirms it.
+    proclaim: Option<bytes::Bytes>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -462,6 +479,7 @@ impl Core {
             for output in &mut out {
                 if let Output::Acquire { timeout, .. }
                 | Output::Renew { timeout, .. }
+                | Output::Proclaim { timeout, .. }
                 | Output::Release { timeout, .. }
                 | Output::ReadHolder { timeout }
                 | Output::ReadCandidates { timeout } = output
@@ -496,6 +514,14 @@ impl Core {
             Input::WorkEnded(id) => self.on_work_ended(now, id, out),
             Input::Stop(kind) => self.on_stop(now, kind, out),
             Input::Candidates(result) => self.on_candidates(now, result, out),
+            Input::Proclaim(metadata) => {
+                if let Phase::Leading(term) = &mut self.phase
+                    && term.drain_until.is_none()
+                {
+                    term.proclaim = Some(metadata);
+                    term.renew_at = now;
+                }
+            }
             Input::Preempt => {
                 if let Phase::Leading(term) = &self.phase
                     && term.drain_until.is_none()
@@ -719,6 +745,7 @@ impl Core {
             work: false,
             unconfirmed: None,
             drain_until: None,
+            proclaim: None,
         });
     }
 
@@ -854,11 +881,15 @@ impl Core {
                 if idle && term.renew_at <= now {
                     let timeout = term.deadline - now;
                     let lease = term.lease.clone();
-                    self.send(
-                        InFlight::Renew { sent_at: now },
-                        Output::Renew { lease, timeout },
-                        out,
-                    );
+                    let output = match term.proclaim.clone() {
+                        Some(metadata) => Output::Proclaim {
+                            lease,
+                            metadata,
+                            timeout,
+                        },
+                        None => Output::Renew { lease, timeout },
+                    };
+                    self.send(InFlight::Renew { sent_at: now }, output, out);
                 }
             }
             Phase::Ending(e) => {
@@ -1133,6 +1164,15 @@ impl Core {
             Some(from) if from + next > now => from + next,
             _ => now + next,
         };
+        let unconfirmed = match &term.proclaim {
+            Some(metadata) if term.lease.metadata() == metadata => {
+                term.proclaim = None;
+                out.push(Output::Proclaimed { id: term.id });
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
         let deadline = sent_at + self.t.ttl - self.t.drift;
         if deadline > term.deadline {
             term.deadline = deadline;
@@ -1140,6 +1180,16 @@ impl Core {
                 id: term.id,
                 deadline,
             });
+        }
+        if unconfirmed {
+            // Not confirmed yet (a renewal that crossed it, or a read-back
+            // that shows only the revision): proclaim again soon, after
+            // the shortest backoff, so that a backend that never shows the
+            // new metadata cannot make the campaign spin.
+            let soon = now + self.backoff(0);
+            if let Phase::Leading(term) = &mut self.phase {
+                term.renew_at = term.renew_at.min(soon);
+            }
         }
     }
 

@@ -61,6 +61,22 @@ pub(crate) enum Command {
     },
     /// `resign_to`: nominate a live candidate, then resign.
     ResignTo(registry::Ask),
+    /// `proclaim`: replace the lease's metadata within the term.
+    Proclaim {
+        metadata: bytes::Bytes,
+        reply: oneshot::Sender<Proclaimed>,
+    },
+}
+
+/// How a `proclaim` ended.
+#[derive(Debug)]
+pub(crate) enum Proclaimed {
+    /// The store shows the new metadata.
+    Done,
+    /// Not leading (or the term is ending).
+    NotLeading,
+    /// The term ended before the store confirmed it.
+    Lost(crate::backend::FencingToken),
 }
 
 /// How a piece of work ended.
@@ -246,6 +262,14 @@ async fn run(
     // The store call in flight: which, and when it was sent.
     let mut call: Option<(Call, Instant)> = None;
     let mut last_renew: Option<Duration> = None;
+    // The metadata of later claims: the builder's, until a proclaim.
+    let mut metadata = config.metadata.clone();
+    // Proclaims waiting for the store: the term, its token, the reply.
+    let mut proclaims: Vec<(
+        u64,
+        crate::backend::FencingToken,
+        oneshot::Sender<Proclaimed>,
+    )> = Vec::new();
     let mut outputs = core.handle(Instant::now(), Input::Start);
     let fatal = loop {
         let mut stopped = None;
@@ -270,7 +294,7 @@ async fn run(
                     let claim = Claim {
                         nonce,
                         id: shared.id,
-                        metadata: config.metadata.clone(),
+                        metadata: metadata.clone(),
                         at: SystemTime::now(),
                     };
                     let ttl = timing.ttl;
@@ -292,6 +316,30 @@ async fn run(
                                 .await,
                         )
                     }));
+                }
+                Output::Proclaim {
+                    lease,
+                    metadata,
+                    timeout,
+                } => {
+                    call = Some((Call::Renew, Instant::now()));
+                    let backend = shared.backend.clone();
+                    let key = shared.key.clone();
+                    let ttl = timing.ttl;
+                    op = Some(Box::pin(async move {
+                        Input::Renew(
+                            bounded(
+                                timeout,
+                                backend.proclaim_within(&key, &lease, &metadata, ttl, timeout),
+                            )
+                            .await,
+                        )
+                    }));
+                }
+                Output::Proclaimed { id } => {
+                    for (_, _, reply) in extract(&mut proclaims, |p| p.0 == id) {
+                        let _ = reply.send(Proclaimed::Done);
+                    }
                 }
                 Output::Release { lease, timeout } => {
                     call = Some((Call::Release, Instant::now()));
@@ -348,6 +396,9 @@ async fn run(
                 Output::CancelTerm { id, reason } => {
                     if let Some(r) = registry.as_mut() {
                         r.ended();
+                    }
+                    for (_, token, reply) in extract(&mut proclaims, |p| p.0 == id) {
+                        let _ = reply.send(Proclaimed::Lost(token));
                     }
                     if let Some(r) = term.as_ref().filter(|r| r.term.id() == id) {
                         tracing::debug!(?reason, "cancelling the term's token");
@@ -413,6 +464,22 @@ async fn run(
                         }
                         _ => {
                             let _ = reply.send(WorkOutcome::NotStarted);
+                            continue;
+                        }
+                    }
+                }
+                Some(Command::Proclaim { metadata: new, reply }) => {
+                    match term.as_ref().filter(|r| r.term.is_valid()) {
+                        Some(r) => {
+                            proclaims.push((r.term.id(), r.term.fencing_token(), reply));
+                            metadata = new.clone();
+                            if let Some(reg) = registry.as_mut() {
+                                reg.set_metadata(new.clone());
+                            }
+                            Input::Proclaim(new)
+                        }
+                        None => {
+                            let _ = reply.send(Proclaimed::NotLeading);
                             continue;
                         }
                     }
@@ -519,6 +586,20 @@ async fn run(
     shared
         .run
         .send_replace(Run::Stopped(fatal.map(Fatal::Store)));
+}
+
+/// Removes and returns the items of `v` that match.
+fn extract<T>(v: &mut Vec<T>, mut matches: impl FnMut(&T) -> bool) -> Vec<T> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        if matches(&v[i]) {
+            out.push(v.remove(i));
+        } else {
+            i += 1;
+        }
+    }
+    out
 }
 
 async fn next_registry(registry: &mut Option<registry::Registry>) -> registry::Done {

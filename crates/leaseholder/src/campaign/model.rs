@@ -217,6 +217,8 @@ struct Config {
     /// `Preempt` inputs per path (with a nomination of the best other
     /// candidate in the leader's entry, as the driver writes it first).
     preempts: u8,
+    /// `Proclaim` inputs per path, to a leader.
+    proclaims: u8,
 }
 
 /// A follower's hold-off for a preferred candidate.
@@ -238,6 +240,7 @@ struct World {
     /// [`Config::slow_drain`].
     slow_drain: bool,
     preempts_left: u8,
+    proclaims_left: u8,
     /// Not part of the state's identity (see [`explore`]).
     deviations_left: u8,
 }
@@ -251,6 +254,7 @@ impl Hash for World {
         self.late_left.hash(h);
         self.stops_left.hash(h);
         self.preempts_left.hash(h);
+        self.proclaims_left.hash(h);
         self.last_token.hash(h);
     }
 }
@@ -292,6 +296,8 @@ enum Req {
     Release(Lease),
     Holder,
     Candidates,
+    /// A proclaim: a renewal that also stores this metadata.
+    Proclaim(Lease, Bytes),
 }
 
 #[derive(Clone, Debug, Hash)]
@@ -395,6 +401,8 @@ enum Step {
     Stop(usize, StopKind),
     /// The driver saw a candidate of higher priority: nominate it, preempt.
     Preempt(usize),
+    /// `proclaim()` to a leader.
+    Proclaim(usize),
 }
 
 impl Step {
@@ -468,6 +476,7 @@ impl World {
             late_left: u8::from(cfg.late),
             stops_left: cfg.stops,
             preempts_left: cfg.preempts,
+            proclaims_left: cfg.proclaims,
             last_token: 0,
             slow_drain: cfg.slow_drain,
             deviations_left: cfg.deviations,
@@ -608,6 +617,9 @@ impl World {
             if self.preempts_left > 0 && c.term.as_ref().is_some_and(|t| t.live) {
                 steps.push(Step::Preempt(i));
             }
+            if self.proclaims_left > 0 && c.term.as_ref().is_some_and(|t| t.live) {
+                steps.push(Step::Proclaim(i));
+            }
         }
         if self.late.is_some() {
             steps.push(Step::ApplyLate);
@@ -728,6 +740,7 @@ impl World {
                     Req::Release(_) => Input::Release(Err(error)),
                     Req::Holder => Input::Holder(Err(error)),
                     Req::Candidates => Input::Candidates(Err(error)),
+                    Req::Proclaim(..) => Input::Renew(Err(error)),
                 };
                 self.feed(i, input, log)
             }
@@ -789,6 +802,10 @@ impl World {
                 self.stops_left -= 1;
                 self.feed(i, Input::Stop(kind), log)
             }
+            Step::Proclaim(i) => {
+                self.proclaims_left -= 1;
+                self.feed(i, Input::Proclaim(Bytes::from_static(b"proclaimed")), log)
+            }
             Step::Preempt(i) => {
                 self.preempts_left -= 1;
                 let token = self.cands[i].term.as_ref().ok_or("no term")?.token;
@@ -844,14 +861,22 @@ impl World {
                     Reply::Won(lease)
                 }
             },
-            Req::Renew(lease) => match live {
+            Req::Renew(lease) | Req::Proclaim(lease, _) => match live {
                 Some(s) if s.lease.nonce() == lease.nonce() => {
                     // A shared keep-alive does not write the key: its
                     // revision stays (the contract of `Renewed::SentAt`).
-                    if cfg.shared.is_none() {
+                    // A proclaim writes it.
+                    let proclaim = match req {
+                        Req::Proclaim(_, metadata) => Some(metadata.clone()),
+                        _ => None,
+                    };
+                    if cfg.shared.is_none() || proclaim.is_some() {
                         self.store.revision += 1;
                     }
-                    let lease = s.lease.with_revision(self.store.revision);
+                    let mut lease = s.lease.with_revision(self.store.revision);
+                    if let Some(metadata) = proclaim {
+                        lease = lease.with_metadata(metadata);
+                    }
                     // A shared keep-alive sent `early` ago extended it from
                     // then (never shortening it).
                     let from = cfg.shared.map_or(now, |early| now.saturating_sub(early));
@@ -950,6 +975,12 @@ impl World {
             Output::Release { lease, timeout } => self.send(i, Req::Release(lease), timeout),
             Output::ReadHolder { timeout } => self.send(i, Req::Holder, timeout),
             Output::ReadCandidates { timeout } => self.send(i, Req::Candidates, timeout),
+            Output::Proclaim {
+                lease,
+                metadata,
+                timeout,
+            } => self.send(i, Req::Proclaim(lease, metadata), timeout),
+            Output::Proclaimed { .. } => Ok(()),
             Output::BeginTerm {
                 id,
                 lease,
@@ -1304,6 +1335,7 @@ fn show_req(r: &Req) -> String {
         Req::Release(l) => format!("release({})", show_lease(l)),
         Req::Holder => "holder".into(),
         Req::Candidates => "candidates".into(),
+        Req::Proclaim(l, m) => format!("proclaim({}, {} bytes)", show_lease(l), m.len()),
     }
 }
 
@@ -1534,6 +1566,7 @@ fn two() -> Config {
         shared: None,
         ranked: None,
         preempts: 0,
+        proclaims: 0,
     }
 }
 
@@ -1654,6 +1687,22 @@ fn exhaustive_priorities_and_preemption() {
         },
     );
     assert!(stats.tokens >= 2, "the search should reach a second term");
+}
+
+/// One `proclaim()` to a leader anywhere (a renewal that also writes the
+/// metadata, repeated until the store shows it), with up to two faults:
+/// it renews like any renewal, so the deadline rules hold through it.
+#[test]
+fn exhaustive_proclaim() {
+    let stats = run(
+        "proclaim",
+        &Config {
+            deviations: 2,
+            proclaims: 1,
+            ..two()
+        },
+    );
+    assert!(stats.tokens >= 3, "the search should reach a third term");
 }
 
 /// Three candidates with priorities 1, 5 and 10 (the registry read, the

@@ -113,6 +113,15 @@ impl Registry {
         d.mul_f64(1.0 - 0.1 * unit)
     }
 
+    /// The candidate's metadata changed (a proclaim): later writes carry it.
+    pub(crate) fn set_metadata(&mut self, metadata: bytes::Bytes) {
+        let e = &self.entry;
+        self.entry = Candidate::new(e.id(), e.priority(), metadata)
+            .with_since(e.since())
+            .with_nominee(e.nominee());
+        self.write_at = Instant::now();
+    }
+
     /// A term began.
     pub(crate) fn began(&mut self, token: FencingToken, now: Instant) {
         self.leading = Some((token, now));
