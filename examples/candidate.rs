@@ -19,6 +19,11 @@
 //! - `LOST <token>` when the campaign stops leading that term;
 //! - `EXIT` after a clean shutdown. SIGTERM shuts down gracefully (drain,
 //!   release).
+//!
+//! With `LEASEHOLDER_PRIORITY=<i32>` in its environment it keeps a
+//! candidate-registry entry with that priority (and
+//! `LEASEHOLDER_MIN_TERM_MS=<ms>` sets its minimum term), and prints
+//! `REGISTERED` once the registry lists it.
 
 use std::io::Write;
 use std::time::Duration;
@@ -60,7 +65,18 @@ async fn main() -> anyhow::Result<()> {
     } else {
         Backend::nats(async_nats::connect(&url).await?, "leases")
     };
-    let leader = Leader::builder(key).backend(backend).ttl(ttl).build()?;
+    let mut builder = Leader::builder(key).backend(backend).ttl(ttl);
+    let priority = match std::env::var("LEASEHOLDER_PRIORITY") {
+        Ok(p) => Some(p.parse::<i32>()?),
+        Err(_) => None,
+    };
+    if let Some(p) = priority {
+        builder = builder.priority(p);
+    }
+    if let Ok(ms) = std::env::var("LEASEHOLDER_MIN_TERM_MS") {
+        builder = builder.min_term(Duration::from_millis(ms.parse()?));
+    }
+    let leader = builder.build()?;
     leader.setup().await?;
 
     let mut term_signal = signal(SignalKind::terminate())?;
@@ -96,6 +112,21 @@ async fn main() -> anyhow::Result<()> {
     });
 
     say("READY");
+    if priority.is_some() {
+        let me = leader.leader_id();
+        let watcher = leader.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(list) = watcher.candidates().await
+                    && list.iter().any(|c| c.id() == me)
+                {
+                    say("REGISTERED");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    }
     leader
         .acquire_and_run(|term| {
             let outbox = outbox.clone();

@@ -81,7 +81,14 @@ impl Fleet {
 
     /// Starts one more candidate and waits until it campaigns.
     async fn spawn(&mut self) -> usize {
+        self.spawn_with(&[]).await
+    }
+
+    /// Starts one more candidate with `env` in its environment and waits
+    /// until it campaigns.
+    async fn spawn_with(&mut self, env: &[(&str, String)]) -> usize {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_leaseholder-candidate"));
+        cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         cmd.args([
             self.url.clone(),
             self.key.to_owned(),
@@ -614,4 +621,61 @@ async fn the_etcd_example_leads_stops_on_ctrl_c_and_explains_a_missing_server() 
         format!("etcd://127.0.0.1:{free}"),
     )
     .await;
+}
+
+/// A preferred candidate (priority 100) that is SIGKILLed while its
+/// registry entry is still live costs the others the hold-off (ttl/10 =
+/// 200 ms at ttl 2 s) once, never a ttl: the leader (priority 1, a
+/// minimum term long enough that the preferred one cannot preempt it) is
+/// SIGTERMed, and the other follower (priority 1) holds off for the dead
+/// one, then leads.
+async fn a_killed_preferred_candidate_costs_the_holdoff(store: &str, url: String) {
+    let ttl = Duration::from_secs(2);
+    let holdoff = ttl / 10;
+    let mut fleet = Fleet::new(url, "preferred", ttl, Duration::ZERO);
+    let low = [
+        ("LEASEHOLDER_PRIORITY", "1".to_owned()),
+        ("LEASEHOLDER_MIN_TERM_MS", "600000".to_owned()),
+    ];
+    let leader = fleet.spawn_with(&low).await;
+    let (first, _, token) = fleet.next_start().await;
+    assert_eq!(first, leader);
+    let other = fleet.spawn_with(&low).await;
+    fleet
+        .until("registered", |i, l| i == other && l == "REGISTERED")
+        .await;
+    let preferred = fleet
+        .spawn_with(&[("LEASEHOLDER_PRIORITY", "100".to_owned())])
+        .await;
+    fleet
+        .until("registered", |i, l| i == preferred && l == "REGISTERED")
+        .await;
+    fleet.procs[preferred].kill().await.unwrap();
+    let t0 = Instant::now();
+    fleet.procs[leader].terminate().unwrap();
+    let (next, at, next_token) = fleet.next_start().await;
+    let took = at - t0;
+    println!(
+        "{store}: SIGTERM with a SIGKILLed preferred candidate -> successor's work starts in {took:?} (hold-off {holdoff:?})"
+    );
+    assert_eq!(next, other);
+    assert!(next_token > token);
+    assert!(took >= holdoff, "the follower did not hold off: {took:?}");
+    assert!(
+        took < holdoff + Duration::from_millis(500),
+        "it took {took:?}"
+    );
+    assert!(fleet.sink.rejected.is_empty(), "{:?}", fleet.sink);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_preferred_candidate_costs_the_holdoff_on_nats() {
+    let server = nats_with_bucket("leases").await;
+    a_killed_preferred_candidate_costs_the_holdoff("NATS", server.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_preferred_candidate_costs_the_holdoff_on_postgres() {
+    let server = postgres_with_table().await;
+    a_killed_preferred_candidate_costs_the_holdoff("PostgreSQL", server.url()).await;
 }
