@@ -202,9 +202,10 @@ impl BlockingBackendEdge for Client {
                 events.push(WatchEvent::Updated(key.clone(), Some(e.holder(now))));
             }
         }
-        // Writes between two polls that left no trace (an acquire and its
-        // release): say that something changed.
-        if events.is_empty() && *writes != t.writes {
+        // Writes between two polls may have left no trace (an acquire and
+        // its release), also beside another key's change: say that
+        // something changed.
+        if *writes != t.writes {
             events.push(WatchEvent::Resync);
         }
         *writes = t.writes;

@@ -639,13 +639,9 @@ async fn the_registry_publishes_changes_but_not_renewals() {
     let (k1, k2) = (Key::new("reg-1").unwrap(), Key::new("reg-2").unwrap());
     let (ttl, budget) = (Duration::from_secs(30), Duration::from_secs(5));
     let c = Candidate::new(LeaderId::new(), 1, &b"a"[..]);
-    let mut next = async || {
-        loop {
-            match timeout(WAIT, events.next()).await.unwrap().unwrap() {
-                WatchEvent::Candidates(key) => return key,
-                other => panic!("unexpected event {other:?}"),
-            }
-        }
+    let mut next = async || match timeout(WAIT, events.next()).await.unwrap().unwrap() {
+        WatchEvent::Candidates(key) => key,
+        other => panic!("unexpected event {other:?}"),
     };
     edge.register(&k1, &c, ttl, budget).await.unwrap();
     assert_eq!(next().await, k1, "a new entry");
