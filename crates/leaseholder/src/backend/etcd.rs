@@ -1179,10 +1179,19 @@ impl Keeper {
                             let id = *id;
                             tokio::spawn(async move { backend.sweep(id, budget).await });
                         }
-                        let stale = lock(&backend.inner.entries)
-                            .by_slot
-                            .values()
-                            .any(|e| e.lease == *id && e.untouched_since(now));
+                        let live = backend.lease_ids();
+                        let stale = {
+                            let mut entries = lock(&backend.inner.entries);
+                            // Unregistered entries on a lease no longer
+                            // kept alive went (or go) with it.
+                            entries
+                                .by_slot
+                                .retain(|_, e| live.contains(&e.lease) || !e.untouched_since(now));
+                            entries
+                                .by_slot
+                                .values()
+                                .any(|e| e.lease == *id && e.untouched_since(now))
+                        };
                         if stale {
                             let backend = backend.clone();
                             let budget = self.ttl();
