@@ -1,7 +1,8 @@
 //! The blocking adapter: a synchronous lease store (a `Mutex` and the
 //! host's monotonic clock, as an embedded store would have) run through
-//! `Backend::blocking` passes the conformance suite, its watch is polled,
-//! and a panic in a blocking call stops the campaign like a fatal error.
+//! `Backend::blocking` passes the conformance suite (its candidate registry
+//! too, through the adapter), its watch is polled, and a panic in a
+//! blocking call stops the campaign like a fatal error.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -12,8 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use leaseholder::conformance::{self, Harness};
 use leaseholder::{
-    Acquired, Backend, BackendError, BlockingBackendEdge, BoxError, Claim, Error, FencingToken,
-    Holder, Key, Leader, Lease, LeaseValue, Op, Prepared, Renewed, State, WatchEvent,
+    Acquired, Backend, BackendError, BlockingBackendEdge, BoxError, Candidate, Claim, Error,
+    FencingToken, Holder, Key, Leader, LeaderId, Lease, LeaseValue, Op, Prepared, Renewed, State,
+    WatchEvent,
 };
 
 #[derive(Default)]
@@ -24,6 +26,8 @@ struct Table {
     revision: u64,
     /// Bumped by every write, for `changes`.
     writes: u64,
+    /// The candidate registry: each entry and its expiry.
+    candidates: HashMap<(Key, LeaderId), (Bytes, Instant)>,
 }
 
 struct Entry {
@@ -60,6 +64,7 @@ impl SyncStore {
         let mut t = self.table.lock().unwrap();
         let now = Instant::now();
         t.entries.retain(|_, e| e.expires_at > now);
+        t.candidates.retain(|_, (_, at)| *at > now);
         t
     }
 }
@@ -197,9 +202,10 @@ impl BlockingBackendEdge for Client {
                 events.push(WatchEvent::Updated(key.clone(), Some(e.holder(now))));
             }
         }
-        // Writes between two polls that left no trace (an acquire and its
-        // release): say that something changed.
-        if events.is_empty() && *writes != t.writes {
+        // Writes between two polls may have left no trace (an acquire and
+        // its release), also beside another key's change: say that
+        // something changed.
+        if *writes != t.writes {
             events.push(WatchEvent::Resync);
         }
         *writes = t.writes;
@@ -208,6 +214,41 @@ impl BlockingBackendEdge for Client {
 
     fn watch_reports_expiry(&self) -> bool {
         true
+    }
+
+    fn supports_candidates(&self) -> bool {
+        true
+    }
+
+    fn register(
+        &self,
+        key: Key,
+        candidate: Candidate,
+        ttl: Duration,
+        _budget: Duration,
+    ) -> Result<(), BackendError> {
+        let at = Instant::now() + ttl;
+        self.store
+            .lock()
+            .candidates
+            .insert((key, candidate.id()), (candidate.encode(), at));
+        Ok(())
+    }
+
+    fn deregister(&self, key: Key, id: LeaderId, _budget: Duration) -> Result<(), BackendError> {
+        self.store.lock().candidates.remove(&(key, id));
+        Ok(())
+    }
+
+    fn candidates(&self, key: Key, _budget: Duration) -> Result<Vec<Candidate>, BackendError> {
+        Ok(self
+            .store
+            .lock()
+            .candidates
+            .iter()
+            .filter(|((k, _), _)| *k == key)
+            .filter_map(|(_, (value, _))| Candidate::decode(value).ok())
+            .collect())
     }
 }
 
@@ -244,6 +285,16 @@ async fn a_blocking_store_passes_the_lease_contract() {
     let report = conformance::run(&SyncHarness(SyncStore::default())).await;
     println!("{report}");
     assert!(report.is_ok(), "{report}");
+    // The registry's calls reach the blocking store.
+    assert!(
+        report
+            .passed
+            .iter()
+            .filter(|r| r.starts_with("registry_"))
+            .count()
+            == 3,
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,13 +99,13 @@ async fn child() {
 
 async fn passes(harness: Redis) {
     // A store in use for longer than the longest ttl the rows ask for
-    // (4 × 500 ms): on a fresh store every acquisition waits one ttl after
-    // setup writes the epoch markers (see the backend's docs; the failure
-    // tests in `redis.rs` check that wait), which is not what the rows
-    // are about.
+    // (20 × 500 ms, the registry rows' lease): on a fresh store every
+    // acquisition waits one ttl after setup writes the epoch markers (see
+    // the backend's docs; the failure tests in `redis.rs` check that
+    // wait), which is not what the rows are about.
     let prepared = harness.backend().await.setup().await.unwrap();
     assert_eq!(prepared, leaseholder::Prepared::Created);
-    tokio::time::sleep(harness.ttl() * 4 + Duration::from_millis(100)).await;
+    tokio::time::sleep(harness.ttl() * 20 + Duration::from_millis(100)).await;
     let report = conformance::run(&harness).await;
     println!("{report}");
     assert!(report.is_ok(), "{report}");

@@ -5,8 +5,10 @@
 //! revision, a cluster re-created on empty data; etcd's own election bugs
 //! #18163 (an observer that reports a stale leader) and #19597 (a zombie or
 //! phantom leader after its session expired); one keep-alive for many
-//! keys; idle followers that make no store calls; and a key whose release
-//! never reached the server swept off the shared lease.
+//! keys; idle followers that make no store calls; a key whose release
+//! never reached the server swept off the shared lease; and the candidate
+//! registry on the shared lease (renewals without writes, entries that go
+//! with a revoked lease and come back, an unregistered entry swept).
 //!
 //! Every test checks safety where the contract promises it (the work of
 //! two terms never overlaps and tokens strictly increase, as the work
@@ -22,8 +24,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use etcd_client::Client;
+use futures_util::StreamExt;
 use leaseholder::{
-    Acquired, Backend, Claim, EtcdBackend, Key, Leader, LeaderId, Observed, Observer,
+    Acquired, Backend, BackendEdge, Candidate, Claim, EtcdBackend, Key, Leader, LeaderId, Observed,
+    Observer, WatchEvent, WatchStream,
 };
 use leaseholder_testkit::{EtcdCluster, EtcdServer, TcpProxy, WorkLog};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -764,6 +768,121 @@ async fn a_key_nobody_renews_is_swept_off_the_shared_lease() {
     );
     assert!(taken.start - acquired >= ttl);
     stop(&taker, tt).await;
+    stop(&keeper, tk).await;
+    log.assert_safe();
+}
+
+// ----- the candidate registry -------------------------------------------------
+
+/// The next registry event of the watch (lease events are skipped).
+async fn next_candidates(events: &mut WatchStream) -> Key {
+    loop {
+        match timeout(WAIT, events.next()).await.unwrap().unwrap() {
+            WatchEvent::Candidates(key) => return key,
+            _ => continue,
+        }
+    }
+}
+
+/// The ids `b` lists for `key`.
+async fn listed(b: &EtcdBackend, key: &Key) -> Vec<LeaderId> {
+    b.candidates(key, WAIT)
+        .await
+        .unwrap()
+        .iter()
+        .map(Candidate::id)
+        .collect()
+}
+
+/// Registry entries live on the shared lease: a renewal is the lease's
+/// keep-alive and writes nothing (the cluster's revision stays, the watch
+/// sends nothing); a key's registry never lists a longer key's entries
+/// (`a` and `a/b`); a revoked lease takes the entries with it, the watch
+/// says so, and the next register puts them again on the new lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_entries_ride_the_shared_lease() {
+    let ttl = Duration::from_secs(3);
+    let s = server().await;
+    let eb = etcd_backend(&[s.endpoint()]);
+    let mut events = timeout(WAIT, eb.watch()).await.unwrap().unwrap().unwrap();
+    let mut c = client(&[s.endpoint()]).await;
+    let (a, ab) = (Key::new("a").unwrap(), Key::new("a/b").unwrap());
+    let (ca, cab) = (
+        Candidate::new(LeaderId::new(), 1, &b"a"[..]),
+        Candidate::new(LeaderId::new(), 2, &b"ab"[..]),
+    );
+    eb.register(&a, &ca, ttl, WAIT).await.unwrap();
+    assert_eq!(next_candidates(&mut events).await, a);
+    eb.register(&ab, &cab, ttl, WAIT).await.unwrap();
+    assert_eq!(next_candidates(&mut events).await, ab);
+    assert_eq!(listed(&eb, &a).await, vec![ca.id()]);
+    assert_eq!(listed(&eb, &ab).await, vec![cab.id()]);
+    // Renewals: keep-alives, and no other request (no write, no read).
+    let (unary0, ka0) = requests(s.addr()).await;
+    for _ in 0..3 {
+        eb.register(&a, &ca, ttl, WAIT).await.unwrap();
+        eb.register(&ab, &cab, ttl, WAIT).await.unwrap();
+    }
+    let (unary1, ka1) = requests(s.addr()).await;
+    assert_eq!(unary1 - unary0, 0, "a renewal wrote or read");
+    assert!(
+        ka1 - ka0 >= 1 && ka1 - ka0 <= 6,
+        "{} keep-alives",
+        ka1 - ka0
+    );
+    // A rewrite is a write, and the next event (not a renewal's).
+    let ca2 = Candidate::new(ca.id(), 5, &b"a"[..]).with_since(ca.since());
+    eb.register(&a, &ca2, ttl, WAIT).await.unwrap();
+    assert_eq!(next_candidates(&mut events).await, a);
+    let entry = eb.candidate_key(&a, ca.id());
+    let bound = c.get(entry.as_str(), None).await.unwrap().kvs()[0].lease();
+    assert_eq!(eb.lease_ids(), vec![bound]);
+    // Revoked: both entries go, and the watch reports each.
+    s.ctl(&["lease", "revoke", &format!("{bound:x}")])
+        .await
+        .unwrap();
+    let mut gone = vec![
+        next_candidates(&mut events).await,
+        next_candidates(&mut events).await,
+    ];
+    gone.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    assert_eq!(gone, vec![a.clone(), ab.clone()]);
+    assert!(listed(&eb, &a).await.is_empty());
+    // The next register puts the entry again, on a new lease.
+    eb.register(&a, &ca2, ttl, WAIT).await.unwrap();
+    assert_eq!(next_candidates(&mut events).await, a);
+    let kv = c.get(entry.as_str(), None).await.unwrap().kvs()[0].clone();
+    assert_ne!(kv.lease(), bound);
+    assert_eq!(eb.lease_ids(), vec![kv.lease()]);
+    assert_eq!(Candidate::decode(kv.value()).unwrap().priority(), 5);
+    // The registry is not a lease: the key is free.
+    assert!(eb.holder(&a, WAIT).await.unwrap().is_none());
+}
+
+/// An entry whose candidate stopped registering it without deregistering
+/// (its deregister never reached the server) is deleted, although another
+/// key of the process keeps the shared lease alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_nobody_registers_is_swept_off_the_shared_lease() {
+    let ttl = Duration::from_secs(2);
+    let s = server().await;
+    let eb = etcd_backend(&[s.endpoint()]);
+    let shared = Backend::etcd(eb.clone());
+    let key = Key::new("orphan").unwrap();
+    let mut events = timeout(WAIT, eb.watch()).await.unwrap().unwrap().unwrap();
+    let c = Candidate::new(LeaderId::new(), 0, &b""[..]);
+    eb.register(&key, &c, ttl, WAIT).await.unwrap();
+    let registered = Instant::now();
+    assert_eq!(next_candidates(&mut events).await, key);
+    // Another key keeps the shared lease alive.
+    let log = WorkLog::new();
+    let keeper = leader_for("busy", shared.clone(), ttl);
+    let (tk, _) = run_reporting_terms(&keeper, "keeper", &log);
+    assert_eq!(next_candidates(&mut events).await, key);
+    let swept = registered.elapsed();
+    println!("the unregistered entry was deleted {swept:?} after its last register");
+    assert!(swept >= ttl, "{swept:?}");
+    assert!(listed(&eb, &key).await.is_empty());
     stop(&keeper, tk).await;
     log.assert_safe();
 }

@@ -3,8 +3,8 @@
 //! server restarted with and without persistence, paused by `CLIENT PAUSE`
 //! or blocked by `DEBUG SLEEP`, the database flushed, the subscription
 //! killed; a server that may evict leases refused at setup; values of
-//! another type; idle followers that make no store calls; and a Sentinel
-//! failover.
+//! another type; idle followers that make no store calls; the candidate
+//! registry's change events; and a Sentinel failover.
 //!
 //! Every test checks safety (the work of two terms never overlaps and
 //! tokens strictly increase, as the work itself recorded it in a
@@ -18,9 +18,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use leaseholder::{
-    Acquired, Backend, BackendError, Claim, Error, Key, Leader, LeaderId, Op, Prepared,
-    RedisBackend,
+    Acquired, Backend, BackendEdge, BackendError, Candidate, Claim, Error, Key, Leader, LeaderId,
+    Op, Prepared, RedisBackend, WatchEvent,
 };
 use leaseholder_testkit::{RedisOptions, RedisSentinel, RedisServer, TcpProxy, WorkLog};
 use redis::aio::MultiplexedConnection;
@@ -623,6 +624,87 @@ async fn idle_followers_make_no_store_calls_while_the_leader_renews() {
         stop(&l, task).await;
     }
     log.assert_safe();
+}
+
+/// The registry publishes a change when an entry is added, rewritten with
+/// other contents or removed, and nothing when an entry is only renewed
+/// (every candidate renews its entry once per renew interval) or removed
+/// twice. Pub/sub keeps the order of messages, so each step is checked by
+/// the next event being the one of the step after it, on another key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_publishes_changes_but_not_renewals() {
+    let s = server(Duration::from_millis(100)).await;
+    let edge = redis_backend(&s.url());
+    let mut events = timeout(WAIT, edge.watch()).await.unwrap().unwrap().unwrap();
+    let (k1, k2) = (Key::new("reg-1").unwrap(), Key::new("reg-2").unwrap());
+    let (ttl, budget) = (Duration::from_secs(30), Duration::from_secs(5));
+    let c = Candidate::new(LeaderId::new(), 1, &b"a"[..]);
+    let mut next = async || match timeout(WAIT, events.next()).await.unwrap().unwrap() {
+        WatchEvent::Candidates(key) => key,
+        other => panic!("unexpected event {other:?}"),
+    };
+    edge.register(&k1, &c, ttl, budget).await.unwrap();
+    assert_eq!(next().await, k1, "a new entry");
+    // A renewal: no event, so the next one is k2's new entry.
+    edge.register(&k1, &c, ttl, budget).await.unwrap();
+    edge.register(&k2, &c, ttl, budget).await.unwrap();
+    assert_eq!(next().await, k2, "a renewal was published");
+    let rewritten = Candidate::new(c.id(), 2, &b"a"[..]).with_since(c.since());
+    edge.register(&k1, &rewritten, ttl, budget).await.unwrap();
+    assert_eq!(next().await, k1, "a rewrite with other contents");
+    edge.deregister(&k1, c.id(), budget).await.unwrap();
+    assert_eq!(next().await, k1, "a removal");
+    edge.deregister(&k1, c.id(), budget).await.unwrap();
+    edge.deregister(&k2, c.id(), budget).await.unwrap();
+    assert_eq!(next().await, k2, "removing a missing entry was published");
+    // An expired entry is gone for every reader, and the next write to the
+    // key (which removes it) is a change.
+    edge.register(&k1, &c, Duration::from_millis(50), budget)
+        .await
+        .unwrap();
+    assert_eq!(next().await, k1);
+    let mut conn = connect(&s.url()).await;
+    let expiry = edge.candidates_expiry_key(&k1);
+    loop {
+        // Wait on the server's clock: the entry's score passes its TIME.
+        let (score, now): (Option<f64>, (u64, u64)) = redis::pipe()
+            .cmd("ZSCORE")
+            .arg(&expiry)
+            .arg(c.id().as_uuid().simple().to_string())
+            .cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let now_us = (now.0 * 1_000_000 + now.1) as f64;
+        if score.is_some_and(|s| s <= now_us) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(edge.candidates(&k1, budget).await.unwrap().is_empty());
+    let other = Candidate::new(LeaderId::new(), 0, &b""[..]);
+    edge.register(&k1, &other, ttl, budget).await.unwrap();
+    assert_eq!(next().await, k1);
+    let listed: Vec<LeaderId> = edge
+        .candidates(&k1, budget)
+        .await
+        .unwrap()
+        .iter()
+        .map(Candidate::id)
+        .collect();
+    assert_eq!(listed, vec![other.id()]);
+    // The expired entry was removed from both keys, which expire with the
+    // last entry.
+    let (fields, pttl): (u64, i64) = redis::pipe()
+        .cmd("HLEN")
+        .arg(edge.candidates_key(&k1))
+        .cmd("PTTL")
+        .arg(&expiry)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(fields, 1);
+    assert!(pttl > 29_000 && pttl <= 31_000, "pttl {pttl}");
 }
 
 // ----- the store's settings and foreign keys -----------------------------

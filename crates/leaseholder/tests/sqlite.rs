@@ -1,8 +1,10 @@
 //! The SQLite backend on real files in temporary directories: the
 //! conformance suite with a new connection per candidate (as separate
 //! processes would have), tokens across release and a re-created file,
-//! setup's report and checks, and a leader and a follower on one file
-//! handing over through the polled watch (resign) and by expiry (crash).
+//! setup's report and checks, a leader and a follower on one file
+//! handing over through the polled watch (resign) and by expiry (crash),
+//! and the candidate registry's table (created on an older file, checked,
+//! entries of another boot or past their expiry never listed).
 #![cfg(all(feature = "conformance", feature = "sqlite"))]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,8 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use leaseholder::conformance::{self, Harness};
 use leaseholder::{
-    Acquired, Backend, BackendError, BoxError, Claim, Error, Key, Leader, LeaderId, Prepared,
-    Renewed, SqliteBackend, State,
+    Acquired, Backend, BackendError, BoxError, Candidate, Claim, Error, Key, Leader, LeaderId,
+    Prepared, Renewed, SqliteBackend, State,
 };
 use leaseholder_testkit::{TempDir, WorkLog};
 use tokio::time::{Instant, timeout};
@@ -407,4 +409,96 @@ async fn a_dropped_table_ends_the_term_and_stops_acquires() {
         a.holder(&key).await,
         Err(BackendError::Misconfigured { .. })
     ));
+}
+
+/// The registry's table: setup adds it to a file that has only the lease
+/// table (made by an earlier version) and reports `Existing`, refuses one
+/// with other columns, and removes expired entries; an entry is listed only
+/// while it is of this boot and its expiry on `CLOCK_BOOTTIME` is ahead;
+/// registering with the table missing says to run setup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_table_is_set_up_and_expires_by_the_host_clock() {
+    let h = Sqlite::new();
+    let eb = SqliteBackend::builder().path(&h.path).build().unwrap();
+    let b = Backend::sqlite(eb.clone());
+    let key = Key::new("job").unwrap();
+    let c = Candidate::new(LeaderId::new(), 1, &b"a"[..]);
+    let ttl = Duration::from_secs(30);
+    // An older file: the lease table only.
+    let db = rusqlite::Connection::open(&h.path).unwrap();
+    db.busy_timeout(WAIT).unwrap();
+    let lease_ddl = eb.ddl();
+    let lease_ddl = lease_ddl.split_inclusive(';').next().unwrap();
+    db.execute_batch(lease_ddl).unwrap();
+    match b.register_within(&key, &c, ttl, WAIT).await {
+        Err(BackendError::Misconfigured { problem, fix }) => {
+            assert!(problem.contains(eb.candidates_table()), "{problem}");
+            assert!(fix.contains("setup"), "{fix}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(b.setup().await.unwrap(), Prepared::Existing);
+    b.register_within(&key, &c, ttl, WAIT).await.unwrap();
+    let ids = |list: Vec<Candidate>| list.iter().map(Candidate::id).collect::<Vec<_>>();
+    assert_eq!(ids(b.candidates(&key).await.unwrap()), vec![c.id()]);
+
+    // Rows planted as another boot's, or expired by the host's clock, are
+    // not listed; the next register of the key and the next setup remove
+    // them.
+    let (now, boot) = host_clock();
+    let table = eb.candidates_table().to_owned();
+    let plant = |id: LeaderId, key: &str, expires_at: i64, boot: &str| {
+        let value = Candidate::new(id, 0, &b""[..]).encode();
+        db.execute(
+            &format!(
+                "INSERT INTO \"{table}\" (key, id, value, expires_at, boot_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)"
+            ),
+            rusqlite::params![key, &id.as_bytes()[..], &value[..], expires_at, boot],
+        )
+        .unwrap();
+    };
+    let far = now + 3_600_000_000_000;
+    plant(LeaderId::new(), "job", far, "another-boot");
+    plant(LeaderId::new(), "job", now - 1, &boot);
+    plant(LeaderId::new(), "other", now - 1, &boot);
+    let rows = |key: &str| -> i64 {
+        db.query_row(
+            &format!("SELECT count(*) FROM \"{table}\" WHERE key = ?1"),
+            [key],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(rows("job"), 3);
+    assert_eq!(ids(b.candidates(&key).await.unwrap()), vec![c.id()]);
+    b.register_within(&key, &c, ttl, WAIT).await.unwrap();
+    assert_eq!(rows("job"), 1);
+    assert_eq!(rows("other"), 1);
+    // (A Backend runs its setup once: a new one, as a new process.)
+    assert_eq!(sqlite(&h.path).setup().await.unwrap(), Prepared::Existing);
+    assert_eq!(rows("other"), 0);
+    assert_eq!(rows("job"), 1);
+
+    // A registry table of that name with other columns.
+    db.execute_batch(
+        "CREATE TABLE bad (key TEXT PRIMARY KEY, term INTEGER NOT NULL, nonce BLOB, value BLOB, \
+           expires_at INTEGER, boot_id TEXT, revision INTEGER NOT NULL) STRICT; \
+         CREATE TABLE bad_candidates (key TEXT, id TEXT, PRIMARY KEY (key, id))",
+    )
+    .unwrap();
+    let bad = Backend::sqlite(
+        SqliteBackend::builder()
+            .path(&h.path)
+            .table("bad")
+            .build()
+            .unwrap(),
+    );
+    match bad.setup().await {
+        Err(BackendError::Misconfigured { problem, .. }) => {
+            assert!(problem.contains("bad_candidates"), "{problem}");
+            assert!(problem.contains("id of type BLOB"), "{problem}");
+        }
+        other => panic!("{other:?}"),
+    }
 }

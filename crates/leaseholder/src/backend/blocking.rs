@@ -68,7 +68,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Acquired, BackendEdge, Claim, Holder, Key, Lease, Prepared, Renewed, WatchEvent, WatchStream,
+    Acquired, BackendEdge, Candidate, Claim, Holder, Key, LeaderId, Lease, Prepared, Renewed,
+    WatchEvent, WatchStream,
 };
 use crate::error::{BackendError, ConfigError, Op};
 
@@ -137,6 +138,38 @@ pub trait BlockingBackendEdge: Send + Sync + 'static {
     /// See [`BackendEdge::watch_reports_expiry`]. Default: `false`.
     fn watch_reports_expiry(&self) -> bool {
         false
+    }
+
+    /// See [`BackendEdge::supports_candidates`]. Default: `false`.
+    fn supports_candidates(&self) -> bool {
+        false
+    }
+
+    /// See [`BackendEdge::register`]. Default:
+    /// [`BackendError::Unsupported`].
+    fn register(
+        &self,
+        key: Key,
+        candidate: Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        let _ = (key, candidate, ttl, budget);
+        Err(super::no_registry())
+    }
+
+    /// See [`BackendEdge::deregister`]. Default:
+    /// [`BackendError::Unsupported`].
+    fn deregister(&self, key: Key, id: LeaderId, budget: Duration) -> Result<(), BackendError> {
+        let _ = (key, id, budget);
+        Err(super::no_registry())
+    }
+
+    /// See [`BackendEdge::candidates`]. Default:
+    /// [`BackendError::Unsupported`].
+    fn candidates(&self, key: Key, budget: Duration) -> Result<Vec<Candidate>, BackendError> {
+        let _ = (key, budget);
+        Err(super::no_registry())
     }
 }
 
@@ -271,5 +304,44 @@ impl<T: BlockingBackendEdge> BackendEdge for Blocking<T> {
 
     fn watch_reports_expiry(&self) -> bool {
         self.inner.watch_reports_expiry()
+    }
+
+    fn supports_candidates(&self) -> bool {
+        self.inner.supports_candidates()
+    }
+
+    async fn register(
+        &self,
+        key: &Key,
+        candidate: &Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        let (key, candidate) = (key.clone(), candidate.clone());
+        self.run(Op::Register, move |s| {
+            s.register(key, candidate, ttl, budget)
+        })
+        .await
+    }
+
+    async fn deregister(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        let key = key.clone();
+        self.run(Op::Deregister, move |s| s.deregister(key, id, budget))
+            .await
+    }
+
+    async fn candidates(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> Result<Vec<Candidate>, BackendError> {
+        let key = key.clone();
+        self.run(Op::Candidates, move |s| s.candidates(key, budget))
+            .await
     }
 }

@@ -37,6 +37,26 @@
 //! | `<prefix>/lease/<key>` | our encoded value (nonce, holder id, metadata; the token is not stored) | the backend's shared lease |
 //! | `<prefix>/epoch` | when this cluster's data began: the base of every token (µs since the Unix epoch, decimal) | none |
 //! | `<prefix>/fresh` | present for one ttl after the epoch was written | its own |
+//! | `<prefix>/cand/<key>/<id>` | a candidate registry entry: the encoded [`Candidate`]; `<id>` is the candidate's id in 32 hex digits, and `<key>` has `%` and `/` written as `%25` and `%2F`, so that no key's entries list under another's (`a` and `a/b`) | the backend's shared lease for the entry's ttl |
+//!
+//! # The candidate registry
+//!
+//! An entry is bound to the same shared lease as the keys, so it lives as
+//! long as its process keeps that lease alive, and a crashed process's
+//! entries go with its lease, by etcd's clock:
+//!
+//! | op | requests |
+//! |---|---|
+//! | register | a keep-alive (or grant) of the shared lease *sent after the call began*, shared with every key and entry of the process that needs one at the same time; then a put of the entry only if it is new to this backend, its value changed, or its lease did (a lease that was lost took its entries with it). A plain renewal is the keep-alive alone: no write. While the watch is down, or once after each reconnect, the entry is checked instead by a transaction that puts it unless its value and lease are as written |
+//! | deregister | a delete of the entry |
+//! | candidates | one range read of `<prefix>/cand/<key>/`; an entry that does not decode, or whose value names another id than its key, is left out |
+//!
+//! An entry whose candidate stopped registering it without deregistering
+//! (a deregister that could not reach the server) would be kept alive by
+//! the shared lease: the first keep-alive a ttl after its last register
+//! deletes it. The watch maps every put and delete under `<prefix>/cand/`
+//! (including deletes by a lease's expiry) to [`WatchEvent::Candidates`];
+//! renewals put nothing, so they send nothing.
 //!
 //! # Tokens
 //!
@@ -92,16 +112,16 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, KeyValue, PutOptions, Txn, TxnOp,
-    TxnOpResponse, TxnResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::value::LeaseValue;
 use super::{
-    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, Nonce, Prepared, Renewed,
-    WatchEvent, WatchStream,
+    Acquired, BackendEdge, Candidate, Claim, FencingToken, Holder, Key, LeaderId, Lease, Nonce,
+    Prepared, Renewed, WatchEvent, WatchStream,
 };
 use crate::error::{BackendError, ConfigError};
 
@@ -216,8 +236,8 @@ impl EtcdBuilder {
 
     /// The prefix of every key this backend writes (default
     /// [`DEFAULT_PREFIX`]): `<prefix>/lease/<key>`, `<prefix>/epoch`,
-    /// `<prefix>/fresh`. At most [`MAX_PREFIX_LEN`] bytes, no control
-    /// characters, not ending with `/`.
+    /// `<prefix>/fresh`, `<prefix>/cand/…`. At most [`MAX_PREFIX_LEN`]
+    /// bytes, no control characters, not ending with `/`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = Some(prefix.into());
         self
@@ -313,6 +333,7 @@ impl EtcdBuilder {
         Ok(EtcdBackend {
             inner: Arc::new(Inner {
                 lease_prefix: format!("{prefix}/lease/"),
+                cand_prefix: format!("{prefix}/cand/"),
                 epoch_key: format!("{prefix}/epoch"),
                 fresh_key: format!("{prefix}/fresh"),
                 prefix,
@@ -322,6 +343,7 @@ impl EtcdBuilder {
                 connecting: tokio::sync::Mutex::new(()),
                 keepers: Mutex::new(HashMap::new()),
                 held: Mutex::new(HashMap::new()),
+                entries: Mutex::new(Entries::default()),
                 watch: WatchState::default(),
                 highest_token: AtomicU64::new(0),
                 base: AtomicU64::new(0),
@@ -418,6 +440,7 @@ impl std::fmt::Debug for EtcdBackend {
 struct Inner {
     prefix: String,
     lease_prefix: String,
+    cand_prefix: String,
     epoch_key: String,
     fresh_key: String,
     source: Source,
@@ -432,6 +455,8 @@ struct Inner {
     keepers: Mutex<HashMap<i64, Arc<Keeper>>>,
     /// The keys this backend holds (or may hold: an acquire in flight).
     held: Mutex<HashMap<Key, Held>>,
+    /// The registry entries this backend wrote.
+    entries: Mutex<Entries>,
     watch: WatchState,
     /// The largest token this backend has issued or read, so that a new
     /// epoch's base is above it even if the host clock is behind.
@@ -467,6 +492,39 @@ impl Held {
     }
 }
 
+/// The registry entries a backend wrote, as it wrote them.
+#[derive(Default)]
+struct Entries {
+    by_slot: HashMap<(Key, LeaderId), Entry>,
+    /// The highest revision of a registry event the watch has applied to
+    /// `by_slot`: an entry recorded with a lower revision may have missed
+    /// one, so the watch does not vouch for it.
+    last_event: i64,
+}
+
+/// One registry entry as this backend put it.
+#[derive(Clone, Debug)]
+struct Entry {
+    value: bytes::Bytes,
+    /// The shared lease it is bound to.
+    lease: i64,
+    /// The revision of its put (or of the read that checked it).
+    revision: i64,
+    /// The watch generation in which it was put or checked; while it is the
+    /// current one and the watch is up, the watch vouches for the entry.
+    checked_gen: u64,
+    /// The last register call for it: an entry not registered in a whole
+    /// ttl is deleted (the shared lease would keep it alive).
+    touched: Instant,
+    ttl: Duration,
+}
+
+impl Entry {
+    fn untouched_since(&self, now: Instant) -> bool {
+        self.touched.checked_add(self.ttl).is_some_and(|t| t < now)
+    }
+}
+
 #[derive(Default)]
 struct WatchState {
     /// A watch stream is up and being read.
@@ -497,6 +555,27 @@ impl EtcdBackend {
     /// The etcd key that holds `key`'s lease: `<prefix>/lease/<key>`.
     pub fn lease_key(&self, key: &Key) -> String {
         format!("{}{}", self.inner.lease_prefix, key.as_str())
+    }
+
+    /// The etcd key of candidate `id`'s entry in the registry of `key`:
+    /// `<prefix>/cand/<key>/<id in 32 hex digits>`, with `%` and `/` in
+    /// the key written as `%25` and `%2F`.
+    ///
+    /// ```
+    /// use leaseholder::{EtcdBackend, Key, LeaderId};
+    ///
+    /// let backend = EtcdBackend::builder().endpoint("127.0.0.1:2379").build().unwrap();
+    /// let id = LeaderId::new();
+    /// let name = backend.candidate_key(&Key::new("jobs/a").unwrap(), id);
+    /// assert_eq!(name, format!("leaseholder/cand/jobs%2Fa/{}", id.as_uuid().simple()));
+    /// ```
+    pub fn candidate_key(&self, key: &Key, id: LeaderId) -> String {
+        format!("{}{}", self.candidates_prefix(key), id.as_uuid().simple())
+    }
+
+    /// The prefix of every entry of `key`'s registry: `<prefix>/cand/<key>/`.
+    fn candidates_prefix(&self, key: &Key) -> String {
+        format!("{}{}/", self.inner.cand_prefix, escape_key(key.as_str()))
     }
 
     /// The etcd key of the epoch marker: `<prefix>/epoch`.
@@ -833,6 +912,61 @@ fn ttl_secs(ttl: Duration) -> i64 {
     i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
 }
 
+/// A key as it appears in registry entry names: `%` and `/` written as
+/// `%25` and `%2F`, so that it contains no `/`.
+fn escape_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for ch in key.chars() {
+        match ch {
+            '%' => out.push_str("%25"),
+            '/' => out.push_str("%2F"),
+            ch => out.push(ch),
+        }
+    }
+    out
+}
+
+/// The key [`escape_key`] wrote, or `None` for anything it cannot write.
+fn unescape_key(escaped: &str) -> Option<String> {
+    let mut out = String::with_capacity(escaped.len());
+    let mut rest = escaped;
+    while let Some(at) = rest.find(['%', '/']) {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(after) = tail.strip_prefix("%25") {
+            out.push('%');
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("%2F") {
+            out.push('/');
+            rest = after;
+        } else {
+            return None;
+        }
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// A candidate id as entry names spell it: 32 lowercase hex digits.
+fn parse_id(hex: &str) -> Option<LeaderId> {
+    if hex.len() != 32
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    uuid::Uuid::try_parse(hex).ok().map(LeaderId::from)
+}
+
+/// The key and candidate id of a registry entry's name, after
+/// `<prefix>/cand/`.
+fn parse_candidate_name(name: &str) -> Option<(Key, LeaderId)> {
+    let (key, id) = name.split_once('/')?;
+    let key = Key::new(unescape_key(key)?).ok()?;
+    Some((key, parse_id(id)?))
+}
+
 /// The results of a transaction's range operations, in order.
 fn ranges(reply: &TxnResponse) -> impl Iterator<Item = Option<KeyValue>> {
     reply.op_responses().into_iter().filter_map(|op| match op {
@@ -1027,21 +1161,42 @@ impl Keeper {
                     drop(guard);
                     let _ = tx.send(Some(outcome.clone()));
                     if let Outcome::Gone(id) = &outcome {
-                        // Every key on it is gone with it.
+                        // Every key and registry entry on it is gone with
+                        // it: the next register puts its entry again.
                         lock(&backend.inner.held).retain(|_, h| h.lease != *id);
+                        lock(&backend.inner.entries)
+                            .by_slot
+                            .retain(|_, e| e.lease != *id);
                     }
                     if let Outcome::Alive(id, _) = &outcome {
-                        let stale = {
-                            let now = Instant::now();
-                            lock(&backend.inner.held)
-                                .values()
-                                .any(|h| h.lease == *id && h.untouched_since(now))
-                        };
+                        let now = Instant::now();
+                        let stale = lock(&backend.inner.held)
+                            .values()
+                            .any(|h| h.lease == *id && h.untouched_since(now));
                         if stale {
                             let backend = backend.clone();
                             let budget = self.ttl();
                             let id = *id;
                             tokio::spawn(async move { backend.sweep(id, budget).await });
+                        }
+                        let live = backend.lease_ids();
+                        let stale = {
+                            let mut entries = lock(&backend.inner.entries);
+                            // Unregistered entries on a lease no longer
+                            // kept alive went (or go) with it.
+                            entries
+                                .by_slot
+                                .retain(|_, e| live.contains(&e.lease) || !e.untouched_since(now));
+                            entries
+                                .by_slot
+                                .values()
+                                .any(|e| e.lease == *id && e.untouched_since(now))
+                        };
+                        if stale {
+                            let backend = backend.clone();
+                            let budget = self.ttl();
+                            let id = *id;
+                            tokio::spawn(async move { backend.sweep_entries(id, budget).await });
                         }
                     }
                     return outcome;
@@ -1299,6 +1454,72 @@ impl BackendEdge for EtcdBackend {
     fn watch_reports_expiry(&self) -> bool {
         true
     }
+
+    fn supports_candidates(&self) -> bool {
+        true
+    }
+
+    async fn register(
+        &self,
+        key: &Key,
+        candidate: &Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        within(budget, self.register_inner(key, candidate, ttl, budget)).await
+    }
+
+    async fn deregister(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        within(budget, async {
+            let txn = Txn::new().and_then(vec![TxnOp::delete(self.candidate_key(key, id), None)]);
+            self.txn(txn, budget).await?;
+            // Kept until the delete succeeded: an entry left behind is
+            // swept a ttl after its last register.
+            lock(&self.inner.entries).by_slot.remove(&(key.clone(), id));
+            Ok(())
+        })
+        .await
+    }
+
+    async fn candidates(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> Result<Vec<Candidate>, BackendError> {
+        within(budget, async {
+            let prefix = self.candidates_prefix(key);
+            let txn = Txn::new().and_then(vec![TxnOp::get(
+                prefix.clone(),
+                Some(GetOptions::new().with_prefix()),
+            )]);
+            let reply = self.txn(txn, budget).await?;
+            let mut list = Vec::new();
+            for op in reply.op_responses() {
+                let TxnOpResponse::Get(get) = op else {
+                    continue;
+                };
+                for kv in get.kvs() {
+                    let id = kv
+                        .key()
+                        .strip_prefix(prefix.as_bytes())
+                        .and_then(|id| std::str::from_utf8(id).ok())
+                        .and_then(parse_id);
+                    if let (Some(id), Ok(candidate)) = (id, Candidate::decode(kv.value()))
+                        && candidate.id() == id
+                    {
+                        list.push(candidate);
+                    }
+                }
+            }
+            Ok(list)
+        })
+        .await
+    }
 }
 
 /// One watch stream, as the hub reads it.
@@ -1400,6 +1621,153 @@ impl Drop for UpGuard {
 }
 
 impl EtcdBackend {
+    async fn register_inner(
+        &self,
+        key: &Key,
+        candidate: &Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        let called = Instant::now();
+        if ttl_secs(ttl) > MAX_LEASE_TTL_SECS {
+            return Err(BackendError::Unsupported {
+                what: format!("a ttl of {ttl:?}"),
+                needed: format!("at most {MAX_LEASE_TTL_SECS} s, etcd's longest lease"),
+            });
+        }
+        let keeper = self.keeper(ttl);
+        // The entry must live a ttl from this call: a keep-alive sent
+        // after it began does (or one sent earlier by no more than the
+        // lease's rounding up to whole seconds).
+        let surplus = keeper.ttl().saturating_sub(ttl);
+        let not_before = called.checked_sub(surplus).unwrap_or(called);
+        let slot = (key.clone(), candidate.id());
+        let name = self.candidate_key(key, candidate.id());
+        let value = candidate.encode();
+        // Two rounds at most: a lease that expired between its keep-alive
+        // and the put is replaced once.
+        for _ in 0..2 {
+            let lease = match keeper.confirm(self, not_before).await {
+                Outcome::Alive(id, _) => id,
+                Outcome::Gone(_) => continue,
+                Outcome::Failed(message, transient) => return Err(failed(message, transient)),
+            };
+            let generation = self.generation();
+            let known = {
+                let mut entries = lock(&self.inner.entries);
+                match entries.by_slot.get_mut(&slot) {
+                    Some(e) if e.lease == lease && e.value == value => {
+                        e.touched = called;
+                        e.ttl = ttl;
+                        Some(e.checked_gen)
+                    }
+                    _ => None,
+                }
+            };
+            let put = TxnOp::put(
+                name.clone(),
+                value.to_vec(),
+                Some(PutOptions::new().with_lease(lease)),
+            );
+            let txn = match known {
+                // As written, and the watch has seen nothing happen to it.
+                Some(checked) if checked == generation && self.watch_up() => return Ok(()),
+                // As written, but the watch cannot vouch for it: put it
+                // unless it is still there, on the lease.
+                Some(_) => Txn::new()
+                    .when(vec![
+                        Compare::value(name.clone(), CompareOp::Equal, value.to_vec()),
+                        Compare::lease(name.clone(), CompareOp::Equal, lease),
+                    ])
+                    .or_else(vec![put]),
+                // New, rewritten, or on another lease.
+                None => Txn::new().and_then(vec![put]),
+            };
+            let reply = match self.txn_raw(txn, budget).await? {
+                Ok(reply) => reply,
+                Err(e) if lease_gone(&e) => {
+                    let mut state = lock(&keeper.state);
+                    if state.lease == Some(lease) {
+                        state.lease = None;
+                        state.confirmed = None;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(error(e)),
+            };
+            let revision = reply.header().map_or(0, |h| h.revision());
+            let mut entries = lock(&self.inner.entries);
+            // A registry event the watch applied at a later revision may
+            // have concerned this entry: then let the next call check it.
+            let checked_gen = if entries.last_event > revision {
+                0
+            } else {
+                generation
+            };
+            entries.by_slot.insert(
+                slot,
+                Entry {
+                    value,
+                    lease,
+                    revision,
+                    checked_gen,
+                    touched: called,
+                    ttl,
+                },
+            );
+            return Ok(());
+        }
+        Err(BackendError::unavailable(
+            "the shared lease expired twice while registering",
+        ))
+    }
+
+    /// Deletes the registry entries on `lease` that their candidates have
+    /// not registered in a whole ttl (a deregister that did not reach the
+    /// server): the shared lease would keep them alive.
+    async fn sweep_entries(&self, lease: i64, budget: Duration) {
+        let now = Instant::now();
+        let stale: Vec<((Key, LeaderId), Entry)> = lock(&self.inner.entries)
+            .by_slot
+            .iter()
+            .filter(|(_, e)| e.lease == lease && e.untouched_since(now))
+            .map(|(slot, e)| (slot.clone(), e.clone()))
+            .collect();
+        for ((key, id), entry) in stale {
+            let name = self.candidate_key(&key, id);
+            let txn = Txn::new()
+                .when(vec![Compare::lease(name.clone(), CompareOp::Equal, lease)])
+                .and_then(vec![TxnOp::delete(name, None)]);
+            if self.txn(txn, budget).await.is_ok() {
+                tracing::debug!(%key, candidate = %id, "deleted a registry entry no longer registered");
+                let mut entries = lock(&self.inner.entries);
+                let slot = (key, id);
+                if entries
+                    .by_slot
+                    .get(&slot)
+                    .is_some_and(|e| e.revision == entry.revision && e.untouched_since(now))
+                {
+                    entries.by_slot.remove(&slot);
+                }
+            }
+        }
+    }
+
+    /// A watch event on a registry entry: forget an entry of ours that
+    /// someone else deleted or overwrote (or that went with its lease), so
+    /// that the next register puts it again.
+    fn on_candidate_event(&self, slot: (Key, LeaderId), kv: &KeyValue, deleted: bool) {
+        let mut entries = lock(&self.inner.entries);
+        entries.last_event = entries.last_event.max(kv.mod_revision());
+        let stale = entries.by_slot.get(&slot).is_some_and(|e| {
+            kv.mod_revision() > e.revision
+                && (deleted || kv.lease() != e.lease || kv.value() != e.value.as_ref())
+        });
+        if stale {
+            entries.by_slot.remove(&slot);
+        }
+    }
+
     async fn acquire_inner(
         &self,
         key: &Key,
@@ -1603,13 +1971,22 @@ impl EtcdBackend {
                 queue.push_back(WatchEvent::Resync);
                 continue;
             }
+            let deleted = event.event_type() == EventType::Delete;
+            if let Some(entry) = name.strip_prefix(&self.inner.cand_prefix) {
+                // A registry entry, never a lease: added, rewritten,
+                // deleted, or gone with its lease.
+                if let Some((key, id)) = parse_candidate_name(entry) {
+                    self.on_candidate_event((key.clone(), id), kv, deleted);
+                    queue.push_back(WatchEvent::Candidates(key));
+                }
+                continue;
+            }
             let Some(key) = name
                 .strip_prefix(&self.inner.lease_prefix)
                 .and_then(|k| Key::new(k).ok())
             else {
                 continue;
             };
-            let deleted = event.event_type() == EventType::Delete;
             {
                 let mut held = lock(&self.inner.held);
                 if let Some(h) = held.get(&key) {
@@ -1677,6 +2054,34 @@ mod tests {
         assert_eq!(ttl_secs(Duration::from_millis(1001)), 2);
         assert_eq!(ttl_secs(Duration::from_secs(10)), 10);
         assert_eq!(ttl_secs(Duration::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn registry_names_keep_keys_apart() {
+        let backend = EtcdBackend::builder().endpoint("h:1").build().unwrap();
+        let id = LeaderId::new();
+        for key in ["a", "a/b", "a%2Fb", "%", "a/", "/", "x%25/%2F"] {
+            let key = Key::new(key).unwrap();
+            let name = backend.candidate_key(&key, id);
+            let rest = name.strip_prefix("leaseholder/cand/").unwrap();
+            assert_eq!(parse_candidate_name(rest), Some((key.clone(), id)), "{key}");
+            // Nobody else's entries list under this key's prefix.
+            let prefix = backend.candidates_prefix(&key);
+            assert_eq!(prefix.matches('/').count(), 3, "{prefix}");
+        }
+        let a = backend.candidates_prefix(&Key::new("a").unwrap());
+        let ab = backend.candidate_key(&Key::new("a/b").unwrap(), id);
+        assert!(!ab.starts_with(&a), "{ab} lists under {a}");
+        for junk in [
+            "k",
+            "k/",
+            "k/xyz",
+            "k/ABCDEF00000000000000000000000000",
+            "%zz/00000000000000000000000000000000",
+            "k/00000000000000000000000000000000/x",
+        ] {
+            assert_eq!(parse_candidate_name(junk), None, "{junk}");
+        }
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! | `{<prefix>:<key>}:lease` | the lease: our encoded value (nonce, holder id, token, metadata) | `PX` ttl, by the server's clock |
 //! | `{<prefix>:<key>}:token` | the last token issued for the key | never |
 //! | `<prefix>:epoch` (Cluster: `<prefix>:epoch:{<tag>}`, one per hash slot) | when the data under it started (the server's clock, µs) | never |
+//! | `{<prefix>:<key>}:candidates` | the candidate registry: a hash from candidate id (32 hex digits) to its encoded [`Candidate`] | `PEXPIREAT` the last entry's expiry, so an abandoned key's registry disappears |
+//! | `{<prefix>:<key>}:candidates:expiry` | a sorted set: each candidate id, scored by its entry's expiry on the server's clock (µs) | as the hash |
 //!
 //! Events go to the pub/sub channel `<prefix>:events`.
 //!
@@ -26,7 +28,14 @@
 //! | renew | if the stored nonce is ours and the server's clock is still before the leader's deadline (mapped to it from earlier replies, early rather than late), `PEXPIRE` by the ttl and `PUBLISH` the holder with its expiry; a missing or replaced lease is [`Renewed::Lost`]. An expired key is gone, so it cannot be revived |
 //! | release | compare-and-delete on the nonce, the token key kept; `PUBLISH` the release |
 //! | holder | the value and its `PTTL` (the expiry hint); a value we cannot decode, or a key of another type, is a foreign holder |
+//! | register | remove the key's expired entries (`ZRANGEBYSCORE … -inf now`, `HDEL`, `ZREMRANGEBYSCORE`); `HSET` the entry if it is new or its value changed; `ZADD` its expiry, the server's `TIME` + ttl; `PEXPIREAT` both keys to the latest expiry; `PUBLISH` a registry change only if an entry was added, rewritten with other contents or removed (never for a plain renewal) |
+//! | deregister | `HDEL` + `ZREM` of the entry; `PUBLISH` a registry change if it was live |
+//! | candidates | the ids scored after the server's `TIME` (`ZRANGEBYSCORE … (now +inf`), then their values (`HGET`); entries that do not decode are left out |
 //!
+//! The registry never touches the lease keys, nor they it. Its entries
+//! expire by the server's clock too, judged in the scripts (an expired
+//! entry is listed by nobody, whether or not a later `register` has
+//! removed it yet).
 //! # Data loss: the epoch marker
 //!
 //! A Redis without persistence that restarts, a `FLUSHDB`, or a failover to
@@ -67,7 +76,10 @@
 //! One pub/sub connection per backend (a Cluster broadcasts `PUBLISH` to
 //! every node, so any node will do), pinged every
 //! [`watch_ping`](RedisBuilder::watch_ping) so that a silent link is
-//! noticed; after a reconnect the hub sends `Resync`. Keyspace
+//! noticed; after a reconnect the hub sends `Resync`. A registry change is
+//! published as `C <key>` and becomes [`WatchEvent::Candidates`]; an entry
+//! that expires unrenewed is not reported (nothing reports expiry), and
+//! leaders read the registry each renew interval anyway. Keyspace
 //! notifications are not used (they are off by default and lost across a
 //! reconnect). Nothing reports an expiry, so followers also wake at the
 //! holder's expiry hint, which every renewal's event moves: an idle
@@ -101,8 +113,8 @@ use tokio::time::Instant;
 
 use super::clock::ServerClock;
 use super::{
-    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, Prepared, Renewed, WatchEvent,
-    WatchStream,
+    Acquired, BackendEdge, Candidate, Claim, FencingToken, Holder, Key, LeaderId, Lease, Prepared,
+    Renewed, WatchEvent, WatchStream,
 };
 use crate::error::{BackendError, ConfigError};
 
@@ -219,7 +231,65 @@ redis.call('SET', KEYS[1], int(now))
 return 1
 ";
 
+/// KEYS: registry hash, expiry set. ARGV: id, value, ttl ms, channel,
+/// key. Returns 1 if the registry changed (an entry added, rewritten with
+/// other contents, or an expired one removed), else 0.
+const REGISTER: &str = r"
+local changed = 0
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', int(now))
+if #gone > 0 then
+  for i = 1, #gone do
+    redis.call('HDEL', KEYS[1], gone[i])
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', int(now))
+  changed = 1
+end
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  changed = 1
+end
+redis.call('ZADD', KEYS[2], int(now + tonumber(ARGV[3]) * 1000), ARGV[1])
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+local until_ms = int(math.ceil(tonumber(last[2]) / 1000) + 1)
+redis.call('PEXPIREAT', KEYS[1], until_ms)
+redis.call('PEXPIREAT', KEYS[2], until_ms)
+if changed == 1 then
+  redis.call('PUBLISH', ARGV[4], 'C ' .. ARGV[5])
+end
+return changed
+";
+
+/// KEYS: registry hash, expiry set. ARGV: id, channel, key. Returns 1 if
+/// a live entry was removed.
+const DEREGISTER: &str = r"
+local at = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]))
+local n = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if n > 0 and at and at > now then
+  redis.call('PUBLISH', ARGV[2], 'C ' .. ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// KEYS: registry hash, expiry set. Returns the values of the live
+/// entries.
+const CANDIDATES: &str = r"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. int(now), '+inf')
+local out = {}
+for i = 1, #ids do
+  local v = redis.call('HGET', KEYS[1], ids[i])
+  if v then
+    out[#out + 1] = v
+  end
+end
+return out
+";
+
 struct Scripts {
+    register: Script,
+    deregister: Script,
+    candidates: Script,
     acquire: Script,
     renew: Script,
     release: Script,
@@ -232,6 +302,9 @@ fn scripts() -> &'static Scripts {
     SCRIPTS.get_or_init(|| {
         let s = |body: &str| Script::new(&format!("{LUA_COMMON}{body}"));
         Scripts {
+            register: s(REGISTER),
+            deregister: s(DEREGISTER),
+            candidates: s(CANDIDATES),
             acquire: s(ACQUIRE),
             renew: s(RENEW),
             release: s(RELEASE),
@@ -417,6 +490,24 @@ impl RedisBackend {
     /// `{<prefix>:<key>}:token`.
     pub fn token_key(&self, key: &Key) -> String {
         format!("{{{}:{}}}:token", self.inner.prefix, key.as_str())
+    }
+
+    /// The name of the hash that holds `key`'s candidate registry,
+    /// `{<prefix>:<key>}:candidates`: candidate id (32 hex digits) to its
+    /// encoded entry.
+    pub fn candidates_key(&self, key: &Key) -> String {
+        format!("{{{}:{}}}:candidates", self.inner.prefix, key.as_str())
+    }
+
+    /// The name of the sorted set that holds the expiry of each entry of
+    /// `key`'s candidate registry (the server's clock, µs),
+    /// `{<prefix>:<key>}:candidates:expiry`.
+    pub fn candidates_expiry_key(&self, key: &Key) -> String {
+        format!(
+            "{{{}:{}}}:candidates:expiry",
+            self.inner.prefix,
+            key.as_str()
+        )
     }
 
     /// The name of the epoch marker that guards `key` (see the module
@@ -1188,12 +1279,16 @@ fn slot_tag(slot: u16) -> &'static str {
     tags.get(usize::from(slot)).map_or("0", String::as_str)
 }
 
-/// A published event: `U <ttl ms> <revision> <key>\n<value>` or
-/// `R <key>`. Anything else is ignored.
+/// A published event: `U <ttl ms> <revision> <key>\n<value>`, `R <key>`
+/// or `C <key>` (the key's registry changed). Anything else is ignored.
 fn event_from(payload: &[u8]) -> Option<WatchEvent> {
     if let Some(key) = payload.strip_prefix(b"R ") {
         let key = Key::new(std::str::from_utf8(key).ok()?).ok()?;
         return Some(WatchEvent::Released(key));
+    }
+    if let Some(key) = payload.strip_prefix(b"C ") {
+        let key = Key::new(std::str::from_utf8(key).ok()?).ok()?;
+        return Some(WatchEvent::Candidates(key));
     }
     let rest = payload.strip_prefix(b"U ")?;
     let newline = rest.iter().position(|b| *b == b'\n')?;
@@ -1456,6 +1551,84 @@ impl BackendEdge for RedisBackend {
             });
         Ok(Some(Box::pin(events)))
     }
+
+    fn supports_candidates(&self) -> bool {
+        true
+    }
+
+    async fn register(
+        &self,
+        key: &Key,
+        candidate: &Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        let (id, value, ttl) = (
+            field(candidate.id()),
+            candidate.encode(),
+            ttl_ms(ttl).to_string(),
+        );
+        self.run(
+            &scripts().register,
+            &[&self.candidates_key(key), &self.candidates_expiry_key(key)],
+            &[
+                id.as_bytes(),
+                &value,
+                ttl.as_bytes(),
+                self.inner.channel.as_bytes(),
+                key.as_str().as_bytes(),
+            ],
+            budget,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn deregister(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        let id = field(id);
+        self.run(
+            &scripts().deregister,
+            &[&self.candidates_key(key), &self.candidates_expiry_key(key)],
+            &[
+                id.as_bytes(),
+                self.inner.channel.as_bytes(),
+                key.as_str().as_bytes(),
+            ],
+            budget,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn candidates(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> Result<Vec<Candidate>, BackendError> {
+        let (reply, _) = self
+            .run(
+                &scripts().candidates,
+                &[&self.candidates_key(key), &self.candidates_expiry_key(key)],
+                &[],
+                budget,
+            )
+            .await?;
+        Ok(array(reply)?
+            .iter()
+            .filter_map(bytes_of)
+            .filter_map(|value| Candidate::decode(value).ok())
+            .collect())
+    }
+}
+
+/// A candidate's field in the registry hash: its id in 32 hex digits.
+fn field(id: LeaderId) -> String {
+    id.as_uuid().simple().to_string()
 }
 
 #[cfg(test)]
@@ -1493,6 +1666,12 @@ mod tests {
             let slot = hash_slot(backend.lease_key(&key).as_bytes());
             assert_eq!(hash_slot(backend.token_key(&key).as_bytes()), slot, "{key}");
             assert_eq!(hash_slot(backend.epoch_key(&key).as_bytes()), slot, "{key}");
+            for name in [
+                backend.candidates_key(&key),
+                backend.candidates_expiry_key(&key),
+            ] {
+                assert_eq!(hash_slot(name.as_bytes()), slot, "{key}");
+            }
         }
     }
 
@@ -1562,9 +1741,14 @@ mod tests {
             event_from(b"R k"),
             Some(WatchEvent::Released(Key::new("k").unwrap()))
         );
+        assert_eq!(
+            event_from(b"C a key"),
+            Some(WatchEvent::Candidates(Key::new("a key").unwrap()))
+        );
         for junk in [
             &b""[..],
             b"R ",
+            b"C ",
             b"U 1 2",
             b"U x 2 k\nv",
             b"X k",

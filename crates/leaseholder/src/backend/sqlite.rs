@@ -18,13 +18,28 @@
 //! ) STRICT;
 //! ```
 //!
+//! A second table in the same file, named after the first, holds the
+//! candidate registry, one row per entry:
+//!
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS "leaseholder_leases_candidates" (
+//!     key        TEXT NOT NULL,
+//!     id         BLOB NOT NULL,     -- the candidate's id (16 bytes)
+//!     value      BLOB NOT NULL,     -- the encoded entry
+//!     expires_at INTEGER NOT NULL,  -- CLOCK_BOOTTIME nanoseconds
+//!     boot_id    TEXT NOT NULL,     -- the boot that clock belongs to
+//!     PRIMARY KEY (key, id)
+//! ) STRICT, WITHOUT ROWID;
+//! ```
+//!
 //! **Expiry by the host's monotonic clock.** A lease expires at
 //! `expires_at`, in nanoseconds of the host's `CLOCK_BOOTTIME` (which,
 //! unlike `CLOCK_MONOTONIC`, keeps counting while the machine is
 //! suspended), stored with the boot id the kernel gives
 //! (`/proc/sys/kernel/random/boot_id`). Every process on the host reads
 //! the same clock, so they agree on expiry; a row written during another
-//! boot is expired, since every process that held it is gone. The wall
+//! boot is expired, since every process that held it is gone. Registry
+//! entries expire by the same clock and boot id. The wall
 //! clock is never used for expiry: stepping it (NTP, an operator) changes
 //! nothing.
 //!
@@ -40,7 +55,18 @@
 //! | renew | `BEGIN IMMEDIATE`; extends the row if nonce and term match and it has not expired, and only if the leader's deadline (the call's budget) has not passed |
 //! | release | `BEGIN IMMEDIATE`; clears nonce, value and expiry if nonce and term match, keeping `term` |
 //! | holder | one `SELECT`: the row if it is live, with the time left |
+//! | register | `BEGIN IMMEDIATE`; deletes the key's expired entries (or ones from another boot), then inserts the entry or replaces the one with its id (`ON CONFLICT (key, id) DO UPDATE`), expiring a ttl from now |
+//! | deregister | `BEGIN IMMEDIATE`; deletes the entry |
+//! | candidates | one `SELECT` of the key's entries of this boot that expire after now |
 //! | watch | polls `PRAGMA data_version` (it changes when another connection commits) every [`poll_interval`](SqliteBuilder::poll_interval); a change wakes every follower of the backend to re-read its key |
+//!
+//! Setup also creates the registry table if it is missing (in a file made
+//! by an earlier version too) and removes every expired entry. The watch
+//! sends no [`WatchEvent::Candidates`]: `data_version` cannot tell a
+//! registry change from a renewal, and leaders read the registry at each
+//! renew interval anyway. Every registry write is a commit, so it wakes
+//! the followers of the *other* processes on the file for a re-read of
+//! their keys, as a leader's renewal does.
 //!
 //! **The file.** The database runs in WAL mode (readers never wait for the
 //! writer) with `synchronous = FULL` (a committed token survives a power
@@ -78,7 +104,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
 use super::blocking::BlockingBackendEdge;
-use super::{Acquired, Claim, FencingToken, Holder, Key, Lease, Prepared, Renewed, WatchEvent};
+use super::{
+    Acquired, Candidate, Claim, FencingToken, Holder, Key, LeaderId, Lease, Prepared, Renewed,
+    WatchEvent,
+};
 use crate::error::{BackendError, ConfigError};
 
 const DEFAULT_TABLE: &str = "leaseholder_leases";
@@ -111,6 +140,8 @@ pub struct SqliteBackend {
 struct Inner {
     path: PathBuf,
     table: String,
+    /// The registry's table: `<table>_candidates`.
+    candidates_table: String,
     poll_interval: Option<Duration>,
     sql: Sql,
     /// The connection, opened by the first call.
@@ -163,7 +194,8 @@ impl SqliteBuilder {
 
     /// The table's name; default `leaseholder_leases`. ASCII letters,
     /// digits and `_`, starting with a letter or `_`, at most 64 bytes, and
-    /// not starting with `sqlite_`.
+    /// not starting with `sqlite_`. The candidate registry's table is
+    /// named after it, `<table>_candidates`.
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = Some(table.into());
         self
@@ -209,11 +241,13 @@ impl SqliteBuilder {
                 "poll_interval {every:?} is outside 1 ms ..= 10 s"
             )));
         }
-        let sql = Sql::new(&table);
+        let candidates_table = format!("{table}_candidates");
+        let sql = Sql::new(&table, &candidates_table);
         Ok(SqliteBackend {
             inner: Arc::new(Inner {
                 path,
                 table,
+                candidates_table,
                 poll_interval,
                 sql,
                 conn: Mutex::new(None),
@@ -255,12 +289,46 @@ struct Sql {
     upsert: String,
     renew: String,
     release: String,
+    create_candidates: String,
+    sweep_candidates: String,
+    expire_candidates: String,
+    put_candidate: String,
+    delete_candidate: String,
+    select_candidates: String,
 }
 
 impl Sql {
-    fn new(table: &str) -> Sql {
+    fn new(table: &str, candidates: &str) -> Sql {
         let t = format!("\"{table}\"");
+        let c = format!("\"{candidates}\"");
         Sql {
+            create_candidates: format!(
+                "CREATE TABLE IF NOT EXISTS {c} (\n\
+                 \x20   key        TEXT NOT NULL,\n\
+                 \x20   id         BLOB NOT NULL,\n\
+                 \x20   value      BLOB NOT NULL,\n\
+                 \x20   expires_at INTEGER NOT NULL,\n\
+                 \x20   boot_id    TEXT NOT NULL,\n\
+                 \x20   PRIMARY KEY (key, id)\n\
+                 ) STRICT, WITHOUT ROWID"
+            ),
+            // ?1 boot id, ?2 now.
+            sweep_candidates: format!("DELETE FROM {c} WHERE boot_id <> ?1 OR expires_at <= ?2"),
+            // ?1 key, ?2 boot id, ?3 now.
+            expire_candidates: format!(
+                "DELETE FROM {c} WHERE key = ?1 AND (boot_id <> ?2 OR expires_at <= ?3)"
+            ),
+            put_candidate: format!(
+                "INSERT INTO {c} (key, id, value, expires_at, boot_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (key, id) DO UPDATE SET value = excluded.value, \
+                   expires_at = excluded.expires_at, boot_id = excluded.boot_id"
+            ),
+            delete_candidate: format!("DELETE FROM {c} WHERE key = ?1 AND id = ?2"),
+            // ?1 key, ?2 boot id, ?3 now.
+            select_candidates: format!(
+                "SELECT value FROM {c} WHERE key = ?1 AND boot_id = ?2 AND expires_at > ?3"
+            ),
             create: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (\n\
                  \x20   key        TEXT PRIMARY KEY NOT NULL,\n\
@@ -447,16 +515,25 @@ impl SqliteBackend {
         &self.inner.table
     }
 
-    /// The statement that creates the table (what
-    /// [`setup`](crate::Backend::setup) runs when it is missing).
+    /// The candidate registry's table: `<table>_candidates`.
+    pub fn candidates_table(&self) -> &str {
+        &self.inner.candidates_table
+    }
+
+    /// The statements that create the lease table and the registry's table
+    /// (what [`setup`](crate::Backend::setup) runs when they are missing).
     ///
     /// ```
     /// let db = leaseholder::SqliteBackend::builder().path("leases.db").table("leases").build()?;
     /// assert!(db.ddl().starts_with(r#"CREATE TABLE IF NOT EXISTS "leases""#));
+    /// assert!(db.ddl().contains(r#"CREATE TABLE IF NOT EXISTS "leases_candidates""#));
     /// # Ok::<(), leaseholder::ConfigError>(())
     /// ```
     pub fn ddl(&self) -> String {
-        format!("{};\n", self.inner.sql.create)
+        format!(
+            "{};\n{};\n",
+            self.inner.sql.create, self.inner.sql.create_candidates
+        )
     }
 
     fn missing_table(&self) -> String {
@@ -513,6 +590,20 @@ impl SqliteBackend {
                     fix: "point the backend at another file (tokens stay larger: they are \
                           seeded from the wall clock)"
                         .into(),
+                })
+            }
+            _ if message.as_deref().is_some_and(|m| {
+                m.starts_with("no such table") && m.contains(self.inner.candidates_table.as_str())
+            }) =>
+            {
+                // The lease table is there (or this would have named it):
+                // a file set up by an earlier version.
+                Fail::Other(BackendError::Misconfigured {
+                    problem: format!(
+                        "table \"{}\" does not exist in {path}",
+                        self.inner.candidates_table
+                    ),
+                    fix: "run setup (Backend::setup, or a Leader's campaign, creates it)".into(),
                 })
             }
             _ if message
@@ -656,6 +747,26 @@ fn file_id(_path: &Path) -> Option<(u64, u64)> {
     None
 }
 
+/// The lease table's columns and types.
+const LEASE_COLUMNS: &[(&str, &str)] = &[
+    ("key", "TEXT"),
+    ("term", "INTEGER"),
+    ("nonce", "BLOB"),
+    ("value", "BLOB"),
+    ("expires_at", "INTEGER"),
+    ("boot_id", "TEXT"),
+    ("revision", "INTEGER"),
+];
+
+/// The registry table's columns and types.
+const CANDIDATE_COLUMNS: &[(&str, &str)] = &[
+    ("key", "TEXT"),
+    ("id", "BLOB"),
+    ("value", "BLOB"),
+    ("expires_at", "INTEGER"),
+    ("boot_id", "TEXT"),
+];
+
 fn nonce_bytes(lease: &Lease) -> [u8; 16] {
     lease.nonce().to_bytes()
 }
@@ -694,7 +805,29 @@ impl BlockingBackendEdge for SqliteBackend {
                     found.push((name, ty, pk));
                 }
             }
-            self.check_columns(&found)?;
+            self.check_columns(&self.inner.table, &found, LEASE_COLUMNS, &["key"])?;
+            tx.execute_batch(&sql.create_candidates)?;
+            let mut found = Vec::new();
+            {
+                let mut stmt = tx.prepare(&sql.columns)?;
+                let mut rows = stmt.query([&self.inner.candidates_table])?;
+                while let Some(row) = rows.next()? {
+                    let name: String = row.get(0)?;
+                    let ty: String = row.get(1)?;
+                    let pk: i64 = row.get(2)?;
+                    found.push((name, ty, pk));
+                }
+            }
+            self.check_columns(
+                &self.inner.candidates_table,
+                &found,
+                CANDIDATE_COLUMNS,
+                &["key", "id"],
+            )?;
+            tx.execute(
+                &sql.sweep_candidates,
+                params![clock::boot_id()?, clock::now_ns()?],
+            )?;
             tx.commit()?;
             Ok(prepared)
         });
@@ -858,6 +991,73 @@ impl BlockingBackendEdge for SqliteBackend {
         }
     }
 
+    fn supports_candidates(&self) -> bool {
+        true
+    }
+
+    fn register(
+        &self,
+        key: Key,
+        candidate: Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        let boot = clock::boot_id()?;
+        let sql = &self.inner.sql;
+        let value = candidate.encode();
+        let result = self.with_conn(budget, |db, deadline| {
+            let tx = Self::begin(db, deadline, budget)?;
+            let now = clock::now_ns()?;
+            tx.execute(&sql.expire_candidates, params![key.as_str(), boot, now])?;
+            tx.execute(
+                &sql.put_candidate,
+                params![
+                    key.as_str(),
+                    &candidate.id().as_bytes()[..],
+                    &value[..],
+                    now.saturating_add(nanos(ttl)),
+                    boot
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        });
+        self.registry_result(result)
+    }
+
+    fn deregister(&self, key: Key, id: LeaderId, budget: Duration) -> Result<(), BackendError> {
+        let sql = &self.inner.sql;
+        let result = self.with_conn(budget, |db, deadline| {
+            let tx = Self::begin(db, deadline, budget)?;
+            tx.execute(
+                &sql.delete_candidate,
+                params![key.as_str(), &id.as_bytes()[..]],
+            )?;
+            tx.commit()?;
+            Ok(())
+        });
+        self.registry_result(result)
+    }
+
+    fn candidates(&self, key: Key, budget: Duration) -> Result<Vec<Candidate>, BackendError> {
+        let boot = clock::boot_id()?;
+        let sql = &self.inner.sql;
+        let result = self.with_conn(budget, |db, _| {
+            let now = clock::now_ns()?;
+            let mut stmt = db.prepare(&sql.select_candidates)?;
+            let mut rows = stmt.query(params![key.as_str(), boot, now])?;
+            let mut list = Vec::new();
+            while let Some(row) = rows.next()? {
+                let value: Vec<u8> = row.get(0)?;
+                if let Ok(candidate) = Candidate::decode(&value) {
+                    list.push(candidate);
+                }
+            }
+            Ok(list)
+        });
+        self.registry_result(result)
+    }
+
     fn poll_interval(&self) -> Option<Duration> {
         self.inner.poll_interval
     }
@@ -907,6 +1107,16 @@ impl BlockingBackendEdge for SqliteBackend {
 }
 
 impl SqliteBackend {
+    /// A registry call's outcome: the file gone is an error (there is no
+    /// `Lost` to report).
+    fn registry_result<R>(&self, result: Result<R, Fail>) -> Result<R, BackendError> {
+        match result {
+            Ok(r) => Ok(r),
+            Err(Fail::Gone(why)) => Err(self.gone(why)),
+            Err(Fail::Other(e)) => Err(e),
+        }
+    }
+
     fn error_of(&self, e: SqlFail) -> BackendError {
         match self.classify(e) {
             Fail::Gone(why) => self.gone(why),
@@ -914,24 +1124,22 @@ impl SqliteBackend {
         }
     }
 
-    fn check_columns(&self, found: &[(String, String, i64)]) -> Result<(), BackendError> {
-        let want = [
-            ("key", "TEXT"),
-            ("term", "INTEGER"),
-            ("nonce", "BLOB"),
-            ("value", "BLOB"),
-            ("expires_at", "INTEGER"),
-            ("boot_id", "TEXT"),
-            ("revision", "INTEGER"),
-        ];
-        let table = &self.inner.table;
+    /// Checks that `table` has the columns `want` (name, type) and the
+    /// primary key `pk`, from its `pragma_table_info` rows `found`.
+    fn check_columns(
+        &self,
+        table: &str,
+        found: &[(String, String, i64)],
+        want: &[(&str, &str)],
+        pk: &[&str],
+    ) -> Result<(), BackendError> {
         let path = self.inner.path.display();
         let fix = || {
             "use a new table (SqliteBuilder::table), or re-create this one from \
              SqliteBackend::ddl()"
                 .to_owned()
         };
-        for (name, ty) in want {
+        for &(name, ty) in want {
             let column = found.iter().find(|(n, _, _)| n.eq_ignore_ascii_case(name));
             match column {
                 Some((_, t, _)) if t.eq_ignore_ascii_case(ty) => {}
@@ -947,15 +1155,18 @@ impl SqliteBackend {
                 }
             }
         }
-        let keys: Vec<&str> = found
+        let mut keys: Vec<(i64, &str)> = found
             .iter()
-            .filter(|(_, _, pk)| *pk > 0)
-            .map(|(n, _, _)| n.as_str())
+            .filter(|(_, _, at)| *at > 0)
+            .map(|(n, _, at)| (*at, n.as_str()))
             .collect();
-        if keys != ["key"] {
+        keys.sort_unstable();
+        let keys: Vec<&str> = keys.into_iter().map(|(_, n)| n).collect();
+        if keys.len() != pk.len() || keys.iter().zip(pk).any(|(k, p)| !k.eq_ignore_ascii_case(p)) {
             return Err(BackendError::Misconfigured {
                 problem: format!(
-                    "table \"{table}\" in {path} must have the primary key (key), not ({})",
+                    "table \"{table}\" in {path} must have the primary key ({}), not ({})",
+                    pk.join(", "),
                     keys.join(", ")
                 ),
                 fix: fix(),
