@@ -53,7 +53,8 @@
 //! issues larger tokens, as long as the server's clock has not gone back.
 //!
 //! **Every statement is bounded on the server.** Acquire, renew, release,
-//! holder and the registry's calls each run in a transaction of their own, sent as one pipeline:
+//! holder and the registry's calls each run in a transaction of their own,
+//! sent as one pipeline:
 //! `BEGIN; SET LOCAL statement_timeout = …; SET LOCAL lock_timeout = …`,
 //! the statement (parsed, bound and executed in the same flight, as an
 //! unnamed statement: no prepared statement stays behind on the connection,
@@ -1209,7 +1210,11 @@ impl BackendEdge for PostgresBackend {
         Ok(())
     }
 
-    async fn candidates(&self, key: &Key, budget: Duration) -> Result<Vec<Candidate>, BackendError> {
+    async fn candidates(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> Result<Vec<Candidate>, BackendError> {
         let until = Instant::now() + self.bound().min(budget);
         let client = self.client().await?;
         let key = key.as_str();
