@@ -192,3 +192,25 @@ async fn a_registry_bucket_the_user_may_not_create_is_misconfigured_saying_what_
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id(), me.id());
 }
+
+/// A lease bucket whose name is where another lease bucket's registry goes
+/// (`jobs_candidates` for `jobs`) is not taken for that registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_bucket_named_like_a_registry_is_not_used_as_one() {
+    let nats = store().await;
+    let client = async_nats::connect(nats.server.url()).await.unwrap();
+    Backend::nats(client.clone(), "jobs_candidates")
+        .setup()
+        .await
+        .unwrap();
+    let jobs = Backend::nats(client, "jobs");
+    jobs.setup().await.unwrap();
+    let key = Key::new("job").unwrap();
+    let me = Candidate::new(LeaderId::new(), 1, "");
+    match jobs.register_within(&key, &me, TTL, TTL).await {
+        Err(BackendError::Misconfigured { problem, .. }) => {
+            assert!(problem.contains("is a lease bucket"), "{problem}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -11,7 +11,7 @@
 //! | token | the stream sequence of the acquiring publish, carried in the value from the first renewal on |
 //! | holder | read the key; a value is the holder (undecodable: a foreign lease, e.g. noleader's), with an expiry hint from the message's server timestamp and its `Nats-TTL` |
 //! | watch | one wildcard KV watch per backend; a value is `Updated`, a delete or expiry marker is `Released` |
-//! | registry bucket | a second bucket, `<bucket>_candidates` (stream `KV_<bucket>_candidates`), found or created on the first registry call (never by setup, so a deployment without the registry needs no new permissions): one replica, per-message TTL, direct gets, one message per subject; an existing one is checked likewise |
+//! | registry bucket | a second bucket, `<bucket>_candidates` (stream `KV_<bucket>_candidates`), found or created on the first registry call (never by setup, so a deployment without the registry needs no new permissions): one replica, per-message TTL, direct gets, one message per subject; an existing one is checked likewise (and refused if it is a lease bucket of that name) |
 //! | register | publish the encoded [`Candidate`] to `$KV.<bucket>_candidates.<key>.<id as 32 hex>` with `Nats-TTL` = ttl rounded up to whole seconds: a rewrite replaces the message; an entry not written again is removed by the server at its TTL |
 //! | deregister | publish an empty `KV-Operation: DEL` marker with `Nats-TTL: 1s` on the entry's subject: it replaces the entry and is itself gone a second later |
 //! | candidates | one batched direct get, `{"multi_last": ["$KV.<bucket>_candidates.<key>.*"]}`: the last message of each subject of the key, ended by the server's end-of-batch; markers and values that do not decode are left out |
@@ -112,6 +112,9 @@ pub const MAX_AGE_TTL_FACTOR: u32 = 2;
 /// What the candidate registry's bucket adds to the lease bucket's name:
 /// the registry of bucket `leases` is bucket `leases_candidates`.
 pub const CANDIDATES_SUFFIX: &str = "_candidates";
+
+/// The description setup gives a lease bucket's stream.
+const LEASES_DESCRIPTION: &str = "leaseholder leases";
 
 /// How long a deregistered entry's delete marker stays (the shortest
 /// `Nats-TTL`).
@@ -938,6 +941,18 @@ impl NatsBackend {
             problem: format!("the candidate registry's bucket {bucket}: {problem}"),
             fix: format!("{fix}, or delete the bucket: the next registry call creates it"),
         };
+        // A lease bucket that happens to have this name (setup describes
+        // its streams so): entries there would read as foreign leases.
+        if config.description.as_deref() == Some(LEASES_DESCRIPTION) {
+            return Err(BackendError::Misconfigured {
+                problem: format!(
+                    "bucket {bucket}, where the candidate registry of bucket {} goes, is a lease \
+                     bucket",
+                    self.bucket
+                ),
+                fix: "rename one of the two lease buckets".into(),
+            });
+        }
         let subjects = format!("$KV.{bucket}.>");
         if !config.subjects.contains(&subjects) {
             return Err(fix(
@@ -1191,7 +1206,7 @@ impl BackendEdge for NatsBackend {
             .await?;
         let config = stream::Config {
             name: name.clone(),
-            description: Some("leaseholder leases".into()),
+            description: Some(LEASES_DESCRIPTION.into()),
             subjects: vec![format!("$KV.{}.>", self.bucket)],
             max_messages_per_subject: 1,
             allow_rollup: true,
