@@ -241,6 +241,15 @@ async fn without_auto_creation_a_missing_table_is_a_typed_error_until_the_ddl_ru
         .build()
         .unwrap();
     let ddl = pg.ddl();
+    // Both tables: the leases and the candidate registry's, beside them.
+    assert!(
+        ddl.contains(r#"CREATE TABLE IF NOT EXISTS "ops"."leases" ("#),
+        "{ddl}"
+    );
+    assert!(
+        ddl.contains(r#"CREATE TABLE IF NOT EXISTS "ops"."leases_candidates" ("#),
+        "{ddl}"
+    );
     let b = Backend::postgres(pg);
     match b.setup().await.unwrap_err() {
         BackendError::Misconfigured { problem, fix } => {
@@ -276,6 +285,19 @@ async fn without_auto_creation_a_missing_table_is_a_typed_error_until_the_ddl_ru
         .await
         .unwrap();
     b.setup().await.unwrap();
+    let n: i64 = s
+        .connect()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables \
+             WHERE table_schema = 'ops' AND table_name = 'leases_candidates'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the DDL creates the candidates table");
     // A table with the wrong shape is refused with what to change.
     let client = s.connect().await.unwrap();
     client

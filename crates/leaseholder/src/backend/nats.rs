@@ -11,6 +11,30 @@
 //! | token | the stream sequence of the acquiring publish, carried in the value from the first renewal on |
 //! | holder | read the key; a value is the holder (undecodable: a foreign lease, e.g. noleader's), with an expiry hint from the message's server timestamp and its `Nats-TTL` |
 //! | watch | one wildcard KV watch per backend; a value is `Updated`, a delete or expiry marker is `Released` |
+//! | registry bucket | a second bucket, `<bucket>_candidates` (stream `KV_<bucket>_candidates`), found or created on the first registry call (never by setup, so a deployment without the registry needs no new permissions): one replica, per-message TTL, direct gets, one message per subject; an existing one is checked likewise (and refused if it is a lease bucket of that name) |
+//! | register | publish the encoded [`Candidate`] to `$KV.<bucket>_candidates.<key>.<id as 32 hex>` with `Nats-TTL` = ttl rounded up to whole seconds: a rewrite replaces the message; an entry not written again is removed by the server at its TTL |
+//! | deregister | publish an empty `KV-Operation: DEL` marker with `Nats-TTL: 1s` on the entry's subject: it replaces the entry and is itself gone a second later |
+//! | candidates | one batched direct get, `{"multi_last": ["$KV.<bucket>_candidates.<key>.*"]}`: the last message of each subject of the key, ended by the server's end-of-batch; markers and values that do not decode are left out |
+//! | registry events | none: every rewrite of an entry looks the same to a watcher, so a watch would bring every candidate's renewal to every leader; leaders read the registry once per renew interval instead |
+//!
+//! **The registry's subjects.** The key is followed by exactly one token,
+//! the candidate id, and a key's listing filters on `<key>.*`: `*` matches
+//! one token, so the list of key `a` (`a.*`) never includes key `a.b`'s
+//! entries (`a.b.<id>`, three tokens), and no key's entries can be another
+//! key's, since every subject's last token is the id and the tokens before
+//! it are the key.
+//!
+//! **Why one replica.** Direct gets are answered by any replica of a
+//! stream, and a replica can be behind the stream leader (until the next
+//! heartbeat carries the commit), so on a replicated registry an entry
+//! just written or removed could read as it was. The registry is advisory
+//! and rewritten every renew interval: one replica (placed like the lease
+//! bucket, with its storage type) reads back every acknowledged write. If
+//! its server is down, registry calls fail and the campaigns go on without
+//! priorities (a follower that cannot read the registry tries at once)
+//! until it is back. A registry bucket made by hand with more replicas is
+//! accepted, with that staleness. A deleted registry bucket is created
+//! again on the next registry call: it holds no tokens.
 //!
 //! Every read goes to the stream's leader (`STREAM.MSG.GET`), never a
 //! direct get: on a replicated bucket a replica may answer a direct get
@@ -61,7 +85,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::{GetStreamErrorKind, PublishError, PublishErrorKind};
+use async_nats::jetstream::context::{
+    CreateStreamErrorKind, GetStreamErrorKind, PublishError, PublishErrorKind,
+};
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, ErrorCode, kv, stream};
 use bytes::Bytes;
@@ -69,8 +95,8 @@ use futures_util::StreamExt;
 use tokio::sync::OnceCell;
 
 use super::{
-    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Prepared, Renewed,
-    WatchEvent, WatchStream,
+    Acquired, BackendEdge, Candidate, Claim, FencingToken, Holder, Key, LeaderId, Lease,
+    LeaseValue, Prepared, Renewed, WatchEvent, WatchStream,
 };
 use crate::error::{BackendError, ConfigError};
 
@@ -82,6 +108,20 @@ const MARKER_TTL: Duration = Duration::from_secs(60);
 /// A bucket's `max_age`, unless 0, must be at least this many times the
 /// TTL a lease is written with (the ttl rounded up to whole seconds).
 pub const MAX_AGE_TTL_FACTOR: u32 = 2;
+
+/// What the candidate registry's bucket adds to the lease bucket's name:
+/// the registry of bucket `leases` is bucket `leases_candidates`.
+pub const CANDIDATES_SUFFIX: &str = "_candidates";
+
+/// The description setup gives a lease bucket's stream.
+const LEASES_DESCRIPTION: &str = "leaseholder leases";
+
+/// How long a deregistered entry's delete marker stays (the shortest
+/// `Nats-TTL`).
+const DELETED_TTL: &str = "1s";
+
+/// The most entries the server returns for one key in one batched read.
+const MAX_LISTED: usize = 1024;
 
 /// The rule for bucket names, as NATS KV states it.
 pub const BUCKET_RULE: &str =
@@ -120,7 +160,7 @@ pub fn validate_bucket(bucket: &str) -> Result<(), ConfigError> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "NATS user {user} may not publish to {subject}: allow it in the user's publish permissions \
-     (the leases of bucket {bucket} are written to $KV.{bucket}.<key>)"
+     (bucket {bucket} is written at $KV.{bucket}.>)"
 )]
 #[non_exhaustive]
 pub struct PublishDenied {
@@ -237,6 +277,10 @@ struct Shared {
     store: OnceCell<kv::Store>,
     /// The bucket's `max_age` as setup found it.
     max_age: OnceLock<Duration>,
+    /// The registry bucket's `max_age`, once it has been found (or
+    /// created) and checked; `None` before, and again after its stream
+    /// went missing.
+    registry: Mutex<Option<Duration>>,
     /// This connection's permissions; `None` while unknown.
     permissions: Mutex<Option<Permissions>>,
     /// A request went unanswered since the permissions were last read.
@@ -582,23 +626,23 @@ impl NatsBackend {
                     .denial(&subject)
                     .unwrap_or_else(|| BackendError::unavailable(e)))
             }
-            Err(e) => Err(self.classify(e)),
+            Err(e) => Err(self.classify(e, &self.bucket, &self.stream_name(), "a lease")),
         }
     }
 
     /// A publish error the server answered with a JetStream error code:
     /// settings that break the contract are `Misconfigured`, saying what
-    /// to change; anything else is transient.
-    fn classify(&self, e: PublishError) -> BackendError {
+    /// to change; anything else is transient. `what` was published to
+    /// `bucket`, whose stream is `stream`.
+    fn classify(&self, e: PublishError, bucket: &str, stream: &str, what: &str) -> BackendError {
         let Some(js) =
             std::error::Error::source(&e).and_then(|s| s.downcast_ref::<jetstream::Error>())
         else {
             return BackendError::unavailable(e);
         };
         let (code, text) = (js.error_code(), js.to_string());
-        let stream = self.stream_name();
         let fix = |fix: String| BackendError::Misconfigured {
-            problem: format!("bucket {}: the server refused a lease: {text}", self.bucket),
+            problem: format!("bucket {bucket}: the server refused {what}: {text}"),
             fix,
         };
         match code {
@@ -614,7 +658,7 @@ impl NatsBackend {
             )),
             ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
             | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM => fix(format!(
-                "a lease is larger than stream {stream}'s max_msg_size: set max_msg_size to -1, \
+                "{what} is larger than stream {stream}'s max_msg_size: set max_msg_size to -1, \
                      or at least 4 KiB"
             )),
             ErrorCode::STREAM_SEALED => fix(format!(
@@ -774,6 +818,312 @@ impl NatsBackend {
     }
 }
 
+/// The candidate registry (see the module docs).
+impl NatsBackend {
+    /// The registry bucket of this backend: the lease bucket's name and
+    /// [`CANDIDATES_SUFFIX`].
+    ///
+    /// ```
+    /// # async fn demo(client: async_nats::Client) {
+    /// let nats = leaseholder::backend::nats::NatsBackend::new(client, "leases");
+    /// assert_eq!(nats.registry_bucket(), "leases_candidates");
+    /// # }
+    /// ```
+    pub fn registry_bucket(&self) -> String {
+        format!("{}{CANDIDATES_SUFFIX}", self.bucket)
+    }
+
+    fn registry_stream(&self) -> String {
+        format!("KV_{}", self.registry_bucket())
+    }
+
+    /// `$KV.<registry bucket>.<key>.<id as 32 hex>`.
+    fn entry_subject(&self, key: &Key, id: LeaderId) -> String {
+        format!(
+            "$KV.{}.{key}.{}",
+            self.registry_bucket(),
+            id.as_uuid().simple()
+        )
+    }
+
+    fn registry_state(&self) -> std::sync::MutexGuard<'_, Option<Duration>> {
+        self.shared
+            .registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Finds the registry bucket, or creates it, and checks it; returns
+    /// its `max_age`. Once per backend (again after its stream went
+    /// missing).
+    async fn registry(&self) -> Result<Duration, BackendError> {
+        if let Some(max_age) = *self.registry_state() {
+            return Ok(max_age);
+        }
+        let name = self.registry_stream();
+        self.check_publish(&format!("$JS.API.STREAM.INFO.{name}"))
+            .await?;
+        let config = match self.js.get_stream(&name).await {
+            Ok(stream) => stream.cached_info().config.clone(),
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(js)
+                    if js.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    self.create_registry().await?
+                }
+                _ => return Err(BackendError::unavailable(e)),
+            },
+        };
+        self.validate_registry(&config)?;
+        *self.registry_state() = Some(config.max_age);
+        Ok(config.max_age)
+    }
+
+    /// Creates the registry bucket: one replica, stored and placed like
+    /// the lease bucket.
+    async fn create_registry(&self) -> Result<stream::Config, BackendError> {
+        let (name, bucket) = (self.registry_stream(), self.registry_bucket());
+        let create = format!("$JS.API.STREAM.CREATE.{name}");
+        let missing = |why: String| BackendError::Misconfigured {
+            problem: format!(
+                "the candidate registry's bucket {bucket} (stream {name}) does not exist, and \
+                 it could not be created: {why}"
+            ),
+            fix: format!(
+                "create stream {name} with subjects $KV.{bucket}.>, allow_msg_ttl, allow_direct \
+                 and max_msgs_per_subject 1 on one replica, or allow this user to publish to \
+                 {create}; or build the Leaders without the registry"
+            ),
+        };
+        if let Err(denied) = self.check_publish(&create).await {
+            return Err(missing(denied.to_string()));
+        }
+        let (storage, placement) = match self.js.get_stream(self.stream_name()).await {
+            Ok(leases) => {
+                let config = &leases.cached_info().config;
+                (config.storage, config.placement.clone())
+            }
+            Err(_) => (stream::StorageType::File, None),
+        };
+        let config = stream::Config {
+            name: name.clone(),
+            description: Some(format!(
+                "leaseholder candidate registry of bucket {}",
+                self.bucket
+            )),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            allow_message_ttl: true,
+            num_replicas: 1,
+            storage,
+            placement,
+            ..Default::default()
+        };
+        match self.js.create_stream(config).await {
+            Ok(stream) => Ok(stream.cached_info().config.clone()),
+            Err(created) => match self.js.get_stream(&name).await {
+                // Another candidate created it first.
+                Ok(stream) => Ok(stream.cached_info().config.clone()),
+                Err(_) => Err(match created.kind() {
+                    CreateStreamErrorKind::JetStream(_) => missing(created.to_string()),
+                    _ => BackendError::unavailable(created),
+                }),
+            },
+        }
+    }
+
+    fn validate_registry(&self, config: &stream::Config) -> Result<(), BackendError> {
+        let bucket = self.registry_bucket();
+        let fix = |problem: &str, fix: &str| BackendError::Misconfigured {
+            problem: format!("the candidate registry's bucket {bucket}: {problem}"),
+            fix: format!("{fix}, or delete the bucket: the next registry call creates it"),
+        };
+        // A lease bucket that happens to have this name (setup describes
+        // its streams so): entries there would read as foreign leases.
+        if config.description.as_deref() == Some(LEASES_DESCRIPTION) {
+            return Err(BackendError::Misconfigured {
+                problem: format!(
+                    "bucket {bucket}, where the candidate registry of bucket {} goes, is a lease \
+                     bucket",
+                    self.bucket
+                ),
+                fix: "rename one of the two lease buckets".into(),
+            });
+        }
+        let subjects = format!("$KV.{bucket}.>");
+        if !config.subjects.contains(&subjects) {
+            return Err(fix(
+                &format!("its stream does not take the subjects {subjects}"),
+                &format!("set its subjects to {subjects}"),
+            ));
+        }
+        if !config.allow_message_ttl {
+            return Err(fix(
+                "per-message TTL is off, so an entry would never expire",
+                "enable allow_msg_ttl on it",
+            ));
+        }
+        if !config.allow_direct {
+            return Err(fix(
+                "direct gets are off, and the registry is read by one",
+                "enable allow_direct on it",
+            ));
+        }
+        if config.sealed {
+            return Err(fix("it is sealed and takes no writes", "use a new one"));
+        }
+        Ok(())
+    }
+
+    /// Publishes a registry entry (or its delete marker) and classifies the
+    /// reply, as [`publish_raw`](Self::publish_raw) does for leases.
+    async fn publish_entry(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        value: Bytes,
+    ) -> Result<(), BackendError> {
+        self.check_publish(&subject).await?;
+        let ack = self
+            .js
+            .publish_with_headers(subject.clone(), headers, value)
+            .await
+            .map_err(BackendError::unavailable)?;
+        let mut waiting = Unanswered::new(&self.shared.unanswered);
+        let result = ack.await;
+        if !matches!(&result, Err(e) if e.kind() == PublishErrorKind::TimedOut) {
+            waiting.answered();
+        }
+        drop(waiting);
+        match result {
+            Ok(_) => Ok(()),
+            // No responders: the registry's stream is gone (the next call
+            // looks for it again, and creates it) or its server is down.
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                *self.registry_state() = None;
+                Err(BackendError::unavailable(format!(
+                    "no responders for the candidate registry's bucket {} (deleted, or its \
+                     server is down)",
+                    self.registry_bucket()
+                )))
+            }
+            Err(e) if e.kind() == PublishErrorKind::TimedOut => {
+                self.shared.unanswered.store(false, Ordering::Relaxed);
+                self.read_permissions().await;
+                Err(self
+                    .denial(&subject)
+                    .unwrap_or_else(|| BackendError::unavailable(e)))
+            }
+            Err(e) => Err(self.classify(
+                e,
+                &self.registry_bucket(),
+                &self.registry_stream(),
+                "a candidate's entry",
+            )),
+        }
+    }
+
+    /// Refuses a `ttl` that the registry bucket's `max_age` would cut short.
+    fn check_registry_max_age(&self, max_age: Duration, ttl: Duration) -> Result<(), BackendError> {
+        let sent = Duration::from_secs(ttl_secs(ttl));
+        if max_age.is_zero() || max_age >= sent {
+            return Ok(());
+        }
+        Err(BackendError::Misconfigured {
+            problem: format!(
+                "the candidate registry's bucket {}: max_age is {max_age:?}, below the entries' \
+                 ttl {sent:?}: entries would drop out while their candidates live",
+                self.registry_bucket()
+            ),
+            fix: format!(
+                "set max_age on stream {} to 0 (the default)",
+                self.registry_stream()
+            ),
+        })
+    }
+
+    /// One batched direct get of the last message of every subject under
+    /// `<key>.*`, up to the server's end-of-batch.
+    async fn list_entries(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> Result<Vec<Candidate>, BackendError> {
+        let api = format!("$JS.API.DIRECT.GET.{}", self.registry_stream());
+        self.check_publish(&api).await?;
+        let filter = format!("$KV.{}.{key}.*", self.registry_bucket());
+        let request = serde_json::json!({ "multi_last": [filter] }).to_string();
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(BackendError::unavailable)?;
+        self.client
+            .publish_with_reply(api, inbox, request.into())
+            .await
+            .map_err(BackendError::unavailable)?;
+        let mut waiting = Unanswered::new(&self.shared.unanswered);
+        let mut found = Vec::new();
+        let read = async {
+            loop {
+                let Some(message) = replies.next().await else {
+                    return Err(BackendError::unavailable(
+                        "the connection closed during a registry read",
+                    ));
+                };
+                let status = message.status.map(|s| s.as_u16());
+                match status {
+                    None | Some(200) => {}
+                    // End of batch, or nothing under the key.
+                    Some(204 | 404) => return Ok(()),
+                    Some(503) => {
+                        *self.registry_state() = None;
+                        return Err(BackendError::unavailable(format!(
+                            "no responders for the candidate registry's bucket {} (deleted, \
+                             or its server is down)",
+                            self.registry_bucket()
+                        )));
+                    }
+                    Some(413) => {
+                        return Err(BackendError::unavailable(format!(
+                            "more than {MAX_LISTED} registry entries under key {key}"
+                        )));
+                    }
+                    Some(code) => {
+                        return Err(BackendError::unavailable(format!(
+                            "the registry read was refused: {code} {}",
+                            message.description.as_deref().unwrap_or("")
+                        )));
+                    }
+                }
+                let marker = message.headers.as_ref().is_some_and(|h| {
+                    matches!(
+                        h.get("KV-Operation").map(|op| op.as_str()),
+                        Some("DEL" | "PURGE")
+                    ) || h.get("Nats-Marker-Reason").is_some()
+                });
+                if !marker && let Ok(candidate) = Candidate::decode(&message.payload) {
+                    found.push(candidate);
+                }
+            }
+        };
+        let result = tokio::time::timeout(budget, read).await;
+        if result.is_ok() {
+            waiting.answered();
+        }
+        drop(waiting);
+        match result {
+            Ok(Ok(())) => Ok(found),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BackendError::Timeout(budget)),
+        }
+    }
+}
+
 /// A publish refused because the key's last sequence was not the expected
 /// one: 10071 from a single server, 10164 from a replicated stream (which
 /// async-nats 0.51 reports as `Other`).
@@ -856,7 +1206,7 @@ impl BackendEdge for NatsBackend {
             .await?;
         let config = stream::Config {
             name: name.clone(),
-            description: Some("leaseholder leases".into()),
+            description: Some(LEASES_DESCRIPTION.into()),
             subjects: vec![format!("$KV.{}.>", self.bucket)],
             max_messages_per_subject: 1,
             allow_rollup: true,
@@ -1052,6 +1402,53 @@ impl BackendEdge for NatsBackend {
 
     fn watch_reports_expiry(&self) -> bool {
         true
+    }
+
+    fn supports_candidates(&self) -> bool {
+        true
+    }
+
+    async fn register(
+        &self,
+        key: &Key,
+        candidate: &Candidate,
+        ttl: Duration,
+        _budget: Duration,
+    ) -> Result<(), BackendError> {
+        let max_age = self.registry().await?;
+        self.check_registry_max_age(max_age, ttl)?;
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-TTL", format!("{}s", ttl_secs(ttl)).as_str());
+        self.publish_entry(
+            self.entry_subject(key, candidate.id()),
+            headers,
+            candidate.encode(),
+        )
+        .await
+    }
+
+    async fn deregister(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        _budget: Duration,
+    ) -> Result<(), BackendError> {
+        self.registry().await?;
+        // A delete marker replaces the entry, and expires itself.
+        let mut headers = HeaderMap::new();
+        headers.insert("KV-Operation", "DEL");
+        headers.insert("Nats-TTL", DELETED_TTL);
+        self.publish_entry(self.entry_subject(key, id), headers, Bytes::new())
+            .await
+    }
+
+    async fn candidates(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> Result<Vec<Candidate>, BackendError> {
+        self.registry().await?;
+        self.list_entries(key, budget).await
     }
 }
 

@@ -15,6 +15,20 @@
 //! );
 //! ```
 //!
+//! The candidate registry has a table of its own beside it, named after it
+//! (`<table>_candidates`; see [`PostgresBackend::candidates_table`]), one
+//! row per candidate of a key:
+//!
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS "public"."leaseholder_leases_candidates" (
+//!     key        text NOT NULL,
+//!     id         uuid NOT NULL,        -- the candidate's id
+//!     value      bytea NOT NULL,       -- the encoded Candidate
+//!     expires_at timestamptz NOT NULL,
+//!     PRIMARY KEY (key, id)
+//! );
+//! ```
+//!
 //! [`PostgresBackend::ddl`] gives the statements for a configured schema and
 //! table, for a role that may not create tables at run time.
 //!
@@ -24,19 +38,23 @@
 //!
 //! | op | statement |
 //! |---|---|
-//! | setup | under a transaction-scoped advisory lock (so that candidates starting together do not race on DDL): whether the table exists, then `CREATE SCHEMA/TABLE IF NOT EXISTS`, unless auto-creation is off; then check the table's columns. Reports [`Prepared::Created`] if the table was missing |
+//! | setup | under a transaction-scoped advisory lock (so that candidates starting together do not race on DDL): whether the table exists, then `CREATE SCHEMA/TABLE IF NOT EXISTS` for both tables, unless auto-creation is off; then check the tables' columns (the candidates table's only if it exists: without auto-creation, a deployment that has only the lease table keeps working, and only the registry calls fail, naming the DDL to run). Reports [`Prepared::Created`] if the lease table was missing |
 //! | acquire | `INSERT … ON CONFLICT (key) DO UPDATE … WHERE` the row is free or expired, setting `term = greatest(term + 1, <server clock in µs>)`; returns the new lease, or the holder when nothing was written; notifies the new holder |
 //! | renew | `UPDATE … WHERE key, nonce and term match AND expires_at > clock_timestamp() AND` the server's clock is before the leader's deadline (mapped to the server's clock from earlier replies, early rather than late), with `statement_timeout`/`lock_timeout` = the time left: a renewal that reaches the server after the leader gave up changes nothing |
 //! | release | `UPDATE` the row to free (nonce, value and expiry cleared, term kept) if nonce and term match; notifies `r<key>` |
 //! | holder | the row if `expires_at > clock_timestamp()`, with the exact time left by the server's clock |
-//! | watch | `LISTEN` on one dedicated connection per backend. Acquire and renew notify the holder with its expiry (`u<term>:<revision>:<ttl ms>:<value hex>:<key>`), release notifies `r<key>`: an idle follower makes no call while its leader renews, and wakes at the expiry the last renewal set, since nothing notifies an expiry |
+//! | watch | `LISTEN` on one dedicated connection per backend. Acquire and renew notify the holder with its expiry (`u<term>:<revision>:<ttl ms>:<value hex>:<key>`), release notifies `r<key>`: an idle follower makes no call while its leader renews, and wakes at the expiry the last renewal set, since nothing notifies an expiry. A change of a key's registry notifies `c<key>`, which is [`WatchEvent::Candidates`] |
+//! | register | one upsert of the `(key, id)` row with `expires_at = clock_timestamp() + ttl`, which in the same statement deletes the key's expired rows (those no other transaction holds: `FOR UPDATE SKIP LOCKED`), and notifies `c<key>` only if the entry was not live or its value changed: a plain renewal notifies nothing |
+//! | deregister | `DELETE` the `(key, id)` row; notifies `c<key>` if it was live |
+//! | candidates | `SELECT value … WHERE key = $1 AND expires_at > clock_timestamp()`; values that do not decode are left out |
 //!
 //! The token is the server's clock in microseconds when the term began (or
 //! the previous term + 1, if larger), so even a dropped and re-created table
 //! issues larger tokens, as long as the server's clock has not gone back.
 //!
-//! **Every statement is bounded on the server.** Acquire, renew, release and
-//! holder each run in a transaction of their own, sent as one pipeline:
+//! **Every statement is bounded on the server.** Acquire, renew, release,
+//! holder and the registry's calls each run in a transaction of their own,
+//! sent as one pipeline:
 //! `BEGIN; SET LOCAL statement_timeout = …; SET LOCAL lock_timeout = …`,
 //! the statement (parsed, bound and executed in the same flight, as an
 //! unnamed statement: no prepared statement stays behind on the connection,
@@ -51,7 +69,7 @@
 //! |---|---|
 //! | renew | the time left before the leader's deadline (the campaign's budget), less a little for the reply |
 //! | acquire | a third of the ttl asked for, and at most [`statement_timeout`](PostgresBuilder::statement_timeout) (the campaign allows ttl - drift margin, always more) |
-//! | release, holder, setup | [`statement_timeout`](PostgresBuilder::statement_timeout) (default 1 s), and at most a third of the shortest ttl this backend has been asked for: the default renew interval, by which the campaign gives these calls up |
+//! | release, holder, setup, register, deregister, candidates | [`statement_timeout`](PostgresBuilder::statement_timeout) (default 1 s), and at most a third of the shortest ttl this backend has been asked for: the default renew interval, by which the campaign gives these calls up |
 //!
 //! **Errors.** Connection failures, statement and lock timeouts, transaction
 //! rollbacks (serialization failure `40001`, deadlock `40P01`), operator
@@ -89,8 +107,8 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::clock::ServerClock;
 use super::{
-    Acquired, BackendEdge, Claim, FencingToken, Holder, Key, Lease, LeaseValue, Prepared, Renewed,
-    WatchEvent, WatchStream,
+    Acquired, BackendEdge, Candidate, Claim, FencingToken, Holder, Key, LeaderId, Lease,
+    LeaseValue, Prepared, Renewed, WatchEvent, WatchStream,
 };
 use crate::error::{BackendError, ConfigError};
 
@@ -133,6 +151,8 @@ struct Inner {
     listen: Option<tokio_postgres::Config>,
     schema: String,
     table: String,
+    /// The candidate registry's table, beside `table`.
+    candidates_table: String,
     create_table: bool,
     channel: String,
     sql: Sql,
@@ -339,7 +359,11 @@ impl PostgresBuilder {
             }
         };
         let channel = channel_name(&schema, &table);
-        let sql = Sql::new(&quoted(&schema, &table));
+        let candidates_table = candidates_table_name(&table);
+        let sql = Sql::new(
+            &quoted(&schema, &table),
+            &quoted(&schema, &candidates_table),
+        );
         Ok(PostgresBackend {
             inner: Arc::new(Inner {
                 pool,
@@ -349,6 +373,7 @@ impl PostgresBuilder {
                 sql,
                 schema,
                 table,
+                candidates_table,
                 clock: ServerClock::default(),
                 statement_timeout,
                 min_ttl_us: AtomicU64::new(u64::MAX),
@@ -390,29 +415,52 @@ fn quoted(schema: &str, table: &str) -> String {
 /// backend on one table: `leaseholder_` and a 64-bit FNV-1a hash of the
 /// qualified table name.
 fn channel_name(schema: &str, table: &str) -> String {
+    let hash = fnv1a(schema.bytes().chain([b'.']).chain(table.bytes()));
+    format!("leaseholder_{hash:016x}")
+}
+
+/// 64-bit FNV-1a.
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in schema.bytes().chain([b'.']).chain(table.bytes()) {
+    for byte in bytes {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("leaseholder_{hash:016x}")
+    hash
+}
+
+/// The registry's table beside `table`: `<table>_candidates`, or, if that
+/// is longer than PostgreSQL's 63 bytes, the table's first 43 bytes, `_`,
+/// 8 hex digits of a hash of the whole name and `_candidates`, so that two
+/// long names still differ. `table` passed [`check_identifier`] (ASCII).
+fn candidates_table_name(table: &str) -> String {
+    const SUFFIX: &str = "_candidates";
+    if table.len() + SUFFIX.len() <= 63 {
+        return format!("{table}{SUFFIX}");
+    }
+    let hash = fnv1a(table.bytes()) as u32;
+    format!("{}_{hash:08x}{SUFFIX}", &table[..63 - 9 - SUFFIX.len()])
 }
 
 /// The statements, with the table name filled in once.
 struct Sql {
     create: String,
+    create_candidates: String,
     columns: String,
     acquire: String,
     renew: String,
     release: String,
     holder: String,
+    register: String,
+    deregister: String,
+    candidates: String,
 }
 
 /// The server's clock in microseconds since the epoch.
 const NOW_MICROS: &str = "(extract(epoch from clock_timestamp()) * 1000000)::bigint";
 
 impl Sql {
-    fn new(table: &str) -> Sql {
+    fn new(table: &str, candidates: &str) -> Sql {
         Sql {
             create: format!(
                 "CREATE TABLE IF NOT EXISTS {table} (\n\
@@ -422,6 +470,15 @@ impl Sql {
                  \x20   value      bytea,\n\
                  \x20   expires_at timestamptz,\n\
                  \x20   revision   bigint NOT NULL\n\
+                 )"
+            ),
+            create_candidates: format!(
+                "CREATE TABLE IF NOT EXISTS {candidates} (\n\
+                 \x20   key        text NOT NULL,\n\
+                 \x20   id         uuid NOT NULL,\n\
+                 \x20   value      bytea NOT NULL,\n\
+                 \x20   expires_at timestamptz NOT NULL,\n\
+                 \x20   PRIMARY KEY (key, id)\n\
                  )"
             ),
             columns: "SELECT column_name::text, data_type::text FROM information_schema.columns \
@@ -492,6 +549,43 @@ impl Sql {
                         extract(epoch from expires_at - clock_timestamp())::float8 \
                    FROM {table} WHERE key = $1 AND expires_at > clock_timestamp()"
             ),
+            // $1 key, $2 id (text), $3 value, $4 ttl in seconds, $5 channel.
+            // Every CTE sees the rows as they were when the statement began:
+            // `old` is the live entry before the write. Expired rows of the
+            // key go too, but none that another transaction holds (two
+            // candidates sweeping each other's rows would deadlock). Only a
+            // new entry, a revived one or new contents notify.
+            register: format!(
+                "WITH old AS (\
+                   SELECT value FROM {candidates} \
+                    WHERE key = $1 AND id = $2::uuid AND expires_at > clock_timestamp()), \
+                 stale AS (\
+                   SELECT id FROM {candidates} \
+                    WHERE key = $1 AND id <> $2::uuid AND expires_at <= clock_timestamp() \
+                    FOR UPDATE SKIP LOCKED), \
+                 swept AS (\
+                   DELETE FROM {candidates} c USING stale s WHERE c.key = $1 AND c.id = s.id), \
+                 written AS (\
+                   INSERT INTO {candidates} AS c (key, id, value, expires_at) \
+                   VALUES ($1, $2::uuid, $3, clock_timestamp() + make_interval(secs => $4)) \
+                   ON CONFLICT (key, id) DO UPDATE SET \
+                     value = excluded.value, expires_at = excluded.expires_at \
+                   RETURNING 1) \
+                 SELECT pg_notify($5, 'c' || $1) IS NULL FROM written \
+                  WHERE NOT EXISTS (SELECT 1 FROM old WHERE old.value = $3)"
+            ),
+            // $1 key, $2 id (text), $3 channel.
+            deregister: format!(
+                "WITH gone AS (\
+                   DELETE FROM {candidates} WHERE key = $1 AND id = $2::uuid \
+                   RETURNING expires_at) \
+                 SELECT pg_notify($3, 'c' || $1) IS NULL FROM gone \
+                  WHERE expires_at > clock_timestamp()"
+            ),
+            // $1 key.
+            candidates: format!(
+                "SELECT value FROM {candidates} WHERE key = $1 AND expires_at > clock_timestamp()"
+            ),
         }
     }
 }
@@ -502,29 +596,53 @@ impl PostgresBackend {
         PostgresBuilder::default()
     }
 
-    /// The statements that create the schema and table, for a DBA to run
-    /// when the application's role may not create tables (then build with
+    /// The statements that create the schema, the lease table and the
+    /// candidate registry's table, for a DBA to run when the application's
+    /// role may not create tables (then build with
     /// [`create_table(false)`](PostgresBuilder::create_table)). The role
-    /// needs `SELECT, INSERT, UPDATE` on the table.
+    /// needs `SELECT, INSERT, UPDATE` on the lease table, and `SELECT,
+    /// INSERT, UPDATE, DELETE` on the candidates table (used only by
+    /// `Leader`s with the registry on; without it they fail with
+    /// [`BackendError::Misconfigured`] naming these statements, and
+    /// everything else works).
     ///
     /// ```
     /// let pg = leaseholder::PostgresBackend::builder()
     ///     .url("postgres://localhost/app")
     ///     .schema("ops")
     ///     .build()?;
-    /// assert!(pg.ddl().contains(r#"CREATE TABLE IF NOT EXISTS "ops"."leaseholder_leases""#));
+    /// let ddl = pg.ddl();
+    /// assert!(ddl.contains(r#"CREATE TABLE IF NOT EXISTS "ops"."leaseholder_leases" ("#));
+    /// assert!(ddl.contains(r#"CREATE TABLE IF NOT EXISTS "ops"."leaseholder_leases_candidates" ("#));
     /// # Ok::<(), leaseholder::ConfigError>(())
     /// ```
     pub fn ddl(&self) -> String {
         format!(
-            "CREATE SCHEMA IF NOT EXISTS \"{}\";\n{};\n",
-            self.inner.schema, self.inner.sql.create
+            "CREATE SCHEMA IF NOT EXISTS \"{}\";\n{};\n{};\n",
+            self.inner.schema, self.inner.sql.create, self.inner.sql.create_candidates
         )
     }
 
     /// The schema and table.
     pub fn table(&self) -> (&str, &str) {
         (&self.inner.schema, &self.inner.table)
+    }
+
+    /// The candidate registry's table, in the same schema:
+    /// `<table>_candidates` (for a table name longer than 52 bytes, its
+    /// first 43 bytes, a hash of the whole name and `_candidates`, within
+    /// PostgreSQL's 63).
+    ///
+    /// ```
+    /// let pg = leaseholder::PostgresBackend::builder()
+    ///     .url("postgres://localhost/app")
+    ///     .table("leases")
+    ///     .build()?;
+    /// assert_eq!(pg.candidates_table(), "leases_candidates");
+    /// # Ok::<(), leaseholder::ConfigError>(())
+    /// ```
+    pub fn candidates_table(&self) -> &str {
+        &self.inner.candidates_table
     }
 
     /// The `LISTEN`/`NOTIFY` channel of this table.
@@ -552,6 +670,30 @@ impl PostgresBackend {
                   leaders of the old one"
                 .into(),
         }
+    }
+
+    fn missing_candidates_table(&self) -> BackendError {
+        BackendError::Misconfigured {
+            problem: format!(
+                "the candidate registry's table \"{}\".\"{}\" does not exist (the lease table \
+                 is used as before; only Leaders with the registry on need it)",
+                self.inner.schema, self.inner.candidates_table
+            ),
+            fix: format!(
+                "create it: run the CREATE TABLE \"{}\".\"{}\" of PostgresBackend::ddl() as a role \
+                 that may create tables, or let setup create it (create_table(true), the \
+                 default); or build the Leaders without the registry",
+                self.inner.schema, self.inner.candidates_table
+            ),
+        }
+    }
+
+    /// Maps an error from a registry statement; a missing table is named.
+    fn registry_error(&self, e: tokio_postgres::Error) -> BackendError {
+        if e.code() == Some(&SqlState::UNDEFINED_TABLE) {
+            return self.missing_candidates_table();
+        }
+        classify(e)
     }
 
     /// Maps an error from a lease statement; a missing table is named.
@@ -654,6 +796,55 @@ impl PostgresBackend {
                         found.as_deref().unwrap_or("none")
                     ),
                     fix: "use a new table, or re-create this one from PostgresBackend::ddl()"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the candidates table's columns, if it exists (without
+    /// auto-creation, a deployment may have only the lease table).
+    async fn check_candidate_columns(
+        &self,
+        client: &tokio_postgres::Transaction<'_>,
+    ) -> Result<(), BackendError> {
+        let rows = client
+            .query(
+                &self.inner.sql.columns,
+                &[&self.inner.schema, &self.inner.candidates_table],
+            )
+            .await
+            .map_err(classify)?;
+        if rows.is_empty() {
+            tracing::debug!(
+                table = %self.inner.candidates_table,
+                "the candidate registry's table does not exist; registry calls will fail"
+            );
+            return Ok(());
+        }
+        let want = [
+            ("key", "text"),
+            ("id", "uuid"),
+            ("value", "bytea"),
+            ("expires_at", "timestamp with time zone"),
+        ];
+        for (name, ty) in want {
+            let found = rows.iter().find_map(|row| {
+                let column: String = row.try_get(0).ok()?;
+                (column == name).then(|| row.try_get::<_, String>(1).ok())?
+            });
+            if found.as_deref() != Some(ty) {
+                return Err(BackendError::Misconfigured {
+                    problem: format!(
+                        "the candidate registry's table \"{}\".\"{}\" has no column {name} of \
+                         type {ty} (found {})",
+                        self.inner.schema,
+                        self.inner.candidates_table,
+                        found.as_deref().unwrap_or("none")
+                    ),
+                    fix: "drop it and let setup create it, or re-create it from \
+                          PostgresBackend::ddl()"
                         .into(),
                 });
             }
@@ -797,6 +988,7 @@ impl BackendEdge for PostgresBackend {
             tx.batch_execute(&self.ddl()).await.map_err(classify)?;
         }
         self.check_columns(&tx).await?;
+        self.check_candidate_columns(&tx).await?;
         tx.commit().await.map_err(classify)?;
         Ok(prepared)
     }
@@ -967,6 +1159,76 @@ impl BackendEdge for PostgresBackend {
         self.holder_on(&client, key, until).await
     }
 
+    fn supports_candidates(&self) -> bool {
+        true
+    }
+
+    async fn register(
+        &self,
+        key: &Key,
+        candidate: &Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        let until = Instant::now() + self.bound().min(budget);
+        let client = self.client().await?;
+        let id = candidate.id().as_uuid().to_string();
+        let value = candidate.encode();
+        let (key, value) = (key.as_str(), &value[..]);
+        let secs = ttl.as_secs_f64();
+        let params: [(&(dyn ToSql + Sync), Type); 5] = [
+            (&key, Type::TEXT),
+            (&id, Type::TEXT),
+            (&value, Type::BYTEA),
+            (&secs, Type::FLOAT8),
+            (&self.inner.channel, Type::TEXT),
+        ];
+        Self::pipelined(&client, &self.inner.sql.register, &params, until)
+            .await?
+            .map_err(|e| self.registry_error(e))?;
+        Ok(())
+    }
+
+    async fn deregister(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        let until = Instant::now() + self.bound().min(budget);
+        let client = self.client().await?;
+        let id = id.as_uuid().to_string();
+        let key = key.as_str();
+        let params: [(&(dyn ToSql + Sync), Type); 3] = [
+            (&key, Type::TEXT),
+            (&id, Type::TEXT),
+            (&self.inner.channel, Type::TEXT),
+        ];
+        Self::pipelined(&client, &self.inner.sql.deregister, &params, until)
+            .await?
+            .map_err(|e| self.registry_error(e))?;
+        Ok(())
+    }
+
+    async fn candidates(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> Result<Vec<Candidate>, BackendError> {
+        let until = Instant::now() + self.bound().min(budget);
+        let client = self.client().await?;
+        let key = key.as_str();
+        let params: [(&(dyn ToSql + Sync), Type); 1] = [(&key, Type::TEXT)];
+        let (rows, _) = Self::pipelined(&client, &self.inner.sql.candidates, &params, until)
+            .await?
+            .map_err(|e| self.registry_error(e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| row.try_get::<_, Vec<u8>>(0).ok())
+            .filter_map(|value| Candidate::decode(&value).ok())
+            .collect())
+    }
+
     async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {
         let Some(config) = self.inner.listen.clone() else {
             return Ok(None);
@@ -1023,13 +1285,16 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// `a<key>`: acquired; `r<key>`: released. Anything else is ignored.
+/// `u…`: acquired or renewed (see [`updated_from`]); `a<key>`: acquired;
+/// `r<key>`: released; `c<key>`: the key's registry changed. Anything else
+/// is ignored.
 fn event_from(payload: &str) -> Option<WatchEvent> {
     let (kind, rest) = payload.split_at_checked(1)?;
     match kind {
         "u" => updated_from(rest),
         "a" => Some(WatchEvent::Updated(Key::new(rest).ok()?, None)),
         "r" => Some(WatchEvent::Released(Key::new(rest).ok()?)),
+        "c" => Some(WatchEvent::Candidates(Key::new(rest).ok()?)),
         _ => None,
     }
 }
@@ -1070,8 +1335,8 @@ fn hex(text: &str) -> Option<Vec<u8>> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::{
-        PostgresBackend, channel_name, check_identifier, event_from, is_transient_sqlstate,
-        server_budget,
+        PostgresBackend, candidates_table_name, channel_name, check_identifier, event_from,
+        is_transient_sqlstate, server_budget,
     };
     use crate::backend::WatchEvent;
     use std::time::Duration;
@@ -1096,6 +1361,27 @@ mod tests {
     }
 
     #[test]
+    fn candidates_tables_fit_and_differ_by_table() {
+        assert_eq!(candidates_table_name("leases"), "leases_candidates");
+        let longest_plain = "a".repeat(52);
+        assert_eq!(
+            candidates_table_name(&longest_plain),
+            format!("{longest_plain}_candidates")
+        );
+        let (a, b) = (
+            format!("{}x", "a".repeat(62)),
+            format!("{}y", "a".repeat(62)),
+        );
+        let (ca, cb) = (candidates_table_name(&a), candidates_table_name(&b));
+        assert_ne!(ca, cb);
+        for name in [&ca, &cb, &candidates_table_name(&"b".repeat(53))] {
+            assert!(name.len() <= 63, "{name}");
+            assert!(name.ends_with("_candidates"), "{name}");
+            assert!(check_identifier("table", name).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
     fn channel_names_fit_and_differ_by_table() {
         let a = channel_name("public", "leases");
         assert_eq!(a, channel_name("public", "leases"));
@@ -1112,6 +1398,10 @@ mod tests {
         assert!(
             matches!(event_from("ajobs"), Some(WatchEvent::Updated(k, None)) if k.as_str() == "jobs")
         );
+        assert!(
+            matches!(event_from("cjobs:a"), Some(WatchEvent::Candidates(k)) if k.as_str() == "jobs:a")
+        );
+        assert!(event_from("c").is_none());
         let value = crate::backend::LeaseValue {
             nonce: crate::backend::Nonce::random(),
             id: crate::backend::LeaderId::new(),

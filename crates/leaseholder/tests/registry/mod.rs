@@ -1,0 +1,258 @@
+//! Candidate registry scenarios on a real store, shared by
+//! `candidates_nats.rs` and `candidates_postgres.rs` (`mod registry;`):
+//! priorities, preemption after the minimum term, `resign_to`, and equal
+//! priorities that never preempt. Each candidate has a backend of its own
+//! (its own connection), as separate processes would; every scenario checks
+//! that no two terms' work overlapped and that tokens went up
+//! ([`WorkLog::assert_safe`]).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use leaseholder::{Backend, Error, Leader, LeaderId, State, Waiting, WatchEvent};
+use leaseholder_testkit::WorkLog;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, timeout};
+
+/// The lease ttl of every candidate here.
+pub(crate) const TTL: Duration = Duration::from_secs(2);
+/// The minimum term before a preemption.
+pub(crate) const MIN_TERM: Duration = Duration::from_secs(2);
+/// Generous bound on waiting for a state.
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
+
+/// Where the scenarios get their backends: a new one (new connection) per
+/// call, on one store.
+pub(crate) trait Store {
+    fn backend(&self) -> impl Future<Output = Backend>;
+}
+
+/// A candidate for `key` with `priority`, ttl 2 s and minimum term 2 s.
+pub(crate) async fn candidate(store: &impl Store, key: &str, priority: i32) -> Leader {
+    Leader::builder(key)
+        .backend(store.backend().await)
+        .ttl(TTL)
+        .priority(priority)
+        .min_term(MIN_TERM)
+        .build()
+        .unwrap()
+}
+
+/// Runs `acquire_and_run` on `l`, recording each term's work in `log` as
+/// `who`; the work runs until its token fires.
+pub(crate) fn run(l: &Leader, who: &str, log: &WorkLog) -> JoinHandle<Result<(), Error>> {
+    let (l, who, log) = (l.clone(), who.to_owned(), log.clone());
+    tokio::spawn(async move {
+        l.acquire_and_run(move |term| {
+            let (who, log) = (who.clone(), log.clone());
+            async move {
+                let _working = log.begin(who, term.fencing_token().get());
+                term.cancelled().await;
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+    })
+}
+
+pub(crate) async fn wait(
+    state: &mut watch::Receiver<State>,
+    what: impl FnMut(&State) -> bool,
+) -> State {
+    timeout(WAIT, state.wait_for(what))
+        .await
+        .expect("state not reached in time")
+        .expect("state channel closed")
+        .clone()
+}
+
+pub(crate) async fn leads(l: &Leader) -> State {
+    wait(&mut l.state(), State::is_leader).await
+}
+
+pub(crate) async fn stop(l: &Leader, task: JoinHandle<Result<(), Error>>) {
+    timeout(WAIT, l.shutdown()).await.unwrap().unwrap();
+    timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+}
+
+/// Waits until `l`'s registry read lists exactly the candidates `ids`
+/// (registration runs beside the campaign, so a follower's state says
+/// nothing about it). Polls the store, within [`WAIT`].
+pub(crate) async fn until_listed(l: &Leader, ids: &[LeaderId]) {
+    let polled = async {
+        loop {
+            let mut listed: Vec<_> = l
+                .candidates()
+                .await
+                .unwrap()
+                .iter()
+                .map(|c| c.id())
+                .collect();
+            listed.sort();
+            let mut want = ids.to_vec();
+            want.sort();
+            if listed == want {
+                return;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    };
+    timeout(WAIT, polled)
+        .await
+        .expect("the registry did not list the candidates in time");
+}
+
+/// (1) Priorities 1, 5 and 10, started in that order, end with 10 leading
+/// (the lower one that got there first is preempted once its term has
+/// lasted the minimum term), and 10 stays; when 10 shuts down, 5 leads and
+/// 1 does not.
+pub(crate) async fn priorities_end_with_the_highest_leading_then_the_next(store: &impl Store) {
+    let log = WorkLog::new();
+    let key = "registry-priorities";
+    let mut running = Vec::new();
+    for p in [1, 5, 10] {
+        let l = candidate(store, key, p).await;
+        let task = run(&l, &format!("p{p}"), &log);
+        running.push((l, task));
+        sleep(Duration::from_millis(50)).await;
+    }
+    let (l10, t10) = running.pop().unwrap();
+    let (l5, t5) = running.pop().unwrap();
+    let (l1, t1) = running.pop().unwrap();
+    let started = Instant::now();
+    leads(&l10).await;
+    println!("10 leads {:?} after the last start", started.elapsed());
+    // It stays: nobody preempts the highest priority.
+    let token = l10.fencing_token().unwrap();
+    sleep(2 * TTL).await;
+    assert_eq!(l10.fencing_token(), Some(token), "10 was preempted");
+    // 10 shuts down: 5 goes first, 1 holds off.
+    let terms = log.intervals().len();
+    let shut = Instant::now();
+    stop(&l10, t10).await;
+    leads(&l5).await;
+    // Its work runs (before it stops).
+    timeout(WAIT, log.wait_for_start(terms + 1)).await.unwrap();
+    println!("5 leads {:?} after 10 began to shut down", shut.elapsed());
+    assert!(!l1.state().borrow().is_leader());
+    stop(&l5, t5).await;
+    stop(&l1, t1).await;
+    log.assert_safe();
+    let who: Vec<_> = log.intervals().into_iter().map(|i| i.who).collect();
+    println!("terms: {who:?}");
+    assert_eq!(who[who.len() - 2..], ["p10", "p5"], "{who:?}");
+}
+
+/// (2) A candidate of priority 20 that starts beside a leader of priority
+/// 10 whose term is older than the minimum takes over within one renew
+/// interval plus `allowance`, with a larger token and no overlap.
+pub(crate) async fn a_higher_priority_preempts_within_one_renew_interval(
+    store: &impl Store,
+    allowance: Duration,
+) {
+    let log = WorkLog::new();
+    let key = "registry-preempt";
+    let ten = candidate(store, key, 10).await;
+    let renew = ten.config().renew_interval();
+    let t10 = run(&ten, "p10", &log);
+    let first = leads(&ten).await.token().unwrap();
+    sleep(MIN_TERM + Duration::from_millis(100)).await;
+    let twenty = candidate(store, key, 20).await;
+    let started = Instant::now();
+    let t20 = run(&twenty, "p20", &log);
+    let second = leads(&twenty).await.token().unwrap();
+    let took = started.elapsed();
+    timeout(WAIT, log.wait_for_start(2)).await.unwrap();
+    println!("preempted {took:?} after the start (renew interval {renew:?})");
+    assert!(second > first, "{second:?} after {first:?}");
+    assert!(
+        took <= renew + allowance,
+        "the preemption took {took:?}, more than one renew interval ({renew:?}) + {allowance:?}"
+    );
+    // The preempted leader campaigns on, as a follower.
+    let s10 = ten.state().borrow().clone();
+    assert!(matches!(s10, State::Follower { .. }), "{s10:?}");
+    stop(&twenty, t20).await;
+    stop(&ten, t10).await;
+    log.assert_safe();
+    let who: Vec<_> = log.intervals().into_iter().map(|i| i.who).collect();
+    assert_eq!(who, ["p10", "p20"]);
+}
+
+/// (3) `resign_to` hands the key to the named one of two followers, though
+/// the other has waited longer (and would go first otherwise).
+pub(crate) async fn resign_to_hands_over_to_the_named_follower(store: &impl Store) {
+    let log = WorkLog::new();
+    let key = "registry-resign-to";
+    let a = candidate(store, key, 0).await;
+    let ta = run(&a, "a", &log);
+    let first = leads(&a).await.token().unwrap();
+    let b = candidate(store, key, 0).await;
+    let tb = run(&b, "b", &log);
+    sleep(Duration::from_millis(20)).await;
+    let c = candidate(store, key, 0).await;
+    let tc = run(&c, "c", &log);
+    until_listed(&a, &[a.leader_id(), b.leader_id(), c.leader_id()]).await;
+    // Both followers know whom they follow (a follower still in its first
+    // hold-off has not tried the key, so it cannot tell whose nomination
+    // counts when the key comes free).
+    for f in [&b, &c] {
+        wait(&mut f.state(), |s| {
+            matches!(s, State::Follower { leader: Some(h), waiting: Waiting::Held, .. } if h.token() == Some(first))
+        })
+        .await;
+    }
+    let t0 = Instant::now();
+    a.resign_to(c.leader_id()).await.unwrap();
+    let next = leads(&c).await.token().unwrap();
+    println!("c leads {:?} after resign_to", t0.elapsed());
+    timeout(WAIT, log.wait_for_start(2)).await.unwrap();
+    assert!(next > first);
+    assert!(!b.state().borrow().is_leader());
+    for (l, t) in [(a, ta), (b, tb), (c, tc)] {
+        stop(&l, t).await;
+    }
+    log.assert_safe();
+    let who: Vec<_> = log.intervals().into_iter().map(|i| i.who).collect();
+    assert_eq!(who, ["a", "c"]);
+}
+
+/// (4) Equal priorities never preempt: the first leader keeps its term for
+/// several ttls while another candidate of its priority waits.
+pub(crate) async fn equal_priorities_never_preempt(store: &impl Store) {
+    let log = WorkLog::new();
+    let key = "registry-equal";
+    let a = candidate(store, key, 5).await;
+    let ta = run(&a, "a", &log);
+    let token = leads(&a).await.token().unwrap();
+    let b = candidate(store, key, 5).await;
+    let tb = run(&b, "b", &log);
+    until_listed(&a, &[a.leader_id(), b.leader_id()]).await;
+    sleep(3 * TTL).await;
+    assert_eq!(a.fencing_token(), Some(token), "a was preempted");
+    assert!(!b.state().borrow().is_leader());
+    stop(&b, tb).await;
+    stop(&a, ta).await;
+    log.assert_safe();
+    assert_eq!(log.intervals().len(), 1, "{:?}", log.intervals());
+}
+
+/// The next [`WatchEvent::Candidates`] of `sub` within `within`, skipping
+/// other events.
+pub(crate) async fn next_candidates_event(
+    sub: &mut leaseholder::backend::Subscription,
+    within: Duration,
+) -> Option<WatchEvent> {
+    timeout(within, async {
+        loop {
+            let event = sub.next().await;
+            if matches!(event, WatchEvent::Candidates(_)) {
+                return event;
+            }
+        }
+    })
+    .await
+    .ok()
+}
