@@ -202,7 +202,9 @@ impl<'a> Reader<'a> {
 ///
 /// 1. the candidate the last holder nominated during that very term (by
 ///    [`resign_to`](crate::Leader::resign_to) or a preemption), if it is
-///    live;
+///    live; a follower that never saw who held the key takes the live
+///    nomination of the latest term (the highest token) instead, since
+///    nominations are cleared a renew interval after their term;
 /// 2. else the best live candidate other than the last holder (which just
 ///    stepped down, or died): highest priority, then longest-waiting, then
 ///    smallest id.
@@ -212,18 +214,24 @@ pub(crate) fn first_choice(
     candidates: &[Candidate],
     last: Option<(LeaderId, Option<FencingToken>)>,
 ) -> Option<LeaderId> {
-    if let Some((holder, Some(token))) = last {
-        let nominee = candidates
+    let live = |who: &LeaderId| candidates.iter().any(|c| c.id == *who);
+    let nominee = match last {
+        Some((holder, Some(token))) => candidates
             .iter()
             .find(|c| c.id == holder)
             .and_then(|c| c.nominee)
             .filter(|(_, t)| *t == token)
-            .map(|(who, _)| who);
-        if let Some(who) = nominee
-            && candidates.iter().any(|c| c.id == who)
-        {
-            return Some(who);
-        }
+            .map(|(who, _)| who),
+        Some(_) => None,
+        None => candidates
+            .iter()
+            .filter_map(|c| c.nominee)
+            .filter(|(who, _)| live(who))
+            .max_by_key(|(_, t)| *t)
+            .map(|(who, _)| who),
+    };
+    if let Some(who) = nominee.filter(|who| live(who)) {
+        return Some(who);
     }
     let skip = last.map(|(id, _)| id);
     candidates
@@ -288,6 +296,11 @@ mod tests {
         );
         // A nominee that is gone counts for nothing.
         assert_eq!(first_choice(&nominated[..2], Some((a, Some(t7)))), Some(b));
+        // A follower that never saw the holder takes the latest live
+        // nomination.
+        let mut two = nominated.clone();
+        two[1] = two[1].clone().with_nominee(Some((a, FencingToken::new(3))));
+        assert_eq!(first_choice(&two, None), Some(c));
         assert_eq!(first_choice(&[], None), None);
         assert_eq!(first_choice(&list[..1], Some((a, None))), None);
     }

@@ -74,6 +74,10 @@ pub(crate) struct Registry {
     asks: Vec<Ask>,
     failures: u32,
     rng: u64,
+    /// When to drop the nomination from the entry: a renew interval after
+    /// the nominating term ended (the followers it was for have ranked by
+    /// then), so no stale one lingers.
+    clear_nominee_at: Option<Instant>,
 }
 
 impl Registry {
@@ -100,6 +104,7 @@ impl Registry {
             asks: Vec::new(),
             failures: 0,
             rng: seed | 1,
+            clear_nominee_at: None,
         }
     }
 
@@ -125,6 +130,11 @@ impl Registry {
     /// A term began.
     pub(crate) fn began(&mut self, token: FencingToken, now: Instant) {
         self.leading = Some((token, now));
+        // A nomination of an earlier term goes with the next write.
+        self.clear_nominee_at = None;
+        if self.entry.nominee().is_some() {
+            self.entry = self.entry.clone().with_nominee(None);
+        }
         self.read_at = Some(now);
     }
 
@@ -132,6 +142,11 @@ impl Registry {
     pub(crate) fn ended(&mut self) {
         self.leading = None;
         self.read_at = None;
+        if self.entry.nominee().is_some() {
+            let at = later(Instant::now(), self.interval);
+            self.clear_nominee_at = Some(at);
+            self.write_at = self.write_at.min(at);
+        }
         for ask in self.asks.drain(..) {
             let _ = ask.reply.send(Handover::NotLeading);
         }
@@ -177,6 +192,10 @@ impl Registry {
             return self.list(Some(ask), budget);
         }
         if self.write_at <= now {
+            if self.clear_nominee_at.is_some_and(|at| at <= now) && self.leading.is_none() {
+                self.clear_nominee_at = None;
+                self.entry = self.entry.clone().with_nominee(None);
+            }
             let (backend, key, entry, ttl) = (
                 self.backend.clone(),
                 self.key.clone(),
