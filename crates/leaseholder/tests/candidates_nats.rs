@@ -70,6 +70,11 @@ async fn equal_priorities_never_preempt() {
     registry::equal_priorities_never_preempt(&store().await).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_candidate_preempts_at_most_once_per_min_term() {
+    registry::a_flapping_candidate_preempts_at_most_once_per_min_term(&store().await).await;
+}
+
 /// Entries live in `leases_candidates` (one replica, per-message TTL),
 /// never in the lease bucket: its watch sees none of them, and a key's
 /// lease stays free. Keys `a` and `a.b` list only their own entries.

@@ -72,6 +72,11 @@ async fn equal_priorities_never_preempt() {
     registry::equal_priorities_never_preempt(&store().await).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_candidate_preempts_at_most_once_per_min_term() {
+    registry::a_flapping_candidate_preempts_at_most_once_per_min_term(&store().await).await;
+}
+
 /// A new entry, new contents and a removal each notify once; a candidate
 /// that renews its entry (here a `Leader`, idle, alone) notifies nothing
 /// after its first write.

@@ -239,6 +239,56 @@ pub(crate) async fn equal_priorities_never_preempt(store: &impl Store) {
     assert_eq!(log.intervals().len(), 1, "{:?}", log.intervals());
 }
 
+/// (5) A candidate of higher priority that comes for 100 ms and goes for
+/// 100 ms, again and again for 10 s, preempts the steady leader at most
+/// once per minimum term: every term of the steady leader but the last
+/// lasts at least the minimum term, and no work overlaps.
+pub(crate) async fn a_flapping_candidate_preempts_at_most_once_per_min_term(store: &impl Store) {
+    let log = WorkLog::new();
+    let key = "registry-flapping";
+    let steady = candidate(store, key, 5).await;
+    let ts = run(&steady, "steady", &log);
+    leads(&steady).await;
+    let began = Instant::now();
+    let window = Duration::from_secs(10);
+    let mut n = 0;
+    while began.elapsed() < window {
+        let flap = candidate(store, key, 10).await;
+        let tf = run(&flap, &format!("flap{n}"), &log);
+        sleep(Duration::from_millis(100)).await;
+        stop(&flap, tf).await;
+        sleep(Duration::from_millis(100)).await;
+        n += 1;
+    }
+    stop(&steady, ts).await;
+    log.assert_safe();
+    let intervals = log.intervals();
+    let steady_terms: Vec<_> = intervals.iter().filter(|i| i.who == "steady").collect();
+    for t in &steady_terms[..steady_terms.len() - 1] {
+        let lasted = t.end.unwrap() - t.start;
+        // The minimum term counts from the term's start as the campaign
+        // saw it; the work starts a moment later.
+        assert!(
+            lasted + Duration::from_millis(50) >= MIN_TERM,
+            "a steady term lasted only {lasted:?}"
+        );
+    }
+    println!(
+        "{} flaps, {} terms, {} of the steady leader",
+        n,
+        intervals.len(),
+        steady_terms.len()
+    );
+    assert!(steady_terms.len() >= 2, "the flapper never preempted");
+    let most = (window.as_millis() / MIN_TERM.as_millis()) as usize + 2;
+    assert!(
+        steady_terms.len() <= most,
+        "{} steady terms in {window:?} (at most {most})",
+        steady_terms.len()
+    );
+    assert!(n >= 20, "the candidate flapped only {n} times");
+}
+
 /// The next [`WatchEvent::Candidates`] of `sub` within `within`, skipping
 /// other events.
 pub(crate) async fn next_candidates_event(
