@@ -219,3 +219,8 @@ async fn a_lease_bucket_named_like_a_registry_is_not_used_as_one() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proclaim_is_seen_by_followers_and_current_leader() {
+    registry::proclaim_is_seen_by_followers_and_current_leader(&store().await).await;
+}

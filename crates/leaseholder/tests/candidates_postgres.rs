@@ -253,3 +253,8 @@ async fn a_deployment_with_only_the_lease_table_keeps_working() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proclaim_is_seen_by_followers_and_current_leader() {
+    registry::proclaim_is_seen_by_followers_and_current_leader(&store().await).await;
+}

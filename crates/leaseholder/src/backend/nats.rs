@@ -7,6 +7,7 @@
 //! | setup | check the server version (per-message TTL needs 2.11); create the bucket's stream with per-message TTL and expiry markers, seeding its first sequence from the wall clock in microseconds so a re-created bucket still issues larger tokens; or validate an existing one |
 //! | acquire | read the key; if a live value is there it is held. Else publish with `Nats-TTL` and `Nats-Expected-Last-Subject-Sequence` (0, or the revision of the delete or expiry marker) — never `create_with_ttl`, which drops the TTL after a marker |
 //! | renew | read the key: only a message with our nonce is renewed, by publishing with `Nats-TTL` on its revision (a newer one after a lost reply); anything else is `Lost` |
+//! | proclaim | as renew, publishing the value with the new metadata (and the token) in the same compare-and-set on the revision read: one read and one publish |
 //! | release | read the key; if the message has our nonce, delete on its revision (compare-and-delete); the marker keeps the sequence moving |
 //! | token | the stream sequence of the acquiring publish, carried in the value from the first renewal on |
 //! | holder | read the key; a value is the holder (undecodable: a foreign lease, e.g. noleader's), with an expiry hint from the message's server timestamp and its `Nats-TTL` |
@@ -739,6 +740,38 @@ impl NatsBackend {
         }
     }
 
+    /// Renew (and, for a proclaim, `lease` carries the new metadata):
+    /// rewrites the key's message with `lease`'s value and a fresh TTL.
+    /// The revision alone does not prove ownership: read the key and
+    /// rewrite only the message with our nonce, on its revision (a newer
+    /// one if an earlier renewal's reply was lost). A message that expired
+    /// or was replaced in between has a marker or another message after
+    /// it, so the compare-and-set refuses the write: it never resurrects
+    /// a lease.
+    async fn rewrite(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+        what: &str,
+    ) -> Result<Renewed, BackendError> {
+        for _ in 0..2 {
+            let revision = match self.entry(key).await?.as_ref().and_then(Self::holder) {
+                Some(h) if h.is_nonce(lease.nonce()) => h.revision(),
+                _ => return Ok(Renewed::Lost),
+            };
+            if let Some(seq) = self
+                .publish(key, lease.value().encode(), ttl, revision)
+                .await?
+            {
+                return Ok(Renewed::Renewed(lease.with_revision(seq)));
+            }
+        }
+        Err(BackendError::unavailable(format!(
+            "the key kept changing during {what}"
+        )))
+    }
+
     fn holder(read: &Read) -> Option<Holder> {
         let value = read.value.as_ref()?;
         let holder = Holder::decode(value, None, read.revision, read.expires_in);
@@ -1317,24 +1350,7 @@ impl BackendEdge for NatsBackend {
         ttl: Duration,
         _budget: Duration,
     ) -> Result<Renewed, BackendError> {
-        // The revision alone does not prove ownership: read the key and
-        // renew only the message with our nonce, on its revision (a newer
-        // one if an earlier renewal's reply was lost).
-        for _ in 0..2 {
-            let revision = match self.entry(key).await?.as_ref().and_then(Self::holder) {
-                Some(h) if h.is_nonce(lease.nonce()) => h.revision(),
-                _ => return Ok(Renewed::Lost),
-            };
-            if let Some(seq) = self
-                .publish(key, lease.value().encode(), ttl, revision)
-                .await?
-            {
-                return Ok(Renewed::Renewed(lease.with_revision(seq)));
-            }
-        }
-        Err(BackendError::unavailable(
-            "the key kept changing during renew",
-        ))
+        self.rewrite(key, lease, ttl, "renew").await
     }
 
     async fn release(
@@ -1402,6 +1418,22 @@ impl BackendEdge for NatsBackend {
 
     fn watch_reports_expiry(&self) -> bool {
         true
+    }
+
+    fn supports_proclaim(&self) -> bool {
+        true
+    }
+
+    async fn proclaim(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        metadata: &Bytes,
+        ttl: Duration,
+        _budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        self.rewrite(key, &lease.with_metadata(metadata.clone()), ttl, "proclaim")
+            .await
     }
 
     fn supports_candidates(&self) -> bool {

@@ -41,6 +41,7 @@
 //! | setup | under a transaction-scoped advisory lock (so that candidates starting together do not race on DDL): whether the table exists, then `CREATE SCHEMA/TABLE IF NOT EXISTS` for both tables, unless auto-creation is off; then check the tables' columns (the candidates table's only if it exists: without auto-creation, a deployment that has only the lease table keeps working, and only the registry calls fail, naming the DDL to run). Reports [`Prepared::Created`] if the lease table was missing |
 //! | acquire | `INSERT … ON CONFLICT (key) DO UPDATE … WHERE` the row is free or expired, setting `term = greatest(term + 1, <server clock in µs>)`; returns the new lease, or the holder when nothing was written; notifies the new holder |
 //! | renew | `UPDATE … WHERE key, nonce and term match AND expires_at > clock_timestamp() AND` the server's clock is before the leader's deadline (mapped to the server's clock from earlier replies, early rather than late), with `statement_timeout`/`lock_timeout` = the time left: a renewal that reaches the server after the leader gave up changes nothing |
+//! | proclaim | the renew statement, also setting `value` to the lease with the new metadata: the same match on key, nonce and term, the same `expires_at > clock_timestamp()` and deadline check, the same timeouts; notifies the holder with its new value |
 //! | release | `UPDATE` the row to free (nonce, value and expiry cleared, term kept) if nonce and term match; notifies `r<key>` |
 //! | holder | the row if `expires_at > clock_timestamp()`, with the exact time left by the server's clock |
 //! | watch | `LISTEN` on one dedicated connection per backend. Acquire and renew notify the holder with its expiry (`u<term>:<revision>:<ttl ms>:<value hex>:<key>`), release notifies `r<key>`: an idle follower makes no call while its leader renews, and wakes at the expiry the last renewal set, since nothing notifies an expiry. A change of a key's registry notifies `c<key>`, which is [`WatchEvent::Candidates`] |
@@ -67,7 +68,7 @@
 //!
 //! | op | the server gives up after |
 //! |---|---|
-//! | renew | the time left before the leader's deadline (the campaign's budget), less a little for the reply |
+//! | renew, proclaim | the time left before the leader's deadline (the campaign's budget), less a little for the reply |
 //! | acquire | a third of the ttl asked for, and at most [`statement_timeout`](PostgresBuilder::statement_timeout) (the campaign allows ttl - drift margin, always more) |
 //! | release, holder, setup, register, deregister, candidates | [`statement_timeout`](PostgresBuilder::statement_timeout) (default 1 s), and at most a third of the shortest ttl this backend has been asked for: the default renew interval, by which the campaign gives these calls up |
 //!
@@ -99,6 +100,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::StreamExt;
 use tokio_postgres::error::SqlState;
@@ -449,6 +451,7 @@ struct Sql {
     columns: String,
     acquire: String,
     renew: String,
+    proclaim: String,
     release: String,
     holder: String,
     register: String,
@@ -458,6 +461,33 @@ struct Sql {
 
 /// The server's clock in microseconds since the epoch.
 const NOW_MICROS: &str = "(extract(epoch from clock_timestamp()) * 1000000)::bigint";
+
+/// The renewal's statement; `set` adds to what it writes (a proclaim's
+/// `value = $7, `), every condition the same.
+///
+/// $1 key, $2 nonce, $3 term, $4 ttl in seconds, $5 the leader's deadline
+/// on the server's clock in µs (NULL: not known yet), $6 channel. One row:
+/// the new revision (NULL if nothing was renewed), the server's clock, and
+/// whether the deadline had passed. A renewal notifies the holder with its
+/// new expiry (and, after a proclaim, its new value), so that followers
+/// move their wake-up instead of re-reading.
+fn renew_sql(table: &str, set: &str) -> String {
+    format!(
+        "WITH renewed AS (\
+           UPDATE {table} SET {set}\
+             expires_at = clock_timestamp() + make_interval(secs => $4), \
+             revision = revision + 1 \
+           WHERE key = $1 AND nonce = $2 AND term = $3 \
+             AND expires_at > clock_timestamp() \
+             AND ($5::bigint IS NULL OR {NOW_MICROS} < $5::bigint) \
+           RETURNING revision, term, value) \
+         SELECT (SELECT revision FROM renewed), {NOW_MICROS}, \
+                coalesce({NOW_MICROS} >= $5::bigint, false), \
+                (SELECT pg_notify($6, 'u' || term || ':' || revision || ':' || \
+                        ceil($4 * 1000)::bigint || ':' || encode(value, 'hex') || \
+                        ':' || $1) IS NULL FROM renewed)"
+    )
+}
 
 impl Sql {
     fn new(table: &str, candidates: &str) -> Sql {
@@ -513,27 +543,9 @@ impl Sql {
                   WHERE h.key = $1 AND h.expires_at > clock_timestamp() \
                     AND NOT EXISTS (SELECT 1 FROM won)"
             ),
-            // $1 key, $2 nonce, $3 term, $4 ttl in seconds, $5 the leader's
-            // deadline on the server's clock in µs (NULL: not known yet),
-            // $6 channel. One row: the new revision (NULL if nothing was
-            // renewed), the server's clock, and whether the deadline had
-            // passed. A renewal notifies the holder with its new expiry, so
-            // that followers move their wake-up instead of re-reading.
-            renew: format!(
-                "WITH renewed AS (\
-                   UPDATE {table} SET \
-                     expires_at = clock_timestamp() + make_interval(secs => $4), \
-                     revision = revision + 1 \
-                   WHERE key = $1 AND nonce = $2 AND term = $3 \
-                     AND expires_at > clock_timestamp() \
-                     AND ($5::bigint IS NULL OR {NOW_MICROS} < $5::bigint) \
-                   RETURNING revision, term, value) \
-                 SELECT (SELECT revision FROM renewed), {NOW_MICROS}, \
-                        coalesce({NOW_MICROS} >= $5::bigint, false), \
-                        (SELECT pg_notify($6, 'u' || term || ':' || revision || ':' || \
-                                ceil($4 * 1000)::bigint || ':' || encode(value, 'hex') || \
-                                ':' || $1) IS NULL FROM renewed)"
-            ),
+            renew: renew_sql(table, ""),
+            // The renewal, also setting the value ($7): the same checks.
+            proclaim: renew_sql(table, "value = $7, "),
             // $1 key, $2 nonce, $3 term, $4 channel.
             release: format!(
                 "WITH freed AS (\
@@ -879,6 +891,92 @@ impl PostgresBackend {
         Ok(Some(Self::holder_from(term, revision, value, left_s)))
     }
 
+    /// A renewal, or with `proclaimed` a proclaim: the renewal's UPDATE
+    /// also setting the value to the lease with that metadata.
+    async fn extend(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        proclaimed: Option<&Bytes>,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        self.note_ttl(ttl);
+        // The leader gives the term up at `deadline`; after that, this
+        // renewal must not take effect.
+        let deadline = Instant::now() + budget;
+        let client = self.client().await?;
+        let nonce = lease.nonce().as_u128().to_be_bytes();
+        let nonce = &nonce[..];
+        let term = i64::try_from(lease.token().get()).unwrap_or(i64::MAX);
+        let secs = ttl.as_secs_f64();
+        let key = key.as_str();
+        // The UPDATE itself checks the deadline on the server's clock, so
+        // a renewal that reaches the server late (a slow link, a queue)
+        // changes nothing. The timeouts (the time left) stop a renewal
+        // stuck behind a lock or a slow server from tying up the
+        // connection past the deadline.
+        let server_deadline = self.inner.clock.server_deadline_us(deadline);
+        // A proclaim stores the lease with its new metadata, encoded as
+        // acquire encodes it (the token is the `term` column).
+        let lease = match proclaimed {
+            Some(metadata) => lease.with_metadata(metadata.clone()),
+            None => lease.clone(),
+        };
+        let value = proclaimed.map(|_| {
+            LeaseValue {
+                token: None,
+                ..lease.value()
+            }
+            .encode()
+        });
+        let value = value.as_deref();
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+            (&key, Type::TEXT),
+            (&nonce, Type::BYTEA),
+            (&term, Type::INT8),
+            (&secs, Type::FLOAT8),
+            (&server_deadline, Type::INT8),
+            (&self.inner.channel, Type::TEXT),
+        ];
+        let sql = match &value {
+            Some(value) => {
+                params.push((value, Type::BYTEA));
+                &self.inner.sql.proclaim
+            }
+            None => &self.inner.sql.renew,
+        };
+        let (rows, received) = match Self::pipelined(&client, sql, &params, deadline).await? {
+            Ok(reply) => reply,
+            // The table is gone, and every lease in it: the term ends
+            // now, like any other loss.
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
+                tracing::warn!(error = %e, "the lease table is gone; the term is lost");
+                return Ok(Renewed::Lost);
+            }
+            Err(e) => return Err(classify(e)),
+        };
+        let row = rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| BackendError::unavailable("the renewal returned no row"))?;
+        let (revision, server_us, late) =
+            (|| -> Result<(Option<i64>, i64, bool), tokio_postgres::Error> {
+                Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+            })()
+            .map_err(BackendError::unavailable)?;
+        self.inner.clock.sample(server_us, received);
+        match revision {
+            Some(revision) => Ok(Renewed::Renewed(
+                lease.with_revision(u64::try_from(revision).unwrap_or(0)),
+            )),
+            // Too late to count: not a loss the store decided, the same as
+            // no reply before the deadline.
+            None if late => Err(BackendError::Timeout(budget)),
+            None => Ok(Renewed::Lost),
+        }
+    }
+
     fn holder_from(
         term: i64,
         revision: i64,
@@ -1071,60 +1169,22 @@ impl BackendEdge for PostgresBackend {
         ttl: Duration,
         budget: Duration,
     ) -> Result<Renewed, BackendError> {
-        self.note_ttl(ttl);
-        // The leader gives the term up at `deadline`; after that, this
-        // renewal must not take effect.
-        let deadline = Instant::now() + budget;
-        let client = self.client().await?;
-        let nonce = lease.nonce().as_u128().to_be_bytes();
-        let nonce = &nonce[..];
-        let term = i64::try_from(lease.token().get()).unwrap_or(i64::MAX);
-        let secs = ttl.as_secs_f64();
-        let key = key.as_str();
-        // The UPDATE itself checks the deadline on the server's clock, so
-        // a renewal that reaches the server late (a slow link, a queue)
-        // changes nothing. The timeouts (the time left) stop a renewal
-        // stuck behind a lock or a slow server from tying up the
-        // connection past the deadline.
-        let server_deadline = self.inner.clock.server_deadline_us(deadline);
-        let params: [(&(dyn ToSql + Sync), Type); 6] = [
-            (&key, Type::TEXT),
-            (&nonce, Type::BYTEA),
-            (&term, Type::INT8),
-            (&secs, Type::FLOAT8),
-            (&server_deadline, Type::INT8),
-            (&self.inner.channel, Type::TEXT),
-        ];
-        let (rows, received) =
-            match Self::pipelined(&client, &self.inner.sql.renew, &params, deadline).await? {
-                Ok(reply) => reply,
-                // The table is gone, and every lease in it: the term ends
-                // now, like any other loss.
-                Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
-                    tracing::warn!(error = %e, "the lease table is gone; the term is lost");
-                    return Ok(Renewed::Lost);
-                }
-                Err(e) => return Err(classify(e)),
-            };
-        let row = rows
-            .into_iter()
-            .next()
-            .ok_or_else(|| BackendError::unavailable("the renewal returned no row"))?;
-        let (revision, server_us, late) =
-            (|| -> Result<(Option<i64>, i64, bool), tokio_postgres::Error> {
-                Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
-            })()
-            .map_err(BackendError::unavailable)?;
-        self.inner.clock.sample(server_us, received);
-        match revision {
-            Some(revision) => Ok(Renewed::Renewed(
-                lease.with_revision(u64::try_from(revision).unwrap_or(0)),
-            )),
-            // Too late to count: not a loss the store decided, the same as
-            // no reply before the deadline.
-            None if late => Err(BackendError::Timeout(budget)),
-            None => Ok(Renewed::Lost),
-        }
+        self.extend(key, lease, None, ttl, budget).await
+    }
+
+    fn supports_proclaim(&self) -> bool {
+        true
+    }
+
+    async fn proclaim(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        metadata: &Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        self.extend(key, lease, Some(metadata), ttl, budget).await
     }
 
     async fn release(

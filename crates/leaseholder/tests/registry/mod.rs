@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use leaseholder::{Backend, Error, Leader, LeaderId, State, Waiting, WatchEvent};
+use leaseholder::{Backend, Error, Holder, Key, Leader, LeaderId, State, Waiting, WatchEvent};
 use leaseholder_testkit::WorkLog;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -305,4 +305,86 @@ pub(crate) async fn next_candidates_event(
     })
     .await
     .ok()
+}
+
+/// (5) `Leader::proclaim` replaces the leader's metadata within its term:
+/// the same fencing token and no new term, another client's
+/// `current_leader()` reads the new metadata, and the backend's watch
+/// (both backends' carry holders) brings it to every follower as an
+/// `Updated` holder with that token.
+///
+/// A follower's `State` does not show it: the campaign publishes a
+/// follower's state again only when the leader's term changes (nonce and
+/// token), so it keeps the holder of the term's first event; the follower
+/// is checked to stay a follower of the same term.
+pub(crate) async fn proclaim_is_seen_by_followers_and_current_leader(store: &impl Store) {
+    let key = "registry-proclaim";
+    let leader = |backend: Backend, metadata: &'static str| {
+        Leader::builder(key)
+            .backend(backend)
+            .ttl(TTL)
+            .metadata(metadata)
+            .build()
+            .unwrap()
+    };
+    let log = WorkLog::new();
+    let a = leader(store.backend().await, "v1");
+    let ta = run(&a, "a", &log);
+    let token = leads(&a).await.token().unwrap();
+    let b = leader(store.backend().await, "b");
+    let tb = run(&b, "b", &log);
+    let mut sb = b.state();
+    wait(
+        &mut sb,
+        |s| matches!(s, State::Follower { leader: Some(h), .. } if h.metadata().as_ref() == b"v1"),
+    )
+    .await;
+    // A watcher of its own, up once it has heard one of a's renewals
+    // (one per renew interval).
+    let watcher = store.backend().await;
+    let mut sub = watcher.subscribe(&Key::new(key).unwrap());
+    next_holder(&mut sub, |h| h.metadata().as_ref() == b"v1").await;
+
+    timeout(WAIT, a.proclaim("v2")).await.unwrap().unwrap();
+    assert_eq!(a.fencing_token(), Some(token), "no new election");
+    assert!(a.state().borrow().is_leader());
+    // Another client (its own connection) reads it from the store.
+    let seen = b.current_leader().await.unwrap().unwrap();
+    assert_eq!(seen.metadata().as_ref(), b"v2", "{seen:?}");
+    assert_eq!(seen.token(), Some(token));
+    assert_eq!(seen.id(), Some(a.leader_id()));
+    // The watch carries it, with the term's token.
+    let heard = next_holder(&mut sub, |h| h.metadata().as_ref() == b"v2").await;
+    assert_eq!(heard.token(), Some(token), "{heard:?}");
+    assert_eq!(heard.id(), Some(a.leader_id()), "{heard:?}");
+    // The follower still follows the same term.
+    let state = b.state().borrow().clone();
+    assert!(
+        matches!(&state, State::Follower { leader: Some(h), .. } if h.token() == Some(token)),
+        "{state:?}"
+    );
+
+    stop(&b, tb).await;
+    stop(&a, ta).await;
+    log.assert_safe();
+    assert_eq!(log.intervals().len(), 1, "{:?}", log.intervals());
+}
+
+/// The next holder `sub` reports (within [`WAIT`]) that passes `what`,
+/// skipping other events.
+pub(crate) async fn next_holder(
+    sub: &mut leaseholder::backend::Subscription,
+    mut what: impl FnMut(&Holder) -> bool,
+) -> Holder {
+    timeout(WAIT, async {
+        loop {
+            if let WatchEvent::Updated(_, Some(h)) = sub.next().await
+                && what(&h)
+            {
+                return h;
+            }
+        }
+    })
+    .await
+    .expect("the watch did not report the holder in time")
 }
