@@ -593,7 +593,8 @@ async fn proclaim_updates_the_metadata_within_the_term() {
     let now = a.current_leader().await.unwrap().unwrap();
     assert_eq!(now.metadata().as_ref(), b"v2");
     assert_eq!(now.token(), Some(token));
-    // The follower's view follows the store's (its watch carries holders).
+    // The follower's state follows (the memory watch carries holders).
+    wait(&mut sb, |s| matches!(s, State::Follower { leader: Some(h), .. } if h.metadata().as_ref() == b"v2" && h.token() == Some(token))).await;
     let seen = b.current_leader().await.unwrap().unwrap();
     assert_eq!(seen.metadata().as_ref(), b"v2");
 

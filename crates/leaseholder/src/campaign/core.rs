@@ -338,7 +338,9 @@ pub(crate) struct Core {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Published {
     Idle,
-    Follower(Option<(Option<Nonce>, Option<FencingToken>)>, Waiting),
+    /// The leader's term and a digest of its metadata (a proclaim changes
+    /// the metadata within a term).
+    Follower(Option<(Option<Nonce>, Option<FencingToken>, u64)>, Waiting),
     Leader(FencingToken),
     Unknown(Instant),
     Stopped,
@@ -348,14 +350,24 @@ impl Published {
     fn of(state: &State) -> Published {
         match state {
             State::Idle => Published::Idle,
-            State::Follower { leader, waiting } => {
-                Published::Follower(leader.as_ref().map(|h| (h.nonce(), h.token())), *waiting)
-            }
+            State::Follower { leader, waiting } => Published::Follower(
+                leader
+                    .as_ref()
+                    .map(|h| (h.nonce(), h.token(), digest(h.metadata()))),
+                *waiting,
+            ),
             State::Leader { token, .. } => Published::Leader(*token),
             State::Unknown { since, .. } => Published::Unknown(*since),
             State::Stopped => Published::Stopped,
         }
     }
+}
+
+/// FNV-1a of `bytes`: tells a proclaimed metadata from the one before.
+fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// `Timing` with `jitter` as parts per million, so the machine is `Hash`.
