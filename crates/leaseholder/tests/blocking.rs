@@ -328,8 +328,7 @@ async fn a_blocking_store_passes_the_lease_contract() {
     assert!(
         report
             .passed
-            .iter()
-            .any(|r| *r == "proclaim_replaces_the_metadata_and_renews"),
+            .contains(&"proclaim_replaces_the_metadata_and_renews"),
         "{report}"
     );
 }
