@@ -159,6 +159,35 @@ impl BlockingBackendEdge for Client {
         }
     }
 
+    fn supports_proclaim(&self) -> bool {
+        true
+    }
+
+    fn proclaim(
+        &self,
+        key: Key,
+        lease: Lease,
+        metadata: Bytes,
+        ttl: Duration,
+        _budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        let now = Instant::now();
+        let mut t = self.store.lock();
+        t.revision += 1;
+        let revision = t.revision;
+        let lease = lease.with_metadata(metadata).with_revision(revision);
+        match t.entries.get_mut(&key) {
+            Some(e) if e.nonce() == Some(lease.nonce()) => {
+                e.value = lease.value().encode();
+                e.revision = revision;
+                e.expires_at = now + ttl;
+                t.writes += 1;
+                Ok(Renewed::Renewed(lease))
+            }
+            _ => Ok(Renewed::Lost),
+        }
+    }
+
     fn release(&self, key: Key, lease: Lease, _budget: Duration) -> Result<(), BackendError> {
         let mut t = self.store.lock();
         if t.entries
@@ -293,6 +322,13 @@ async fn a_blocking_store_passes_the_lease_contract() {
             .filter(|r| r.starts_with("registry_"))
             .count()
             == 3,
+        "{report}"
+    );
+    // So do proclaims.
+    assert!(
+        report
+            .passed
+            .contains(&"proclaim_replaces_the_metadata_and_renews"),
         "{report}"
     );
 }

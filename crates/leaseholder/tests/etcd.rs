@@ -377,6 +377,105 @@ async fn an_operator_deleting_the_leaders_key_ends_its_term() {
     stop(&b, tb).await;
 }
 
+// ----- proclaim ------------------------------------------------------------
+
+/// `Leader::proclaim` on a real member: another client's `current_leader`
+/// reads the new metadata under the same token; the key keeps its create
+/// revision (the token) and its shared lease, and its revision moves
+/// (holders report it); another backend's watch event carries the new
+/// holder. At the edge: a proclaim with a lease that missed a landed
+/// proclaim (its reply lost) writes over it, and a proclaim after the key
+/// was deleted is `Lost` and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proclaim_is_seen_by_other_clients_with_the_same_token() {
+    let ttl = Duration::from_secs(3);
+    let s = server().await;
+    let mut c = client(&[s.endpoint()]).await;
+    let log = WorkLog::new();
+    let a = Leader::builder(KEY)
+        .backend(backend(&s.endpoint()))
+        .ttl(ttl)
+        .metadata("starting")
+        .build()
+        .unwrap();
+    let (ta, mut terms) = run_reporting_terms(&a, "a", &log);
+    let term = timeout(WAIT, terms.recv()).await.unwrap().unwrap();
+    let token = term.fencing_token();
+    // Another process's backend, its epoch base known (read once), so that
+    // its watch events carry holders.
+    let watcher = etcd_backend(&[s.endpoint()]);
+    let before = watcher
+        .holder(&Key::new(KEY).unwrap(), WAIT)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(before.metadata().as_ref(), b"starting");
+    let mut events = timeout(WAIT, watcher.watch())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let kv0 = c.get(lease_key(KEY), None).await.unwrap().kvs()[0].clone();
+
+    timeout(WAIT, a.proclaim("serving at 10.0.0.7:8080"))
+        .await
+        .unwrap()
+        .unwrap();
+    let other = leader_on(backend(&s.endpoint()), ttl);
+    let seen = other.current_leader().await.unwrap().unwrap();
+    assert_eq!(seen.metadata().as_ref(), b"serving at 10.0.0.7:8080");
+    assert_eq!(seen.token(), Some(token));
+    assert_eq!(seen.id(), Some(a.leader_id()));
+    assert_eq!(a.fencing_token(), Some(token), "no new election");
+    let kv1 = c.get(lease_key(KEY), None).await.unwrap().kvs()[0].clone();
+    assert_eq!(kv1.create_revision(), kv0.create_revision());
+    assert_eq!(kv1.lease(), kv0.lease());
+    assert!(kv1.mod_revision() > kv0.mod_revision());
+    assert_eq!(seen.revision(), u64::try_from(kv1.mod_revision()).unwrap());
+    loop {
+        match timeout(WAIT, events.next()).await.unwrap().unwrap() {
+            WatchEvent::Updated(_, Some(h)) => {
+                assert_eq!(h.metadata().as_ref(), b"serving at 10.0.0.7:8080");
+                assert_eq!(h.token(), Some(token));
+                break;
+            }
+            WatchEvent::Updated(_, None) => panic!("an event without its holder"),
+            _ => continue,
+        }
+    }
+    stop(&a, ta).await;
+
+    // At the edge.
+    let e = etcd_backend(&[s.endpoint()]);
+    let key = Key::new("edge").unwrap();
+    let claim = Claim::new(LeaderId::new(), bytes::Bytes::from_static(b"v1"));
+    let Acquired::Won(lease) = e.acquire(&key, &claim, ttl, WAIT).await.unwrap() else {
+        panic!("the key is free");
+    };
+    let v2 = bytes::Bytes::from_static(b"v2");
+    let landed = e.proclaim(&key, &lease, &v2, ttl, WAIT).await.unwrap();
+    let landed = landed.lease().unwrap().clone();
+    assert!(landed.revision() > lease.revision());
+    // As if that reply was lost: the term still has the first revision.
+    let v3 = bytes::Bytes::from_static(b"v3");
+    let again = e.proclaim(&key, &lease, &v3, ttl, WAIT).await.unwrap();
+    let again = again.lease().unwrap().clone();
+    assert!(again.revision() > landed.revision());
+    assert_eq!(again.metadata(), &v3);
+    let h = e.holder(&key, WAIT).await.unwrap().unwrap();
+    assert_eq!(
+        (h.metadata(), h.token(), h.revision()),
+        (&v3, Some(lease.token()), again.revision())
+    );
+    // A plain renewal keeps the revision (it writes nothing).
+    let renewed = e.renew(&key, &again, ttl, WAIT).await.unwrap();
+    assert_eq!(renewed.lease().unwrap().revision(), again.revision());
+    s.ctl(&["del", &lease_key("edge")]).await.unwrap();
+    let lost = e.proclaim(&key, &again, &v2, ttl, WAIT).await.unwrap();
+    assert_eq!(lost, leaseholder::Renewed::Lost);
+    assert!(e.holder(&key, WAIT).await.unwrap().is_none());
+}
+
 // ----- the watch --------------------------------------------------------------
 
 /// A follower whose watch was down while the leader released and the

@@ -707,6 +707,71 @@ async fn the_registry_publishes_changes_but_not_renewals() {
     assert!(pttl > 29_000 && pttl <= 31_000, "pttl {pttl}");
 }
 
+// ----- proclaim -------------------------------------------------------------
+
+/// `Leader::proclaim` on a real server: another client's `current_leader`
+/// reads the new metadata under the same token, the token stored in the
+/// value is the one the acquire wrote, and the published events carry the
+/// new holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proclaim_is_seen_by_other_clients_with_the_same_token() {
+    let ttl = Duration::from_secs(2);
+    let s = server(ttl).await;
+    let log = WorkLog::new();
+    let a = Leader::builder(KEY)
+        .backend(backend(&s.url()))
+        .ttl(ttl)
+        .metadata("starting")
+        .build()
+        .unwrap();
+    let (ta, _) = run_reporting_terms(&a, "a", &log);
+    timeout(WAIT, a.state().wait_for(|s| s.is_leader()))
+        .await
+        .unwrap()
+        .unwrap();
+    let token = a.fencing_token().unwrap();
+    let b = leader_on(backend(&s.url()), ttl);
+    let (tb, _) = run_reporting_terms(&b, "b", &log);
+    wait_sees(&b, token.get()).await;
+    let mut conn = connect(&s.url()).await;
+    assert_eq!(stored_token(&mut conn).await, Some(token.get()));
+
+    timeout(WAIT, a.proclaim("serving at 10.0.0.7:8080"))
+        .await
+        .unwrap()
+        .unwrap();
+    let other = leader_on(backend(&s.url()), ttl);
+    let seen = other.current_leader().await.unwrap().unwrap();
+    assert_eq!(seen.metadata().as_ref(), b"serving at 10.0.0.7:8080");
+    assert_eq!(seen.token(), Some(token));
+    assert_eq!(seen.id(), Some(a.leader_id()));
+    assert_eq!(stored_token(&mut conn).await, Some(token.get()));
+    assert_eq!(a.fencing_token(), Some(token), "no new election");
+    // The published event carries the new holder (the first renewal after
+    // the proclaim publishes it again, whether or not the subscription
+    // was up in time for the proclaim's own).
+    let mut events = timeout(WAIT, redis_backend(&s.url()).watch())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    timeout(WAIT, async {
+        loop {
+            if let Some(WatchEvent::Updated(_, Some(h))) = events.next().await
+                && h.metadata().as_ref() == b"serving at 10.0.0.7:8080"
+            {
+                assert_eq!(h.token(), Some(token));
+                break;
+            }
+        }
+    })
+    .await
+    .expect("an event with the proclaimed metadata");
+    stop(&b, tb).await;
+    stop(&a, ta).await;
+    log.assert_safe();
+}
+
 // ----- the store's settings and foreign keys -----------------------------
 
 /// With `maxmemory` set and an evicting policy, Redis may evict a live

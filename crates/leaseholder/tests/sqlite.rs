@@ -502,3 +502,42 @@ async fn the_registry_table_is_set_up_and_expires_by_the_host_clock() {
         other => panic!("{other:?}"),
     }
 }
+
+/// `Leader::proclaim` on a real file: the leader's new metadata is what
+/// another client reads, under the same token, with no new election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proclaim_is_seen_by_another_client_with_the_same_token() {
+    let h = Sqlite::new();
+    let ttl = Duration::from_secs(2);
+    let a = Leader::builder("scheduler")
+        .backend(sqlite(&h.path))
+        .ttl(ttl)
+        .metadata("starting")
+        .build()
+        .unwrap();
+    let ta = tokio::spawn({
+        let a = a.clone();
+        async move { a.start(Default::default()).await }
+    });
+    timeout(WAIT, a.state().wait_for(State::is_leader))
+        .await
+        .unwrap()
+        .unwrap();
+    let token = a.fencing_token().unwrap();
+    let other = leader_on(&h.path, ttl);
+    let before = other.current_leader().await.unwrap().unwrap();
+    assert_eq!(before.metadata().as_ref(), b"starting");
+
+    timeout(WAIT, a.proclaim("serving at 10.0.0.7:8080"))
+        .await
+        .unwrap()
+        .unwrap();
+    let seen = other.current_leader().await.unwrap().unwrap();
+    assert_eq!(seen.metadata().as_ref(), b"serving at 10.0.0.7:8080");
+    assert_eq!(seen.token(), Some(token));
+    assert_eq!(seen.id(), Some(a.leader_id()));
+    assert_eq!(a.fencing_token(), Some(token), "no new election");
+
+    a.shutdown().await.unwrap();
+    ta.await.unwrap().unwrap();
+}

@@ -67,6 +67,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::{
     Acquired, BackendEdge, Candidate, Claim, Holder, Key, LeaderId, Lease, Prepared, Renewed,
     WatchEvent, WatchStream,
@@ -143,6 +145,25 @@ pub trait BlockingBackendEdge: Send + Sync + 'static {
     /// See [`BackendEdge::supports_candidates`]. Default: `false`.
     fn supports_candidates(&self) -> bool {
         false
+    }
+
+    /// See [`BackendEdge::supports_proclaim`]. Default: `false`.
+    fn supports_proclaim(&self) -> bool {
+        false
+    }
+
+    /// See [`BackendEdge::proclaim`]. Default:
+    /// [`BackendError::Unsupported`].
+    fn proclaim(
+        &self,
+        key: Key,
+        lease: Lease,
+        metadata: Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        let _ = (key, lease, metadata, ttl, budget);
+        Err(super::no_proclaim())
     }
 
     /// See [`BackendEdge::register`]. Default:
@@ -308,6 +329,25 @@ impl<T: BlockingBackendEdge> BackendEdge for Blocking<T> {
 
     fn supports_candidates(&self) -> bool {
         self.inner.supports_candidates()
+    }
+
+    fn supports_proclaim(&self) -> bool {
+        self.inner.supports_proclaim()
+    }
+
+    async fn proclaim(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        metadata: &Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        let (key, lease, metadata) = (key.clone(), lease.clone(), metadata.clone());
+        self.run(Op::Proclaim, move |s| {
+            s.proclaim(key, lease, metadata, ttl, budget)
+        })
+        .await
     }
 
     async fn register(

@@ -23,6 +23,14 @@
 //!   an operator) ends every term on it: etcd deletes all its keys at once,
 //!   the watch reports each deletion, and every renewal on it is
 //!   [`Renewed::Lost`]. The next acquire grants a new lease.
+//! - A proclaim (new metadata within the term) is a write: a keep-alive
+//!   (or grant) *sent after the proclaim began*, as for an acquire, then one
+//!   transaction: if the key still has its create revision, its lease and
+//!   the revision the term last knew, put the value with the new metadata on
+//!   the same lease; else read it (still ours at a later revision: an
+//!   earlier proclaim whose reply was lost landed; put again over that
+//!   one). The put moves the key's revision, which holders report, and the
+//!   proclaim returns it ([`Renewed::Renewed`]).
 //! - Releasing one key deletes that key (compare on its create revision),
 //!   never the lease.
 //! - A key whose campaign stopped renewing it for a whole ttl (a term that
@@ -1459,6 +1467,25 @@ impl BackendEdge for EtcdBackend {
         true
     }
 
+    fn supports_proclaim(&self) -> bool {
+        true
+    }
+
+    async fn proclaim(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        metadata: &bytes::Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        within(
+            budget,
+            self.proclaim_inner(key, lease, metadata, ttl, budget),
+        )
+        .await
+    }
+
     async fn register(
         &self,
         key: &Key,
@@ -1947,6 +1974,130 @@ impl EtcdBackend {
             }
             Outcome::Failed(message, transient) => Err(failed(message, transient)),
         }
+    }
+
+    async fn proclaim_inner(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        metadata: &bytes::Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        let called = Instant::now();
+        let nonce = lease.nonce();
+        // The key's binding as this backend knows it (read if unknown).
+        // Unlike a renewal, no read when the watch cannot vouch for the
+        // key: the transaction below compares the key itself.
+        let mut held = match self.held(key, nonce) {
+            Some(held) => held,
+            None => match self.check(key, nonce, budget).await? {
+                Some(held) => held,
+                None => return Ok(Renewed::Lost),
+            },
+        };
+        if held.create_rev.is_none() {
+            held = match self.check(key, nonce, budget).await? {
+                Some(held) => held,
+                None => return Ok(Renewed::Lost),
+            };
+        }
+        let Some(create_rev) = held.create_rev else {
+            return Err(BackendError::unavailable(
+                "the key's create revision is not known yet",
+            ));
+        };
+        if let Some(h) = lock(&self.inner.held).get_mut(key)
+            && h.nonce == nonce
+        {
+            h.touched = called;
+            h.ttl = ttl;
+        }
+        // A keep-alive sent after this call began, as for an acquire (not
+        // an earlier one, as a renewal may take): the put moves the key's
+        // revision, and a read-back that sees it credits this call's own
+        // send time.
+        let keeper = self.keeper(ttl);
+        match keeper.confirm(self, called).await {
+            Outcome::Alive(id, _) if id == held.lease => {}
+            // The key's lease is gone (a new one was granted since).
+            Outcome::Alive(..) | Outcome::Gone(_) => {
+                self.forget(key, nonce);
+                return Ok(Renewed::Lost);
+            }
+            Outcome::Failed(message, transient) => return Err(failed(message, transient)),
+        }
+        let name = self.lease_key(key);
+        let proclaimed = lease.with_metadata(metadata.clone());
+        let value = LeaseValue {
+            token: None,
+            ..proclaimed.value()
+        }
+        .encode();
+        // Put only over the write the term last knew (its revision): a
+        // proclaim that lands late, after a later one, then changes
+        // nothing. A key still ours at another revision (an earlier
+        // proclaim whose reply was lost) is written at that one.
+        let mut expected = i64::try_from(lease.revision()).unwrap_or(0);
+        for _ in 0..3 {
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::create_revision(name.clone(), CompareOp::Equal, create_rev),
+                    Compare::lease(name.clone(), CompareOp::Equal, held.lease),
+                    Compare::mod_revision(name.clone(), CompareOp::Equal, expected),
+                ])
+                .and_then(vec![TxnOp::put(
+                    name.clone(),
+                    value.to_vec(),
+                    Some(PutOptions::new().with_lease(held.lease)),
+                )])
+                .or_else(vec![TxnOp::get(name.clone(), None)]);
+            let reply = match self.txn_raw(txn, budget).await? {
+                Ok(reply) => reply,
+                Err(e) if lease_gone(&e) => {
+                    // Gone since the keep-alive: so is the key.
+                    self.forget(key, nonce);
+                    let mut state = lock(&keeper.state);
+                    if state.lease == Some(held.lease) {
+                        state.lease = None;
+                        state.confirmed = None;
+                    }
+                    return Ok(Renewed::Lost);
+                }
+                Err(e) => return Err(error(e)),
+            };
+            if reply.succeeded() {
+                // The key's new revision, as holders will report it: the
+                // term must know it, or a later read-back would take it for
+                // a renewal of its own.
+                let Some(rev) = reply
+                    .header()
+                    .and_then(|h| u64::try_from(h.revision()).ok())
+                else {
+                    return Err(BackendError::unavailable(
+                        "a proclaim's reply had no revision",
+                    ));
+                };
+                return Ok(Renewed::Renewed(proclaimed.with_revision(rev)));
+            }
+            match ranges(&reply).next().flatten() {
+                Some(kv)
+                    if kv.create_revision() == create_rev
+                        && kv.lease() == held.lease
+                        && LeaseValue::decode(kv.value()).is_ok_and(|v| v.nonce == nonce) =>
+                {
+                    expected = kv.mod_revision();
+                }
+                // Deleted, replaced, or rebound: not ours any more.
+                _ => {
+                    self.forget(key, nonce);
+                    return Ok(Renewed::Lost);
+                }
+            }
+        }
+        Err(BackendError::unavailable(
+            "the key kept changing under the proclaim",
+        ))
     }
 
     /// Updates what the backend knows of its keys from one watch reply,

@@ -893,12 +893,7 @@ pub trait BackendEdge: Send + Sync + 'static {
         budget: Duration,
     ) -> impl Future<Output = Result<Renewed, BackendError>> + Send {
         let _ = (key, lease, metadata, ttl, budget);
-        async {
-            Err(BackendError::Unsupported {
-                what: "proclaim (replacing a live lease's metadata)".to_owned(),
-                needed: "a backend that implements BackendEdge::proclaim".to_owned(),
-            })
-        }
+        async { Err(no_proclaim()) }
     }
 
     /// Removes the entry of candidate `id` from the registry of `key`.
@@ -932,6 +927,14 @@ fn no_registry() -> BackendError {
         what: "a candidate registry".to_owned(),
         needed: "a backend that implements BackendEdge::register, deregister and candidates"
             .to_owned(),
+    }
+}
+
+/// The error the proclaim method's defaults return.
+fn no_proclaim() -> BackendError {
+    BackendError::Unsupported {
+        what: "proclaim (replacing a live lease's metadata)".to_owned(),
+        needed: "a backend that implements BackendEdge::proclaim".to_owned(),
     }
 }
 

@@ -26,6 +26,7 @@
 //! |---|---|
 //! | acquire | if the lease key exists, return it and its `PTTL`. Else, if the epoch marker is missing or younger than one ttl, refuse (see below). Else the token is `max(last token + 1, the server's TIME in µs)`, written to the token key and into the value, which is `SET … PX ttl`; `PUBLISH` the new holder |
 //! | renew | if the stored nonce is ours and the server's clock is still before the leader's deadline (mapped to it from earlier replies, early rather than late), `PEXPIRE` by the ttl and `PUBLISH` the holder with its expiry; a missing or replaced lease is [`Renewed::Lost`]. An expired key is gone, so it cannot be revived |
+//! | proclaim | as renew, but `SET … PX ttl` instead of `PEXPIRE`: the stored value's head (nonce, holder id, token, acquired at) kept as it is, followed by the new metadata; `PUBLISH` the holder with it |
 //! | release | compare-and-delete on the nonce, the token key kept; `PUBLISH` the release |
 //! | holder | the value and its `PTTL` (the expiry hint); a value we cannot decode, or a key of another type, is a foreign holder |
 //! | register | remove the key's expired entries (`ZRANGEBYSCORE … -inf now`, `HDEL`, `ZREMRANGEBYSCORE`); `HSET` the entry if it is new or its value changed; `ZADD` its expiry, the server's `TIME` + ttl; `PEXPIREAT` both keys to the latest expiry; `PUBLISH` a registry change only if an entry was added, rewritten with other contents or removed (never for a plain renewal) |
@@ -202,6 +203,29 @@ redis.call('PUBLISH', ARGV[4], 'U ' .. ARGV[2] .. ' ' .. int(now + tonumber(ARGV
 return {1, int(now)}
 ";
 
+/// KEYS: lease. ARGV: as for `RENEW`, then the tail of the new value (the
+/// metadata's length and the metadata, from byte 52 on). The stored head
+/// (nonce, holder id, token, acquired at) is kept as it is. Returns as
+/// `RENEW` does.
+const PROCLAIM: &str = r"
+local cur = get(KEYS[1])
+if not cur or string.sub(cur, 4, 19) ~= ARGV[1] then
+  return {0, int(now)}
+end
+local deadline = tonumber(ARGV[3])
+if deadline and now >= deadline then
+  return {-1, int(now)}
+end
+local v = string.sub(cur, 1, 51) .. ARGV[6]
+redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[4], 'U ' .. ARGV[2] .. ' ' .. int(now + tonumber(ARGV[2]) * 1000) .. ' ' .. ARGV[5] .. '\n' .. v)
+return {1, int(now)}
+";
+
+/// The bytes of an encoded value before the metadata's length: magic,
+/// version, nonce, holder id, token, acquired at. `PROCLAIM` keeps them.
+const VALUE_HEAD: usize = 2 + 1 + 16 + 16 + 8 + 8;
+
 /// KEYS: lease. ARGV: nonce, channel, key. Returns 1 if it deleted.
 const RELEASE: &str = r"
 local cur = get(KEYS[1])
@@ -292,6 +316,7 @@ struct Scripts {
     candidates: Script,
     acquire: Script,
     renew: Script,
+    proclaim: Script,
     release: Script,
     holder: Script,
     mark: Script,
@@ -307,6 +332,7 @@ fn scripts() -> &'static Scripts {
             candidates: s(CANDIDATES),
             acquire: s(ACQUIRE),
             renew: s(RENEW),
+            proclaim: s(PROCLAIM),
             release: s(RELEASE),
             holder: s(HOLDER),
             mark: s(MARK),
@@ -1554,6 +1580,69 @@ impl BackendEdge for RedisBackend {
 
     fn supports_candidates(&self) -> bool {
         true
+    }
+
+    fn supports_proclaim(&self) -> bool {
+        true
+    }
+
+    async fn proclaim(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        metadata: &bytes::Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        // A renewal (the same checks, the same expiry) that also writes
+        // the new metadata behind the stored head.
+        let deadline = Instant::now() + budget;
+        let lease = lease.with_metadata(metadata.clone());
+        let value = lease.value().encode();
+        let tail = value.get(VALUE_HEAD..).unwrap_or_default();
+        let nonce = lease.nonce().to_bytes();
+        let ttl_ms = ttl_ms(ttl);
+        let server_deadline = self
+            .server_deadline_us(key, deadline)
+            .map(|us| us.to_string())
+            .unwrap_or_default();
+        let ttl_text = ttl_ms.to_string();
+        let (reply, received) = self
+            .run(
+                &scripts().proclaim,
+                &[&self.lease_key(key)],
+                &[
+                    &nonce,
+                    ttl_text.as_bytes(),
+                    server_deadline.as_bytes(),
+                    self.inner.channel.as_bytes(),
+                    key.as_str().as_bytes(),
+                    tail,
+                ],
+                budget,
+            )
+            .await?;
+        let items = array(reply)?;
+        let (status, now) = (
+            items.first().and_then(int_of),
+            items.get(1).and_then(int_of),
+        );
+        let (Some(status), Some(now)) = (status, now) else {
+            return Err(unexpected(&Value::Array(items)));
+        };
+        self.sample(key, now, received);
+        match status {
+            1 => Ok(Renewed::Renewed(lease.with_revision(revision(
+                now,
+                i64::try_from(ttl_ms).unwrap_or(i64::MAX),
+            )))),
+            // Too late for the leader's deadline: nothing changed.
+            -1 => Err(BackendError::Timeout(budget)),
+            _ => {
+                self.forget_clock(key);
+                Ok(Renewed::Lost)
+            }
+        }
     }
 
     async fn register(

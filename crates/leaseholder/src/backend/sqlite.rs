@@ -53,6 +53,7 @@
 //! | setup | `BEGIN IMMEDIATE`; creates the table if it is missing (then [`Prepared::Created`]), and checks an existing table's columns |
 //! | acquire | `BEGIN IMMEDIATE`; reads the row; if it is free, expired, or from another boot, writes the new lease with the next token |
 //! | renew | `BEGIN IMMEDIATE`; extends the row if nonce and term match and it has not expired, and only if the leader's deadline (the call's budget) has not passed |
+//! | proclaim | `BEGIN IMMEDIATE`; one `UPDATE` with the renewal's conditions that also writes the value with the new metadata (the token stays in `term`) |
 //! | release | `BEGIN IMMEDIATE`; clears nonce, value and expiry if nonce and term match, keeping `term` |
 //! | holder | one `SELECT`: the row if it is live, with the time left |
 //! | register | `BEGIN IMMEDIATE`; deletes the key's expired entries (or ones from another boot), then inserts the entry or replaces the one with its id (`ON CONFLICT (key, id) DO UPDATE`), expiring a ttl from now |
@@ -288,6 +289,7 @@ struct Sql {
     select: String,
     upsert: String,
     renew: String,
+    proclaim: String,
     release: String,
     create_candidates: String,
     sweep_candidates: String,
@@ -355,6 +357,13 @@ impl Sql {
             // ?1 expires_at, ?2 key, ?3 nonce, ?4 term, ?5 boot id, ?6 now.
             renew: format!(
                 "UPDATE {t} SET expires_at = ?1, revision = revision + 1 \
+                 WHERE key = ?2 AND nonce = ?3 AND term = ?4 AND boot_id = ?5 \
+                   AND expires_at > ?6 \
+                 RETURNING revision"
+            ),
+            // As `renew`, and ?7 the new value.
+            proclaim: format!(
+                "UPDATE {t} SET expires_at = ?1, value = ?7, revision = revision + 1 \
                  WHERE key = ?2 AND nonce = ?3 AND term = ?4 AND boot_id = ?5 \
                    AND expires_at > ?6 \
                  RETURNING revision"
@@ -924,6 +933,65 @@ impl BlockingBackendEdge for SqliteBackend {
                         term_of(&lease),
                         boot,
                         now
+                    ],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match revision {
+                Some(revision) => {
+                    tx.commit()?;
+                    Ok(Some(revision))
+                }
+                None => Ok(None),
+            }
+        });
+        match result {
+            Ok(Some(revision)) => {
+                self.wrote();
+                Ok(Renewed::Renewed(
+                    lease.with_revision(revision.unsigned_abs()),
+                ))
+            }
+            Ok(None) => Ok(Renewed::Lost),
+            // No lease outlives its table or file.
+            Err(Fail::Gone(_)) => Ok(Renewed::Lost),
+            Err(Fail::Other(e)) => Err(e),
+        }
+    }
+
+    fn supports_proclaim(&self) -> bool {
+        true
+    }
+
+    fn proclaim(
+        &self,
+        key: Key,
+        lease: Lease,
+        metadata: bytes::Bytes,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        let boot = clock::boot_id()?;
+        let sql = &self.inner.sql;
+        // The value as the acquire wrote it, with the new metadata: the
+        // token stays in `term` (and in the value, as it was).
+        let lease = lease.with_metadata(metadata);
+        let value = lease.value().encode();
+        let result = self.with_conn(budget, |db, deadline| {
+            // As for a renewal: past the deadline the leader has given up.
+            let tx = Self::begin(db, deadline, budget)?;
+            let now = clock::now_ns()?;
+            let revision: Option<i64> = tx
+                .query_row(
+                    &sql.proclaim,
+                    params![
+                        now.saturating_add(nanos(ttl)),
+                        key.as_str(),
+                        &nonce_bytes(&lease)[..],
+                        term_of(&lease),
+                        boot,
+                        now,
+                        &value[..]
                     ],
                     |r| r.get(0),
                 )
