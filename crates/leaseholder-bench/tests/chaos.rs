@@ -118,3 +118,17 @@ fn a_minute_of_chaos_on_etcd_keeps_the_safety_property() {
     assert_eq!(field(&line, "wipe"), 0, "{line}");
     assert!(started.elapsed() < Duration::from_secs(180));
 }
+
+#[test]
+fn a_minute_of_chaos_with_priorities_on_postgres_keeps_the_safety_property() {
+    // Candidates with registry entries of priorities 0, 5 and 10: besides
+    // the faults, leaders are preempted (after a minimum term of one ttl)
+    // and followers hold off for preferred candidates, some of them
+    // killed or paused.
+    let started = Instant::now();
+    let line = chaos(&["--duration", "60s", "--store", "postgres", "--priorities"]);
+    for kind in ["kill", "pause", "cut", "blackhole", "restart"] {
+        assert!(field(&line, kind) > 0, "no {kind} fault injected: {line}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(180));
+}

@@ -3,7 +3,7 @@
 //! property.
 //!
 //! ```text
-//! chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis|etcd] [--long]
+//! chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis|etcd] [--priorities] [--long]
 //! ```
 //!
 //! It starts the server (nats-server 2.11+, PostgreSQL 15+, redis-server
@@ -89,6 +89,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
         store: Store::Nats,
         ttl: Duration::from_secs(2),
         write_delay: Duration::from_millis(200),
+        priorities: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -99,6 +100,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
         match flag.as_str() {
             "--duration" => opts.duration = parse_duration(value()?)?,
             "--long" => opts.duration = Duration::from_secs(20 * 60),
+            "--priorities" => opts.priorities = true,
             "--seed" => opts.seed = value()?.parse().context("--seed")?,
             "--candidates" => opts.candidates = value()?.parse().context("--candidates")?,
             "--store" => {
@@ -143,10 +145,15 @@ async fn main() -> anyhow::Result<()> {
         Store::Etcd => "etcd",
     };
     println!(
-        "chaos: seed {} (repeat the fault schedule with --seed {}), store {store}, {} candidates, {} s, ttl {} ms, write delay {} ms",
+        "chaos: seed {} (repeat the fault schedule with --seed {}), store {store}, {} candidates{}, {} s, ttl {} ms, write delay {} ms",
         opts.seed,
         opts.seed,
         opts.candidates,
+        if opts.priorities {
+            " with priorities 0, 5, 10"
+        } else {
+            ""
+        },
         opts.duration.as_secs(),
         opts.ttl.as_millis(),
         opts.write_delay.as_millis(),

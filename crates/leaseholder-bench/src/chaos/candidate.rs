@@ -92,10 +92,12 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
             }
         }
     };
-    let leader = Leader::builder(key.as_str())
-        .backend(backend)
-        .ttl(ttl)
-        .build()?;
+    let mut builder = Leader::builder(key.as_str()).backend(backend).ttl(ttl);
+    // `--priorities`: a registry entry with this priority.
+    if let Ok(p) = std::env::var("LEASEHOLDER_PRIORITY") {
+        builder = builder.priority(p.parse().context("LEASEHOLDER_PRIORITY")?);
+    }
+    let leader = builder.build()?;
     loop {
         match tokio::time::timeout(Duration::from_secs(5), leader.setup()).await {
             Ok(Ok(())) => break,

@@ -54,6 +54,10 @@ pub(crate) struct Options {
     pub(crate) store: Store,
     pub(crate) ttl: Duration,
     pub(crate) write_delay: Duration,
+    /// Candidates keep registry entries with priorities 0, 5 and 10 by
+    /// slot (and a minimum term of one ttl), so preemptions and hold-offs
+    /// happen among the faults.
+    pub(crate) priorities: bool,
 }
 
 enum Server {
@@ -418,6 +422,9 @@ impl Harness {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+        if self.opts.priorities {
+            cmd.env("LEASEHOLDER_PRIORITY", ((slot % 3) * 5).to_string());
+        }
         let mut guard = ChildGuard::spawn(&mut cmd)?;
         let stdout = guard
             .child_mut()

@@ -18,6 +18,7 @@
 //! | [`release`](BackendEdge::release) | end the lease only if it still has this nonce (compare-and-delete); idempotent; never make a later token smaller |
 //! | [`holder`](BackendEdge::holder) | return the live lease with an expiry hint |
 //! | [`watch`](BackendEdge::watch) | optionally stream change events for all keys |
+//! | [`proclaim`](BackendEdge::proclaim) | optionally: as `renew`, and replace the lease's metadata |
 //! | [`register`](BackendEdge::register), [`deregister`](BackendEdge::deregister), [`candidates`](BackendEdge::candidates) | optionally keep the candidate registry: entries that expire by the store's clock, listed live |
 //!
 //! **Whose clock.** Expiry is decided by the store's clock (a message TTL, a
