@@ -615,6 +615,62 @@ impl RedisBackend {
     }
 
     /// Runs `script` within `budget`. Returns the reply and when it came.
+    /// A renewal by `script` (the renew script, or the proclaim script
+    /// with the value's `tail` to write): the nonce, the ttl, the leader's
+    /// deadline on the server's clock; `-1` from the script means it came
+    /// after that deadline and changed nothing.
+    async fn extend(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        script: &Script,
+        tail: Option<&[u8]>,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        let deadline = Instant::now() + budget;
+        let nonce = lease.nonce().to_bytes();
+        let ttl_ms = ttl_ms(ttl);
+        let server_deadline = self
+            .server_deadline_us(key, deadline)
+            .map(|us| us.to_string())
+            .unwrap_or_default();
+        let ttl_text = ttl_ms.to_string();
+        let mut args: Vec<&[u8]> = vec![
+            &nonce,
+            ttl_text.as_bytes(),
+            server_deadline.as_bytes(),
+            self.inner.channel.as_bytes(),
+            key.as_str().as_bytes(),
+        ];
+        args.extend(tail);
+        let (reply, received) = self
+            .run(script, &[&self.lease_key(key)], &args, budget)
+            .await?;
+        let items = array(reply)?;
+        let (status, now) = (
+            items.first().and_then(int_of),
+            items.get(1).and_then(int_of),
+        );
+        let (Some(status), Some(now)) = (status, now) else {
+            return Err(unexpected(&Value::Array(items)));
+        };
+        self.sample(key, now, received);
+        match status {
+            1 => Ok(Renewed::Renewed(lease.with_revision(revision(
+                now,
+                i64::try_from(ttl_ms).unwrap_or(i64::MAX),
+            )))),
+            // Reached the server after the leader's deadline: it changed
+            // nothing, like a reply that never came.
+            -1 => Err(BackendError::Timeout(budget)),
+            _ => {
+                self.forget_clock(key);
+                Ok(Renewed::Lost)
+            }
+        }
+    }
+
     async fn run(
         &self,
         script: &Script,
@@ -1435,50 +1491,8 @@ impl BackendEdge for RedisBackend {
         ttl: Duration,
         budget: Duration,
     ) -> Result<Renewed, BackendError> {
-        let deadline = Instant::now() + budget;
-        let nonce = lease.nonce().to_bytes();
-        let ttl_ms = ttl_ms(ttl);
-        let server_deadline = self
-            .server_deadline_us(key, deadline)
-            .map(|us| us.to_string())
-            .unwrap_or_default();
-        let ttl_text = ttl_ms.to_string();
-        let (reply, received) = self
-            .run(
-                &scripts().renew,
-                &[&self.lease_key(key)],
-                &[
-                    &nonce,
-                    ttl_text.as_bytes(),
-                    server_deadline.as_bytes(),
-                    self.inner.channel.as_bytes(),
-                    key.as_str().as_bytes(),
-                ],
-                budget,
-            )
-            .await?;
-        let items = array(reply)?;
-        let (status, now) = (
-            items.first().and_then(int_of),
-            items.get(1).and_then(int_of),
-        );
-        let (Some(status), Some(now)) = (status, now) else {
-            return Err(unexpected(&Value::Array(items)));
-        };
-        self.sample(key, now, received);
-        match status {
-            1 => Ok(Renewed::Renewed(lease.with_revision(revision(
-                now,
-                i64::try_from(ttl_ms).unwrap_or(i64::MAX),
-            )))),
-            // Reached the server after the leader's deadline: it changed
-            // nothing, like a reply that never came.
-            -1 => Err(BackendError::Timeout(budget)),
-            _ => {
-                self.forget_clock(key);
-                Ok(Renewed::Lost)
-            }
-        }
+        self.extend(key, lease, &scripts().renew, None, ttl, budget)
+            .await
     }
 
     async fn release(
@@ -1596,53 +1610,11 @@ impl BackendEdge for RedisBackend {
     ) -> Result<Renewed, BackendError> {
         // A renewal (the same checks, the same expiry) that also writes
         // the new metadata behind the stored head.
-        let deadline = Instant::now() + budget;
         let lease = lease.with_metadata(metadata.clone());
         let value = lease.value().encode();
         let tail = value.get(VALUE_HEAD..).unwrap_or_default();
-        let nonce = lease.nonce().to_bytes();
-        let ttl_ms = ttl_ms(ttl);
-        let server_deadline = self
-            .server_deadline_us(key, deadline)
-            .map(|us| us.to_string())
-            .unwrap_or_default();
-        let ttl_text = ttl_ms.to_string();
-        let (reply, received) = self
-            .run(
-                &scripts().proclaim,
-                &[&self.lease_key(key)],
-                &[
-                    &nonce,
-                    ttl_text.as_bytes(),
-                    server_deadline.as_bytes(),
-                    self.inner.channel.as_bytes(),
-                    key.as_str().as_bytes(),
-                    tail,
-                ],
-                budget,
-            )
-            .await?;
-        let items = array(reply)?;
-        let (status, now) = (
-            items.first().and_then(int_of),
-            items.get(1).and_then(int_of),
-        );
-        let (Some(status), Some(now)) = (status, now) else {
-            return Err(unexpected(&Value::Array(items)));
-        };
-        self.sample(key, now, received);
-        match status {
-            1 => Ok(Renewed::Renewed(lease.with_revision(revision(
-                now,
-                i64::try_from(ttl_ms).unwrap_or(i64::MAX),
-            )))),
-            // Too late for the leader's deadline: nothing changed.
-            -1 => Err(BackendError::Timeout(budget)),
-            _ => {
-                self.forget_clock(key);
-                Ok(Renewed::Lost)
-            }
-        }
+        self.extend(key, &lease, &scripts().proclaim, Some(tail), ttl, budget)
+            .await
     }
 
     async fn register(
