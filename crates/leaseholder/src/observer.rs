@@ -205,15 +205,7 @@ pub(crate) async fn read_candidates(
     let mut list = tokio::time::timeout(limit, backend.candidates_within(key, limit))
         .await
         .unwrap_or(Err(BackendError::Timeout(limit)))?;
-    list.sort_by(|a, b| {
-        if a.before(b) {
-            std::cmp::Ordering::Less
-        } else if b.before(a) {
-            std::cmp::Ordering::Greater
-        } else {
-            std::cmp::Ordering::Equal
-        }
-    });
+    list.sort_by(Candidate::rank);
     Ok(list)
 }
 

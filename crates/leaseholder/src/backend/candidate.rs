@@ -171,11 +171,19 @@ impl Candidate {
         })
     }
 
-    /// `true` if `self` goes before `other`: higher priority, then the
+    /// The order in which candidates go first: higher priority, then the
     /// longest-waiting, then the smaller id (so every reader agrees).
-    pub(crate) fn before(&self, other: &Candidate) -> bool {
-        (other.priority, self.since, self.id) < (self.priority, other.since, other.id)
+    /// `Less` if `self` goes before `other`.
+    pub(crate) fn rank(&self, other: &Candidate) -> std::cmp::Ordering {
+        (other.priority, self.since, self.id).cmp(&(self.priority, other.since, other.id))
     }
+}
+
+/// The candidate of `candidates` that goes first ([`Candidate::rank`]).
+pub(crate) fn best<'a>(
+    candidates: impl IntoIterator<Item = &'a Candidate>,
+) -> Option<&'a Candidate> {
+    candidates.into_iter().min_by(|a, b| a.rank(b))
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -234,14 +242,7 @@ pub(crate) fn first_choice(
         return Some(who);
     }
     let skip = last.map(|(id, _)| id);
-    candidates
-        .iter()
-        .filter(|c| Some(c.id) != skip)
-        .fold(None::<&Candidate>, |best, c| match best {
-            Some(b) if !c.before(b) => Some(b),
-            _ => Some(c),
-        })
-        .map(|c| c.id)
+    best(candidates.iter().filter(|c| Some(c.id) != skip)).map(|c| c.id)
 }
 
 #[cfg(test)]

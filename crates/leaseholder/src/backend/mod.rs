@@ -90,7 +90,7 @@ use futures_core::Stream;
 use crate::error::{BackendError, ConfigError, Op};
 
 pub use candidate::Candidate;
-pub(crate) use candidate::first_choice;
+pub(crate) use candidate::{best, first_choice};
 pub use hub::Subscription;
 
 /// The budget [`Backend`]'s methods without one (`setup`, `acquire`,

@@ -810,16 +810,9 @@ impl World {
                 self.preempts_left -= 1;
                 let token = self.cands[i].term.as_ref().ok_or("no term")?.token;
                 let me = leader_id(i);
-                let best = self
-                    .store
-                    .registry
-                    .iter()
-                    .filter(|c| c.id() != me)
-                    .fold(None::<&Candidate>, |b, c| match b {
-                        Some(b) if !c.before(b) => Some(b),
-                        _ => Some(c),
-                    })
-                    .map(Candidate::id);
+                let best =
+                    crate::backend::best(self.store.registry.iter().filter(|c| c.id() != me))
+                        .map(Candidate::id);
                 if let (Some(to), Some(entry)) =
                     (best, self.store.registry.iter_mut().find(|c| c.id() == me))
                 {

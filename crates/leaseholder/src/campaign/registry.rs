@@ -284,13 +284,10 @@ impl Registry {
                     }
                 };
                 let me = self.entry.id();
-                let better = list
-                    .iter()
-                    .filter(|c| c.id() != me && c.priority() > self.cfg.priority)
-                    .fold(None::<&Candidate>, |best, c| match best {
-                        Some(b) if !c.before(b) => Some(b),
-                        _ => Some(c),
-                    });
+                let better = crate::backend::best(
+                    list.iter()
+                        .filter(|c| c.id() != me && c.priority() > self.cfg.priority),
+                );
                 match better {
                     Some(c) if self.cfg.preemptible => {
                         let not_before = later(since, self.cfg.min_term);
