@@ -33,6 +33,8 @@ pub struct WorkLog {
     intervals: Arc<Mutex<Vec<Interval>>>,
     /// How many intervals have begun.
     begun: Arc<watch::Sender<usize>>,
+    /// How many intervals have ended.
+    ended: Arc<watch::Sender<usize>>,
 }
 
 /// Ends its interval in the [`WorkLog`] when dropped.
@@ -49,6 +51,7 @@ impl Drop for WorkGuard {
         if let Some(interval) = self.log.lock().get_mut(self.index) {
             interval.end = Some(now);
         }
+        self.log.ended.send_modify(|n| *n += 1);
     }
 }
 
@@ -121,6 +124,20 @@ impl WorkLog {
         // The sender lives in `self`, so the wait cannot fail.
         let _ = begun.wait_for(|&count| count >= n).await;
         self.lock()[n.saturating_sub(1)].clone()
+    }
+
+    /// Waits until the interval at `index` (from 0, in start order) has
+    /// begun and ended, and returns it. Without a timeout of its own: wrap
+    /// it in one.
+    pub async fn wait_for_end(&self, index: usize) -> Interval {
+        let mut ended = self.ended.subscribe();
+        loop {
+            if let Some(i) = self.lock().get(index).filter(|i| i.end.is_some()) {
+                return i.clone();
+            }
+            // The sender lives in `self`, so the wait cannot fail.
+            let _ = ended.changed().await;
+        }
     }
 
     /// Every interval so far, in start order.

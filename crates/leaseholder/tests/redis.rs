@@ -160,7 +160,12 @@ async fn a_leader_whose_link_fails_stops_before_its_lease_expires(blackhole: boo
     assert_eq!(next.who, "b");
     assert!(next.token > token);
     assert!(term.is_cancelled());
-    let ended = log.intervals()[0].end.expect("A's work has ended");
+    // The token fires before the work returns: wait for the work itself.
+    let ended = timeout(WAIT, log.wait_for_end(0))
+        .await
+        .expect("A's work ends")
+        .end
+        .expect("an ended interval has an end");
     println!(
         "{}: A's work ended {:?} after it, its lease expired {:?} after it, B began {:?} after it",
         if blackhole { "blackhole" } else { "cut" },
