@@ -23,6 +23,13 @@ pub(crate) struct Counts {
     pub(crate) register: AtomicU64,
     pub(crate) deregister: AtomicU64,
     pub(crate) candidates: AtomicU64,
+    /// Reads of one registry entry.
+    pub(crate) candidate: AtomicU64,
+    /// Registry writes whose entry differs from the one this candidate
+    /// wrote before (a new entry, a nomination, new metadata), as opposed
+    /// to renewals of the same entry.
+    pub(crate) register_changes: AtomicU64,
+    last_entries: Mutex<HashMap<(Key, LeaderId), bytes::Bytes>>,
     /// How many keep-alives the wrapped backend has sent, where it counts
     /// them (etcd: `EtcdBackend::keep_alives_sent`).
     pub(crate) keep_alives: OnceLock<KeepAlives>,
@@ -53,6 +60,8 @@ pub(crate) struct Snapshot {
     pub(crate) register: u64,
     pub(crate) deregister: u64,
     pub(crate) candidates: u64,
+    pub(crate) candidate: u64,
+    pub(crate) register_changes: u64,
 }
 
 impl Snapshot {
@@ -72,6 +81,8 @@ impl Snapshot {
             register: self.register - before.register,
             deregister: self.deregister - before.deregister,
             candidates: self.candidates - before.candidates,
+            candidate: self.candidate - before.candidate,
+            register_changes: self.register_changes - before.register_changes,
         }
     }
 }
@@ -86,6 +97,8 @@ impl Counts {
             register: self.register.load(Ordering::Relaxed),
             deregister: self.deregister.load(Ordering::Relaxed),
             candidates: self.candidates.load(Ordering::Relaxed),
+            candidate: self.candidate.load(Ordering::Relaxed),
+            register_changes: self.register_changes.load(Ordering::Relaxed),
         }
     }
 
@@ -234,6 +247,16 @@ impl<E: BackendEdge> BackendEdge for Counting<E> {
         budget: Duration,
     ) -> Result<(), BackendError> {
         self.counts.register.fetch_add(1, Ordering::Relaxed);
+        let value = candidate.encode();
+        let old = self
+            .counts
+            .last_entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((key.clone(), candidate.id()), value.clone());
+        if old.as_ref() != Some(&value) {
+            self.counts.register_changes.fetch_add(1, Ordering::Relaxed);
+        }
         self.inner.register(key, candidate, ttl, budget).await
     }
 
@@ -254,5 +277,15 @@ impl<E: BackendEdge> BackendEdge for Counting<E> {
     ) -> Result<Vec<Candidate>, BackendError> {
         self.counts.candidates.fetch_add(1, Ordering::Relaxed);
         self.inner.candidates(key, budget).await
+    }
+
+    async fn candidate(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<Option<Candidate>, BackendError> {
+        self.counts.candidate.fetch_add(1, Ordering::Relaxed);
+        self.inner.candidate(key, id, budget).await
     }
 }

@@ -26,11 +26,16 @@ pub(crate) struct HandoffCost {
     /// Lease writes (acquires, renewals, releases) by everyone, from the
     /// resign until every hold-off has passed.
     pub(crate) lease_writes: u64,
-    /// Registry reads by everyone in that window.
-    pub(crate) registry_reads: u64,
-    /// Registry writes in that window (the periodic renewals of the
-    /// entries, which go on whether or not anyone hands over).
-    pub(crate) registry_writes: u64,
+    /// Registry writes that changed an entry (a nomination, a successor
+    /// named), in that window: caused by the handoff.
+    pub(crate) registry_changes: u64,
+    /// Reads of the whole registry by everyone in that window.
+    pub(crate) registry_lists: u64,
+    /// Reads of one registry entry (the last holder's) in that window.
+    pub(crate) entry_reads: u64,
+    /// Registry writes in that window that renewed an entry unchanged (the
+    /// periodic renewals, which go on whether or not anyone hands over).
+    pub(crate) registry_renewals: u64,
     pub(crate) window: Duration,
 }
 
@@ -84,6 +89,8 @@ fn sum(a: &Arc<Counts>, b: &Arc<Counts>) -> Snapshot {
         register: x.register + y.register,
         deregister: x.deregister + y.deregister,
         candidates: x.candidates + y.candidates,
+        candidate: x.candidate + y.candidate,
+        register_changes: x.register_changes + y.register_changes,
     }
 }
 
@@ -155,8 +162,10 @@ pub(crate) async fn handoff_cost(
         followers: n,
         took,
         lease_writes: d.acquire + d.renew + d.release,
-        registry_reads: d.candidates,
-        registry_writes: d.register + d.deregister,
+        registry_changes: d.register_changes,
+        registry_lists: d.candidates,
+        entry_reads: d.candidate,
+        registry_renewals: (d.register + d.deregister).saturating_sub(d.register_changes),
         window,
     })
 }

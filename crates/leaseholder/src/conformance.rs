@@ -1044,6 +1044,24 @@ async fn listed(
     Ok(by_id)
 }
 
+/// What `b` reads as the one entry of `id` under `key` must be `want`.
+async fn one_entry(
+    row: &'static str,
+    b: &Backend,
+    key: &Key,
+    id: LeaderId,
+    want: Option<&Candidate>,
+) -> Result<(), Failure> {
+    let got = ok(row, "candidate", b.candidate(key, id).await)?;
+    if got.as_ref() != want {
+        return Err(fail(
+            row,
+            format!("candidate({id}) read {got:?}, expected {want:?}"),
+        ));
+    }
+    Ok(())
+}
+
 /// An entry as stored: `since` at millisecond precision.
 fn entry(priority: i32, metadata: &'static [u8]) -> Candidate {
     let since = std::time::UNIX_EPOCH
@@ -1060,9 +1078,10 @@ fn entry(priority: i32, metadata: &'static [u8]) -> Candidate {
 }
 
 /// The registry of a key lists what was registered, as written, to every
-/// client; writing an entry again replaces it (no second entry for the id);
-/// deregistering removes it (and is idempotent); a key's registry is its
-/// own, and it neither makes the key held nor touches its lease.
+/// client, and reads each entry alone (`candidate`) the same; writing an
+/// entry again replaces it (no second entry for the id); deregistering
+/// removes it (and is idempotent); a key's registry is its own, and it
+/// neither makes the key held nor touches its lease.
 pub async fn registry_lists_replaces_and_removes_entries<H: Harness>(h: &H) -> RowResult {
     const ROW: &str = "registry_lists_replaces_and_removes_entries";
     let (key, a, b) = two_clients(h, ROW, "registry").await?;
@@ -1089,6 +1108,9 @@ pub async fn registry_lists_replaces_and_removes_entries<H: Harness>(h: &H) -> R
                 format!("listed {seen:?}, registered {ca:?} and {cb:?}"),
             ));
         }
+        one_entry(ROW, client, &key, ca.id(), Some(&ca)).await?;
+        one_entry(ROW, client, &key, cb.id(), Some(&cb)).await?;
+        one_entry(ROW, client, &key, LeaderId::new(), None).await?;
     }
     if ok(ROW, "holder", a.holder(&key).await)?.is_some() {
         return Err(fail(ROW, "registering made the key held"));
@@ -1098,6 +1120,7 @@ pub async fn registry_lists_replaces_and_removes_entries<H: Harness>(h: &H) -> R
     if !listed(ROW, &a, &other).await?.is_empty() {
         return Err(fail(ROW, "another key lists this key's entries"));
     }
+    one_entry(ROW, &a, &other, ca.id(), None).await?;
     let again = ca
         .clone()
         .with_nominee(Some((cb.id(), FencingToken::new(41))));
@@ -1113,6 +1136,7 @@ pub async fn registry_lists_replaces_and_removes_entries<H: Harness>(h: &H) -> R
     if seen.len() != 2 || seen.get(&ca.id()) != Some(&again) {
         return Err(fail(ROW, format!("after a rewrite: {seen:?}")));
     }
+    one_entry(ROW, &b, &key, ca.id(), Some(&again)).await?;
     ok(
         ROW,
         "deregister",
@@ -1127,6 +1151,7 @@ pub async fn registry_lists_replaces_and_removes_entries<H: Harness>(h: &H) -> R
     if seen.len() != 1 || !seen.contains_key(&cb.id()) {
         return Err(fail(ROW, format!("after deregister: {seen:?}")));
     }
+    one_entry(ROW, &b, &key, ca.id(), None).await?;
     match ok(ROW, "holder", a.holder(&key).await)? {
         Some(holder) if holder.is_nonce(lease.nonce()) => {}
         other => {
@@ -1150,7 +1175,7 @@ pub async fn registry_lists_replaces_and_removes_entries<H: Harness>(h: &H) -> R
 
 /// An entry lives at least its ttl from its last write by the store's
 /// clock, a rewrite extends it, and one not written again is gone within
-/// the ttl plus the store's expiry slack.
+/// the ttl plus the store's expiry slack, from the list and as one entry.
 pub async fn registry_entries_expire_by_the_store_clock<H: Harness>(h: &H) -> RowResult {
     const ROW: &str = "registry_entries_expire_by_the_store_clock";
     let (key, a, b) = two_clients(h, ROW, "registry-expiry").await?;
@@ -1174,7 +1199,9 @@ pub async fn registry_entries_expire_by_the_store_clock<H: Harness>(h: &H) -> Ro
     )?;
     // Past the first write's ttl, inside the second's.
     tokio::time::sleep(ttl / 2).await;
-    if !listed(ROW, &b, &key).await?.contains_key(&c.id()) {
+    if !listed(ROW, &b, &key).await?.contains_key(&c.id())
+        || ok(ROW, "candidate", b.candidate(&key, c.id()).await)?.is_none()
+    {
         return Err(fail(
             ROW,
             format!(
@@ -1192,6 +1219,8 @@ pub async fn registry_entries_expire_by_the_store_clock<H: Harness>(h: &H) -> Ro
             if after + step < ttl {
                 return Err(fail(ROW, format!("expired after {after:?}, ttl {ttl:?}")));
             }
+            // Expired for the list: expired as one entry too.
+            one_entry(ROW, &b, &key, c.id(), None).await?;
             return Ok(Outcome::Passed);
         }
         if written.elapsed() > limit {

@@ -246,6 +246,8 @@ async fn a_dead_preferred_candidate_costs_at_most_the_holdoff() {
         )
     })
     .await;
+    let observer = Observer::new("job", Backend::memory(&store), Duration::from_secs(10)).unwrap();
+    let mut seen = observer.watch_candidates();
     let dead = LeaderId::new();
     store.put_raw_candidate(
         &key(),
@@ -253,6 +255,20 @@ async fn a_dead_preferred_candidate_costs_at_most_the_holdoff() {
         Candidate::new(dead, 100, "dead").encode(),
         Duration::from_secs(60),
     );
+    // a, reading the registry on its change, names the new best candidate
+    // its successor; b reads that name when a lets go.
+    let a_id = a.leader_id();
+    timeout(
+        WAIT,
+        seen.wait_for(|list| {
+            list.iter()
+                .flatten()
+                .any(|c| c.id() == a_id && c.nominee().is_some_and(|(who, _)| who == dead))
+        }),
+    )
+    .await
+    .expect("a did not name the new candidate")
+    .unwrap();
     let released = Instant::now();
     a.resign().await.unwrap();
     let held = wait(&mut sb, |s| {
@@ -645,4 +661,210 @@ async fn proclaim_updates_the_metadata_within_the_term() {
         matches!(&err, Error::Backend { op: leaseholder::Op::Proclaim, source, .. } if matches!(**source, BackendError::Unsupported { .. })),
         "{err:?}"
     );
+}
+
+/// The memory backend, counting the registry reads and the writes of every
+/// candidate that shares it.
+#[derive(Clone)]
+struct Counted {
+    inner: leaseholder::MemoryBackend,
+    counts: std::sync::Arc<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    lists: std::sync::atomic::AtomicU64,
+    entries: std::sync::atomic::AtomicU64,
+    lease_writes: std::sync::atomic::AtomicU64,
+}
+
+impl Counts {
+    fn get(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.lists.load(Relaxed),
+            self.entries.load(Relaxed),
+            self.lease_writes.load(Relaxed),
+        )
+    }
+}
+
+fn bump(n: &std::sync::atomic::AtomicU64) {
+    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl BackendEdge for Counted {
+    fn name(&self) -> &'static str {
+        "counted-memory"
+    }
+    async fn setup(&self, budget: Duration) -> Result<Prepared, BackendError> {
+        self.inner.setup(budget).await
+    }
+    async fn acquire(
+        &self,
+        key: &Key,
+        claim: &Claim,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Acquired, BackendError> {
+        bump(&self.counts.lease_writes);
+        self.inner.acquire(key, claim, ttl, budget).await
+    }
+    async fn renew(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        self.inner.renew(key, lease, ttl, budget).await
+    }
+    async fn release(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        bump(&self.counts.lease_writes);
+        self.inner.release(key, lease, budget).await
+    }
+    async fn holder(&self, key: &Key, budget: Duration) -> Result<Option<Holder>, BackendError> {
+        self.inner.holder(key, budget).await
+    }
+    async fn watch(&self) -> Result<Option<leaseholder::WatchStream>, BackendError> {
+        self.inner.watch().await
+    }
+    fn watch_reports_expiry(&self) -> bool {
+        self.inner.watch_reports_expiry()
+    }
+    fn supports_candidates(&self) -> bool {
+        true
+    }
+    async fn register(
+        &self,
+        key: &Key,
+        candidate: &Candidate,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        self.inner.register(key, candidate, ttl, budget).await
+    }
+    async fn deregister(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<(), BackendError> {
+        self.inner.deregister(key, id, budget).await
+    }
+    async fn candidates(
+        &self,
+        key: &Key,
+        budget: Duration,
+    ) -> Result<Vec<Candidate>, BackendError> {
+        bump(&self.counts.lists);
+        self.inner.candidates(key, budget).await
+    }
+    async fn candidate(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<Option<Candidate>, BackendError> {
+        bump(&self.counts.entries);
+        self.inner.candidate(key, id, budget).await
+    }
+}
+
+/// A leader names its successor in its registry entry, so a graceful
+/// handoff among many followers costs each follower one read of one entry
+/// (never the whole list), and the store two lease writes: the release and
+/// the successor's acquire. The others hold off for the named successor.
+#[tokio::test(start_paused = true)]
+async fn a_handoff_among_many_followers_reads_one_entry_each() {
+    const FOLLOWERS: usize = 40;
+    let store = MemoryStore::new();
+    let counted = Counted {
+        inner: store.backend(),
+        counts: Default::default(),
+    };
+    let backend = Backend::new(counted.clone());
+    let log = WorkLog::new();
+    let make = |priority| {
+        Leader::builder("job")
+            .backend(backend.clone())
+            .ttl(TTL)
+            .priority(priority)
+            .build()
+            .unwrap()
+    };
+    let a = make(1);
+    let ta = run(&a, "a", &log);
+    leads(&a).await;
+    let mut followers = Vec::new();
+    for i in 0..FOLLOWERS {
+        // One follower of priority 2 is the successor; the leader is not
+        // preempted by it before its minimum term.
+        let f = make(if i == FOLLOWERS / 2 { 2 } else { 1 });
+        let t = run(&f, &format!("f{i}"), &log);
+        followers.push((f, t));
+    }
+    let successor = followers[FOLLOWERS / 2].0.leader_id();
+    let observer = Observer::new("job", Backend::memory(&store), Duration::from_secs(10)).unwrap();
+    let mut seen = observer.watch_candidates();
+    let a_id = a.leader_id();
+    timeout(
+        WAIT,
+        seen.wait_for(|list| {
+            list.as_ref().is_some_and(|list| {
+                list.len() == FOLLOWERS + 1
+                    && list.iter().any(|c| {
+                        c.id() == a_id && c.nominee().is_some_and(|(who, _)| who == successor)
+                    })
+            })
+        }),
+    )
+    .await
+    .expect("the leader did not name its successor")
+    .unwrap();
+    for (f, _) in &followers {
+        wait(&mut f.state(), |s| {
+            matches!(
+                s,
+                State::Follower {
+                    waiting: Waiting::Held,
+                    ..
+                }
+            )
+        })
+        .await;
+    }
+    let (lists, entries, writes) = counted.counts.get();
+    a.resign().await.unwrap();
+    leads(&followers[FOLLOWERS / 2].0).await;
+    // Every hold-off has passed, and nobody else tried.
+    sleep(HOLDOFF * 2).await;
+    let (lists2, entries2, writes2) = counted.counts.get();
+    assert_eq!(
+        writes2 - writes,
+        2,
+        "lease writes: the release and one acquire"
+    );
+    assert!(
+        entries2 - entries >= FOLLOWERS as u64,
+        "each follower (and a) reads a's entry: {}",
+        entries2 - entries
+    );
+    // The new leader reads the whole list to name its own successor; no
+    // follower does.
+    assert!(
+        lists2 - lists <= 3,
+        "{} whole-registry reads during the handoff",
+        lists2 - lists
+    );
+    for (f, t) in followers {
+        stop(&f, t).await;
+    }
+    stop(&a, ta).await;
+    log.assert_safe();
 }

@@ -47,6 +47,8 @@ enum Flaw {
     /// A registry write replaces every entry of the key (one value, not a
     /// set of entries).
     RegistryKeepsOne,
+    /// `candidate` answers with whichever entry of the key comes first.
+    CandidateReadsAnyEntry,
 }
 
 /// The memory backend with one [`Flaw`].
@@ -233,6 +235,18 @@ impl BackendEdge for Broken {
         budget: Duration,
     ) -> Result<Vec<Candidate>, BackendError> {
         self.inner.candidates(key, budget).await
+    }
+
+    async fn candidate(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<Option<Candidate>, BackendError> {
+        if self.flaw == Flaw::CandidateReadsAnyEntry {
+            return Ok(self.inner.candidates(key, budget).await?.into_iter().next());
+        }
+        self.inner.candidate(key, id, budget).await
     }
 }
 
@@ -570,6 +584,18 @@ async fn a_registry_that_keeps_one_entry() {
         ],
     )
     .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registry_that_reads_any_entry_for_an_id() {
+    let flaw = Flaw::CandidateReadsAnyEntry;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "registry_lists_replaces_and_removes_entries",
+        conformance::registry_lists_replaces_and_removes_entries(&h).await,
+    );
+    assert_run_catches(flaw, &["registry_lists_replaces_and_removes_entries"]).await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -192,6 +192,20 @@ pub trait BlockingBackendEdge: Send + Sync + 'static {
         let _ = (key, budget);
         Err(super::no_registry())
     }
+
+    /// See [`BackendEdge::candidate`]. Default:
+    /// [`candidates`](Self::candidates), filtered.
+    fn candidate(
+        &self,
+        key: Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<Option<Candidate>, BackendError> {
+        Ok(self
+            .candidates(key, budget)?
+            .into_iter()
+            .find(|c| c.id() == id))
+    }
 }
 
 /// Runs a [`BlockingBackendEdge`] on tokio's blocking pool as a
@@ -382,6 +396,17 @@ impl<T: BlockingBackendEdge> BackendEdge for Blocking<T> {
     ) -> Result<Vec<Candidate>, BackendError> {
         let key = key.clone();
         self.run(Op::Candidates, move |s| s.candidates(key, budget))
+            .await
+    }
+
+    async fn candidate(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<Option<Candidate>, BackendError> {
+        let key = key.clone();
+        self.run(Op::Candidates, move |s| s.candidate(key, id, budget))
             .await
     }
 }

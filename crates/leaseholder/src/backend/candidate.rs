@@ -205,6 +205,18 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Whom the last holder's registry `entry` named to go next after its term
+/// with fencing token `token`, if anyone. The name is trusted without a
+/// check that the nominee is still live: the holder named it from a list
+/// it read at most a renew interval earlier, and a nominee that died since
+/// costs the others one hold-off.
+pub(crate) fn named(entry: Option<&Candidate>, token: FencingToken) -> Option<LeaderId> {
+    entry
+        .and_then(|c| c.nominee)
+        .filter(|(_, t)| *t == token)
+        .map(|(who, _)| who)
+}
+
 /// Who should try first for a key that just became free, given the live
 /// `candidates`, and the last holder seen (its id and token), if any:
 ///

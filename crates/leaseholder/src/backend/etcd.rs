@@ -58,6 +58,7 @@
 //! | register | a keep-alive (or grant) of the shared lease *sent after the call began*, shared with every key and entry of the process that needs one at the same time; then a put of the entry only if it is new to this backend, its value changed, or its lease did (a lease that was lost took its entries with it). A plain renewal is the keep-alive alone: no write. While the watch is down, or once after each reconnect, the entry is checked instead by a transaction that puts it unless its value and lease are as written |
 //! | deregister | a delete of the entry |
 //! | candidates | one range read of `<prefix>/cand/<key>/`; an entry that does not decode, or whose value names another id than its key, is left out |
+//! | candidate | one read of `<prefix>/cand/<key>/<id>`, left out on the same terms |
 //!
 //! An entry whose candidate stopped registering it without deregistering
 //! (a deregister that could not reach the server) would be kept alive by
@@ -1544,6 +1545,29 @@ impl BackendEdge for EtcdBackend {
                 }
             }
             Ok(list)
+        })
+        .await
+    }
+
+    async fn candidate(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<Option<Candidate>, BackendError> {
+        within(budget, async {
+            let txn = Txn::new().and_then(vec![TxnOp::get(self.candidate_key(key, id), None)]);
+            let reply = self.txn(txn, budget).await?;
+            Ok(reply
+                .op_responses()
+                .into_iter()
+                .filter_map(|op| match op {
+                    TxnOpResponse::Get(get) => Some(get),
+                    _ => None,
+                })
+                .flat_map(|get| get.kvs().to_vec())
+                .filter_map(|kv| Candidate::decode(kv.value()).ok())
+                .find(|c| c.id() == id))
         })
         .await
     }

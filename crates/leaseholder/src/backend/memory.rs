@@ -338,6 +338,14 @@ impl MemoryStore {
                     .collect();
                 return Ok(Reply::Candidates(list));
             }
+            Call::Candidate(key, id) => {
+                let entry = state
+                    .candidates
+                    .get(key)
+                    .and_then(|entries| entries.get(id))
+                    .and_then(|(value, _)| Candidate::decode(value).ok());
+                return Ok(Reply::Candidate(entry));
+            }
             Call::Setup => {
                 state.setups += 1;
                 return Ok(Reply::Setup);
@@ -449,6 +457,7 @@ enum Call {
     Register(Key, Candidate, Duration),
     Deregister(Key, LeaderId),
     Candidates(Key),
+    Candidate(Key, LeaderId),
 }
 
 impl Call {
@@ -457,7 +466,7 @@ impl Call {
             Call::Proclaim(..) => Op::Proclaim,
             Call::Register(..) => Op::Register,
             Call::Deregister(..) => Op::Deregister,
-            Call::Candidates(..) => Op::Candidates,
+            Call::Candidates(..) | Call::Candidate(..) => Op::Candidates,
             Call::Setup => Op::Setup,
             Call::Acquire(..) => Op::Acquire,
             Call::Renew(..) => Op::Renew,
@@ -475,6 +484,7 @@ enum Reply {
     Holder(Option<Holder>),
     Done,
     Candidates(Vec<Candidate>),
+    Candidate(Option<Candidate>),
 }
 
 /// A fault to inject into one candidate's calls.
@@ -812,6 +822,18 @@ impl BackendEdge for MemoryBackend {
     ) -> Result<Vec<Candidate>, BackendError> {
         match self.call(Call::Candidates(key.clone())).await? {
             Reply::Candidates(list) => Ok(list),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn candidate(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        _budget: Duration,
+    ) -> Result<Option<Candidate>, BackendError> {
+        match self.call(Call::Candidate(key.clone(), id)).await? {
+            Reply::Candidate(entry) => Ok(entry),
             _ => Err(unexpected()),
         }
     }

@@ -90,7 +90,7 @@ use futures_core::Stream;
 use crate::error::{BackendError, ConfigError, Op};
 
 pub use candidate::Candidate;
-pub(crate) use candidate::{best, first_choice};
+pub(crate) use candidate::{best, first_choice, named};
 pub use hub::Subscription;
 
 /// The budget [`Backend`]'s methods without one (`setup`, `acquire`,
@@ -920,6 +920,25 @@ pub trait BackendEdge: Send + Sync + 'static {
         let _ = (key, budget);
         async { Err(no_registry()) }
     }
+
+    /// The live entry of candidate `id` in the registry of `key`, if there
+    /// is one that decodes. A follower reads the last holder's entry when
+    /// the key becomes free, to learn whom that holder named to go next
+    /// ([`Candidate::nominee`]): one entry, however many candidates wait,
+    /// so a handoff among hundreds of followers costs each of them one
+    /// small read instead of the whole list.
+    ///
+    /// Default: [`candidates`](Self::candidates), filtered (correct, but it
+    /// reads every entry: a backend that can read one entry should).
+    fn candidate(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> impl Future<Output = Result<Option<Candidate>, BackendError>> + Send {
+        let list = self.candidates(key, budget);
+        async move { Ok(list.await?.into_iter().find(|c| c.id() == id)) }
+    }
 }
 
 /// The error the registry methods' defaults return.
@@ -1026,6 +1045,12 @@ trait DynEdge: Send + Sync + 'static {
         key: &'a Key,
         budget: Duration,
     ) -> BoxFuture<'a, Result<Vec<Candidate>, BackendError>>;
+    fn candidate<'a>(
+        &'a self,
+        key: &'a Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> BoxFuture<'a, Result<Option<Candidate>, BackendError>>;
 }
 
 impl<T: BackendEdge> DynEdge for T {
@@ -1121,6 +1146,14 @@ impl<T: BackendEdge> DynEdge for T {
         budget: Duration,
     ) -> BoxFuture<'a, Result<Vec<Candidate>, BackendError>> {
         Box::pin(BackendEdge::candidates(self, key, budget))
+    }
+    fn candidate<'a>(
+        &'a self,
+        key: &'a Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> BoxFuture<'a, Result<Option<Candidate>, BackendError>> {
+        Box::pin(BackendEdge::candidate(self, key, id, budget))
     }
 }
 
@@ -1424,6 +1457,30 @@ impl Backend {
         budget: Duration,
     ) -> Result<Vec<Candidate>, BackendError> {
         self.kicked(guarded(Op::Candidates, || self.inner.edge.candidates(key, budget)).await)
+    }
+
+    /// See [`BackendEdge::candidate`]; the budget is [`DEFAULT_BUDGET`].
+    pub async fn candidate(
+        &self,
+        key: &Key,
+        id: LeaderId,
+    ) -> Result<Option<Candidate>, BackendError> {
+        self.candidate_within(key, id, DEFAULT_BUDGET).await
+    }
+
+    /// See [`BackendEdge::candidate`].
+    pub async fn candidate_within(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<Option<Candidate>, BackendError> {
+        self.kicked(
+            guarded(Op::Candidates, || {
+                self.inner.edge.candidate(key, id, budget)
+            })
+            .await,
+        )
     }
 
     /// Subscribes to the watch events of one key. The first subscription

@@ -16,6 +16,7 @@
 //! | register | publish the encoded [`Candidate`] to `$KV.<bucket>_candidates.<key>.<id as 32 hex>` with `Nats-TTL` = ttl rounded up to whole seconds: a rewrite replaces the message; an entry not written again is removed by the server at its TTL |
 //! | deregister | publish an empty `KV-Operation: DEL` marker with `Nats-TTL: 1s` on the entry's subject: it replaces the entry and is itself gone a second later |
 //! | candidates | one batched direct get, `{"multi_last": ["$KV.<bucket>_candidates.<key>.*"]}`: the last message of each subject of the key, ended by the server's end-of-batch; markers and values that do not decode are left out |
+//! | candidate | the same batched direct get, of the one subject `<key>.<id>` |
 //! | registry events | none: every rewrite of an entry looks the same to a watcher, so a watch would bring every candidate's renewal to every leader; leaders read the registry once per renew interval instead |
 //!
 //! **The registry's subjects.** The key is followed by exactly one token,
@@ -1079,15 +1080,20 @@ impl NatsBackend {
     }
 
     /// One batched direct get of the last message of every subject under
-    /// `<key>.*`, up to the server's end-of-batch.
+    /// `<key>.*` (or of the one entry of candidate `only`), up to the
+    /// server's end-of-batch.
     async fn list_entries(
         &self,
         key: &Key,
+        only: Option<LeaderId>,
         budget: Duration,
     ) -> Result<Vec<Candidate>, BackendError> {
         let api = format!("$JS.API.DIRECT.GET.{}", self.registry_stream());
         self.check_publish(&api).await?;
-        let filter = format!("$KV.{}.{key}.*", self.registry_bucket());
+        let filter = match only {
+            Some(id) => self.entry_subject(key, id),
+            None => format!("$KV.{}.{key}.*", self.registry_bucket()),
+        };
         let request = serde_json::json!({ "multi_last": [filter] }).to_string();
         let inbox = self.client.new_inbox();
         let mut replies = self
@@ -1480,7 +1486,18 @@ impl BackendEdge for NatsBackend {
         budget: Duration,
     ) -> Result<Vec<Candidate>, BackendError> {
         self.registry().await?;
-        self.list_entries(key, budget).await
+        self.list_entries(key, None, budget).await
+    }
+
+    async fn candidate(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<Option<Candidate>, BackendError> {
+        self.registry().await?;
+        let found = self.list_entries(key, Some(id), budget).await?;
+        Ok(found.into_iter().find(|c| c.id() == id))
     }
 }
 

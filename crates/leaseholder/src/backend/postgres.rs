@@ -48,6 +48,7 @@
 //! | register | one upsert of the `(key, id)` row with `expires_at = clock_timestamp() + ttl`, which in the same statement deletes the key's expired rows (those no other transaction holds: `FOR UPDATE SKIP LOCKED`), and notifies `c<key>` only if the entry was not live or its value changed: a plain renewal notifies nothing |
 //! | deregister | `DELETE` the `(key, id)` row; notifies `c<key>` if it was live |
 //! | candidates | `SELECT value … WHERE key = $1 AND expires_at > clock_timestamp()`; values that do not decode are left out |
+//! | candidate | the same for one `(key, id)` row, by its primary key |
 //!
 //! The token is the server's clock in microseconds when the term began (or
 //! the previous term + 1, if larger), so even a dropped and re-created table
@@ -457,6 +458,7 @@ struct Sql {
     register: String,
     deregister: String,
     candidates: String,
+    candidate: String,
 }
 
 /// The server's clock in microseconds since the epoch.
@@ -597,6 +599,11 @@ impl Sql {
             // $1 key.
             candidates: format!(
                 "SELECT value FROM {candidates} WHERE key = $1 AND expires_at > clock_timestamp()"
+            ),
+            // $1 key, $2 id (text).
+            candidate: format!(
+                "SELECT value FROM {candidates} \
+                  WHERE key = $1 AND id = $2::uuid AND expires_at > clock_timestamp()"
             ),
         }
     }
@@ -1287,6 +1294,27 @@ impl BackendEdge for PostgresBackend {
             .filter_map(|row| row.try_get::<_, Vec<u8>>(0).ok())
             .filter_map(|value| Candidate::decode(&value).ok())
             .collect())
+    }
+
+    async fn candidate(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<Option<Candidate>, BackendError> {
+        let until = Instant::now() + self.bound().min(budget);
+        let client = self.client().await?;
+        let (key, wanted) = (key.as_str(), id);
+        let id = id.as_uuid().to_string();
+        let params: [(&(dyn ToSql + Sync), Type); 2] = [(&key, Type::TEXT), (&id, Type::TEXT)];
+        let (rows, _) = Self::pipelined(&client, &self.inner.sql.candidate, &params, until)
+            .await?
+            .map_err(|e| self.registry_error(e))?;
+        Ok(rows
+            .first()
+            .and_then(|row| row.try_get::<_, Vec<u8>>(0).ok())
+            .and_then(|value| Candidate::decode(&value).ok())
+            .filter(|c| c.id() == wanted))
     }
 
     async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {

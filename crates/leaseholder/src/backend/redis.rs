@@ -32,6 +32,7 @@
 //! | register | remove the key's expired entries (`ZRANGEBYSCORE … -inf now`, `HDEL`, `ZREMRANGEBYSCORE`); `HSET` the entry if it is new or its value changed; `ZADD` its expiry, the server's `TIME` + ttl; `PEXPIREAT` both keys to the latest expiry; `PUBLISH` a registry change only if an entry was added, rewritten with other contents or removed (never for a plain renewal) |
 //! | deregister | `HDEL` + `ZREM` of the entry; `PUBLISH` a registry change if it was live |
 //! | candidates | the ids scored after the server's `TIME` (`ZRANGEBYSCORE … (now +inf`), then their values (`HGET`); entries that do not decode are left out |
+//! | candidate | one id's score (`ZSCORE`), and its value (`HGET`) if that is after the server's `TIME` |
 //!
 //! The registry never touches the lease keys, nor they it. Its entries
 //! expire by the server's clock too, judged in the scripts (an expired
@@ -310,10 +311,21 @@ end
 return out
 ";
 
+/// KEYS: registry hash, expiry set. ARGV: id. Returns the live entry's
+/// value, or nil.
+const CANDIDATE: &str = r"
+local at = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if at and tonumber(at) > now then
+  return redis.call('HGET', KEYS[1], ARGV[1])
+end
+return false
+";
+
 struct Scripts {
     register: Script,
     deregister: Script,
     candidates: Script,
+    candidate: Script,
     acquire: Script,
     renew: Script,
     proclaim: Script,
@@ -330,6 +342,7 @@ fn scripts() -> &'static Scripts {
             register: s(REGISTER),
             deregister: s(DEREGISTER),
             candidates: s(CANDIDATES),
+            candidate: s(CANDIDATE),
             acquire: s(ACQUIRE),
             renew: s(RENEW),
             proclaim: s(PROCLAIM),
@@ -1684,6 +1697,26 @@ impl BackendEdge for RedisBackend {
             .filter_map(bytes_of)
             .filter_map(|value| Candidate::decode(value).ok())
             .collect())
+    }
+
+    async fn candidate(
+        &self,
+        key: &Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<Option<Candidate>, BackendError> {
+        let field = field(id);
+        let (reply, _) = self
+            .run(
+                &scripts().candidate,
+                &[&self.candidates_key(key), &self.candidates_expiry_key(key)],
+                &[field.as_bytes()],
+                budget,
+            )
+            .await?;
+        Ok(bytes_of(&reply)
+            .and_then(|value| Candidate::decode(value).ok())
+            .filter(|c| c.id() == id))
     }
 }
 

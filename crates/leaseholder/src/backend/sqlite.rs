@@ -59,6 +59,7 @@
 //! | register | `BEGIN IMMEDIATE`; deletes the key's expired entries (or ones from another boot), then inserts the entry or replaces the one with its id (`ON CONFLICT (key, id) DO UPDATE`), expiring a ttl from now |
 //! | deregister | `BEGIN IMMEDIATE`; deletes the entry |
 //! | candidates | one `SELECT` of the key's entries of this boot that expire after now |
+//! | candidate | the same `SELECT` for one `(key, id)` entry |
 //! | watch | polls `PRAGMA data_version` (it changes when another connection commits) every [`poll_interval`](SqliteBuilder::poll_interval); a change wakes every follower of the backend to re-read its key |
 //!
 //! Setup also creates the registry table if it is missing (in a file made
@@ -297,6 +298,7 @@ struct Sql {
     put_candidate: String,
     delete_candidate: String,
     select_candidates: String,
+    select_candidate: String,
 }
 
 impl Sql {
@@ -330,6 +332,11 @@ impl Sql {
             // ?1 key, ?2 boot id, ?3 now.
             select_candidates: format!(
                 "SELECT value FROM {c} WHERE key = ?1 AND boot_id = ?2 AND expires_at > ?3"
+            ),
+            // ?1 key, ?2 id, ?3 boot id, ?4 now.
+            select_candidate: format!(
+                "SELECT value FROM {c} \
+                  WHERE key = ?1 AND id = ?2 AND boot_id = ?3 AND expires_at > ?4"
             ),
             create: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (\n\
@@ -1122,6 +1129,28 @@ impl BlockingBackendEdge for SqliteBackend {
                 }
             }
             Ok(list)
+        });
+        self.registry_result(result)
+    }
+
+    fn candidate(
+        &self,
+        key: Key,
+        id: LeaderId,
+        budget: Duration,
+    ) -> Result<Option<Candidate>, BackendError> {
+        let boot = clock::boot_id()?;
+        let sql = &self.inner.sql;
+        let result = self.with_conn(budget, |db, _| {
+            let now = clock::now_ns()?;
+            let mut stmt = db.prepare(&sql.select_candidate)?;
+            let mut rows = stmt.query(params![key.as_str(), &id.as_bytes()[..], boot, now])?;
+            let mut found = None;
+            if let Some(row) = rows.next()? {
+                let value: Vec<u8> = row.get(0)?;
+                found = Candidate::decode(&value).ok().filter(|c| c.id() == id);
+            }
+            Ok(found)
         });
         self.registry_result(result)
     }

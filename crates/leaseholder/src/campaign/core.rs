@@ -80,6 +80,16 @@ pub(crate) enum StopKind {
     Abandon,
 }
 
+/// What a follower's registry read learned: who should try first.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Ranking {
+    /// The last holder's entry named this candidate to go next after its
+    /// term ([`Candidate::nominee`]).
+    Named(LeaderId),
+    /// The whole registry, ranked by [`first_choice`](crate::backend::first_choice).
+    Listed(Vec<Candidate>),
+}
+
 /// Inputs to the machine.
 #[derive(Debug)]
 pub(crate) enum Input {
@@ -97,7 +107,7 @@ pub(crate) enum Input {
     WorkEnded(u64),
     Stop(StopKind),
     /// The candidate registry, read for a follower about to try.
-    Candidates(Result<Vec<Candidate>, BackendError>),
+    Candidates(Result<Ranking, BackendError>),
     /// Step down for a preferred candidate (the driver checked the minimum
     /// term and wrote the nomination): like a resign, with its own cause.
     Preempt,
@@ -151,8 +161,13 @@ pub(crate) enum Output {
     ReadHolder {
         timeout: Duration,
     },
-    /// Read the candidate registry (the key looks free: who goes first?).
+    /// Read the candidate registry (the key looks free: who goes first?):
+    /// the entry of the last holder, if known (`last`: its id and the token
+    /// of its term), for whom it named to go next; the whole registry if
+    /// that entry names nobody for that term, or no holder is known. The
+    /// reply comes as [`Input::Candidates`].
     ReadCandidates {
+        last: Option<(LeaderId, FencingToken)>,
         timeout: Duration,
     },
     BeginTerm {
@@ -494,7 +509,7 @@ impl Core {
                 | Output::Proclaim { timeout, .. }
                 | Output::Release { timeout, .. }
                 | Output::ReadHolder { timeout }
-                | Output::ReadCandidates { timeout } = output
+                | Output::ReadCandidates { timeout, .. } = output
                 {
                     *timeout = (*timeout).min(left);
                 }
@@ -861,7 +876,15 @@ impl Core {
                         // Who goes first? One read of the registry, bounded
                         // by the hold-off (a slow registry costs no more).
                         let timeout = holdoff.max(Duration::from_millis(1));
-                        self.send(InFlight::Rank, Output::ReadCandidates { timeout }, out);
+                        let last = self
+                            .leader
+                            .as_ref()
+                            .and_then(|h| Some((h.id()?, h.token()?)));
+                        self.send(
+                            InFlight::Rank,
+                            Output::ReadCandidates { last, timeout },
+                            out,
+                        );
                     } else {
                         self.acquire(now, out);
                     }
@@ -1319,7 +1342,7 @@ impl Core {
     fn on_candidates(
         &mut self,
         now: Instant,
-        result: Result<Vec<Candidate>, BackendError>,
+        result: Result<Ranking, BackendError>,
         out: &mut Vec<Output>,
     ) {
         if self.op.take() != Some(InFlight::Rank) {
@@ -1334,18 +1357,24 @@ impl Core {
         let Some((me, holdoff)) = self.rank else {
             return self.acquire(now, out);
         };
-        let list = match result {
-            Ok(list) => list,
+        let ranking = match result {
+            Ok(ranking) => ranking,
             Err(e) => {
                 tracing::debug!(error = %e, "could not read the candidates; trying anyway");
                 return self.acquire(now, out);
             }
         };
-        let last = self
-            .leader
-            .as_ref()
-            .and_then(|h| Some((h.id()?, h.token())));
-        match crate::backend::first_choice(&list, last) {
+        let chosen = match ranking {
+            Ranking::Named(who) => Some(who),
+            Ranking::Listed(list) => {
+                let last = self
+                    .leader
+                    .as_ref()
+                    .and_then(|h| Some((h.id()?, h.token())));
+                crate::backend::first_choice(&list, last)
+            }
+        };
+        match chosen {
             Some(preferred) if preferred != me => {
                 tracing::debug!(%preferred, "holding off for a preferred candidate");
                 self.phase = Phase::Follower {

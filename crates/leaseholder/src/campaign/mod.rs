@@ -351,13 +351,13 @@ async fn run(
                         )
                     }));
                 }
-                Output::ReadCandidates { timeout } => {
+                Output::ReadCandidates { last, timeout } => {
                     call = Some((Call::Candidates, Instant::now()));
                     let backend = shared.backend.clone();
                     let key = shared.key.clone();
                     op = Some(Box::pin(async move {
                         Input::Candidates(
-                            bounded(timeout, backend.candidates_within(&key, timeout)).await,
+                            bounded(timeout, registry::rank(&backend, &key, last, timeout)).await,
                         )
                     }));
                 }

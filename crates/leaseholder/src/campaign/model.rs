@@ -90,7 +90,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::core::{Core, EndReason, Input, Output, StopKind};
+use super::core::{Core, EndReason, Input, Output, Ranking, StopKind};
 use crate::backend::{
     Acquired, Candidate, Claim, FencingToken, Holder, Key, LeaderId, Lease, Nonce, Renewed,
     WatchEvent,
@@ -295,7 +295,8 @@ enum Req {
     Renew(Lease),
     Release(Lease),
     Holder,
-    Candidates,
+    /// A follower's registry read, with the last holder it knows.
+    Candidates(Option<(LeaderId, FencingToken)>),
     /// A proclaim: a renewal that also stores this metadata.
     Proclaim(Lease, Bytes),
 }
@@ -311,7 +312,7 @@ enum Reply {
     Lost,
     Released,
     Holder(Option<Holder>),
-    Candidates(Vec<Candidate>),
+    Candidates(Ranking),
 }
 
 #[derive(Clone, Hash)]
@@ -401,6 +402,10 @@ enum Step {
     Stop(usize, StopKind),
     /// The driver saw a candidate of higher priority: nominate it, preempt.
     Preempt(usize),
+    /// The leader's registry driver names its successor (the best other
+    /// candidate) for its term in its entry, as it does after its first
+    /// read of the registry; until then, followers read the whole list.
+    NameSuccessor(usize),
     /// `proclaim()` to a leader.
     Proclaim(usize),
 }
@@ -617,6 +622,12 @@ impl World {
             if self.preempts_left > 0 && c.term.as_ref().is_some_and(|t| t.live) {
                 steps.push(Step::Preempt(i));
             }
+            if let Some(t) = c.term.as_ref().filter(|t| t.live)
+                && let Some(entry) = self.store.registry.iter().find(|e| e.id() == leader_id(i))
+                && entry.nominee().is_none_or(|(_, token)| token != t.token)
+            {
+                steps.push(Step::NameSuccessor(i));
+            }
             if self.proclaims_left > 0 && c.term.as_ref().is_some_and(|t| t.live) {
                 steps.push(Step::Proclaim(i));
             }
@@ -709,7 +720,7 @@ impl World {
                     Reply::Lost => Input::Renew(Ok(Renewed::Lost)),
                     Reply::Released => Input::Release(Ok(())),
                     Reply::Holder(h) => Input::Holder(Ok(h)),
-                    Reply::Candidates(list) => Input::Candidates(Ok(list)),
+                    Reply::Candidates(ranking) => Input::Candidates(Ok(ranking)),
                 };
                 self.feed(i, input, log)
             }
@@ -739,7 +750,7 @@ impl World {
                     Req::Renew(_) => Input::Renew(Err(error)),
                     Req::Release(_) => Input::Release(Err(error)),
                     Req::Holder => Input::Holder(Err(error)),
-                    Req::Candidates => Input::Candidates(Err(error)),
+                    Req::Candidates(_) => Input::Candidates(Err(error)),
                     Req::Proclaim(..) => Input::Renew(Err(error)),
                 };
                 self.feed(i, input, log)
@@ -821,6 +832,25 @@ impl World {
                 }
                 self.feed(i, Input::Preempt, log)
             }
+            Step::NameSuccessor(i) => {
+                let token = self.cands[i].term.as_ref().ok_or("no term")?.token;
+                let me = leader_id(i);
+                let best =
+                    crate::backend::best(self.store.registry.iter().filter(|c| c.id() != me))
+                        .map(Candidate::id);
+                let entry = self
+                    .store
+                    .registry
+                    .iter_mut()
+                    .find(|c| c.id() == me)
+                    .ok_or("no entry")?;
+                *entry = entry.clone().with_nominee(best.map(|to| (to, token)));
+                log!(
+                    log,
+                    "  c{i} names its successor {best:?} in its registry entry"
+                );
+                Ok(())
+            }
         }
     }
 
@@ -900,7 +930,18 @@ impl World {
                 Reply::Released
             }
             Req::Holder => Reply::Holder(live.map(|s| s.lease.holder(Some(s.expires_at - now)))),
-            Req::Candidates => Reply::Candidates(self.store.registry.clone()),
+            // As the driver reads it (`registry::rank`): the last
+            // holder's entry, then the whole registry if that names nobody.
+            Req::Candidates(last) => Reply::Candidates(
+                last.and_then(|(holder, token)| {
+                    let entry = self.store.registry.iter().find(|c| c.id() == holder);
+                    crate::backend::named(entry, token)
+                })
+                .map_or_else(
+                    || Ranking::Listed(self.store.registry.clone()),
+                    Ranking::Named,
+                ),
+            ),
         };
         log!(
             log,
@@ -967,7 +1008,9 @@ impl World {
             Output::Renew { lease, timeout } => self.send(i, Req::Renew(lease), timeout),
             Output::Release { lease, timeout } => self.send(i, Req::Release(lease), timeout),
             Output::ReadHolder { timeout } => self.send(i, Req::Holder, timeout),
-            Output::ReadCandidates { timeout } => self.send(i, Req::Candidates, timeout),
+            Output::ReadCandidates { last, timeout } => {
+                self.send(i, Req::Candidates(last), timeout)
+            }
             Output::Proclaim {
                 lease,
                 metadata,
@@ -1327,7 +1370,10 @@ fn show_req(r: &Req) -> String {
         Req::Renew(l) => format!("renew({})", show_lease(l)),
         Req::Release(l) => format!("release({})", show_lease(l)),
         Req::Holder => "holder".into(),
-        Req::Candidates => "candidates".into(),
+        Req::Candidates(None) => "candidates".into(),
+        Req::Candidates(Some((who, token))) => {
+            format!("candidates (after {who}, t{})", token.get())
+        }
         Req::Proclaim(l, m) => format!("proclaim({}, {} bytes)", show_lease(l), m.len()),
     }
 }
@@ -1342,7 +1388,8 @@ fn show_reply(r: &Reply) -> String {
         Reply::Lost => "Lost".into(),
         Reply::Released => "ok".into(),
         Reply::Holder(h) => format!("Holder({})", show_holder(h)),
-        Reply::Candidates(list) => format!(
+        Reply::Candidates(Ranking::Named(who)) => format!("Named({who})"),
+        Reply::Candidates(Ranking::Listed(list)) => format!(
             "Candidates({})",
             list.iter()
                 .map(|c| format!("{}:{}", c.id(), c.priority()))

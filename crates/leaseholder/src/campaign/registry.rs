@@ -18,10 +18,34 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::core::{Input, StopKind, later};
+use super::core::{Input, Ranking, StopKind, later};
 use crate::backend::{Backend, Candidate, FencingToken, Key, LeaderId};
 use crate::config::Candidacy;
 use crate::error::BackendError;
+
+/// A follower's registry read ([`Output::ReadCandidates`]): the last
+/// holder's entry, if a holder is known, and the whole registry only if
+/// that entry names nobody to go next after that holder's term. With a
+/// leader that names its successor, a handoff costs each follower one read
+/// of one entry, however many wait.
+///
+/// [`Output::ReadCandidates`]: super::core::Output::ReadCandidates
+pub(crate) async fn rank(
+    backend: &Backend,
+    key: &Key,
+    last: Option<(LeaderId, FencingToken)>,
+    budget: Duration,
+) -> Result<Ranking, BackendError> {
+    if let Some((holder, token)) = last {
+        let entry = backend.candidate_within(key, holder, budget).await?;
+        if let Some(who) = crate::backend::named(entry.as_ref(), token) {
+            return Ok(Ranking::Named(who));
+        }
+    }
+    Ok(Ranking::Listed(
+        backend.candidates_within(key, budget).await?,
+    ))
+}
 
 /// What a `resign_to` learns.
 #[derive(Debug)]
@@ -74,10 +98,9 @@ pub(crate) struct Registry {
     asks: Vec<Ask>,
     failures: u32,
     rng: u64,
-    /// When to drop the nomination from the entry: a renew interval after
-    /// the nominating term ended (the followers it was for have ranked by
-    /// then), so no stale one lingers.
-    clear_nominee_at: Option<Instant>,
+    /// The term named its successor by a `resign_to` or a preemption: the
+    /// periodic reads no longer change the name.
+    handing: bool,
 }
 
 impl Registry {
@@ -104,7 +127,7 @@ impl Registry {
             asks: Vec::new(),
             failures: 0,
             rng: seed | 1,
-            clear_nominee_at: None,
+            handing: false,
         }
     }
 
@@ -127,26 +150,22 @@ impl Registry {
         self.write_at = Instant::now();
     }
 
-    /// A term began.
+    /// A term began: the registry is read at once, and the entry names
+    /// this term's successor as soon as it is known.
     pub(crate) fn began(&mut self, token: FencingToken, now: Instant) {
         self.leading = Some((token, now));
-        // A nomination of an earlier term goes with the next write.
-        self.clear_nominee_at = None;
-        if self.entry.nominee().is_some() {
-            self.entry = self.entry.clone().with_nominee(None);
-        }
+        self.handing = false;
+        // A nomination of an earlier term names that term's token, so it
+        // counts for nothing now; the first read replaces it.
         self.read_at = Some(now);
     }
 
-    /// The term ended (its token was cancelled).
+    /// The term ended (its token was cancelled). The entry keeps naming
+    /// the successor: followers read it when the key becomes free, and it
+    /// names this term's token, so it counts for nothing after it.
     pub(crate) fn ended(&mut self) {
         self.leading = None;
         self.read_at = None;
-        if self.entry.nominee().is_some() {
-            let at = later(Instant::now(), self.interval);
-            self.clear_nominee_at = Some(at);
-            self.write_at = self.write_at.min(at);
-        }
         for ask in self.asks.drain(..) {
             let _ = ask.reply.send(Handover::NotLeading);
         }
@@ -154,7 +173,7 @@ impl Registry {
 
     /// The registry of the key changed: a leader looks at once.
     pub(crate) fn changed(&mut self, now: Instant) {
-        if self.leading.is_some() {
+        if self.leading.is_some() && !self.handing {
             self.read_at = Some(now);
         }
     }
@@ -192,10 +211,6 @@ impl Registry {
             return self.list(Some(ask), budget);
         }
         if self.write_at <= now {
-            if self.clear_nominee_at.is_some_and(|at| at <= now) && self.leading.is_none() {
-                self.clear_nominee_at = None;
-                self.entry = self.entry.clone().with_nominee(None);
-            }
             let (backend, key, entry, ttl) = (
                 self.backend.clone(),
                 self.key.clone(),
@@ -258,7 +273,7 @@ impl Registry {
                 let wait = match result {
                     Ok(()) => {
                         self.failures = 0;
-                        if self.leading.is_some() {
+                        if self.leading.is_some() && !self.handing {
                             self.read_at = Some(now);
                         }
                         self.jittered(self.interval)
@@ -283,11 +298,21 @@ impl Registry {
                         return None;
                     }
                 };
+                if self.handing {
+                    return None;
+                }
                 let me = self.entry.id();
-                let better = crate::backend::best(
-                    list.iter()
-                        .filter(|c| c.id() != me && c.priority() > self.cfg.priority),
-                );
+                let others = || list.iter().filter(|c| c.id() != me);
+                // The successor: whom the followers let go first when this
+                // term ends, by resign or crash. Named in the entry, it
+                // spares each of them a read of the whole registry.
+                let successor = crate::backend::best(others()).map(|c| (c.id(), token));
+                if self.entry.nominee() != successor {
+                    self.entry = self.entry.clone().with_nominee(successor);
+                    self.write_at = now;
+                }
+                let better =
+                    crate::backend::best(others().filter(|c| c.priority() > self.cfg.priority));
                 match better {
                     Some(c) if self.cfg.preemptible => {
                         let not_before = later(since, self.cfg.min_term);
@@ -342,6 +367,10 @@ impl Registry {
                     (Ok(()), ask) if still => {
                         // Later writes keep the nomination: it names its
                         // term, so it counts for nothing after it.
+                        self.handing = true;
+                        self.read_at = None;
+                        // The nomination renewed the entry.
+                        self.write_at = later(now, self.jittered(self.interval));
                         self.entry = self
                             .entry
                             .clone()
