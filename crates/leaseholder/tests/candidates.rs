@@ -868,3 +868,52 @@ async fn a_handoff_among_many_followers_reads_one_entry_each() {
     stop(&a, ta).await;
     log.assert_safe();
 }
+
+/// A follower whose registry read fails at once tries only when the
+/// hold-off since the read has passed: a store that answers some
+/// followers' reads and fails others' costs a hold-off, not an acquire per
+/// failed read racing the preferred candidate.
+#[tokio::test(start_paused = true)]
+async fn a_failed_registry_read_costs_the_holdoff_not_a_race() {
+    let store = MemoryStore::new();
+    let log = WorkLog::new();
+    let a = build(&store, 1);
+    let ta = run(&a, "a", &log);
+    leads(&a).await;
+    let b_edge = store.backend();
+    let b_faults = b_edge.faults();
+    let b = Leader::builder("job")
+        .backend(Backend::new(b_edge))
+        .ttl(TTL)
+        .priority(1)
+        .build()
+        .unwrap();
+    let tb = run(&b, "b", &log);
+    wait(&mut b.state(), |s| {
+        matches!(
+            s,
+            State::Follower {
+                waiting: Waiting::Held,
+                ..
+            }
+        )
+    })
+    .await;
+    // b's next registry read (of a's entry, when a lets go) fails.
+    b_faults.inject_on(leaseholder::Op::Candidates, leaseholder::Fault::Fail, 1);
+    let released = Instant::now();
+    a.resign().await.unwrap();
+    leads(&b).await;
+    let took = released.elapsed();
+    assert!(
+        took >= HOLDOFF,
+        "b tried at once after a failed read: {took:?}"
+    );
+    assert!(
+        took <= HOLDOFF + Duration::from_millis(10),
+        "b took {took:?}"
+    );
+    stop(&a, ta).await;
+    stop(&b, tb).await;
+    log.assert_safe();
+}

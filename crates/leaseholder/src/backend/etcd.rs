@@ -356,6 +356,7 @@ impl EtcdBuilder {
                 watch: WatchState::default(),
                 highest_token: AtomicU64::new(0),
                 base: AtomicU64::new(0),
+                answered: Mutex::new(None),
             }),
         })
     }
@@ -473,6 +474,11 @@ struct Inner {
     /// The epoch base last read (0: not known), for the holders of watch
     /// events.
     base: AtomicU64,
+    /// When a transaction last got its reply: a call that times out
+    /// replaces the connection only if nothing answered since it was sent
+    /// (a silent link), not because its own budget was short while the
+    /// link carried other replies.
+    answered: Mutex<Option<Instant>>,
 }
 
 /// One key this backend holds.
@@ -671,12 +677,18 @@ impl EtcdBackend {
     ) -> Result<Result<TxnResponse, etcd_client::Error>, BackendError> {
         let until = Instant::now() + budget;
         let client = self.client(budget).await?;
-        let left = until.saturating_duration_since(Instant::now());
+        let sent = Instant::now();
+        let left = until.saturating_duration_since(sent);
         let mut kv = client.kv_client();
         match tokio::time::timeout(left, kv.txn(txn)).await {
-            Ok(result) => Ok(result),
+            Ok(result) => {
+                *lock(&self.inner.answered) = Some(Instant::now());
+                Ok(result)
+            }
             Err(_) => {
-                self.reset_client();
+                if lock(&self.inner.answered).is_none_or(|at| at < sent) {
+                    self.reset_client();
+                }
                 Err(BackendError::Timeout(budget))
             }
         }

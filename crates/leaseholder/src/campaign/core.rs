@@ -253,8 +253,22 @@ enum InFlight {
         renewal: Option<Instant>,
     },
     Release,
-    /// Reading the candidate registry before trying.
-    Rank,
+    /// Reading the candidate registry before trying, since `sent_at`.
+    Rank {
+        sent_at: Instant,
+    },
+}
+
+/// Why a follower holds off before it tries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Hold {
+    /// For this preferred candidate.
+    For(LeaderId),
+    /// The registry read failed at once: nobody is known to go first, so
+    /// the follower waits out the rest of the hold-off as if somebody did.
+    /// Some followers' reads failing while others' succeed (a store under
+    /// load) then costs a hold-off, not an acquire per failed read.
+    Unranked,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -266,9 +280,9 @@ enum Phase {
     Follower {
         wake_at: Instant,
         quiet_until: Option<Instant>,
-        /// Holding off for this preferred candidate until `wake_at`, then
-        /// trying without reading the registry again.
-        hold: Option<LeaderId>,
+        /// Holding off until `wake_at`, then trying without reading the
+        /// registry again.
+        hold: Option<Hold>,
     },
     Acquiring {
         nonce: Nonce,
@@ -881,7 +895,7 @@ impl Core {
                             .as_ref()
                             .and_then(|h| Some((h.id()?, h.token()?)));
                         self.send(
-                            InFlight::Rank,
+                            InFlight::Rank { sent_at: now },
                             Output::ReadCandidates { last, timeout },
                             out,
                         );
@@ -1337,17 +1351,19 @@ impl Core {
     }
 
     /// The registry, read by a follower about to try: go now if this
-    /// candidate should go first (or nobody is preferred, or the read
-    /// failed: the registry is advisory), else hold off.
+    /// candidate should go first (or nobody is preferred), else hold off.
+    /// A failed read (the registry is advisory) means "try once the
+    /// hold-off since the read was sent has passed".
     fn on_candidates(
         &mut self,
         now: Instant,
         result: Result<Ranking, BackendError>,
         out: &mut Vec<Output>,
     ) {
-        if self.op.take() != Some(InFlight::Rank) {
+        let Some(InFlight::Rank { sent_at }) = self.op else {
             return;
-        }
+        };
+        self.op = None;
         if !matches!(self.phase, Phase::Follower { .. }) {
             return;
         }
@@ -1360,8 +1376,18 @@ impl Core {
         let ranking = match result {
             Ok(ranking) => ranking,
             Err(e) => {
-                tracing::debug!(error = %e, "could not read the candidates; trying anyway");
-                return self.acquire(now, out);
+                let until = later(sent_at, holdoff);
+                if until <= now {
+                    tracing::debug!(error = %e, "could not read the candidates; trying");
+                    return self.acquire(now, out);
+                }
+                tracing::debug!(error = %e, "could not read the candidates; trying after the hold-off");
+                self.phase = Phase::Follower {
+                    wake_at: until,
+                    quiet_until: None,
+                    hold: Some(Hold::Unranked),
+                };
+                return;
             }
         };
         let chosen = match ranking {
@@ -1380,7 +1406,7 @@ impl Core {
                 self.phase = Phase::Follower {
                     wake_at: later(now, holdoff),
                     quiet_until: None,
-                    hold: Some(preferred),
+                    hold: Some(Hold::For(preferred)),
                 };
                 self.publish(
                     State::Follower {
