@@ -917,3 +917,81 @@ async fn a_failed_registry_read_costs_the_holdoff_not_a_race() {
     stop(&b, tb).await;
     log.assert_safe();
 }
+
+/// A follower whose registry read is still out when the preferred
+/// candidate takes the key (the new holder's watch event comes first)
+/// follows that holder: it neither holds off nor tries against the live
+/// lease once its read answers.
+#[tokio::test(start_paused = true)]
+async fn a_follower_whose_read_is_overtaken_by_the_new_holder_makes_no_acquire() {
+    let store = MemoryStore::new();
+    let log = WorkLog::new();
+    let a = build(&store, 1);
+    let ta = run(&a, "a", &log);
+    leads(&a).await;
+    let s = build(&store, 2);
+    let ts = run(&s, "s", &log);
+    let slow = Counted {
+        inner: store.backend(),
+        counts: Default::default(),
+    };
+    let slow_faults = slow.inner.faults();
+    let f = Leader::builder("job")
+        .backend(Backend::new(slow.clone()))
+        .ttl(TTL)
+        .priority(1)
+        .build()
+        .unwrap();
+    let tf = run(&f, "f", &log);
+    for l in [&s, &f] {
+        wait(&mut l.state(), |st| {
+            matches!(
+                st,
+                State::Follower {
+                    waiting: Waiting::Held,
+                    ..
+                }
+            )
+        })
+        .await;
+    }
+    // a names s (priority 2) its successor before it lets go.
+    let observer = Observer::new("job", Backend::memory(&store), Duration::from_secs(10)).unwrap();
+    let mut seen = observer.watch_candidates();
+    let (a_id, s_id) = (a.leader_id(), s.leader_id());
+    timeout(
+        WAIT,
+        seen.wait_for(|list| {
+            list.iter()
+                .flatten()
+                .any(|c| c.id() == a_id && c.nominee().is_some_and(|(who, _)| who == s_id))
+        }),
+    )
+    .await
+    .expect("a did not name s")
+    .unwrap();
+    // f's next registry read answers 100 ms late.
+    slow_faults.inject_on(
+        leaseholder::Op::Candidates,
+        leaseholder::Fault::Delay(Duration::from_millis(100)),
+        1,
+    );
+    let (_, _, before) = slow.counts.get();
+    a.resign().await.unwrap();
+    leads(&s).await;
+    // Past f's late read and any hold-off it could have started.
+    sleep(HOLDOFF * 3).await;
+    let (_, _, after) = slow.counts.get();
+    assert_eq!(after - before, 0, "f tried against s's live lease");
+    assert!(matches!(
+        *f.state().borrow(),
+        State::Follower {
+            waiting: Waiting::Held,
+            ..
+        }
+    ));
+    stop(&f, tf).await;
+    stop(&s, ts).await;
+    stop(&a, ta).await;
+    log.assert_safe();
+}

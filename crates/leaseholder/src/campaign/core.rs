@@ -253,9 +253,11 @@ enum InFlight {
         renewal: Option<Instant>,
     },
     Release,
-    /// Reading the candidate registry before trying, since `sent_at`.
+    /// Reading the candidate registry before trying, since `sent_at`,
+    /// with `last` the holder known then.
     Rank {
         sent_at: Instant,
+        last: Option<(LeaderId, FencingToken)>,
     },
 }
 
@@ -618,6 +620,13 @@ impl Core {
         self.jittered(exp)
     }
 
+    /// The last holder seen, as a registry read names it: id and token.
+    fn known_holder(&self) -> Option<(LeaderId, FencingToken)> {
+        self.leader
+            .as_ref()
+            .and_then(|h| Some((h.id()?, h.token()?)))
+    }
+
     fn send(&mut self, op: InFlight, output: Output, out: &mut Vec<Output>) {
         debug_assert!(self.op.is_none(), "one store call at a time");
         self.op = Some(op);
@@ -890,12 +899,9 @@ impl Core {
                         // Who goes first? One read of the registry, bounded
                         // by the hold-off (a slow registry costs no more).
                         let timeout = holdoff.max(Duration::from_millis(1));
-                        let last = self
-                            .leader
-                            .as_ref()
-                            .and_then(|h| Some((h.id()?, h.token()?)));
+                        let last = self.known_holder();
                         self.send(
-                            InFlight::Rank { sent_at: now },
+                            InFlight::Rank { sent_at: now, last },
                             Output::ReadCandidates { last, timeout },
                             out,
                         );
@@ -1360,7 +1366,7 @@ impl Core {
         result: Result<Ranking, BackendError>,
         out: &mut Vec<Output>,
     ) {
-        let Some(InFlight::Rank { sent_at }) = self.op else {
+        let Some(InFlight::Rank { sent_at, last }) = self.op else {
             return;
         };
         self.op = None;
@@ -1369,6 +1375,13 @@ impl Core {
         }
         if matches!(self.stop, Some(StopKind::Shutdown | StopKind::Abandon)) {
             return self.stopped(out);
+        }
+        if self.known_holder() != last {
+            // A new holder was seen while the read was out (the preferred
+            // candidate, most likely): the key is held, and the follower
+            // waits as that event set it, instead of holding off and then
+            // trying against a live lease.
+            return;
         }
         let Some((me, holdoff)) = self.rank else {
             return self.acquire(now, out);
