@@ -52,6 +52,8 @@ struct State {
     task: Option<JoinHandle<()>>,
     /// The backend said it cannot watch: do not ask again.
     no_watch: bool,
+    /// A watch stream is connected.
+    up: bool,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -140,6 +142,7 @@ where
             }
             Some(Ok(Some(mut stream))) => {
                 backoff = BACKOFF_MIN;
+                set_up(&state, true);
                 if !dispatch(&state, WatchEvent::Resync) {
                     return;
                 }
@@ -149,6 +152,7 @@ where
                     }
                 }
                 drop(stream);
+                set_up(&state, false);
                 // Followers that wait for the watch to tell them (no
                 // expiry hint, a watch that reports expiry) read the store
                 // now, and go by its hints until the watch is back.
@@ -173,6 +177,12 @@ where
                 backoff = BACKOFF_MIN;
             }
         }
+    }
+}
+
+fn set_up(state: &Weak<Mutex<State>>, up: bool) {
+    if let Some(state) = state.upgrade() {
+        lock(&state).up = up;
     }
 }
 
@@ -211,6 +221,15 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// `true` once the backend's watch is connected (the events of this
+    /// key are delivered from now on), or if the backend cannot watch.
+    pub(crate) fn is_live(&self) -> bool {
+        self.hub.upgrade().is_none_or(|state| {
+            let state = lock(&state);
+            state.up || state.no_watch
+        })
+    }
+
     /// The next event. Pending forever if the backend cannot watch or was
     /// dropped; use it in a `select!` beside timers.
     pub async fn next(&mut self) -> WatchEvent {

@@ -440,6 +440,9 @@ async fn run(
             break error;
         }
         if let Some(r) = registry.as_mut() {
+            if subscription.is_live() {
+                r.arm(Instant::now());
+            }
             r.start(Instant::now());
         }
 

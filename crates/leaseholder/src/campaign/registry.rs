@@ -101,6 +101,13 @@ pub(crate) struct Registry {
     /// The term named its successor by a `resign_to` or a preemption: the
     /// periodic reads no longer change the name.
     handing: bool,
+    /// Whether the entry is written yet. A candidate registers once it
+    /// would hear of a release at once (its backend's watch is up), or
+    /// when it leads, or a renew interval after it started, whichever
+    /// comes first: a leader that hands over to it the moment it appears
+    /// would otherwise wait for its watch to connect.
+    armed: bool,
+    arm_by: Instant,
 }
 
 impl Registry {
@@ -128,6 +135,8 @@ impl Registry {
             failures: 0,
             rng: seed | 1,
             handing: false,
+            armed: false,
+            arm_by: later(Instant::now(), interval),
         }
     }
 
@@ -139,6 +148,14 @@ impl Registry {
         self.rng = x;
         let unit = (x >> 11) as f64 / (1u64 << 53) as f64;
         d.mul_f64(1.0 - 0.1 * unit)
+    }
+
+    /// The campaign would now hear of a release at once: register.
+    pub(crate) fn arm(&mut self, now: Instant) {
+        if !self.armed {
+            self.armed = true;
+            self.write_at = now;
+        }
     }
 
     /// The candidate's metadata changed (a proclaim): later writes carry it.
@@ -155,6 +172,7 @@ impl Registry {
     pub(crate) fn began(&mut self, token: FencingToken, now: Instant) {
         self.leading = Some((token, now));
         self.handing = false;
+        self.arm(now);
         // A nomination of an earlier term names that term's token, so it
         // counts for nothing now; the first read replaces it.
         self.read_at = Some(now);
@@ -195,6 +213,9 @@ impl Registry {
         if !self.asks.is_empty() {
             return Some(Instant::now());
         }
+        if !self.armed {
+            return Some(self.arm_by);
+        }
         Some(match self.read_at {
             Some(r) => r.min(self.write_at),
             None => self.write_at,
@@ -209,6 +230,12 @@ impl Registry {
         let budget = self.interval;
         if let Some(ask) = self.asks.pop() {
             return self.list(Some(ask), budget);
+        }
+        if !self.armed {
+            if now < self.arm_by {
+                return;
+            }
+            self.arm(now);
         }
         if self.write_at <= now {
             let (backend, key, entry, ttl) = (
