@@ -202,15 +202,13 @@ fn expires_line(h: &Holder) -> String {
             "expires:    in {} unless renewed (a hint from the store)\n",
             render::span(d)
         ),
-        None => {
-            "expires:    - (the store gives no hint; it expires a ttl after its last renewal)\n"
-                .into()
-        }
+        None => "expires:    - (the store gives no hint)\n".into(),
     }
 }
 
 /// One line of `watch`.
-fn watch_line(key: &Key, seen: &Observed, json: bool, paint: Paint) -> String {
+/// `width`: the key column's (the longest key seen so far).
+fn watch_line(key: &Key, seen: &Observed, json: bool, width: usize, paint: Paint) -> String {
     let at = render::time(SystemTime::now());
     if json {
         let value = match seen {
@@ -241,7 +239,12 @@ fn watch_line(key: &Key, seen: &Observed, json: bool, paint: Paint) -> String {
         Observed::Vacant => "vacant".to_owned(),
         _ => paint.warn("unknown (the store cannot be read)"),
     };
-    format!("{}  {}  {what}\n", paint.dim(&at), paint.key(key.as_str()))
+    let pad = " ".repeat(width.saturating_sub(key.as_str().chars().count()));
+    format!(
+        "{}  {}{pad}  {what}\n",
+        paint.dim(&at),
+        paint.key(key.as_str())
+    )
 }
 
 /// Starts observing `key`; its changes go to `tx`.
@@ -315,13 +318,19 @@ async fn watch(
     let mut rescan = tokio::time::interval(poll);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut printed = 0u64;
+    let mut width = observers
+        .keys()
+        .map(|k| k.as_str().chars().count())
+        .max()
+        .unwrap_or(0);
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
             _ = &mut ctrl_c => break,
             Some((key, seen)) = rx.recv() => {
-                out(&watch_line(&key, &seen, json, paint))?;
+                width = width.max(key.as_str().chars().count());
+                out(&watch_line(&key, &seen, json, width, paint))?;
                 printed += 1;
                 if count.is_some_and(|n| printed >= n) {
                     break;
@@ -391,6 +400,10 @@ async fn release(
         })
         .await
         .map_err(|e| CliError::Io(std::io::Error::other(e)))??;
+        // An answer piped in is not echoed: end the prompt's line.
+        if !std::io::stdin().is_terminal() {
+            eprintln!();
+        }
         if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
             return Err(CliError::NotConfirmed);
         }
@@ -432,22 +445,22 @@ fn describe(h: &Holder) -> String {
 }
 
 async fn setup(store: &Store, budget: Duration, dry_run: bool) -> Result<(), CliError> {
-    let mut text = store.settings.clone();
-    if !text.ends_with('\n') {
-        text.push('\n');
+    let mut settings = store.settings.clone();
+    if !settings.ends_with('\n') {
+        settings.push('\n');
     }
     if dry_run {
-        text.push_str("(dry run: nothing was created or checked)\n");
-        return out(&text);
+        return out(&format!(
+            "{settings}(dry run: nothing was created or checked)\n"
+        ));
     }
-    out(&text)?;
     let prepared = store
         .backend
         .setup_within(budget)
         .await
         .map_err(failed(store, "setup"))?;
-    out(match prepared {
-        Prepared::Created => "created\n",
-        _ => "exists, and its settings are valid\n",
-    })
+    match prepared {
+        Prepared::Created => out(&format!("{settings}created\n")),
+        _ => out("exists, and its settings are valid\n"),
+    }
 }

@@ -28,7 +28,7 @@ pub(crate) mod code {
 pub(crate) enum CliError {
     #[error("{0}")]
     Usage(String),
-    #[error("invalid store settings")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot connect to {store}")]
     #[cfg_attr(not(feature = "nats"), allow(dead_code))]

@@ -191,7 +191,11 @@ pub(crate) fn table(header: &[&str], rows: &[Vec<(String, String)>], paint: Pain
         for (i, (plain, painted)) in cells.into_iter().enumerate() {
             out.push_str(&painted);
             if i < last {
-                let pad = widths.get(i).copied().unwrap_or(0) - plain.chars().count();
+                let pad = widths
+                    .get(i)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(plain.chars().count());
                 out.push_str(&" ".repeat(pad + 2));
             }
         }

@@ -270,7 +270,7 @@ fn sqlite(url: &str, name: String) -> Result<Store, CliError> {
     }
     let sqlite = builder.build()?;
     let settings = format!(
-        "-- file {}, table {}\n{}\n",
+        "-- file {}, table {}\n{}",
         sqlite.path().display(),
         sqlite.table(),
         sqlite.ddl()

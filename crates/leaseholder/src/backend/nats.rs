@@ -537,7 +537,20 @@ impl NatsBackend {
                     Ok(store) => Ok(store),
                     // The bucket's stream may be missing: say so if it is.
                     Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
-                        Err(self.confirm_missing().await)
+                        Err(match self.confirm_missing().await {
+                            BackendError::Misconfigured { .. } => BackendError::Misconfigured {
+                                problem: format!(
+                                    "bucket {} does not exist (its stream {} is missing: never \
+                                     created, or deleted)",
+                                    self.bucket,
+                                    self.stream_name()
+                                ),
+                                fix: "create it with setup() (a new Leader or Backend runs it; \
+                                      so does `leaseholder setup`)"
+                                    .into(),
+                            },
+                            other => other,
+                        })
                     }
                     Err(e) => Err(BackendError::unavailable(e)),
                 }
