@@ -80,6 +80,21 @@ async fn cli_on_nats() {
         .await
         .success()
         .stdout(predicate::str::contains("a foreign value"));
+    // Every key (the leaders have shut down; the foreign value is left),
+    // as many lines as asked for.
+    let line = cli(&url, &["watch", "--json", "--count", "1"], None)
+        .await
+        .success();
+    let line: serde_json::Value =
+        serde_json::from_slice(&line.get_output().stdout).expect("one JSON line");
+    assert_eq!(line["key"], "foreign", "{line}");
+    assert_eq!(line["state"], "held", "{line}");
+    assert_eq!(line["foreign"], true, "{line}");
+    // Colour on request.
+    cli(&url, &["--color", "always", "list"], None)
+        .await
+        .success()
+        .stdout(predicate::str::contains("\x1b[").and(predicate::str::contains("(foreign value)")));
 
     // A bucket that does not exist.
     let missing = format!("{}?bucket=nope", server.url());
