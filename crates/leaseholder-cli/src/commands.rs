@@ -110,10 +110,13 @@ async fn show(
         .map_err(failed(store, "reading the key"))?;
     // The registry, where the store keeps one; a failure to read it is
     // shown, not fatal: the lease is what matters.
-    let candidates = if store.backend.supports_candidates() {
+    let candidates = if !store.backend.supports_candidates() {
+        None
+    } else if store.may_have_registry().await {
         Some(store.backend.candidates_within(&key, budget).await)
     } else {
-        None
+        // No registry was ever made: reading it would create it.
+        Some(Ok(Vec::new()))
     };
     if json {
         let mut value = match &holder {

@@ -25,6 +25,24 @@ pub(crate) struct Store {
     pub(crate) name: String,
     /// What `setup` creates: the DDL, or the bucket's settings.
     pub(crate) settings: String,
+    /// NATS: the client and the registry's stream, to look for it without
+    /// creating it (the backend's first registry call would).
+    #[cfg(feature = "nats")]
+    nats_registry: Option<(async_nats::Client, String)>,
+}
+
+impl Store {
+    /// `false` if the store certainly has no candidate registry for this
+    /// backend, so that reading it would only create it (NATS creates the
+    /// registry bucket on its first use); `true` otherwise.
+    pub(crate) async fn may_have_registry(&self) -> bool {
+        #[cfg(feature = "nats")]
+        if let Some((client, stream)) = &self.nats_registry {
+            let js = async_nats::jetstream::new(client.clone());
+            return js.get_stream(stream).await.is_ok();
+        }
+        true
+    }
 }
 
 /// Splits `url` at `?` into the part before and its `name=value` pairs.
@@ -150,11 +168,13 @@ async fn nats(
         store: name.clone(),
         source: e.into(),
     })?;
-    let nats = NatsBackend::try_new(client, &bucket)?;
+    let nats = NatsBackend::try_new(client.clone(), &bucket)?;
+    let registry = format!("KV_{}", nats.registry_bucket());
     Ok(Store {
         settings: nats.bucket_settings(),
         backend: Backend::new(nats),
         name,
+        nats_registry: Some((client, registry)),
     })
 }
 
@@ -186,6 +206,8 @@ fn postgres(url: &str, name: String, timeout: Duration) -> Result<Store, CliErro
         settings,
         backend: Backend::postgres(pg),
         name,
+        #[cfg(feature = "nats")]
+        nats_registry: None,
     })
 }
 
@@ -221,6 +243,8 @@ fn redis(url: &str, name: String, timeout: Duration) -> Result<Store, CliError> 
         settings,
         backend: Backend::redis(redis),
         name,
+        #[cfg(feature = "nats")]
+        nats_registry: None,
     })
 }
 
@@ -250,6 +274,8 @@ fn etcd(url: &str, name: String, timeout: Duration) -> Result<Store, CliError> {
         settings,
         backend: Backend::etcd(etcd),
         name,
+        #[cfg(feature = "nats")]
+        nats_registry: None,
     })
 }
 
@@ -279,6 +305,8 @@ fn sqlite(url: &str, name: String) -> Result<Store, CliError> {
         settings,
         backend: Backend::sqlite(sqlite),
         name,
+        #[cfg(feature = "nats")]
+        nats_registry: None,
     })
 }
 

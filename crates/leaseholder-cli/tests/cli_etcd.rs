@@ -29,7 +29,7 @@ async fn cli_on_etcd() {
         );
     cli(&url, &["setup"], None).await.success();
 
-    election(&url, || Backend::etcd(etcd()), Duration::from_secs(2)).await;
+    election(&url, || Backend::etcd(etcd()), Duration::from_secs(2), true).await;
 
     // A foreign value: shown, never released.
     let name = etcd().lease_key(&Key::new("foreign").unwrap());

@@ -44,6 +44,13 @@ async fn cli_on_nats() {
         .await
         .success()
         .stdout("no key is held\n");
+    // Reading a key's candidates never creates the registry's bucket.
+    cli(&url, &["show", KEY], None).await.success().stdout(
+        predicate::str::contains("the key is free")
+            .and(predicate::str::contains("none registered")),
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    assert!(js.get_stream("KV_leases_candidates").await.is_err());
 
     let nats_url = server.url();
     let connect = || {
@@ -56,6 +63,7 @@ async fn cli_on_nats() {
         &url,
         || Backend::nats(clients.lock().unwrap().pop().unwrap(), BUCKET),
         Duration::from_secs(2),
+        true,
     )
     .await;
 

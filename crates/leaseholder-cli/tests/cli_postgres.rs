@@ -59,6 +59,7 @@ async fn cli_on_postgres() {
             )
         },
         Duration::from_secs(2),
+        true,
     )
     .await;
 

@@ -38,7 +38,13 @@ async fn cli_on_redis() {
         .success()
         .stdout("no key is held\n");
 
-    election(&url, || Backend::redis(redis()), Duration::from_secs(2)).await;
+    election(
+        &url,
+        || Backend::redis(redis()),
+        Duration::from_secs(2),
+        true,
+    )
+    .await;
 
     // Another fleet's prefix is not listed.
     cli(

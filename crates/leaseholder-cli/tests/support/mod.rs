@@ -55,13 +55,14 @@ pub(crate) async fn cli_json(store: &str, args: &[&str]) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-/// A candidate for [`KEY`] with `metadata`, the registry on.
-pub(crate) fn leader(backend: Backend, metadata: &str, ttl: Duration) -> Leader {
+/// A candidate for [`KEY`] with `metadata`, with the candidate registry
+/// on or off.
+pub(crate) fn leader(backend: Backend, metadata: &str, ttl: Duration, registry: bool) -> Leader {
     Leader::builder(KEY)
         .backend(backend)
         .ttl(ttl)
         .metadata(metadata.to_owned())
-        .registry(true)
+        .registry(registry)
         .build()
         .expect("a valid leader")
 }
@@ -169,7 +170,8 @@ async fn watch_until(
 }
 
 /// The whole scenario on the store `url`, with `backend` making a new
-/// client of the same store for each candidate:
+/// client of the same store for each candidate, and the candidates in the
+/// registry if `registry`:
 ///
 /// 1. `a` leads, `b` follows; `list` (table and JSON) and `show` (text and
 ///    JSON, with both candidates) show `a`, its token and metadata;
@@ -178,12 +180,17 @@ async fn watch_until(
 ///    stdin `n`: `b` still leads;
 /// 4. `release --force --yes` ends `b`'s term: it says so, `a` leads with a
 ///    larger token, `b` steps down, and `b`'s fenced write is refused.
-pub(crate) async fn election(url: &str, backend: impl Fn() -> Backend, ttl: Duration) {
+pub(crate) async fn election(
+    url: &str,
+    backend: impl Fn() -> Backend,
+    ttl: Duration,
+    registry: bool,
+) {
     let log = WorkLog::new();
-    let a = leader(backend(), "node-a", ttl);
+    let a = leader(backend(), "node-a", ttl, registry);
     let (task_a, mut terms_a) = run(&a, "a", &log);
     let first = next_term(&mut terms_a, "a").await;
-    let b = leader(backend(), "node-b", ttl);
+    let b = leader(backend(), "node-b", ttl, registry);
     let (task_b, mut terms_b) = run(&b, "b", &log);
     let a_id: LeaderId = a.leader_id();
     wait_state(
@@ -221,13 +228,21 @@ pub(crate) async fn election(url: &str, backend: impl Fn() -> Backend, ttl: Dura
         .iter()
         .filter_map(|c| c["id"].as_str())
         .collect();
-    assert!(candidates.contains(&id(&a).as_str()), "{shown}");
-    assert!(candidates.contains(&id(&b).as_str()), "{shown}");
+    let registered = if registry { 2 } else { 0 };
+    assert_eq!(candidates.len(), registered, "{shown}");
+    if registry {
+        assert!(candidates.contains(&id(&a).as_str()), "{shown}");
+        assert!(candidates.contains(&id(&b).as_str()), "{shown}");
+    }
     cli(url, &["show", KEY], None).await.success().stdout(
         predicate::str::contains(format!("holder:     {}", id(&a)))
             .and(predicate::str::contains(format!("token:      {token}")))
             .and(predicate::str::contains("metadata:   node-a"))
-            .and(predicate::str::contains("candidates: 2")),
+            .and(predicate::str::contains(if registry {
+                "candidates: 2"
+            } else {
+                "candidates: none registered"
+            })),
     );
 
     // 2. watch sees the handover.
