@@ -23,7 +23,8 @@
 //! With `LEASEHOLDER_PRIORITY=<i32>` in its environment it keeps a
 //! candidate-registry entry with that priority (and
 //! `LEASEHOLDER_MIN_TERM_MS=<ms>` sets its minimum term), and prints
-//! `REGISTERED` once the registry lists it.
+//! `REGISTERED` once the registry lists it. `LEASEHOLDER_METADATA=<text>`
+//! sets the metadata that followers, observers and `leaseholder list` see.
 
 use std::io::Write;
 use std::time::Duration;
@@ -75,6 +76,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Ok(ms) = std::env::var("LEASEHOLDER_MIN_TERM_MS") {
         builder = builder.min_term(Duration::from_millis(ms.parse()?));
+    }
+    if let Ok(metadata) = std::env::var("LEASEHOLDER_METADATA") {
+        builder = builder.metadata(metadata);
     }
     let leader = builder.build()?;
     leader.setup().await?;

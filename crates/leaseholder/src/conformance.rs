@@ -183,6 +183,11 @@ pub async fn run<H: Harness>(h: &H) -> Report {
             "release_is_compare_and_delete",
             release_is_compare_and_delete(h).await,
         ),
+        ("keys_lists_held_keys", keys_lists_held_keys(h).await),
+        (
+            "forced_release_ends_the_term_and_fences",
+            forced_release_ends_the_term_and_fences(h).await,
+        ),
         (
             "expiry_by_the_store_clock",
             expiry_by_the_store_clock(h).await,
@@ -554,6 +559,128 @@ pub async fn release_is_compare_and_delete<H: Harness>(h: &H) -> RowResult {
         return Err(fail(ROW, "a stale release removed the next holder's lease"));
     }
     ok(ROW, "release", b.release(&key, &next).await)?;
+    Ok(Outcome::Passed)
+}
+
+/// [`keys`](crate::BackendEdge::keys) lists every key with a live lease
+/// (seen from another client), and
+/// [`holders_within`](Backend::holders_within) shows each one's holder
+/// and leaves out a released key. Unsupported if the backend cannot list.
+pub async fn keys_lists_held_keys<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "keys_lists_held_keys";
+    let (first, a, b) = two_clients(h, ROW, "keys").await?;
+    let second = h.key("keys");
+    let ttl = h.ttl() * 4;
+    let one = acquire_won(ROW, &a, &first, &claim(), ttl).await?;
+    let two = acquire_won(ROW, &a, &second, &claim(), ttl).await?;
+    let keys = match b.keys().await {
+        Err(BackendError::Unsupported { what, needed }) => {
+            ok(ROW, "release", a.release(&first, &one).await)?;
+            ok(ROW, "release", a.release(&second, &two).await)?;
+            return Ok(Outcome::Unsupported(format!("{what}; needs {needed}")));
+        }
+        other => ok(ROW, "keys", other)?,
+    };
+    for key in [&first, &second] {
+        if !keys.contains(key) {
+            return Err(fail(ROW, format!("keys() left out held key {key}")));
+        }
+    }
+    if !keys.windows(2).all(|w| w[0] < w[1]) {
+        return Err(fail(ROW, "Backend::keys is not sorted and deduplicated"));
+    }
+    let listed = ok(ROW, "holders", b.holders_within(ttl).await)?;
+    for (key, lease) in [(&first, &one), (&second, &two)] {
+        if !listed
+            .iter()
+            .any(|(k, h)| k == key && h.is_nonce(lease.nonce()) && h.token() == Some(lease.token()))
+        {
+            return Err(fail(
+                ROW,
+                format!("holders_within did not show {key}'s lease"),
+            ));
+        }
+    }
+    ok(ROW, "release", a.release(&first, &one).await)?;
+    let listed = ok(ROW, "holders", b.holders_within(ttl).await)?;
+    if listed.iter().any(|(k, _)| k == &first) {
+        return Err(fail(ROW, "holders_within listed a released key"));
+    }
+    ok(ROW, "release", a.release(&second, &two).await)?;
+    Ok(Outcome::Passed)
+}
+
+/// [`Backend::force_release_within`] from another client ends the
+/// holder's term: the holder's renewal is `Lost`, the next acquire gets a
+/// larger token, a second forced release of the same (now stale) holder
+/// leaves the next term alone, and a foreign value is refused.
+pub async fn forced_release_ends_the_term_and_fences<H: Harness>(h: &H) -> RowResult {
+    use crate::backend::ForceReleased;
+    const ROW: &str = "forced_release_ends_the_term_and_fences";
+    let (key, a, b) = two_clients(h, ROW, "force").await?;
+    let ttl = h.ttl() * 4;
+    let old = acquire_won(ROW, &a, &key, &claim(), ttl).await?;
+    let seen = ok(ROW, "holder", b.holder(&key).await)?
+        .ok_or_else(|| fail(ROW, "the held key read as free"))?;
+    match ok(
+        ROW,
+        "force release",
+        b.force_release_within(&key, &seen, ttl).await,
+    )? {
+        ForceReleased::Ended { token, now: None } if token == old.token() => {}
+        other => return Err(fail(ROW, format!("force release reported {other:?}"))),
+    }
+    if ok(ROW, "renew", a.renew(&key, &old, ttl).await)? != Renewed::Lost {
+        return Err(fail(ROW, "the old holder renewed a force-released lease"));
+    }
+    let next = acquire_won(ROW, &b, &key, &claim(), ttl).await?;
+    if next.token() <= old.token() {
+        return Err(fail(
+            ROW,
+            format!(
+                "token {} after a forced release of {}",
+                next.token(),
+                old.token()
+            ),
+        ));
+    }
+    match ok(
+        ROW,
+        "stale force release",
+        b.force_release_within(&key, &seen, ttl).await,
+    )? {
+        ForceReleased::Ended { now: Some(now), .. } if now.is_nonce(next.nonce()) => {}
+        other => {
+            return Err(fail(
+                ROW,
+                format!("a stale forced release reported {other:?}"),
+            ));
+        }
+    }
+    ok(ROW, "release", b.release(&key, &next).await)?;
+    let foreign = h.key("force-foreign");
+    ok(ROW, "setup", b.setup().await)?;
+    h.put_foreign(&foreign, b"not a leaseholder value", ttl)
+        .await
+        .map_err(|e| fail(ROW, format!("put_foreign failed: {e}")))?;
+    let seen = ok(ROW, "holder", b.holder(&foreign).await)?
+        .ok_or_else(|| fail(ROW, "a foreign value read as free"))?;
+    match ok(
+        ROW,
+        "force release",
+        b.force_release_within(&foreign, &seen, ttl).await,
+    )? {
+        ForceReleased::Foreign => {}
+        other => {
+            return Err(fail(
+                ROW,
+                format!("a foreign value was force-released: {other:?}"),
+            ));
+        }
+    }
+    if ok(ROW, "holder", b.holder(&foreign).await)?.is_none() {
+        return Err(fail(ROW, "refusing a foreign value removed it"));
+    }
     Ok(Outcome::Passed)
 }
 

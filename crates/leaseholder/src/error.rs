@@ -145,6 +145,8 @@ pub enum Op {
     Release,
     /// [`BackendEdge::holder`](crate::BackendEdge::holder).
     Holder,
+    /// [`BackendEdge::keys`](crate::BackendEdge::keys).
+    Keys,
     /// [`BackendEdge::watch`](crate::BackendEdge::watch).
     Watch,
     /// [`BackendEdge::proclaim`](crate::BackendEdge::proclaim).
@@ -165,6 +167,7 @@ impl fmt::Display for Op {
             Op::Renew => "renew",
             Op::Release => "release",
             Op::Holder => "holder",
+            Op::Keys => "keys",
             Op::Watch => "watch",
             Op::Proclaim => "proclaim",
             Op::Register => "register",

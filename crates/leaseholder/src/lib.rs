@@ -42,8 +42,8 @@ pub use backend::redis::{RedisBackend, RedisBuilder};
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use backend::sqlite::{SqliteBackend, SqliteBuilder};
 pub use backend::{
-    Acquired, Backend, BackendEdge, Candidate, Claim, FencingToken, Holder, Key, LeaderId, Lease,
-    LeaseValue, Nonce, Prepared, Renewed, WatchEvent, WatchStream,
+    Acquired, Backend, BackendEdge, Candidate, Claim, FencingToken, ForceReleased, Holder, Key,
+    LeaderId, Lease, LeaseValue, Nonce, Prepared, Renewed, WatchEvent, WatchStream,
 };
 pub use config::{LeaderBuilder, LeaderConfig, MAX_INTERVAL, MIN_INTERVAL};
 pub use error::{BackendError, BoxError, ConfigError, Error, Op};

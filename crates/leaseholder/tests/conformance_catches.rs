@@ -162,6 +162,10 @@ impl BackendEdge for Broken {
         })
     }
 
+    async fn keys(&self, budget: Duration) -> Result<Vec<Key>, BackendError> {
+        self.inner.keys(budget).await
+    }
+
     async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {
         let stream = self.inner.watch().await?;
         if self.flaw != Flaw::WatchDropsReleased {
@@ -354,7 +358,7 @@ async fn the_wrapper_without_a_flaw_passes() {
             .all(|(row, _)| row.contains("process")),
         "{report}"
     );
-    assert_eq!(report.passed.len(), 17, "{report}");
+    assert_eq!(report.passed.len(), 19, "{report}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -44,7 +44,7 @@ async fn memory_backend_passes_the_contract() {
             .all(|(row, _)| row.contains("process")),
         "{report}"
     );
-    assert_eq!(report.passed.len(), 17, "{report}");
+    assert_eq!(report.passed.len(), 19, "{report}");
 }
 
 /// The same on a real clock and the multi-thread runtime, with a short ttl.

@@ -123,6 +123,12 @@ pub trait BlockingBackendEdge: Send + Sync + 'static {
     /// See [`BackendEdge::holder`].
     fn holder(&self, key: Key, budget: Duration) -> Result<Option<Holder>, BackendError>;
 
+    /// See [`BackendEdge::keys`]. Default: [`BackendError::Unsupported`].
+    fn keys(&self, budget: Duration) -> Result<Vec<Key>, BackendError> {
+        let _ = budget;
+        Err(super::no_listing())
+    }
+
     /// How often [`changes`](Self::changes) is polled, or `None` (the
     /// default) for no watch: followers then wake by expiry hints and the
     /// retry interval.
@@ -308,6 +314,10 @@ impl<T: BlockingBackendEdge> BackendEdge for Blocking<T> {
     async fn holder(&self, key: &Key, budget: Duration) -> Result<Option<Holder>, BackendError> {
         let key = key.clone();
         self.run(Op::Holder, move |s| s.holder(key, budget)).await
+    }
+
+    async fn keys(&self, budget: Duration) -> Result<Vec<Key>, BackendError> {
+        self.run(Op::Keys, move |s| s.keys(budget)).await
     }
 
     async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {

@@ -1396,6 +1396,33 @@ impl BackendEdge for EtcdBackend {
         .await
     }
 
+    /// One keys-only range read of `<prefix>/lease/`.
+    async fn keys(&self, budget: Duration) -> Result<Vec<Key>, BackendError> {
+        within(budget, async {
+            let prefix = &self.inner.lease_prefix;
+            let txn = Txn::new().and_then(vec![TxnOp::get(
+                prefix.clone(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )]);
+            let reply = self.txn(txn, budget).await?;
+            let mut keys = Vec::new();
+            for op in reply.op_responses() {
+                let TxnOpResponse::Get(get) = op else {
+                    continue;
+                };
+                keys.extend(
+                    get.kvs()
+                        .iter()
+                        .filter_map(|kv| kv.key().strip_prefix(prefix.as_bytes()))
+                        .filter_map(|name| std::str::from_utf8(name).ok())
+                        .filter_map(|name| Key::new(name).ok()),
+                );
+            }
+            Ok(keys)
+        })
+        .await
+    }
+
     async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {
         let budget = DEFAULT_CONNECT_TIMEOUT * 5;
         let client = self.client(budget).await?;

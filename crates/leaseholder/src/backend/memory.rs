@@ -353,6 +353,9 @@ impl MemoryStore {
             Call::Holder(key) => {
                 return Ok(Reply::Holder(state.entries.get(key).map(|e| e.holder(now))));
             }
+            Call::Keys => {
+                return Ok(Reply::Keys(state.entries.keys().cloned().collect()));
+            }
             Call::Acquire(key, claim, ttl) => {
                 if let Some(entry) = state.entries.get(key) {
                     return Ok(Reply::Acquire(Acquired::Held(entry.holder(now))));
@@ -453,6 +456,7 @@ enum Call {
     Renew(Key, Lease, Duration),
     Release(Key, Lease),
     Holder(Key),
+    Keys,
     Proclaim(Key, Lease, Bytes, Duration),
     Register(Key, Candidate, Duration),
     Deregister(Key, LeaderId),
@@ -472,6 +476,7 @@ impl Call {
             Call::Renew(..) => Op::Renew,
             Call::Release(..) => Op::Release,
             Call::Holder(..) => Op::Holder,
+            Call::Keys => Op::Keys,
         }
     }
 }
@@ -482,6 +487,7 @@ enum Reply {
     Renew(Renewed),
     Release,
     Holder(Option<Holder>),
+    Keys(Vec<Key>),
     Done,
     Candidates(Vec<Candidate>),
     Candidate(Option<Candidate>),
@@ -733,6 +739,13 @@ impl BackendEdge for MemoryBackend {
     async fn holder(&self, key: &Key, _budget: Duration) -> Result<Option<Holder>, BackendError> {
         match self.call(Call::Holder(key.clone())).await? {
             Reply::Holder(h) => Ok(h),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn keys(&self, _budget: Duration) -> Result<Vec<Key>, BackendError> {
+        match self.call(Call::Keys).await? {
+            Reply::Keys(keys) => Ok(keys),
             _ => Err(unexpected()),
         }
     }

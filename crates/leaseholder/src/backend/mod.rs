@@ -17,6 +17,7 @@
 //! | [`renew`](BackendEdge::renew) | atomically extend the lease with this nonce; [`Renewed::Lost`] if it is gone or another's. Never resurrect an expired lease |
 //! | [`release`](BackendEdge::release) | end the lease only if it still has this nonce (compare-and-delete); idempotent; never make a later token smaller |
 //! | [`holder`](BackendEdge::holder) | return the live lease with an expiry hint |
+//! | [`keys`](BackendEdge::keys) | optionally list the keys that may hold a lease (for operators) |
 //! | [`watch`](BackendEdge::watch) | optionally stream change events for all keys |
 //! | [`proclaim`](BackendEdge::proclaim) | optionally: as `renew`, and replace the lease's metadata |
 //! | [`register`](BackendEdge::register), [`deregister`](BackendEdge::deregister), [`candidates`](BackendEdge::candidates) | optionally keep the candidate registry: entries that expire by the store's clock, listed live |
@@ -444,6 +445,36 @@ impl Lease {
             expires_in,
         }
     }
+
+    /// The lease a [`Holder`] shows, as a value to pass to
+    /// [`release`](BackendEdge::release): how an operator ends *someone
+    /// else's* term (see [`Backend::force_release_within`], which also
+    /// reads the key back). `None` for a [foreign](Holder::is_foreign)
+    /// holder, or one whose token or acquisition time the store did not
+    /// show: nothing we could compare on.
+    ///
+    /// The release still compares on the nonce (and, where the backend
+    /// keeps one, the term), so a lease built from a holder read a while
+    /// ago never ends a newer term of the key.
+    ///
+    /// ```
+    /// use leaseholder::{Claim, FencingToken, Holder, LeaderId, Lease};
+    ///
+    /// let lease = Lease::new(&Claim::new(LeaderId::new(), Default::default()), FencingToken::new(7), 3);
+    /// let seen = lease.holder(None);
+    /// assert_eq!(Lease::from_holder(&seen), Some(lease));
+    /// assert_eq!(Lease::from_holder(&Holder::foreign(3, None)), None);
+    /// ```
+    pub fn from_holder(holder: &Holder) -> Option<Lease> {
+        Some(Lease {
+            nonce: holder.nonce?,
+            token: holder.token?,
+            revision: holder.revision,
+            id: holder.id?,
+            metadata: holder.metadata.clone(),
+            acquired_at: holder.acquired_at?,
+        })
+    }
 }
 
 /// Who holds a key, as the store shows it.
@@ -561,6 +592,25 @@ pub enum Prepared {
     Existing,
     /// This call created the bucket or table.
     Created,
+}
+
+/// What [`Backend::force_release_within`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ForceReleased {
+    /// The term is over: the key no longer holds the lease with the
+    /// holder's nonce (this call ended it, or it had just ended). `now` is
+    /// what the key holds, read right after: `None` (free) or the next
+    /// term, whose token is larger than the ended one's.
+    Ended {
+        /// The fencing token of the ended term.
+        token: FencingToken,
+        /// The key's holder right after.
+        now: Option<Holder>,
+    },
+    /// The holder is foreign (a value we cannot decode, or one without a
+    /// token): there is nothing to compare on, so nothing was done.
+    Foreign,
 }
 
 /// The result of [`BackendEdge::acquire`].
@@ -824,6 +874,26 @@ pub trait BackendEdge: Send + Sync + 'static {
         budget: Duration,
     ) -> impl Future<Output = Result<Option<Holder>, BackendError>> + Send;
 
+    /// Every key of this backend that may hold a lease, in any order, for
+    /// operators (`leaseholder list`): the keys of live leases, and
+    /// possibly keys whose lease has ended (a row kept for its term, an
+    /// expiry marker). Callers read each key with
+    /// [`holder`](Self::holder), which decides. A name in the store that
+    /// is not a valid [`Key`] is left out. Not atomic: a key acquired
+    /// while the listing runs may be missing.
+    ///
+    /// Never called by the campaign. Default:
+    /// [`BackendError::Unsupported`].
+    ///
+    /// `budget`: see [the trait docs](BackendEdge#the-budget-of-a-call).
+    fn keys(
+        &self,
+        budget: Duration,
+    ) -> impl Future<Output = Result<Vec<Key>, BackendError>> + Send {
+        let _ = budget;
+        async { Err(no_listing()) }
+    }
+
     /// One subscription to change events for all keys of this backend, or
     /// `None` if the store cannot watch (then followers poll). Default:
     /// `None`.
@@ -950,6 +1020,14 @@ fn no_registry() -> BackendError {
     }
 }
 
+/// The error the key listing's defaults return.
+fn no_listing() -> BackendError {
+    BackendError::Unsupported {
+        what: "listing keys".to_owned(),
+        needed: "a backend that implements BackendEdge::keys".to_owned(),
+    }
+}
+
 /// The error the proclaim method's defaults return.
 fn no_proclaim() -> BackendError {
     BackendError::Unsupported {
@@ -1015,6 +1093,7 @@ trait DynEdge: Send + Sync + 'static {
         key: &'a Key,
         budget: Duration,
     ) -> BoxFuture<'a, Result<Option<Holder>, BackendError>>;
+    fn keys(&self, budget: Duration) -> BoxFuture<'_, Result<Vec<Key>, BackendError>>;
     fn watch(&self) -> BoxFuture<'_, Result<Option<WatchStream>, BackendError>>;
     fn watch_reports_expiry(&self) -> bool;
     fn supports_candidates(&self) -> bool;
@@ -1098,6 +1177,9 @@ impl<T: BackendEdge> DynEdge for T {
         budget: Duration,
     ) -> BoxFuture<'a, Result<Option<Holder>, BackendError>> {
         Box::pin(BackendEdge::holder(self, key, budget))
+    }
+    fn keys(&self, budget: Duration) -> BoxFuture<'_, Result<Vec<Key>, BackendError>> {
+        Box::pin(BackendEdge::keys(self, budget))
     }
     fn watch(&self) -> BoxFuture<'_, Result<Option<WatchStream>, BackendError>> {
         Box::pin(BackendEdge::watch(self))
@@ -1371,6 +1453,83 @@ impl Backend {
         budget: Duration,
     ) -> Result<Option<Holder>, BackendError> {
         self.kicked(guarded(Op::Holder, || self.inner.edge.holder(key, budget)).await)
+    }
+
+    /// See [`BackendEdge::keys`]: sorted, without duplicates. The budget
+    /// is [`DEFAULT_BUDGET`].
+    pub async fn keys(&self) -> Result<Vec<Key>, BackendError> {
+        self.keys_within(DEFAULT_BUDGET).await
+    }
+
+    /// See [`BackendEdge::keys`]: sorted, without duplicates.
+    pub async fn keys_within(&self, budget: Duration) -> Result<Vec<Key>, BackendError> {
+        let mut keys = self.kicked(guarded(Op::Keys, || self.inner.edge.keys(budget)).await)?;
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// Every key with a live lease and its holder, sorted by key: one
+    /// [`keys`](BackendEdge::keys) call, then one
+    /// [`holder`](BackendEdge::holder) read per key (each with the whole
+    /// `budget`), leaving out keys that turn out free. Not a snapshot: each
+    /// holder is as its own read found it.
+    pub async fn holders_within(
+        &self,
+        budget: Duration,
+    ) -> Result<Vec<(Key, Holder)>, BackendError> {
+        let mut found = Vec::new();
+        for key in self.keys_within(budget).await? {
+            if let Some(holder) = self.holder_within(&key, budget).await? {
+                found.push((key, holder));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Ends the term `holder` shows (a holder read from this key), whoever
+    /// holds it: an operator's forced release. The next candidate takes
+    /// over at once, with a larger token.
+    ///
+    /// It is an ordinary [`release`](BackendEdge::release) of
+    /// [`Lease::from_holder`], so it compares on the lease's nonce: if the
+    /// key has moved on to a newer term since `holder` was read, that term
+    /// is left alone. The key is then read back: [`ForceReleased::Ended`]
+    /// with what it holds now. A [foreign](Holder::is_foreign) holder is
+    /// left alone ([`ForceReleased::Foreign`]).
+    ///
+    /// **What the old leader sees.** Its work is not stopped by the store:
+    /// its campaign finds the lease gone at its next renewal (at once on
+    /// backends whose watch reports the release, else within one renew
+    /// interval), cancels the work's token and becomes a follower. Until
+    /// then, its work and the next leader's may overlap: only fencing
+    /// tokens protect writes made in that window (the old leader's token is
+    /// smaller). Prefer [`Leader::resign`](crate::Leader::resign) where you
+    /// can reach the leader's process.
+    ///
+    /// A second call for the same holder finds the term ended and reports
+    /// `Ended` again: idempotent.
+    pub async fn force_release_within(
+        &self,
+        key: &Key,
+        holder: &Holder,
+        budget: Duration,
+    ) -> Result<ForceReleased, BackendError> {
+        let Some(lease) = Lease::from_holder(holder) else {
+            return Ok(ForceReleased::Foreign);
+        };
+        self.release_within(key, &lease, budget).await?;
+        let now = self.holder_within(key, budget).await?;
+        if now.as_ref().is_some_and(|h| h.is_nonce(lease.nonce())) {
+            return Err(BackendError::unavailable(format!(
+                "the lease of key {key} with token {} was still there after its release",
+                lease.token()
+            )));
+        }
+        Ok(ForceReleased::Ended {
+            token: lease.token(),
+            now,
+        })
     }
 
     /// A call that succeeded shows the store reachable: a watch that is

@@ -409,6 +409,46 @@ impl NatsBackend {
         Ok(NatsBackend::new(client, bucket))
     }
 
+    /// The stream setup creates for a missing bucket.
+    fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream_name(),
+            description: Some(LEASES_DESCRIPTION.into()),
+            subjects: vec![format!("$KV.{}.>", self.bucket)],
+            max_messages_per_subject: 1,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            allow_message_ttl: true,
+            subject_delete_marker_ttl: Some(MARKER_TTL),
+            // A re-created bucket still issues larger tokens than any
+            // earlier one: sequences start at the wall clock in µs.
+            first_sequence: Some(now_micros()),
+            ..Default::default()
+        }
+    }
+
+    /// The bucket's settings as [`setup`](BackendEdge::setup) would create
+    /// it, one `name: value` per line, for operators (`leaseholder setup
+    /// --dry-run`) and for creating the bucket by hand. `first_seq` is the
+    /// current Unix time in microseconds.
+    pub fn bucket_settings(&self) -> String {
+        let c = self.stream_config();
+        format!(
+            "bucket: {}\nstream: {}\nsubjects: {}\nmax_msgs_per_subject: {} (history 1)\n\
+             discard: new\nallow_rollup_hdrs: true\ndeny_delete: true\nallow_direct: true\n\
+             allow_msg_ttl: true\nsubject_delete_marker_ttl: {}s\nmax_age: 0 (or at least \
+             {MAX_AGE_TTL_FACTOR} x the longest lease ttl)\nfirst_seq: {}\n",
+            self.bucket,
+            c.name,
+            c.subjects.join(", "),
+            c.max_messages_per_subject,
+            MARKER_TTL.as_secs(),
+            c.first_sequence.unwrap_or(1),
+        )
+    }
+
     fn subject(&self, key: &Key) -> String {
         format!("$KV.{}.{}", self.bucket, key)
     }
@@ -494,10 +534,27 @@ impl NatsBackend {
         self.shared
             .store
             .get_or_try_init(|| async {
-                self.js
-                    .get_key_value(&self.bucket)
-                    .await
-                    .map_err(BackendError::unavailable)
+                match self.js.get_key_value(&self.bucket).await {
+                    Ok(store) => Ok(store),
+                    // The bucket's stream may be missing: say so if it is.
+                    Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
+                        Err(match self.confirm_missing().await {
+                            BackendError::Misconfigured { .. } => BackendError::Misconfigured {
+                                problem: format!(
+                                    "bucket {} does not exist (its stream {} is missing: never \
+                                     created, or deleted)",
+                                    self.bucket,
+                                    self.stream_name()
+                                ),
+                                fix: "create it with setup() (a new Leader or Backend runs it; \
+                                      so does `leaseholder setup`)"
+                                    .into(),
+                            },
+                            other => other,
+                        })
+                    }
+                    Err(e) => Err(BackendError::unavailable(e)),
+                }
             })
             .await
     }
@@ -1243,22 +1300,7 @@ impl BackendEdge for NatsBackend {
         let name = self.stream_name();
         self.check_publish(&format!("$JS.API.STREAM.INFO.{name}"))
             .await?;
-        let config = stream::Config {
-            name: name.clone(),
-            description: Some(LEASES_DESCRIPTION.into()),
-            subjects: vec![format!("$KV.{}.>", self.bucket)],
-            max_messages_per_subject: 1,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            allow_message_ttl: true,
-            subject_delete_marker_ttl: Some(MARKER_TTL),
-            // A re-created bucket still issues larger tokens than any
-            // earlier one: sequences start at the wall clock in µs.
-            first_sequence: Some(now_micros()),
-            ..Default::default()
-        };
+        let config = self.stream_config();
         let existing = match self.js.get_stream(&name).await {
             Ok(mut s) => Some(
                 s.info()
@@ -1394,6 +1436,25 @@ impl BackendEdge for NatsBackend {
 
     async fn holder(&self, key: &Key, _budget: Duration) -> Result<Option<Holder>, BackendError> {
         Ok(self.entry(key).await?.as_ref().and_then(Self::holder))
+    }
+
+    /// The bucket's keys (`kv::Store::keys`: an ordered consumer that
+    /// delivers the last message per subject, headers only); delete and
+    /// expiry markers are left out.
+    async fn keys(&self, budget: Duration) -> Result<Vec<Key>, BackendError> {
+        let store = self.store().await?;
+        let list = async {
+            let mut names = store.keys().await.map_err(BackendError::unavailable)?;
+            let mut keys = Vec::new();
+            while let Some(name) = names.next().await {
+                let name = name.map_err(BackendError::unavailable)?;
+                keys.extend(Key::new(&name).ok());
+            }
+            Ok(keys)
+        };
+        tokio::time::timeout(budget, list)
+            .await
+            .map_err(|_| BackendError::Timeout(budget))?
     }
 
     async fn watch(&self) -> Result<Option<WatchStream>, BackendError> {

@@ -455,6 +455,7 @@ struct Sql {
     proclaim: String,
     release: String,
     holder: String,
+    keys: String,
     register: String,
     deregister: String,
     candidates: String,
@@ -563,6 +564,8 @@ impl Sql {
                         extract(epoch from expires_at - clock_timestamp())::float8 \
                    FROM {table} WHERE key = $1 AND expires_at > clock_timestamp()"
             ),
+            // Every key with a live lease (`holder` reads each).
+            keys: format!("SELECT key FROM {table} WHERE expires_at > clock_timestamp()"),
             // $1 key, $2 id (text), $3 value, $4 ttl in seconds, $5 channel.
             // Every CTE sees the rows as they were when the statement began:
             // `old` is the live entry before the write. Expired rows of the
@@ -1224,6 +1227,19 @@ impl BackendEdge for PostgresBackend {
         let until = Instant::now() + self.bound().min(budget);
         let client = self.client().await?;
         self.holder_on(&client, key, until).await
+    }
+
+    async fn keys(&self, budget: Duration) -> Result<Vec<Key>, BackendError> {
+        let until = Instant::now() + self.bound().min(budget);
+        let client = self.client().await?;
+        let (rows, _) = Self::pipelined(&client, &self.inner.sql.keys, &[], until)
+            .await?
+            .map_err(|e| self.error(e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| row.try_get::<_, String>(0).ok())
+            .filter_map(|name| Key::new(name).ok())
+            .collect())
     }
 
     fn supports_candidates(&self) -> bool {

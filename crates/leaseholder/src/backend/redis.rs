@@ -1302,6 +1302,18 @@ fn array(value: Value) -> Result<Vec<Value>, BackendError> {
     }
 }
 
+/// `text` with Redis glob patterns' special characters escaped.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for ch in text.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
 fn unexpected(value: &Value) -> BackendError {
     BackendError::fatal(format!(
         "unexpected reply from a leaseholder script: {value:?}"
@@ -1552,6 +1564,54 @@ impl BackendEdge for RedisBackend {
                 )))
             }
             _ => Err(unexpected(&Value::Array(items))),
+        }
+    }
+
+    /// `SCAN` for `{<prefix>:*}:lease` (one server, or a Sentinel group's
+    /// primary). A Cluster spreads keys over its primaries, and a `SCAN`
+    /// reaches one node: listing is unsupported there.
+    async fn keys(&self, budget: Duration) -> Result<Vec<Key>, BackendError> {
+        if let Target::Cluster { .. } = self.inner.target {
+            return Err(BackendError::Unsupported {
+                what: "listing keys on a Redis Cluster (SCAN reaches one node)".to_owned(),
+                needed: "one Redis server or a Sentinel group; on a Cluster, name the keys"
+                    .to_owned(),
+            });
+        }
+        let until = Instant::now() + budget;
+        let head = format!("{{{}:", self.inner.prefix);
+        let pattern = format!("{}*}}:lease", glob_escape(&head));
+        let mut cursor = 0u64;
+        let mut keys = Vec::new();
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(BackendError::Timeout(budget));
+            }
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let items = array(self.command(&cmd, left).await?)?;
+            let (Some(next), Some(Value::Array(names))) =
+                (items.first().and_then(int_of), items.get(1))
+            else {
+                return Err(unexpected(&Value::Array(items)));
+            };
+            keys.extend(
+                names
+                    .iter()
+                    .filter_map(bytes_of)
+                    .filter_map(|name| std::str::from_utf8(name).ok())
+                    .filter_map(|name| name.strip_prefix(head.as_str())?.strip_suffix("}:lease"))
+                    .filter_map(|key| Key::new(key).ok()),
+            );
+            cursor = u64::try_from(next).unwrap_or(0);
+            if cursor == 0 {
+                return Ok(keys);
+            }
         }
     }
 

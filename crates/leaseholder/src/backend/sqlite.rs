@@ -288,6 +288,7 @@ struct Sql {
     exists: String,
     columns: String,
     select: String,
+    keys: String,
     upsert: String,
     renew: String,
     proclaim: String,
@@ -354,6 +355,8 @@ impl Sql {
             select: format!(
                 "SELECT term, value, expires_at, boot_id, revision FROM {t} WHERE key = ?1"
             ),
+            // Every key with a lease that may be live (`holder` decides).
+            keys: format!("SELECT key FROM {t} WHERE expires_at IS NOT NULL"),
             upsert: format!(
                 "INSERT INTO {t} (key, term, nonce, value, expires_at, boot_id, revision) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
@@ -1061,6 +1064,22 @@ impl BlockingBackendEdge for SqliteBackend {
         });
         match result {
             Ok(holder) => Ok(holder),
+            Err(Fail::Gone(why)) => Err(self.gone(why)),
+            Err(Fail::Other(e)) => Err(e),
+        }
+    }
+
+    fn keys(&self, budget: Duration) -> Result<Vec<Key>, BackendError> {
+        let sql = &self.inner.sql;
+        let result = self.with_conn(budget, |db, _| {
+            let mut stmt = db.prepare(&sql.keys)?;
+            let names = stmt
+                .query_map([], |row| row.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(names)
+        });
+        match result {
+            Ok(names) => Ok(names.iter().filter_map(|n| Key::new(n).ok()).collect()),
             Err(Fail::Gone(why)) => Err(self.gone(why)),
             Err(Fail::Other(e)) => Err(e),
         }

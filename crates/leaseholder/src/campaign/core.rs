@@ -847,9 +847,13 @@ impl Core {
             abort_at,
             retry_at: Some(now),
             failures: 0,
+            // A lease that is gone while we still led was taken from us
+            // (an operator's forced release, a deleted key): let the other
+            // candidates take over first, as after a resign, instead of
+            // racing them for the key at once.
             quiet: matches!(
                 reason,
-                EndReason::Resign | EndReason::Preempted | EndReason::WorkDone
+                EndReason::Resign | EndReason::Preempted | EndReason::WorkDone | EndReason::Lost
             ),
         });
         self.publish(State::following(None), out);
