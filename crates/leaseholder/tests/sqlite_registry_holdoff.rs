@@ -1,10 +1,9 @@
-//! Known issue, kept as an ignored test to reproduce it: on SQLite with the
-//! candidate registry on, a follower that starts while a leader holds the
-//! key holds off for that leader (the registry ranks it first) and never
-//! learns that it leads. Each poll of the file wakes the follower with a
-//! `Resync`, and it holds off anew; the leader renews on each wake-up
-//! (every ~20 ms, the poll interval), which keeps the file changing. Seen
-//! on main at 9a46b57 too. Run with `--run-ignored only`.
+//! A regression test: on SQLite with the candidate registry on, a follower
+//! that started while a leader held the key held off for that leader (the
+//! registry ranked it first) and never learned that it led: each poll of
+//! the file woke it with a `Resync` and it held off anew, while the
+//! leader's registry traffic kept the file changing. Seen at 9a46b57; it
+//! now learns the leader within the hold-off and one poll.
 #![cfg(feature = "sqlite")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,7 +13,6 @@ use leaseholder::{Backend, Leader, SqliteBackend, State};
 use leaseholder_testkit::TempDir;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known issue: the registry's hold-off never ends on SQLite's polling watch"]
 async fn a_registered_follower_on_sqlite_sees_the_leader() {
     let dir = TempDir::new("sqlite-registry-holdoff").unwrap();
     let path = dir.path().join("leases.db");
