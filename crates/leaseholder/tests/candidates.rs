@@ -65,6 +65,41 @@ async fn leads(l: &Leader) -> State {
     wait(&mut l.state(), State::is_leader).await
 }
 
+/// Waits until `l` follows a leader it has seen.
+async fn held(l: &Leader) {
+    wait(&mut l.state(), |s| {
+        matches!(
+            s,
+            State::Follower {
+                waiting: Waiting::Held,
+                ..
+            }
+        )
+    })
+    .await;
+}
+
+/// Waits until the registry of the store shows `leader`'s entry naming
+/// `who` to go next (and, if given, `entries` entries in all).
+async fn names(store: &MemoryStore, leader: LeaderId, who: LeaderId, entries: Option<usize>) {
+    let observer = Observer::new("job", Backend::memory(store), Duration::from_secs(10)).unwrap();
+    let mut seen = observer.watch_candidates();
+    timeout(
+        WAIT,
+        seen.wait_for(|list| {
+            list.as_ref().is_some_and(|list| {
+                entries.is_none_or(|n| list.len() == n)
+                    && list.iter().any(|c| {
+                        c.id() == leader && c.nominee().is_some_and(|(next, _)| next == who)
+                    })
+            })
+        }),
+    )
+    .await
+    .expect("the leader did not name its successor")
+    .unwrap();
+}
+
 async fn stop(l: &Leader, task: JoinHandle<Result<(), Error>>) {
     timeout(WAIT, l.shutdown()).await.unwrap().unwrap();
     timeout(WAIT, task).await.unwrap().unwrap().unwrap();
@@ -246,8 +281,6 @@ async fn a_dead_preferred_candidate_costs_at_most_the_holdoff() {
         )
     })
     .await;
-    let observer = Observer::new("job", Backend::memory(&store), Duration::from_secs(10)).unwrap();
-    let mut seen = observer.watch_candidates();
     let dead = LeaderId::new();
     store.put_raw_candidate(
         &key(),
@@ -257,18 +290,7 @@ async fn a_dead_preferred_candidate_costs_at_most_the_holdoff() {
     );
     // a, reading the registry on its change, names the new best candidate
     // its successor; b reads that name when a lets go.
-    let a_id = a.leader_id();
-    timeout(
-        WAIT,
-        seen.wait_for(|list| {
-            list.iter()
-                .flatten()
-                .any(|c| c.id() == a_id && c.nominee().is_some_and(|(who, _)| who == dead))
-        }),
-    )
-    .await
-    .expect("a did not name the new candidate")
-    .unwrap();
+    names(&store, a.leader_id(), dead, None).await;
     let released = Instant::now();
     a.resign().await.unwrap();
     let held = wait(&mut sb, |s| {
@@ -810,34 +832,9 @@ async fn a_handoff_among_many_followers_reads_one_entry_each() {
         followers.push((f, t));
     }
     let successor = followers[FOLLOWERS / 2].0.leader_id();
-    let observer = Observer::new("job", Backend::memory(&store), Duration::from_secs(10)).unwrap();
-    let mut seen = observer.watch_candidates();
-    let a_id = a.leader_id();
-    timeout(
-        WAIT,
-        seen.wait_for(|list| {
-            list.as_ref().is_some_and(|list| {
-                list.len() == FOLLOWERS + 1
-                    && list.iter().any(|c| {
-                        c.id() == a_id && c.nominee().is_some_and(|(who, _)| who == successor)
-                    })
-            })
-        }),
-    )
-    .await
-    .expect("the leader did not name its successor")
-    .unwrap();
+    names(&store, a.leader_id(), successor, Some(FOLLOWERS + 1)).await;
     for (f, _) in &followers {
-        wait(&mut f.state(), |s| {
-            matches!(
-                s,
-                State::Follower {
-                    waiting: Waiting::Held,
-                    ..
-                }
-            )
-        })
-        .await;
+        held(f).await;
     }
     let (lists, entries, writes) = counted.counts.get();
     a.resign().await.unwrap();
@@ -889,16 +886,7 @@ async fn a_failed_registry_read_costs_the_holdoff_not_a_race() {
         .build()
         .unwrap();
     let tb = run(&b, "b", &log);
-    wait(&mut b.state(), |s| {
-        matches!(
-            s,
-            State::Follower {
-                waiting: Waiting::Held,
-                ..
-            }
-        )
-    })
-    .await;
+    held(&b).await;
     // b's next registry read (of a's entry, when a lets go) fails.
     b_faults.inject_on(leaseholder::Op::Candidates, leaseholder::Fault::Fail, 1);
     let released = Instant::now();
@@ -944,32 +932,10 @@ async fn a_follower_whose_read_is_overtaken_by_the_new_holder_makes_no_acquire()
         .unwrap();
     let tf = run(&f, "f", &log);
     for l in [&s, &f] {
-        wait(&mut l.state(), |st| {
-            matches!(
-                st,
-                State::Follower {
-                    waiting: Waiting::Held,
-                    ..
-                }
-            )
-        })
-        .await;
+        held(l).await;
     }
     // a names s (priority 2) its successor before it lets go.
-    let observer = Observer::new("job", Backend::memory(&store), Duration::from_secs(10)).unwrap();
-    let mut seen = observer.watch_candidates();
-    let (a_id, s_id) = (a.leader_id(), s.leader_id());
-    timeout(
-        WAIT,
-        seen.wait_for(|list| {
-            list.iter()
-                .flatten()
-                .any(|c| c.id() == a_id && c.nominee().is_some_and(|(who, _)| who == s_id))
-        }),
-    )
-    .await
-    .expect("a did not name s")
-    .unwrap();
+    names(&store, a.leader_id(), s.leader_id(), None).await;
     // f's next registry read answers 100 ms late.
     slow_faults.inject_on(
         leaseholder::Op::Candidates,
