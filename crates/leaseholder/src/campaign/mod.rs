@@ -440,7 +440,8 @@ async fn run(
             break error;
         }
         if let Some(r) = registry.as_mut() {
-            if subscription.is_live() {
+            // Once armed, the hub's state is not looked at again.
+            if !r.is_armed() && subscription.is_live() {
                 r.arm(Instant::now());
             }
             r.start(Instant::now());

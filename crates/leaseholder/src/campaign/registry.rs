@@ -150,6 +150,11 @@ impl Registry {
         d.mul_f64(1.0 - 0.1 * unit)
     }
 
+    /// Whether the entry is written yet (see [`arm`](Self::arm)).
+    pub(crate) fn is_armed(&self) -> bool {
+        self.armed
+    }
+
     /// The campaign would now hear of a release at once: register.
     pub(crate) fn arm(&mut self, now: Instant) {
         if !self.armed {
