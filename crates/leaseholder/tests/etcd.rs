@@ -172,7 +172,11 @@ async fn a_leader_whose_link_fails_stops_before_its_lease_expires(blackhole: boo
     assert_eq!(next.who, "b");
     assert!(next.token > token);
     assert!(term.is_cancelled());
-    let ended = log.intervals()[0].end.expect("A's work has ended");
+    let ended = timeout(WAIT, log.wait_for_end(0))
+        .await
+        .expect("A's work ends")
+        .end
+        .expect("an ended interval has an end");
     let expires = alive.await.unwrap();
     println!(
         "{}: A's work ended {:?} after it, its lease was last seen {:?} after it, B began {:?} after it",
@@ -325,7 +329,11 @@ async fn an_operator_revoking_the_shared_lease_ends_every_term_on_it() {
             .await
             .expect("a new term after the revoke");
         assert!(next.token > x_terms[i].fencing_token().get());
-        let ended = log.intervals()[0].end.expect("x's work ended");
+        let ended = timeout(WAIT, log.wait_for_end(0))
+            .await
+            .expect("x's work ends")
+            .end
+            .expect("an ended interval has an end");
         println!(
             "{}: x's work ended {:?} after the revoke, {}'s began {:?} after it",
             keys[i],

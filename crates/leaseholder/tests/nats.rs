@@ -231,7 +231,11 @@ async fn a_cut_off_leader_is_replaced_after_its_lease_expires() {
     // A's token fires at its deadline, before the store lets B in.
     let next = timeout(WAIT, log.wait_for_start(2)).await.unwrap();
     assert_eq!(next.who, "b");
-    let ended = log.intervals()[0].end.expect("A's work has ended");
+    let ended = timeout(WAIT, log.wait_for_end(0))
+        .await
+        .expect("A's work ends")
+        .end
+        .expect("an ended interval has an end");
     println!(
         "A's work ended {:?} after the cut; B's began {:?} after the cut",
         ended - cut,

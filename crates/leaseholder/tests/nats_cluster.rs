@@ -248,7 +248,11 @@ async fn losing_the_leaders_node_hands_over_to_a_leader_on_the_others() {
     let next = timeout(WAIT, log.wait_for_start(2)).await.unwrap();
     assert_eq!(next.who, "b");
     assert!(term.is_cancelled() && !term.is_valid());
-    let ended = log.intervals()[0].end.expect("A's work has ended");
+    let ended = timeout(WAIT, log.wait_for_end(0))
+        .await
+        .expect("A's work ends")
+        .end
+        .expect("an ended interval has an end");
     println!(
         "killed node {i} (stream leader {stream_leader}): A's work ended {:?} after the kill; \
          B's began {:?} after the kill",

@@ -227,7 +227,11 @@ async fn a_leader_cut_off_by_a_proxy_stops_before_its_lease_expires_and_is_repla
     assert_eq!(next.who, "b");
     assert!(next.token > token);
     assert!(term.is_cancelled());
-    let ended = log.intervals()[0].end.expect("A's work has ended");
+    let ended = timeout(WAIT, log.wait_for_end(0))
+        .await
+        .expect("A's work ends")
+        .end
+        .expect("an ended interval has an end");
     println!(
         "cut: A's work ended {:?} after the cut, its lease expired in the store {:?} after it \
          (A stopped {:?} early), B began {:?} after the cut",
@@ -457,7 +461,11 @@ async fn a_pool_exhausted_by_the_users_queries_ends_the_term_before_the_lease_ex
         .expect("A reports the store unreachable while the pool is exhausted")
         .unwrap()
         .clone();
-    let ended = log.intervals()[0].end.expect("A's work has ended");
+    let ended = timeout(WAIT, log.wait_for_end(0))
+        .await
+        .expect("A's work ends")
+        .end
+        .expect("an ended interval has an end");
     println!(
         "pool: A's work ended {:?} after the pool ran dry, its lease expired in the store {:?} \
          after it (A stopped {:?} early), B began {:?} after it; A's state then: {unknown:?}",
@@ -591,7 +599,11 @@ async fn a_renewal_blocked_on_the_row_lock_cannot_extend_the_lease_after_the_dea
         .expect("A shuts down")
         .unwrap()
         .unwrap();
-    let ended = log.intervals()[0].end.expect("A's work has ended");
+    let ended = timeout(WAIT, log.wait_for_end(0))
+        .await
+        .expect("A's work ends")
+        .end
+        .expect("an ended interval has an end");
     let cancellations = timeout_cancellations(&s);
     // Renewals of A's term that committed after the row was locked: they
     // could only run after the unlock, when A had given up.
@@ -907,7 +919,11 @@ async fn a_server_paused_past_the_ttl_cancels_the_leader_by_its_deadline_then_re
     let next = timeout(WAIT, log.wait_for_start(2))
         .await
         .expect("a new term within 30 s of the resume");
-    let ended = log.intervals()[0].end.expect("A's work has ended");
+    let ended = timeout(WAIT, log.wait_for_end(0))
+        .await
+        .expect("A's work ends")
+        .end
+        .expect("an ended interval has an end");
     let drift = a.config().drift_margin();
     println!(
         "pause: A's token fired {fired:?} into the pause (deadline {:?} into it), its work \

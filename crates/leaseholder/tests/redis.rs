@@ -293,7 +293,11 @@ async fn a_restart_without_persistence_loses_the_lease_yet_no_one_leads_beside_i
     let next = timeout(WAIT, log.wait_for_start(2))
         .await
         .expect("a new term within 30 s of the restart");
-    let ended = log.intervals()[0].end.expect("A's work has ended");
+    let ended = timeout(WAIT, log.wait_for_end(0))
+        .await
+        .expect("A's work ends")
+        .end
+        .expect("an ended interval has an end");
     println!(
         "restart without persistence: A's work ended {:?} after it, {} began {:?} after it",
         ended.saturating_duration_since(restarted),
@@ -383,7 +387,11 @@ async fn a_server_that_stops_answering_cancels_the_leader_by_its_deadline(pause:
     let next = timeout(WAIT, log.wait_for_start(2))
         .await
         .expect("a new term within 30 s");
-    let ended = log.intervals()[0].end.expect("A's work has ended");
+    let ended = timeout(WAIT, log.wait_for_end(0))
+        .await
+        .expect("A's work ends")
+        .end
+        .expect("an ended interval has an end");
     println!(
         "{}: A's token fired {fired:?} into it (deadline {:?} into it), its work ended {:?} \
          into it; {} began a term {:?} into it",
@@ -1029,7 +1037,11 @@ async fn a_failover_to_a_replica_that_missed_renewals_can_end_a_lease_early_but_
     timeout(WAIT, term.cancelled())
         .await
         .expect("A's term ends");
-    let ended = log.intervals()[0].end.expect("A's work has ended");
+    let ended = timeout(WAIT, log.wait_for_end(0))
+        .await
+        .expect("A's work ends")
+        .end
+        .expect("an ended interval has an end");
     let overlap = ended.saturating_duration_since(next.start);
     println!(
         "lost renewals: the replica's copy of A's lease expired {:?} before the primary's; \
