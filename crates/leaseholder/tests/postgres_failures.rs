@@ -1440,6 +1440,60 @@ async fn deallocate_all_on_a_shared_pool_does_not_disturb_the_leader() {
     log.assert_safe();
 }
 
+/// 25P02 for real: the application hands a connection of the pool it
+/// shares with the backend back inside a failed transaction (the same
+/// state a COMMIT cancelled by its statement timeout leaves). The backend's
+/// next call on it fails with "current transaction is aborted": a
+/// transient error of the session (the call's own COMMIT ends that
+/// transaction), never a fatal one that stops the campaign. The leader
+/// keeps its term through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_left_in_a_failed_transaction_costs_one_call_not_the_campaign() {
+    let s = server().await;
+    let config: tokio_postgres::Config = s.url().parse().unwrap();
+    let pool =
+        deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config.clone(), NoTls))
+            .max_size(1)
+            .build()
+            .unwrap();
+    let ttl = Duration::from_secs(2);
+    let log = WorkLog::new();
+    let a = leader_on(
+        Backend::postgres(
+            PostgresBackend::builder()
+                .pool(pool.clone())
+                .listen(config)
+                .build()
+                .unwrap(),
+        ),
+        ttl,
+    );
+    let (ta, mut terms) = run_reporting_terms(&a, "a", &log);
+    let term = timeout(WAIT, terms.recv()).await.unwrap().unwrap();
+    let token = term.fencing_token().get();
+    let (recorder, seen) = record_states(&a);
+    let c = connect(&s).await;
+    for _ in 0..3 {
+        {
+            let own = timeout(WAIT, pool.get()).await.unwrap().unwrap();
+            own.batch_execute("BEGIN").await.unwrap();
+            let e = own.batch_execute("SELECT 1/0").await.unwrap_err();
+            assert_eq!(
+                e.code(),
+                Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+            );
+            // Back to the pool, inside the failed transaction.
+        }
+        let r = revision_of(&c, KEY).await;
+        wait_renewed_past(&c, KEY, r).await;
+    }
+    assert!(!term.is_cancelled(), "the leader lost its term");
+    assert_led_throughout(&seen, token);
+    recorder.abort();
+    stop(&a, ta).await;
+    log.assert_safe();
+}
+
 // ----- 9. the table dropped ----------------------------------------------
 
 /// On a dropped table (42P01) a renewal reports `Lost` and a release has

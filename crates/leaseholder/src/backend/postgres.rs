@@ -103,7 +103,7 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, NoTls, Row};
@@ -771,6 +771,13 @@ impl PostgresBackend {
             client.batch_execute("COMMIT"),
         );
         let received = Instant::now();
+        if committed.is_err() {
+            // A COMMIT that failed (cancelled by the very statement timeout
+            // it ran under, say) leaves the transaction open and aborted,
+            // and the pool would hand the connection out like that: end it
+            // here. Sent on the first poll; its reply is not waited for.
+            let _ = client.batch_execute("ROLLBACK").now_or_never();
+        }
         begun.map_err(classify)?;
         match rows {
             Ok(rows) => {
@@ -1039,6 +1046,12 @@ fn is_transient_sqlstate(code: &SqlState) -> Option<bool> {
         SqlState::READ_ONLY_SQL_TRANSACTION,
         // The session was ended by idle_in_transaction_session_timeout.
         SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+        // The connection was handed out inside a failed transaction (a
+        // pool shared with an application that left one open, or a COMMIT
+        // cancelled by its timeout): the state of a session, not of the
+        // store. The call's own COMMIT ends that transaction, so the next
+        // call on the connection works.
+        SqlState::IN_FAILED_SQL_TRANSACTION,
         // A prepared statement the server no longer has (DEALLOCATE ALL, a
         // pooler, a restart); this backend prepares none, but a pool shared
         // with others may.
@@ -1553,8 +1566,8 @@ mod tests {
     #[test]
     fn sqlstates_of_failover_conflict_and_shutdown_are_transient() {
         for code in [
-            "25006", "26000", "40001", "40P01", "57P01", "57P03", "57014", "55P03", "08006",
-            "53300",
+            "25006", "25P02", "26000", "40001", "40P01", "57P01", "57P03", "57014", "55P03",
+            "08006", "53300",
         ] {
             assert_eq!(
                 is_transient_sqlstate(&SqlState::from_code(code)),
