@@ -961,3 +961,48 @@ async fn a_follower_whose_read_is_overtaken_by_the_new_holder_makes_no_acquire()
     stop(&a, ta).await;
     log.assert_safe();
 }
+
+/// A preferred candidate registers only once it could take the lease: its
+/// setup done. The leader is preempted when the preferred candidate is
+/// ready, not while its setup is still out (which would leave the key to
+/// a hold-off and the old leader again), and the preferred candidate's
+/// work starts at once after the old leader's ends.
+#[tokio::test(start_paused = true)]
+async fn a_preferred_candidate_preempts_only_once_its_setup_is_done() {
+    const SETUP: Duration = Duration::from_millis(800);
+    let store = MemoryStore::new();
+    let log = WorkLog::new();
+    let ten = build(&store, 10);
+    let t10 = run(&ten, "p10", &log);
+    leads(&ten).await;
+    sleep(TTL + Duration::from_millis(10)).await;
+    let edge = store.backend();
+    edge.faults()
+        .inject_on(leaseholder::Op::Setup, leaseholder::Fault::Delay(SETUP), 1);
+    let twenty = Leader::builder("job")
+        .backend(Backend::new(edge))
+        .ttl(TTL)
+        .priority(20)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let t20 = run(&twenty, "p20", &log);
+    leads(&twenty).await;
+    let took = started.elapsed();
+    assert!(took >= SETUP, "p20 led {took:?} after it started");
+    assert!(took <= SETUP + RENEW, "preemption took {took:?}");
+    let terms = log.intervals();
+    let who: Vec<_> = terms.iter().map(|i| i.who.as_str()).collect();
+    assert_eq!(who, ["p10", "p20"], "leadership moved once");
+    let ended = terms[0].end.expect("p10's work ended before p20's began");
+    assert!(
+        ended - started >= SETUP,
+        "p10 was preempted {:?} after p20 started, while p20 was still setting up",
+        ended - started
+    );
+    let gap = terms[1].start - ended;
+    assert!(gap < HOLDOFF, "p20's work began {gap:?} after p10's ended");
+    stop(&twenty, t20).await;
+    stop(&ten, t10).await;
+    log.assert_safe();
+}

@@ -462,6 +462,12 @@ impl Core {
         self.phase == Phase::Stopped
     }
 
+    /// `true` once the store is set up for this campaign (and since: a
+    /// campaign never goes back to setting up).
+    pub(crate) fn is_set_up(&self) -> bool {
+        !matches!(self.phase, Phase::Idle | Phase::SettingUp { .. })
+    }
+
     /// `true` while a term is live (begun, not cancelled).
     #[cfg(test)]
     pub(crate) fn is_leading(&self) -> bool {

@@ -274,6 +274,7 @@ async fn run(
     let fatal = loop {
         let mut stopped = None;
         for output in outputs.drain(..) {
+            tracing::trace!(?output, "campaign output");
             #[cfg(test)]
             if let Some(hook) = shared.on_output.get() {
                 hook(&output);
@@ -440,9 +441,12 @@ async fn run(
             break error;
         }
         if let Some(r) = registry.as_mut() {
-            // Once armed, the hub's state is not looked at again.
-            if !r.is_armed() && subscription.is_live() {
-                r.arm(Instant::now());
+            // Once armed, neither the core nor the hub is looked at again.
+            if !r.is_armed() && core.is_set_up() {
+                r.ready();
+                if subscription.is_live() {
+                    r.arm(Instant::now());
+                }
             }
             r.start(Instant::now());
         }
@@ -565,6 +569,7 @@ async fn run(
                 Input::Watch(event)
             }
         };
+        tracing::trace!(?input, "campaign input");
         outputs = core.handle(Instant::now(), input);
     };
 

@@ -102,11 +102,18 @@ pub(crate) struct Registry {
     /// periodic reads no longer change the name.
     handing: bool,
     /// Whether the entry is written yet. A candidate registers once it
-    /// would hear of a release at once (its backend's watch is up), or
-    /// when it leads, or a renew interval after it started, whichever
-    /// comes first: a leader that hands over to it the moment it appears
-    /// would otherwise wait for its watch to connect.
+    /// could take the lease at once: its campaign has set up the store
+    /// and its backend's watch is up (it hears of a release at once); or
+    /// when it leads; or, set up, a renew interval after it started,
+    /// whichever comes first. A leader hands over to a preferred
+    /// candidate the moment it appears, so an entry written earlier would
+    /// make the key wait for the candidate's setup (tens of ms on
+    /// PostgreSQL) or its watch, and one whose setup fails (a
+    /// misconfigured candidate) would preempt a healthy leader for
+    /// nothing.
     armed: bool,
+    /// Whether the campaign has set up the store.
+    ready: bool,
     arm_by: Instant,
 }
 
@@ -136,6 +143,7 @@ impl Registry {
             rng: seed | 1,
             handing: false,
             armed: false,
+            ready: false,
             arm_by: later(Instant::now(), interval),
         }
     }
@@ -155,7 +163,13 @@ impl Registry {
         self.armed
     }
 
-    /// The campaign would now hear of a release at once: register.
+    /// The campaign has set up the store: from now the entry may be
+    /// written (at the latest by `arm_by`).
+    pub(crate) fn ready(&mut self) {
+        self.ready = true;
+    }
+
+    /// The campaign could now take the lease at once: register.
     pub(crate) fn arm(&mut self, now: Instant) {
         if !self.armed {
             self.armed = true;
@@ -219,7 +233,7 @@ impl Registry {
             return Some(Instant::now());
         }
         if !self.armed {
-            return Some(self.arm_by);
+            return self.ready.then_some(self.arm_by);
         }
         Some(match self.read_at {
             Some(r) => r.min(self.write_at),
@@ -237,7 +251,7 @@ impl Registry {
             return self.list(Some(ask), budget);
         }
         if !self.armed {
-            if now < self.arm_by {
+            if !self.ready || now < self.arm_by {
                 return;
             }
             self.arm(now);
