@@ -18,16 +18,46 @@ use registry::{Store, TTL};
 use tokio::time::{sleep, timeout};
 
 struct Nats {
-    server: NatsServer,
+    url: String,
+    /// `None` in a child process: the parent runs the server.
+    _server: Option<NatsServer>,
 }
 
 impl Store for Nats {
     async fn backend(&self) -> Backend {
         Backend::nats(
-            async_nats::connect(self.server.url()).await.unwrap(),
+            async_nats::connect(self.url.as_str()).await.unwrap(),
             "leases",
         )
     }
+
+    fn child(&self) -> tokio::process::Command {
+        child_command(&self.url)
+    }
+}
+
+/// This test binary, to run its [`child`] entry point against `url`.
+fn child_command(url: &str) -> tokio::process::Command {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(["--exact", "child", "--nocapture"])
+        .env(registry::URL_ENV, url);
+    cmd
+}
+
+/// Not a test of its own: the entry point of the candidate processes that
+/// [`registry::spawn_child`] starts (it does nothing when run directly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child() {
+    if let Ok(url) = std::env::var(registry::URL_ENV) {
+        registry::child_main(&Nats { url, _server: None }).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_preferred_candidate_costs_at_most_the_holdoff() {
+    let nats = store().await;
+    registry::a_killed_preferred_candidate_costs_at_most_the_holdoff(&nats, nats.child()).await;
 }
 
 /// A fresh server with the lease bucket set up, so that candidates acquire
@@ -36,7 +66,10 @@ async fn store() -> Nats {
     let server = NatsServer::start()
         .await
         .expect("nats-server 2.11+ is needed: run scripts/setup");
-    let nats = Nats { server };
+    let nats = Nats {
+        url: server.url(),
+        _server: Some(server),
+    };
     timeout(registry::WAIT, nats.backend().await.setup())
         .await
         .unwrap()
@@ -81,7 +114,7 @@ async fn a_flapping_candidate_preempts_at_most_once_per_min_term() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_live_in_their_own_bucket_and_dotted_keys_list_apart() {
     let nats = store().await;
-    let client = async_nats::connect(nats.server.url()).await.unwrap();
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
     assert_eq!(
         NatsBackend::new(client.clone(), "leases").registry_bucket(),
         "leases_candidates"
@@ -203,7 +236,7 @@ async fn a_registry_bucket_the_user_may_not_create_is_misconfigured_saying_what_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_bucket_named_like_a_registry_is_not_used_as_one() {
     let nats = store().await;
-    let client = async_nats::connect(nats.server.url()).await.unwrap();
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
     Backend::nats(client.clone(), "jobs_candidates")
         .setup()
         .await

@@ -19,19 +19,49 @@ use registry::{Store, TTL, next_candidates_event};
 use tokio::time::timeout;
 
 struct Postgres {
-    server: PostgresServer,
+    url: String,
+    /// `None` in a child process: the parent runs the server.
+    server: Option<PostgresServer>,
 }
 
 impl Store for Postgres {
     async fn backend(&self) -> Backend {
         Backend::postgres(
             PostgresBackend::builder()
-                .url(self.server.url())
+                .url(self.url.as_str())
                 .pool_size(2)
                 .build()
                 .unwrap(),
         )
     }
+
+    fn child(&self) -> tokio::process::Command {
+        child_command(&self.url)
+    }
+}
+
+/// This test binary, to run its [`child`] entry point against `url`.
+fn child_command(url: &str) -> tokio::process::Command {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(["--exact", "child", "--nocapture"])
+        .env(registry::URL_ENV, url);
+    cmd
+}
+
+/// Not a test of its own: the entry point of the candidate processes that
+/// [`registry::spawn_child`] starts (it does nothing when run directly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child() {
+    if let Ok(url) = std::env::var(registry::URL_ENV) {
+        registry::child_main(&Postgres { url, server: None }).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_preferred_candidate_costs_at_most_the_holdoff() {
+    let pg = store().await;
+    registry::a_killed_preferred_candidate_costs_at_most_the_holdoff(&pg, pg.child()).await;
 }
 
 /// A fresh server with the tables set up, so that candidates acquire at
@@ -40,7 +70,10 @@ async fn store() -> Postgres {
     let server = PostgresServer::start()
         .await
         .expect("PostgreSQL 15+ is needed: run scripts/setup");
-    let pg = Postgres { server };
+    let pg = Postgres {
+        url: server.url(),
+        server: Some(server),
+    };
     timeout(registry::WAIT, pg.backend().await.setup())
         .await
         .unwrap()
@@ -179,13 +212,13 @@ async fn only_a_change_of_the_registry_notifies_never_a_renewal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_with_only_the_lease_table_keeps_working() {
     let pg = store().await;
-    let client = pg.server.connect().await.unwrap();
+    let client = pg.server.as_ref().unwrap().connect().await.unwrap();
     client
         .batch_execute("DROP TABLE public.leaseholder_leases_candidates")
         .await
         .unwrap();
     let built = PostgresBackend::builder()
-        .url(pg.server.url())
+        .url(pg.url.as_str())
         .create_table(false)
         .build()
         .unwrap();

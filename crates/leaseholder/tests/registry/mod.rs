@@ -27,6 +27,9 @@ pub(crate) const WAIT: Duration = Duration::from_secs(60);
 /// call, on one store.
 pub(crate) trait Store {
     fn backend(&self) -> impl Future<Output = Backend>;
+    /// This test binary as a command that runs its `child` entry point
+    /// ([`child_main`]) on the same store.
+    fn child(&self) -> tokio::process::Command;
 }
 
 /// A candidate for `key` with `priority`, ttl 2 s and minimum term 2 s.
@@ -387,4 +390,153 @@ pub(crate) async fn next_holder(
     })
     .await
     .expect("the watch did not report the holder in time")
+}
+
+/// The environment variable that makes a test binary's `child` entry
+/// point run a candidate: `<key> <priority>`.
+pub(crate) const CHILD_ENV: &str = "LEASEHOLDER_REGISTRY_CHILD";
+/// The environment variable that gives the child the store's URL.
+pub(crate) const URL_ENV: &str = "LEASEHOLDER_REGISTRY_URL";
+
+/// The `child` entry point of a test binary: with [`CHILD_ENV`] set, runs
+/// one candidate on `store`, prints `ID <leader id>` once the registry
+/// lists it, and campaigns until the process is killed. Without it, does
+/// nothing.
+pub(crate) async fn child_main(store: &impl Store) {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (key, priority) = spec.split_once(' ').expect("<key> <priority>");
+    let l = candidate(store, key, priority.parse().expect("a priority")).await;
+    let log = WorkLog::new();
+    let _task = run(&l, "child", &log);
+    let id = l.leader_id();
+    let listed = async {
+        while !l
+            .candidates()
+            .await
+            .is_ok_and(|list| list.iter().any(|c| c.id() == id))
+        {
+            sleep(Duration::from_millis(20)).await;
+        }
+    };
+    timeout(WAIT, listed).await.expect("the child registered");
+    println!("ID {id}");
+    std::future::pending::<()>().await;
+}
+
+/// Starts `child` (a [`child_main`] command) as a candidate of `priority`
+/// for `key`; returns the process and its leader id, once it is listed.
+pub(crate) async fn spawn_child(
+    mut child: tokio::process::Command,
+    key: &str,
+    priority: i32,
+) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut process = child
+        .env(CHILD_ENV, format!("{key} {priority}"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the test binary runs as a child");
+    let stdout = process.stdout.take().expect("piped stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let id = timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("the child's stdout") {
+            if let Some(id) = line.strip_prefix("ID ") {
+                return id.to_owned();
+            }
+        }
+        panic!("the child exited before it registered");
+    })
+    .await
+    .expect("the child registered in time");
+    (process, id)
+}
+
+/// (7) A preferred candidate in another process, killed by SIGKILL while
+/// the leader names it its successor (its registry entry is still live):
+/// at the handoff the other follower holds off for it, saying so, and
+/// takes the key once the hold-off has passed: the dead candidate costs
+/// the hold-off once, never a ttl.
+pub(crate) async fn a_killed_preferred_candidate_costs_at_most_the_holdoff(
+    store: &impl Store,
+    child: tokio::process::Command,
+) {
+    let log = WorkLog::new();
+    let key = "registry-killed-preferred";
+    // Not preemptible: the preferred candidate waits for the handoff.
+    let a = Leader::builder(key)
+        .backend(store.backend().await)
+        .ttl(TTL)
+        .priority(1)
+        .preemptible(false)
+        .build()
+        .unwrap();
+    let ta = run(&a, "a", &log);
+    let first = leads(&a).await.token().unwrap();
+    let b = candidate(store, key, 1).await;
+    let holdoff = b.config().holdoff();
+    let tb = run(&b, "b", &log);
+    let (mut preferred, id) = spawn_child(child, key, 10).await;
+    // a names the child its successor; b follows a.
+    let named = async {
+        loop {
+            let list = a.candidates().await.unwrap();
+            if list.iter().any(|c| {
+                c.id() == a.leader_id()
+                    && c.nominee().is_some_and(|(next, _)| next.to_string() == id)
+            }) {
+                return;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    };
+    timeout(WAIT, named).await.expect("a named the child");
+    wait(&mut b.state(), |s| {
+        matches!(
+            s,
+            State::Follower {
+                waiting: Waiting::Held,
+                ..
+            }
+        )
+    })
+    .await;
+    preferred.start_kill().unwrap();
+    timeout(WAIT, preferred.wait()).await.unwrap().unwrap();
+    let released = Instant::now();
+    a.resign().await.unwrap();
+    let held = wait(&mut b.state(), |s| {
+        s.is_leader()
+            || matches!(
+                s,
+                State::Follower {
+                    waiting: Waiting::HoldingOff { .. },
+                    ..
+                }
+            )
+    })
+    .await;
+    assert!(
+        matches!(&held, State::Follower { waiting: Waiting::HoldingOff { preferred }, .. } if preferred.to_string() == id),
+        "b did not hold off for the killed candidate: {held:?}"
+    );
+    let second = leads(&b).await.token().unwrap();
+    let took = released.elapsed();
+    println!("b led {took:?} after the resign (hold-off {holdoff:?}, ttl {TTL:?})");
+    assert!(took >= holdoff, "b did not wait out the hold-off: {took:?}");
+    assert!(
+        took < TTL,
+        "the killed candidate cost {took:?}, a ttl ({TTL:?}) or more"
+    );
+    assert!(second > first, "{second:?} after {first:?}");
+    // b's work starts a moment after its state says it leads.
+    let next = timeout(WAIT, log.wait_for_start(2)).await.unwrap();
+    assert_eq!(next.who, "b");
+    stop(&b, tb).await;
+    stop(&a, ta).await;
+    log.assert_safe();
+    let who: Vec<_> = log.intervals().into_iter().map(|i| i.who).collect();
+    assert_eq!(who, ["a", "b"]);
 }
