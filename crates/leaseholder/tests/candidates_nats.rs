@@ -32,17 +32,8 @@ impl Store for Nats {
     }
 
     fn child(&self) -> tokio::process::Command {
-        child_command(&self.url)
+        registry::child_command(&self.url)
     }
-}
-
-/// This test binary, to run its [`child`] entry point against `url`.
-fn child_command(url: &str) -> tokio::process::Command {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.args(["--exact", "child", "--nocapture"])
-        .env(registry::URL_ENV, url);
-    cmd
 }
 
 /// Not a test of its own: the entry point of the candidate processes that

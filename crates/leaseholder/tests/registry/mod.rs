@@ -420,6 +420,16 @@ pub(crate) const CHILD_ENV: &str = "LEASEHOLDER_REGISTRY_CHILD";
 /// The environment variable that gives the child the store's URL.
 pub(crate) const URL_ENV: &str = "LEASEHOLDER_REGISTRY_URL";
 
+/// This test binary, to run its `child` entry point ([`child_main`])
+/// against the store at `url`.
+pub(crate) fn child_command(url: &str) -> tokio::process::Command {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(["--exact", "child", "--nocapture"])
+        .env(URL_ENV, url);
+    cmd
+}
+
 /// The `child` entry point of a test binary: with [`CHILD_ENV`] set, runs
 /// one candidate on `store`, prints `ID <leader id>` once the registry
 /// lists it, and campaigns until the process is killed. Without it, does
