@@ -27,8 +27,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use futures_channel::mpsc;
 use futures_util::StreamExt;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -69,7 +70,7 @@ impl Hub {
         C: Fn() -> F + Send + 'static,
         F: Future<Output = Option<Result<Option<WatchStream>, BackendError>>> + Send + 'static,
     {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded();
         let mut state = lock(&self.state);
         let id = state.next_id;
         state.next_id += 1;
@@ -112,12 +113,12 @@ fn dispatch(state: &Weak<Mutex<State>>, event: WatchEvent) -> bool {
     match &event {
         WatchEvent::Released(key) | WatchEvent::Updated(key, _) | WatchEvent::Candidates(key) => {
             for (_, tx) in state.subs.get(key).into_iter().flatten() {
-                let _ = tx.send(event.clone());
+                let _ = tx.unbounded_send(event.clone());
             }
         }
         WatchEvent::Resync => {
             for (_, tx) in state.subs.values().flatten() {
-                let _ = tx.send(WatchEvent::Resync);
+                let _ = tx.unbounded_send(WatchEvent::Resync);
             }
         }
     }
@@ -211,7 +212,9 @@ async fn next_event(stream: &mut WatchStream) -> Option<WatchEvent> {
 
 /// The watch events of one key, from its backend's single watch.
 ///
-/// Dropping it unsubscribes.
+/// Dropping it unsubscribes. The queue is a `futures` channel, which
+/// allocates per event, rather than tokio's, which allocates 32 slots per
+/// subscription up front (5 KiB a key).
 #[derive(Debug)]
 pub struct Subscription {
     key: Key,
@@ -233,7 +236,7 @@ impl Subscription {
     /// The next event. Pending forever if the backend cannot watch or was
     /// dropped; use it in a `select!` beside timers.
     pub async fn next(&mut self) -> WatchEvent {
-        match self.rx.recv().await {
+        match self.rx.next().await {
             Some(event) => event,
             None => std::future::pending().await,
         }

@@ -19,7 +19,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use futures_channel::mpsc;
+use futures_util::StreamExt;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -127,6 +129,8 @@ pub(crate) struct Shared {
 
 #[derive(Default)]
 pub(crate) struct Control {
+    /// A `futures` channel rather than tokio's: tokio's allocates a block
+    /// of 32 slots up front, per campaign (issue 17: bytes per key).
     pub(crate) commands: Option<mpsc::UnboundedSender<Command>>,
     pub(crate) task: Option<JoinHandle<()>>,
     pub(crate) shut_down: bool,
@@ -145,7 +149,7 @@ impl Shared {
     /// Sends a command to the running campaign; `false` if none runs.
     pub(crate) fn command(&self, command: Command) -> bool {
         match &self.control().commands {
-            Some(tx) => tx.send(command).is_ok(),
+            Some(tx) => tx.unbounded_send(command).is_ok(),
             None => false,
         }
     }
@@ -153,12 +157,14 @@ impl Shared {
 
 /// Spawns the campaign task. The caller holds the control lock.
 pub(crate) fn spawn(shared: &Arc<Shared>, control: &mut Control) {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded();
     control.commands = Some(tx);
     shared.run.send_replace(Run::Running);
     let span = tracing::info_span!("campaign", key = %shared.key, candidate = %shared.id);
     let seed = uuid::Uuid::new_v4().as_u64_pair().0;
-    let campaign = run(shared.clone(), shared.config.clone(), rx, seed);
+    // Boxed: `supervise` holding the future by value would reserve room
+    // for it twice in the task (a moved-from argument keeps its slot).
+    let campaign = Box::pin(run(shared.clone(), shared.config.clone(), rx, seed));
     let task = tokio::spawn(supervise(shared.clone(), campaign).instrument(span));
     control.task = Some(task);
 }
@@ -169,7 +175,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>, control: &mut Control) {
 /// until its future is really gone, then the campaign reports itself
 /// stopped, so that no caller hangs and none is told `Ok`. A lease left in
 /// the store expires there, after the work has stopped.
-async fn supervise(shared: Arc<Shared>, campaign: impl Future<Output = ()> + Send) {
+async fn supervise(shared: Arc<Shared>, campaign: Pin<Box<dyn Future<Output = ()> + Send>>) {
     use futures_util::FutureExt;
     let Err(payload) = std::panic::AssertUnwindSafe(campaign).catch_unwind().await else {
         return;
@@ -270,6 +276,13 @@ async fn run(
         crate::backend::FencingToken,
         oneshot::Sender<Proclaimed>,
     )> = Vec::new();
+    // One timer for the loop's deadlines (the core's, the registry's,
+    // health's), moved only when the earliest of them changes: a timer
+    // made afresh on every pass costs a timer-wheel insert and removal per
+    // event, per key (issue 17).
+    let alarm = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(alarm);
+    let mut alarm_at: Option<Instant> = None;
     let mut outputs = core.handle(Instant::now(), Input::Start);
     let fatal = loop {
         let mut stopped = None;
@@ -453,9 +466,16 @@ async fn run(
 
         let wake = core.next_wake();
         let registry_wake = registry.as_ref().and_then(registry::Registry::wake);
+        let next = [wake, registry_wake, health_at].into_iter().flatten().min();
+        if next != alarm_at {
+            if let Some(at) = next {
+                alarm.as_mut().reset(at);
+            }
+            alarm_at = next;
+        }
         let input = tokio::select! {
             biased;
-            command = commands.recv() => match command {
+            command = commands.next() => match command {
                 Some(Command::Stop(kind)) => Input::Stop(kind),
                 Some(Command::Spawn { term: id, work: fut, reply }) => {
                     match (&term, &work) {
@@ -553,15 +573,23 @@ async fn run(
                 }
                 input
             },
-            () = sleep_until(wake) => Input::Tick,
+            () = &mut alarm, if alarm_at.is_some() => {
+                // Fired: it must be reset before it is polled again.
+                alarm_at = None;
+                // Only the core's deadline is an input; the others are
+                // looked at again at the top of the loop.
+                if wake.is_some_and(|w| w <= Instant::now()) {
+                    Input::Tick
+                } else {
+                    continue;
+                }
+            }
             done = next_registry(&mut registry) => {
                 match registry.as_mut().and_then(|r| r.done(Instant::now(), done)) {
                     Some(input) => input,
                     None => continue,
                 }
             }
-            () = sleep_until(registry_wake) => continue,
-            () = sleep_until(health_at) => continue,
             event = subscription.next() => {
                 if let (crate::backend::WatchEvent::Candidates(_), Some(r)) = (&event, registry.as_mut()) {
                     r.changed(Instant::now());
@@ -638,13 +666,6 @@ async fn closed(reply: &mut Option<oneshot::Sender<WorkOutcome>>) {
 async fn maybe(op: &mut Option<OpFuture>) -> Input {
     match op {
         Some(f) => f.await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
