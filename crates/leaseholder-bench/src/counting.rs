@@ -8,14 +8,17 @@ use std::time::{Duration, Instant};
 
 use leaseholder::{
     Acquired, BackendEdge, BackendError, Candidate, Claim, ConfigError, Holder, Key, LeaderId,
-    Lease, Renewed, WatchStream,
+    Lease, Renewal, Renewed, WatchStream,
 };
 
 /// Operation counts, shared by the wrapper and the bench.
 #[derive(Default)]
 pub(crate) struct Counts {
     pub(crate) acquire: AtomicU64,
+    /// Renewals (each key's, batched or not).
     pub(crate) renew: AtomicU64,
+    /// Renewal requests: one per renewal sent alone, one per batch.
+    pub(crate) renew_calls: AtomicU64,
     pub(crate) release: AtomicU64,
     pub(crate) holder: AtomicU64,
     pub(crate) setup: AtomicU64,
@@ -136,6 +139,29 @@ impl<E: BackendEdge> Counting<E> {
     }
 }
 
+impl<E> Counting<E> {
+    /// A renewal of `key` leaves now: counted, and timed against its due
+    /// instant.
+    fn sending(&self, key: &Key) {
+        self.counts.renew.fetch_add(1, Ordering::Relaxed);
+        let sent = Instant::now();
+        let mut timing = self.counts.timing();
+        if let Some(due) = timing.due.remove(key) {
+            let late = sent.saturating_duration_since(due);
+            timing.lateness.push(late);
+        }
+    }
+
+    /// The renewal of `key` was answered: the next one is due a renew
+    /// interval from now.
+    fn answered(&self, key: &Key, res: &Result<Renewed, BackendError>) {
+        if let Ok(Renewed::Renewed(_) | Renewed::SentAt(..)) = res {
+            let due = Instant::now() + self.renew_interval;
+            self.counts.timing().due.insert(key.clone(), due);
+        }
+    }
+}
+
 impl<E: BackendEdge> BackendEdge for Counting<E> {
     fn name(&self) -> &'static str {
         self.inner.name()
@@ -177,21 +203,27 @@ impl<E: BackendEdge> BackendEdge for Counting<E> {
         ttl: Duration,
         budget: Duration,
     ) -> Result<Renewed, BackendError> {
-        self.counts.renew.fetch_add(1, Ordering::Relaxed);
-        let sent = Instant::now();
-        {
-            let mut timing = self.counts.timing();
-            if let Some(due) = timing.due.remove(key) {
-                let late = sent.saturating_duration_since(due);
-                timing.lateness.push(late);
-            }
-        }
+        self.counts.renew_calls.fetch_add(1, Ordering::Relaxed);
+        self.sending(key);
         let res = self.inner.renew(key, lease, ttl, budget).await;
-        if let Ok(Renewed::Renewed(_) | Renewed::SentAt(..)) = &res {
-            let due = Instant::now() + self.renew_interval;
-            self.counts.timing().due.insert(key.clone(), due);
-        }
+        self.answered(key, &res);
         res
+    }
+
+    fn batches_renewals(&self) -> bool {
+        self.inner.batches_renewals()
+    }
+
+    async fn renew_many(&self, renewals: &[Renewal]) -> Vec<Result<Renewed, BackendError>> {
+        self.counts.renew_calls.fetch_add(1, Ordering::Relaxed);
+        for r in renewals {
+            self.sending(&r.key);
+        }
+        let results = self.inner.renew_many(renewals).await;
+        for (r, res) in renewals.iter().zip(&results) {
+            self.answered(&r.key, res);
+        }
+        results
     }
 
     async fn release(

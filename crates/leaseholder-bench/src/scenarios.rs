@@ -401,12 +401,15 @@ pub(crate) struct Scale {
     /// Keep-alives (and grants) the backend sent in the window, where it
     /// counts them (etcd's shared lease).
     pub(crate) keep_alives: Option<u64>,
+    /// Renewal requests sent in the window: one per renewal sent alone,
+    /// one per batch (`renew_many`).
+    pub(crate) requests: u64,
 }
 
 impl Scale {
     pub(crate) fn to_line(&self) -> String {
         format!(
-            "SCALE {} {} {} {} {} {} {} {} {} {}",
+            "SCALE {} {} {} {} {} {} {} {} {} {} {}",
             self.keys,
             self.ready_ms,
             self.window_s,
@@ -417,7 +420,8 @@ impl Scale {
             self.late_p99_pct,
             self.lost,
             self.keep_alives
-                .map_or_else(|| "-".to_owned(), |n| n.to_string())
+                .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+            self.requests,
         )
     }
 
@@ -427,7 +431,7 @@ impl Scale {
             .context("not a SCALE line")?
             .split(' ')
             .collect();
-        anyhow::ensure!(f.len() == 10, "bad SCALE line {line:?}");
+        anyhow::ensure!(f.len() == 11, "bad SCALE line {line:?}");
         Ok(Scale {
             keys: f[0].parse()?,
             ready_ms: f[1].parse()?,
@@ -442,6 +446,7 @@ impl Scale {
                 "-" => None,
                 n => Some(n.parse()?),
             },
+            requests: f[10].parse()?,
         })
     }
 }
@@ -504,12 +509,19 @@ pub(crate) async fn scale(
     let rss1 = crate::stats::rss_kib()?;
     let sent = || counts.keep_alives.get().map(|f| f());
     let sent0 = sent();
+    let requests0 = counts
+        .renew_calls
+        .load(std::sync::atomic::Ordering::Relaxed);
     let cpu0 = crate::stats::cpu_time()?;
     let w0 = Instant::now();
     tokio::time::sleep(window).await;
     let cpu1 = crate::stats::cpu_time()?;
     let elapsed = w0.elapsed();
     let keep_alives = sent().zip(sent0).map(|(b, a)| b - a);
+    let requests = counts
+        .renew_calls
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - requests0;
     let lateness = counts.take_lateness();
     let mut lost = 0;
     while let Ok(up) = rx.try_recv() {
@@ -535,6 +547,7 @@ pub(crate) async fn scale(
         late_p99_pct,
         lost,
         keep_alives,
+        requests,
     };
     for task in tasks {
         task.abort();

@@ -46,8 +46,8 @@ use futures_util::future::join_all;
 use tokio::time::Instant;
 
 use crate::backend::{
-    Acquired, Backend, Candidate, Claim, FencingToken, Key, LeaderId, Lease, Nonce, Renewed,
-    WatchEvent,
+    Acquired, Backend, Candidate, Claim, FencingToken, Key, LeaderId, Lease, Nonce, Renewal,
+    Renewed, WatchEvent,
 };
 use crate::error::{BackendError, BoxError};
 
@@ -174,6 +174,10 @@ pub async fn run<H: Harness>(h: &H) -> Report {
         (
             "renew_of_a_lost_lease_is_lost",
             renew_of_a_lost_lease_is_lost(h).await,
+        ),
+        (
+            "renew_many_answers_each_renewal_alone",
+            renew_many_answers_each_renewal_alone(h).await,
         ),
         (
             "same_candidate_id_never_shares",
@@ -466,6 +470,87 @@ pub async fn renew_extends_the_lease<H: Harness>(h: &H) -> RowResult {
         _ => {}
     }
     ok(ROW, "release", a.release(&key, &lease).await)?;
+    Ok(Outcome::Passed)
+}
+
+/// [`Backend::renew_many`] answers each renewal with its own result, in
+/// order: two live leases renewed (token kept) beside a released one that
+/// says `Lost` and is not resurrected, over two ttls; an empty call
+/// answers nothing. Runs on every backend: one that does not batch
+/// renewals uses the trait's default, which must hold too.
+pub async fn renew_many_answers_each_renewal_alone<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "renew_many_answers_each_renewal_alone";
+    let (first, a) = one_client(h, ROW, "many").await?;
+    let (gone, third) = (h.key("many"), h.key("many"));
+    let ttl = h.ttl();
+    if !a.renew_many(&[]).await.is_empty() {
+        return Err(fail(ROW, "renew_many of no renewals answered something"));
+    }
+    let mut live = [
+        acquire_won(ROW, &a, &first, &claim(), ttl).await?,
+        acquire_won(ROW, &a, &third, &claim(), ttl).await?,
+    ];
+    let tokens = [live[0].token(), live[1].token()];
+    let released = acquire_won(ROW, &a, &gone, &claim(), ttl).await?;
+    ok(ROW, "release", a.release(&gone, &released).await)?;
+    let start = Instant::now();
+    while start.elapsed() < ttl * 2 {
+        tokio::time::sleep(ttl / 3).await;
+        let batch = [
+            Renewal::new(first.clone(), live[0].clone(), ttl, ttl),
+            Renewal::new(gone.clone(), released.clone(), ttl, ttl),
+            Renewal::new(third.clone(), live[1].clone(), ttl, ttl),
+        ];
+        let results = a.renew_many(&batch).await;
+        if results.len() != 3 {
+            return Err(fail(
+                ROW,
+                format!("3 renewals got {} results", results.len()),
+            ));
+        }
+        let mut results = results.into_iter();
+        let (r0, r1, r2) = (results.next(), results.next(), results.next());
+        match r1 {
+            Some(Ok(Renewed::Lost)) => {}
+            other => {
+                return Err(fail(
+                    ROW,
+                    format!("renewing a released lease in a batch answered {other:?}"),
+                ));
+            }
+        }
+        for (slot, result) in [r0, r2].into_iter().enumerate() {
+            let result = result.unwrap_or(Ok(Renewed::Lost));
+            match ok(ROW, "renew_many", result)? {
+                Renewed::Renewed(l) | Renewed::SentAt(l, _) if l.token() == tokens[slot] => {
+                    live[slot] = l;
+                }
+                Renewed::Lost => {
+                    return Err(fail(ROW, "a renewal of a live lease in a batch said Lost"));
+                }
+                other => {
+                    return Err(fail(
+                        ROW,
+                        format!("a renewal in a batch changed the token: {other:?}"),
+                    ));
+                }
+            }
+        }
+    }
+    if ok(ROW, "holder", a.holder(&gone).await)?.is_some() {
+        return Err(fail(
+            ROW,
+            "renewing a released lease in a batch resurrected it",
+        ));
+    }
+    for (key, lease) in [(&first, &live[0]), (&third, &live[1])] {
+        let holder = ok(ROW, "holder", a.holder(key).await)?
+            .ok_or_else(|| fail(ROW, "a lease renewed in batches for two ttls is gone"))?;
+        if !holder.is_nonce(lease.nonce()) {
+            return Err(fail(ROW, format!("holder shows {holder:?}")));
+        }
+        ok(ROW, "release", a.release(key, lease).await)?;
+    }
     Ok(Outcome::Passed)
 }
 

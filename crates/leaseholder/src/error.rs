@@ -264,6 +264,49 @@ impl BackendError {
         BackendError::Fatal(err.into())
     }
 
+    /// An error of the same kind and message, for each renewal of a batch
+    /// that failed as a whole ([`BackendEdge::renew_many`](crate::BackendEdge::renew_many)
+    /// answers every renewal with its own result). A source error is
+    /// carried as its message chain (`a: b: c`), since errors do not clone.
+    ///
+    /// ```
+    /// use leaseholder::BackendError;
+    /// let e = BackendError::unavailable("connection reset");
+    /// let copy = e.replicate();
+    /// assert!(copy.is_transient());
+    /// assert_eq!(copy.to_string(), e.to_string());
+    /// ```
+    pub fn replicate(&self) -> BackendError {
+        fn chain(e: &BoxError) -> BoxError {
+            let mut text = e.to_string();
+            let mut source = e.source();
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text.into()
+        }
+        match self {
+            BackendError::Unavailable(e) => BackendError::Unavailable(chain(e)),
+            BackendError::Timeout(d) => BackendError::Timeout(*d),
+            BackendError::Unsupported { what, needed } => BackendError::Unsupported {
+                what: what.clone(),
+                needed: needed.clone(),
+            },
+            BackendError::Misconfigured { problem, fix } => BackendError::Misconfigured {
+                problem: problem.clone(),
+                fix: fix.clone(),
+            },
+            BackendError::Denied(e) => BackendError::Denied(chain(e)),
+            BackendError::Fatal(e) => BackendError::Fatal(chain(e)),
+            BackendError::Panicked { op, message } => BackendError::Panicked {
+                op: *op,
+                message: message.clone(),
+            },
+        }
+    }
+
     /// [`BackendError::Panicked`] from a caught panic's payload.
     pub(crate) fn panicked(op: Op, payload: &(dyn std::any::Any + Send)) -> Self {
         BackendError::Panicked {

@@ -43,7 +43,7 @@ pub use backend::redis::{RedisBackend, RedisBuilder};
 pub use backend::sqlite::{SqliteBackend, SqliteBuilder};
 pub use backend::{
     Acquired, Backend, BackendEdge, Candidate, Claim, FencingToken, ForceReleased, Holder, Key,
-    LeaderId, Lease, LeaseValue, Nonce, Prepared, Renewed, WatchEvent, WatchStream,
+    LeaderId, Lease, LeaseValue, Nonce, Prepared, Renewal, Renewed, WatchEvent, WatchStream,
 };
 pub use config::{LeaderBuilder, LeaderConfig, MAX_INTERVAL, MIN_INTERVAL};
 pub use error::{BackendError, BoxError, ConfigError, Error, Op};

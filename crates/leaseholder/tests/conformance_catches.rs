@@ -10,7 +10,8 @@ use futures_util::StreamExt;
 use leaseholder::conformance::{self, Failure, Harness, Outcome};
 use leaseholder::{
     Acquired, Backend, BackendEdge, BackendError, BoxError, Candidate, Claim, FencingToken, Holder,
-    Key, LeaderId, Lease, LeaseValue, MemoryBackend, MemoryStore, Renewed, WatchEvent, WatchStream,
+    Key, LeaderId, Lease, LeaseValue, MemoryBackend, MemoryStore, Renewal, Renewed, WatchEvent,
+    WatchStream,
 };
 
 /// One deliberate violation of the lease contract.
@@ -49,6 +50,10 @@ enum Flaw {
     RegistryKeepsOne,
     /// `candidate` answers with whichever entry of the key comes first.
     CandidateReadsAnyEntry,
+    /// `renew_many` answers in the reverse order.
+    ManyReversed,
+    /// `renew_many` leaves the last renewal unanswered.
+    ManyShort,
 }
 
 /// The memory backend with one [`Flaw`].
@@ -101,6 +106,25 @@ impl BackendEdge for Broken {
             (Flaw::TokensReset, Acquired::Held(h)) => Acquired::Held(token_one(h)),
             (_, acquired) => acquired,
         })
+    }
+
+    fn batches_renewals(&self) -> bool {
+        matches!(self.flaw, Flaw::ManyReversed | Flaw::ManyShort)
+    }
+
+    async fn renew_many(&self, renewals: &[Renewal]) -> Vec<Result<Renewed, BackendError>> {
+        let mut out = Vec::new();
+        for r in renewals {
+            out.push(self.renew(&r.key, &r.lease, r.ttl, r.budget).await);
+        }
+        match self.flaw {
+            Flaw::ManyReversed => out.reverse(),
+            Flaw::ManyShort => {
+                out.pop();
+            }
+            _ => {}
+        }
+        out
     }
 
     async fn renew(
@@ -358,7 +382,7 @@ async fn the_wrapper_without_a_flaw_passes() {
             .all(|(row, _)| row.contains("process")),
         "{report}"
     );
-    assert_eq!(report.passed.len(), 19, "{report}");
+    assert_eq!(report.passed.len(), 20, "{report}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -612,4 +636,28 @@ async fn a_proclaim_that_stores_nothing() {
         conformance::proclaim_replaces_the_metadata_and_renews(&h).await,
     );
     assert_run_catches(flaw, &["proclaim_replaces_the_metadata_and_renews"]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn renew_many_that_answers_out_of_order() {
+    let flaw = Flaw::ManyReversed;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "renew_many_answers_each_renewal_alone",
+        conformance::renew_many_answers_each_renewal_alone(&h).await,
+    );
+    assert_run_catches(flaw, &["renew_many_answers_each_renewal_alone"]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn renew_many_that_leaves_a_renewal_unanswered() {
+    let flaw = Flaw::ManyShort;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "renew_many_answers_each_renewal_alone",
+        conformance::renew_many_answers_each_renewal_alone(&h).await,
+    );
+    assert_run_catches(flaw, &["renew_many_answers_each_renewal_alone"]).await;
 }

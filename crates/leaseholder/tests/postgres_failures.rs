@@ -1212,6 +1212,41 @@ async fn failover_conflict_and_shutdown_sqlstates_are_transient_errors_of_every_
     ));
 }
 
+/// 50 keys renewing in shared statements: a batch that the server fails
+/// as a whole (a serialization failure on its first row) fails every
+/// renewal in it; each of those keys retries alone before its deadline,
+/// and every term survives with its token, the keys renewing on (in
+/// batches again) after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_renewals_failed_by_the_server_costs_no_term() {
+    let s = server().await;
+    let c = connect(&s).await;
+    c.batch_execute(FAULT).await.unwrap();
+    let pg = PostgresBackend::builder().url(s.url()).build().unwrap();
+    let b = Backend::postgres(pg.clone());
+    let many = support::Many::lead(&b, "failed-batch", 50, Duration::from_secs(3)).await;
+    let tokens = many.tokens();
+    let r0 = many.revisions(&b).await;
+    inject(&c, "40001", 1).await;
+    wait_injected(&c, 1).await;
+    let r1 = many.wait_renewed(&b, &r0, 3).await;
+    assert_eq!(many.tokens(), tokens, "a failed batch cost a term");
+    for (l, t) in many.leaders.iter().zip(&tokens) {
+        assert!(l.state().borrow().is_leader());
+        assert_eq!(l.current_term().map(|t| t.fencing_token()), *t);
+    }
+    // And they batch again: fewer statements than renewals.
+    let s1 = pg.renew_statements();
+    let r2 = many.wait_renewed(&b, &r1, 3).await;
+    let statements = pg.renew_statements() - s1;
+    let renewals: u64 = r2.iter().zip(&r1).map(|(b, a)| b - a).sum();
+    assert!(
+        statements < renewals,
+        "{statements} statements for {renewals} renewals after the failure"
+    );
+    many.stop().await;
+}
+
 /// The same SQLSTATEs under a running leader: each fails two renewals in a
 /// row; the campaign retries and keeps its term through every one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

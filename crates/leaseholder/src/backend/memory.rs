@@ -214,6 +214,7 @@ impl MemoryStore {
         MemoryBackend {
             store: self.clone(),
             faults: Faults::default(),
+            batched: false,
         }
     }
 
@@ -625,6 +626,7 @@ impl fmt::Debug for Faults {
 pub struct MemoryBackend {
     store: MemoryStore,
     faults: Faults,
+    batched: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -638,6 +640,25 @@ enum Injected {
 }
 
 impl MemoryBackend {
+    /// With `true`, this client says it [batches
+    /// renewals](BackendEdge::batches_renewals), so that a [`Backend`](crate::Backend)
+    /// on it gathers its campaigns' renewals into
+    /// [`renew_many`](BackendEdge::renew_many) calls, each renewal of which
+    /// meets this client's faults on its own (a fault queued for one call
+    /// hits one renewal of a batch: a batch half applied). For tests of
+    /// the batched path; it saves nothing in memory. Default: `false`.
+    ///
+    /// ```
+    /// use leaseholder::{BackendEdge, MemoryStore};
+    /// let store = MemoryStore::new();
+    /// assert!(store.backend().batched(true).batches_renewals());
+    /// assert!(!store.backend().batches_renewals());
+    /// ```
+    pub fn batched(mut self, on: bool) -> MemoryBackend {
+        self.batched = on;
+        self
+    }
+
     /// This candidate's fault injector.
     pub fn faults(&self) -> Faults {
         self.faults.clone()
@@ -768,6 +789,10 @@ impl BackendEdge for MemoryBackend {
 
     fn watch_reports_expiry(&self) -> bool {
         true
+    }
+
+    fn batches_renewals(&self) -> bool {
+        self.batched
     }
 
     fn supports_candidates(&self) -> bool {

@@ -56,6 +56,7 @@
 //! The [`conformance`](crate::conformance) module (feature `conformance`)
 //! checks every row of this contract against a real store.
 
+mod batch;
 pub mod blocking;
 mod candidate;
 #[cfg(any(feature = "postgres", feature = "redis"))]
@@ -90,6 +91,7 @@ use futures_core::Stream;
 
 use crate::error::{BackendError, ConfigError, Op};
 
+pub use batch::Renewal;
 pub use candidate::Candidate;
 pub(crate) use candidate::{best, first_choice, named};
 pub use hub::Subscription;
@@ -854,6 +856,42 @@ pub trait BackendEdge: Send + Sync + 'static {
         budget: Duration,
     ) -> impl Future<Output = Result<Renewed, BackendError>> + Send;
 
+    /// `true` if [`renew_many`](Self::renew_many) sends many keys'
+    /// renewals to the store together (one statement, one pipeline), and
+    /// [`Backend`] should therefore gather the renewals its campaigns make
+    /// at about the same time and hand them over in one call. Default:
+    /// `false`; then every renewal goes to [`renew`](Self::renew) alone.
+    fn batches_renewals(&self) -> bool {
+        false
+    }
+
+    /// Renews several leases, of different keys, and answers each with its
+    /// own result, in the order given: the result vector has exactly one
+    /// entry per renewal. Each renewal means exactly what
+    /// [`renew`](Self::renew) with its fields means (atomic per key, never
+    /// resurrects an expired lease, `budget` the time left before that
+    /// leader's deadline); nothing is atomic across keys. A failure of the
+    /// whole request gives every renewal an error of its kind
+    /// ([`BackendError::replicate`]).
+    ///
+    /// The campaigns call it only if
+    /// [`batches_renewals`](Self::batches_renewals) says so, never with
+    /// two renewals of one lease; two renewals of one key (two candidates
+    /// sharing a backend) have different nonces, and at most one of them
+    /// holds the key. A key whose renewal gets an error is renewed alone
+    /// (with `renew`) until that succeeds. Default: each renewal's
+    /// [`renew`](Self::renew), all at once.
+    fn renew_many(
+        &self,
+        renewals: &[Renewal],
+    ) -> impl Future<Output = Vec<Result<Renewed, BackendError>>> + Send {
+        futures_util::future::join_all(
+            renewals
+                .iter()
+                .map(|r| self.renew(&r.key, &r.lease, r.ttl, r.budget)),
+        )
+    }
+
     /// Ends the lease only if it still has `lease`'s nonce. Idempotent.
     /// Must not make the next token smaller.
     ///
@@ -1062,6 +1100,26 @@ async fn guarded<'a, T>(
     .await
 }
 
+/// How the batcher of a backend sends a batch: the edge's `renew_many`,
+/// guarded like every other call; `None` once the backend is dropped.
+fn sender(inner: std::sync::Weak<Inner>) -> batch::SendFn {
+    Arc::new(move |renewals: Vec<Renewal>| {
+        let inner = inner.clone();
+        Box::pin(async move {
+            let inner = inner.upgrade()?;
+            let n = renewals.len();
+            let results = guarded(Op::Renew, || {
+                Box::pin(async { Ok(inner.edge.renew_many(&renewals).await) })
+            })
+            .await;
+            Some(match results {
+                Ok(results) => results,
+                Err(e) => batch::each(e, n),
+            })
+        }) as batch::Sent
+    })
+}
+
 /// The object-safe twin of [`BackendEdge`].
 trait DynEdge: Send + Sync + 'static {
     fn name(&self) -> &'static str;
@@ -1096,6 +1154,11 @@ trait DynEdge: Send + Sync + 'static {
     fn keys(&self, budget: Duration) -> BoxFuture<'_, Result<Vec<Key>, BackendError>>;
     fn watch(&self) -> BoxFuture<'_, Result<Option<WatchStream>, BackendError>>;
     fn watch_reports_expiry(&self) -> bool;
+    fn batches_renewals(&self) -> bool;
+    fn renew_many<'a>(
+        &'a self,
+        renewals: &'a [Renewal],
+    ) -> BoxFuture<'a, Vec<Result<Renewed, BackendError>>>;
     fn supports_candidates(&self) -> bool;
     fn supports_proclaim(&self) -> bool;
     fn proclaim<'a>(
@@ -1187,6 +1250,15 @@ impl<T: BackendEdge> DynEdge for T {
     fn watch_reports_expiry(&self) -> bool {
         BackendEdge::watch_reports_expiry(self)
     }
+    fn batches_renewals(&self) -> bool {
+        BackendEdge::batches_renewals(self)
+    }
+    fn renew_many<'a>(
+        &'a self,
+        renewals: &'a [Renewal],
+    ) -> BoxFuture<'a, Vec<Result<Renewed, BackendError>>> {
+        Box::pin(BackendEdge::renew_many(self, renewals))
+    }
     fn supports_candidates(&self) -> bool {
         BackendEdge::supports_candidates(self)
     }
@@ -1260,6 +1332,8 @@ pub struct Backend {
 struct Inner {
     edge: Box<dyn DynEdge>,
     hub: hub::Hub,
+    /// Gathers renewals for `renew_many`, if the edge batches them.
+    batcher: batch::Batcher,
     /// `Some(when)` if the first successful setup created the store object.
     setup: tokio::sync::OnceCell<Option<tokio::time::Instant>>,
 }
@@ -1271,6 +1345,7 @@ impl Backend {
             inner: Arc::new(Inner {
                 edge: Box::new(edge),
                 hub: hub::Hub::default(),
+                batcher: batch::Batcher::default(),
                 setup: tokio::sync::OnceCell::new(),
             }),
         }
@@ -1423,7 +1498,46 @@ impl Backend {
         ttl: Duration,
         budget: Duration,
     ) -> Result<Renewed, BackendError> {
-        self.kicked(guarded(Op::Renew, || self.inner.edge.renew(key, lease, ttl, budget)).await)
+        let inner = &self.inner;
+        let batches = inner.edge.batches_renewals();
+        if !batches || inner.batcher.is_alone(key) {
+            let result = guarded(Op::Renew, || inner.edge.renew(key, lease, ttl, budget)).await;
+            if batches && result.is_ok() {
+                inner.batcher.rejoin(key);
+            }
+            return self.kicked(result);
+        }
+        let renewal = Renewal::new(key.clone(), lease.clone(), ttl, budget);
+        let weak = Arc::downgrade(&self.inner);
+        let result = inner.batcher.renew(renewal, move || sender(weak)).await;
+        self.kicked(result)
+    }
+
+    /// See [`BackendEdge::renew_many`]: the renewals in one call, whether
+    /// or not the backend [batches renewals](BackendEdge::batches_renewals)
+    /// (the campaigns' renewals through [`renew_within`](Self::renew_within)
+    /// are gathered into such calls when it does). One result per renewal,
+    /// in order; a panic in the backend is `Panicked` for each.
+    pub async fn renew_many(&self, renewals: &[Renewal]) -> Vec<Result<Renewed, BackendError>> {
+        let n = renewals.len();
+        let results = guarded(Op::Renew, || {
+            Box::pin(async { Ok(self.inner.edge.renew_many(renewals).await) })
+        })
+        .await;
+        let mut results = match results {
+            Ok(results) => results,
+            Err(e) => batch::each(e, n),
+        };
+        results.truncate(n);
+        while results.len() < n {
+            results.push(Err(BackendError::unavailable(
+                "renew_many gave no result for this renewal (a backend bug)",
+            )));
+        }
+        if results.iter().any(Result::is_ok) {
+            self.inner.hub.kick();
+        }
+        results
     }
 
     /// See [`BackendEdge::release`]; the budget is [`DEFAULT_BUDGET`].

@@ -88,3 +88,104 @@ pub(crate) async fn wait_sees(l: &Leader, token: u64) -> State {
     .unwrap()
     .clone()
 }
+
+/// Many leaders on one backend, for the batched-renewal tests: one per key,
+/// each campaigning with [`Leader::start`] until [`Many::stop`].
+pub(crate) struct Many {
+    pub(crate) keys: Vec<leaseholder::Key>,
+    pub(crate) leaders: Vec<Leader>,
+    tasks: Vec<JoinHandle<Result<(), Error>>>,
+}
+
+impl Many {
+    /// Starts `n` leaders on `backend` (keys `{prefix}-0000`, ...) and
+    /// waits until every one leads.
+    pub(crate) async fn lead(
+        backend: &leaseholder::Backend,
+        prefix: &str,
+        n: usize,
+        ttl: Duration,
+    ) -> Many {
+        let keys: Vec<leaseholder::Key> = (0..n)
+            .map(|i| leaseholder::Key::new(format!("{prefix}-{i:04}")).unwrap())
+            .collect();
+        let leaders: Vec<Leader> = keys
+            .iter()
+            .map(|k| {
+                Leader::builder(k.as_str())
+                    .backend(backend.clone())
+                    .ttl(ttl)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let tasks = leaders
+            .iter()
+            .map(|l| {
+                let l = l.clone();
+                tokio::spawn(async move { l.start(Default::default()).await })
+            })
+            .collect();
+        for l in &leaders {
+            timeout(
+                Duration::from_secs(60),
+                l.state().wait_for(State::is_leader),
+            )
+            .await
+            .expect("every key led within 60 s")
+            .unwrap();
+        }
+        Many {
+            keys,
+            leaders,
+            tasks,
+        }
+    }
+
+    /// Each leader's fencing token.
+    pub(crate) fn tokens(&self) -> Vec<Option<leaseholder::FencingToken>> {
+        self.leaders.iter().map(Leader::fencing_token).collect()
+    }
+
+    /// Each key's revision in the store (every renewal moves it by one).
+    pub(crate) async fn revisions(&self, backend: &leaseholder::Backend) -> Vec<u64> {
+        let mut out = Vec::with_capacity(self.keys.len());
+        for k in &self.keys {
+            let holder = backend.holder(k).await.unwrap();
+            out.push(holder.map_or(0, |h| h.revision()));
+        }
+        out
+    }
+
+    /// Waits (reading the store every 200 ms, at most 60 s) until every
+    /// key has been renewed at least `times` more since `from`; returns
+    /// the revisions then.
+    pub(crate) async fn wait_renewed(
+        &self,
+        backend: &leaseholder::Backend,
+        from: &[u64],
+        times: u64,
+    ) -> Vec<u64> {
+        timeout(Duration::from_secs(60), async {
+            loop {
+                let now = self.revisions(backend).await;
+                if now.iter().zip(from).all(|(n, f)| *n >= f + times) {
+                    return now;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await
+        .expect("every key renewed within 60 s")
+    }
+
+    /// Shuts every leader down; each campaign ends `Ok`.
+    pub(crate) async fn stop(self) {
+        for l in &self.leaders {
+            l.shutdown().await.unwrap();
+        }
+        for t in self.tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+}
