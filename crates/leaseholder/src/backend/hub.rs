@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Key, WatchEvent, WatchStream};
+use super::{Key, Nonce, WatchEvent, WatchStream};
 use crate::error::BackendError;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -46,9 +46,21 @@ pub(crate) struct Hub {
     kick: Arc<Notify>,
 }
 
+/// One subscriber of a key.
+struct Sub {
+    id: u64,
+    tx: mpsc::UnboundedSender<WatchEvent>,
+    /// A leader's own lease: its `Updated` events (the echo of each of its
+    /// renewals) are not delivered; a leader makes nothing of them, and
+    /// waking every leader for each of its own renewals is most of what
+    /// many keys cost (issue 17). Events of any other holder, releases and
+    /// resyncs still are.
+    mute: Option<Nonce>,
+}
+
 #[derive(Default)]
 struct State {
-    subs: HashMap<Key, Vec<(u64, mpsc::UnboundedSender<WatchEvent>)>>,
+    subs: HashMap<Key, Vec<Sub>>,
     next_id: u64,
     task: Option<JoinHandle<()>>,
     /// The backend said it cannot watch: do not ask again.
@@ -74,7 +86,11 @@ impl Hub {
         let mut state = lock(&self.state);
         let id = state.next_id;
         state.next_id += 1;
-        state.subs.entry(key.clone()).or_default().push((id, tx));
+        state
+            .subs
+            .entry(key.clone())
+            .or_default()
+            .push(Sub { id, tx, mute: None });
         let ended = state.task.as_ref().is_none_or(JoinHandle::is_finished);
         if ended && !state.no_watch {
             let weak = Arc::downgrade(&self.state);
@@ -111,14 +127,23 @@ fn dispatch(state: &Weak<Mutex<State>>, event: WatchEvent) -> bool {
     };
     let state = lock(&state);
     match &event {
-        WatchEvent::Released(key) | WatchEvent::Updated(key, _) | WatchEvent::Candidates(key) => {
-            for (_, tx) in state.subs.get(key).into_iter().flatten() {
-                let _ = tx.unbounded_send(event.clone());
+        WatchEvent::Updated(key, Some(holder)) => {
+            for sub in state.subs.get(key).into_iter().flatten() {
+                if !sub.mute.is_some_and(|n| holder.is_nonce(n)) {
+                    let _ = sub.tx.unbounded_send(event.clone());
+                }
+            }
+        }
+        WatchEvent::Released(key)
+        | WatchEvent::Updated(key, None)
+        | WatchEvent::Candidates(key) => {
+            for sub in state.subs.get(key).into_iter().flatten() {
+                let _ = sub.tx.unbounded_send(event.clone());
             }
         }
         WatchEvent::Resync => {
-            for (_, tx) in state.subs.values().flatten() {
-                let _ = tx.unbounded_send(WatchEvent::Resync);
+            for sub in state.subs.values().flatten() {
+                let _ = sub.tx.unbounded_send(WatchEvent::Resync);
             }
         }
     }
@@ -233,6 +258,21 @@ impl Subscription {
         })
     }
 
+    /// Stops (with `Some`) or resumes (`None`) delivering the `Updated`
+    /// events whose holder has this nonce: a leader's own renewals.
+    pub(crate) fn mute(&self, nonce: Option<Nonce>) {
+        if let Some(state) = self.hub.upgrade() {
+            let mut state = lock(&state);
+            let sub = state
+                .subs
+                .get_mut(&self.key)
+                .and_then(|list| list.iter_mut().find(|s| s.id == self.id));
+            if let Some(sub) = sub {
+                sub.mute = nonce;
+            }
+        }
+    }
+
     /// The next event. Pending forever if the backend cannot watch or was
     /// dropped; use it in a `select!` beside timers.
     pub async fn next(&mut self) -> WatchEvent {
@@ -248,11 +288,73 @@ impl Drop for Subscription {
         if let Some(state) = self.hub.upgrade() {
             let mut state = lock(&state);
             if let Some(list) = state.subs.get_mut(&self.key) {
-                list.retain(|(id, _)| *id != self.id);
+                list.retain(|s| s.id != self.id);
                 if list.is_empty() {
                     state.subs.remove(&self.key);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::backend::{Claim, FencingToken, Holder, LeaderId, Lease};
+
+    fn holder_of(lease: &Lease) -> Holder {
+        Holder::decode(
+            &lease.value().encode(),
+            Some(lease.token()),
+            lease.revision(),
+            None,
+        )
+    }
+
+    /// A muted subscriber misses only the `Updated` events of its own
+    /// lease; another holder's, releases and resyncs still come, and after
+    /// unmuting its own come again.
+    #[tokio::test]
+    async fn a_muted_subscriber_misses_only_its_own_leases_updates() {
+        let (events, rx) = mpsc::unbounded::<WatchEvent>();
+        let rx = Arc::new(Mutex::new(Some(rx)));
+        let hub = Hub::default();
+        let key = Key::new("k").unwrap();
+        let mut sub = hub.subscribe(&key, move || {
+            let rx = rx.lock().unwrap().take();
+            async move { rx.map(|rx| Ok(Some(Box::pin(rx) as WatchStream))) }
+        });
+        assert_eq!(sub.next().await, WatchEvent::Resync);
+        let ours = Lease::new(
+            &Claim::new(LeaderId::new(), Default::default()),
+            FencingToken::new(1),
+            1,
+        );
+        let theirs = Lease::new(
+            &Claim::new(LeaderId::new(), Default::default()),
+            FencingToken::new(2),
+            1,
+        );
+        let own = WatchEvent::Updated(key.clone(), Some(holder_of(&ours)));
+        let other = WatchEvent::Updated(key.clone(), Some(holder_of(&theirs)));
+        sub.mute(Some(ours.nonce()));
+        for e in [
+            own.clone(),
+            other.clone(),
+            own.clone(),
+            WatchEvent::Updated(key.clone(), None),
+            WatchEvent::Released(key.clone()),
+            WatchEvent::Resync,
+        ] {
+            events.unbounded_send(e).unwrap();
+        }
+        assert_eq!(sub.next().await, other);
+        assert_eq!(sub.next().await, WatchEvent::Updated(key.clone(), None));
+        assert_eq!(sub.next().await, WatchEvent::Released(key.clone()));
+        assert_eq!(sub.next().await, WatchEvent::Resync);
+        sub.mute(None);
+        events.unbounded_send(own.clone()).unwrap();
+        assert_eq!(sub.next().await, own);
     }
 }

@@ -388,6 +388,9 @@ async fn run(
                     lease,
                     deadline,
                 } => {
+                    // The echo of our own renewals says nothing to a
+                    // leader: not delivered while the term is live.
+                    subscription.mute(Some(lease.nonce()));
                     let t = Term::new(shared.key.clone(), id, lease.token(), deadline);
                     shared.term.send_replace(Some(t.clone()));
                     term = Some(Running { term: t });
@@ -408,6 +411,9 @@ async fn run(
                     }
                 }
                 Output::CancelTerm { id, reason } => {
+                    // A follower goes by every holder's events, its own
+                    // old lease's too.
+                    subscription.mute(None);
                     if let Some(r) = registry.as_mut() {
                         r.ended();
                     }

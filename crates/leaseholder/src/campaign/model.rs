@@ -50,6 +50,33 @@
 //!
 //! `resign()` and `shutdown()` come on top, [`Config::stops`] per path.
 //!
+//! # Batched renewals
+//!
+//! A backend that batches renewals (`BackendEdge::renew_many`, gathered by
+//! `backend/batch.rs`) gives a key's machine no input it could tell apart
+//! from a path searched here, so the machine is checked for it as it is:
+//!
+//! * waiting in the batcher's queue is a call held in the network; the
+//!   store is told the time left before the leader's deadline, so the
+//!   renewal is applied before its timeout or not at all (a renewal whose
+//!   budget ran out in the queue is answered `Timeout` unsent: held, then
+//!   timed out);
+//! * a batch half applied is, for each key in it, either an applied call
+//!   or a failed one, answered in its own right;
+//! * a batch whose reply is lost, or that fails as a whole after the store
+//!   applied it, is an applied call whose reply is lost or `Unavailable`;
+//!   one the store refused is a call that failed without being applied;
+//! * a key whose batched renewal failed is renewed alone: another call,
+//!   made when the machine asks for it.
+//!
+//! What the machine must get right is that an extension counts from when
+//! it asked, not from when the batch left or was applied:
+//! `a_renewal_that_waited_in_a_batch_extends_from_when_it_was_asked_for`.
+//! The batcher's own rules (the budget less the wait, no sending for a
+//! caller that gave up, one result per renewal, the failed key alone) are
+//! tested in `backend/batch.rs`; the whole under random faults, with
+//! batches carrying two keys, in `tests/safety_proptest.rs`.
+//!
 //! States are deduplicated by a hash of everything (machines, store, calls,
 //! work, clock) in which nonces, which the machine draws at random, are
 //! renamed in order of first appearance, so that states equal up to the
@@ -2001,6 +2028,41 @@ fn lost_renewal_reply_with_a_newer_revision_in_the_store_extends() {
             timeout: ms(570),
         }]
     );
+}
+
+/// A renewal that waited 20 ms in a batch, was applied by the store at
+/// 320 ms and answered at 325 ms extends the term from 300 ms, when the
+/// machine asked for it: the store's expiry (320 + ttl) is later than
+/// what the machine believes, never earlier.
+#[test]
+fn a_renewal_that_waited_in_a_batch_extends_from_when_it_was_asked_for() {
+    let (mut c, l1) = Solo::lead();
+    assert_eq!(
+        c.at(300).tick(),
+        vec![Output::Renew {
+            lease: l1.clone(),
+            timeout: ms(600),
+        }]
+    );
+    let out = c
+        .at(325)
+        .feed(Input::Renew(Ok(Renewed::Renewed(l1.with_revision(2)))));
+    assert_eq!(
+        out,
+        vec![Output::Extend {
+            id: 1,
+            deadline: at(ms(300) + TTL - DRIFT),
+        }]
+    );
+    // A batched renewal whose budget ran out in the queue is answered
+    // `Timeout` without being sent: ambiguous like any timeout, the
+    // machine reads the key back.
+    assert_eq!(c.wake(), Some(ms(625)));
+    assert!(matches!(c.at(625).tick()[..], [Output::Renew { .. }]));
+    let out = c
+        .at(630)
+        .feed(Input::Renew(Err(BackendError::Timeout(ms(575)))));
+    assert!(matches!(out[..], [Output::ReadHolder { .. }]), "{out:?}");
 }
 
 /// A renewal answered by a request sent before it (a shared keep-alive)
