@@ -1,4 +1,4 @@
-//! `leaseholder-bench [--quick] [--out DIR] [--no-noleader]`: leader election
+//! `leaseholder-bench [--quick] [--out DIR] [--no-noleader] [--scale [N,N,...]]`: leader election
 //! benchmarks on the memory backend, a real nats-server, a real PostgreSQL,
 //! a real redis-server and a real (single-member) etcd, with noleader
 //! 0.1.2 on the same nats-server. See `scripts/bench`.
@@ -8,6 +8,7 @@ mod etcd_epoch;
 mod fleet;
 mod registry;
 mod report;
+mod scale_graph;
 mod scenarios;
 mod stats;
 mod timeline;
@@ -31,6 +32,9 @@ struct Opts {
     noleader: bool,
     /// Only the registry rows (`--registry-only`), for a quick look.
     registry_only: bool,
+    /// Only the scale rows, at these key counts (`--scale [N,N,...]`), with
+    /// their graph.
+    scale: Option<Vec<usize>>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -54,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
         out: PathBuf::from("bench-results"),
         noleader: true,
         registry_only: false,
+        scale: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -65,12 +70,36 @@ async fn main() -> anyhow::Result<()> {
                 opts.noleader = false;
             }
             "--out" => opts.out = PathBuf::from(it.next().context("--out DIR")?),
+            "--scale" => {
+                let keys = match it.as_slice().first() {
+                    Some(list) if !list.starts_with("--") => {
+                        it.next();
+                        list.split(',')
+                            .map(|n| n.replace('_', "").parse::<usize>())
+                            .collect::<Result<Vec<_>, _>>()
+                            .context("--scale N,N,...: key counts")?
+                    }
+                    _ => vec![1, 100, 1_000, 10_000, 100_000],
+                };
+                anyhow::ensure!(
+                    keys.iter().all(|&n| n > 0),
+                    "--scale: key counts must be positive"
+                );
+                opts.scale = Some(keys);
+            }
             other => anyhow::bail!(
-                "unknown argument {other:?}; usage: leaseholder-bench [--quick] [--out DIR] [--no-noleader] [--registry-only]"
+                "unknown argument {other:?}; usage: leaseholder-bench [--quick] [--out DIR] [--no-noleader] [--registry-only] [--scale [N,N,...]]"
             ),
         }
     }
-    if opts.quick && !args.iter().any(|a| a == "--out") {
+    let out_given = args.iter().any(|a| a == "--out");
+    if let Some(keys) = opts.scale.clone() {
+        if !out_given {
+            opts.out = opts.out.join("scale");
+        }
+        return scale_only(&opts.out, &keys).await;
+    }
+    if opts.quick && !out_given {
         opts.out = opts.out.join("quick");
     }
     run(opts).await
@@ -92,15 +121,24 @@ async fn scale_worker(args: &[String]) -> anyhow::Result<()> {
         "etcd" => Store::Etcd(url.clone()),
         other => anyhow::bail!("unknown store {other:?}"),
     };
-    let s = scenarios::scale(
+    let result = scenarios::scale(
         &store,
         keys.parse()?,
         Duration::from_millis(ttl.parse()?),
         Duration::from_millis(window.parse()?),
     )
-    .await?;
-    println!("{}", s.to_line());
-    Ok(())
+    .await;
+    match result {
+        Ok(s) => {
+            println!("{}", s.to_line());
+            Ok(())
+        }
+        Err(e) => {
+            // For the parent's report.
+            println!("SCALE-FAILED {e:#}");
+            Err(e)
+        }
+    }
 }
 
 /// The `bench-candidate` binary next to this one; built if missing.
@@ -366,13 +404,29 @@ async fn steady_and_scale(
         (true, _) => 5,
         (false, _) => 20,
     });
+    scale_rows(sink, backend, url, keys, window, start).await?;
+    Ok(())
+}
+
+/// Runs a scale worker per key count and adds its rows; returns what each
+/// measured.
+async fn scale_rows(
+    sink: &mut Sink,
+    backend: &str,
+    url: &str,
+    keys: &[usize],
+    window: Duration,
+    start: Instant,
+) -> anyhow::Result<Vec<scenarios::Scale>> {
+    let ttl = LONGEST_TTL;
+    let mut measured = Vec::new();
     for &n in keys {
         log(
             start,
             &format!("{backend}: scale, {n} keys in one process, window {window:?}"),
         );
         let out = tokio::time::timeout(
-            Duration::from_secs(300),
+            scenarios::ready_limit(n) + window + Duration::from_secs(120),
             tokio::process::Command::new(std::env::current_exe()?)
                 .args([
                     "scale-worker",
@@ -390,13 +444,17 @@ async fn steady_and_scale(
         .context("scale worker timed out")??;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let Some(line) = stdout.lines().find(|l| l.starts_with("SCALE ")) else {
+            let why = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("SCALE-FAILED "))
+                .unwrap_or("no report");
             sink.figure(
                 backend,
                 format!("scale {n} keys"),
                 "",
                 vec![],
                 None,
-                format!("worker failed: {}", out.status),
+                format!("worker failed ({}): {why}", out.status),
             );
             continue;
         };
@@ -457,7 +515,75 @@ async fn steady_and_scale(
                 s.requests, s.renewals, s.window_s
             ),
         );
+        measured.push(s);
     }
+    Ok(measured)
+}
+
+/// `--scale`: only the scale rows, on the memory store, a real nats-server
+/// and a real PostgreSQL, at each key count, and the graph of CPU and
+/// memory against the key count (`scale.svg`).
+async fn scale_only(out: &Path, keys: &[usize]) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut sink = Sink {
+        dir: out.to_path_buf(),
+        rows: Vec::new(),
+    };
+    log(start, "starting nats-server and PostgreSQL");
+    let nats = NatsServer::start()
+        .await
+        .context("nats-server 2.11+ is needed: run scripts/setup")?;
+    let pg = PostgresServer::start()
+        .await
+        .context("PostgreSQL 15+ is needed: run scripts/setup")?;
+    Store::Nats(nats.url()).prepare().await?;
+    Store::Postgres(pg.url()).prepare().await?;
+    let window = Duration::from_secs(10);
+    let mut points = Vec::new();
+    for (backend, url) in [
+        ("memory", "-".to_owned()),
+        ("nats", nats.url()),
+        ("postgres", pg.url()),
+    ] {
+        for s in scale_rows(&mut sink, backend, &url, keys, window, start).await? {
+            points.push(scale_graph::Point {
+                backend: backend.to_owned(),
+                keys: s.keys,
+                cpu_pct: s.cpu_pct,
+                rss_kib: s.rss_kib,
+            });
+        }
+    }
+    let svg = scale_graph::svg(
+        "one process, one client, n keys (ttl 10 s): CPU and resident memory",
+        &points,
+    );
+    report::write(out, "scale.svg", &svg)?;
+    let wall = start.elapsed();
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let meta = [
+        ("mode", "--scale".to_owned()),
+        ("wall_time_s", format!("{:.1}", wall.as_secs_f64())),
+        ("nats_server", nats.version().to_owned()),
+        ("postgres", pg.version().to_owned()),
+        ("cpus", cpus.to_string()),
+    ];
+    report::write(out, "results.json", &report::json(&sink.rows, &meta))?;
+    let header = format!(
+        "# leaseholder scale results\n\nRun by `scripts/bench --scale`; wall time {:.0} s on {cpus} CPUs \
+shared with other work, so figures are noisy. nats-server {}, PostgreSQL {}. Each row is a worker process \
+holding n keys on one client (one `Backend`), ttl 10 s, measured over a {}-s window once every key leads: \
+CPU of the whole process, resident memory it grew by since before the first key, renewal lateness \
+(past the renewal's due time, in % of the renew interval) and renewal requests (one per renewal sent \
+alone, one per batch). Graph: [scale.svg](scale.svg).\n",
+        wall.as_secs_f64(),
+        nats.version(),
+        pg.version(),
+        window.as_secs()
+    );
+    let md = report::markdown(&sink.rows, &header);
+    report::write(out, "RESULTS.md", &md)?;
+    println!("{md}");
     Ok(())
 }
 

@@ -451,6 +451,12 @@ impl Scale {
     }
 }
 
+/// How long a scale worker waits for all its keys to lead: 120 s, and
+/// 2 ms more per key (100,000 keys: 320 s).
+pub(crate) fn ready_limit(keys: usize) -> Duration {
+    Duration::from_secs(120) + Duration::from_millis(2) * u32::try_from(keys).unwrap_or(u32::MAX)
+}
+
 /// `keys` leaders over one client in this process (a worker process of
 /// its own): CPU and resident memory per key, and renewal lateness, over
 /// `window` once every key leads.
@@ -495,12 +501,16 @@ pub(crate) async fn scale(
         leaders.push(leader);
     }
     let mut leading = 0;
-    let deadline = t0 + Duration::from_secs(120);
+    let allowed = ready_limit(keys);
+    let deadline = t0 + allowed;
     while leading < keys {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(true)) => leading += 1,
             Ok(Some(false)) => leading -= 1,
-            _ => anyhow::bail!("only {leading} of {keys} keys led within 120 s"),
+            _ => anyhow::bail!(
+                "only {leading} of {keys} keys led at once within {} s",
+                allowed.as_secs()
+            ),
         }
     }
     let ready_ms = ms(t0.elapsed());

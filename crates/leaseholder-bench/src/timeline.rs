@@ -138,7 +138,8 @@ fn fmt_ms(v: f64) -> String {
     }
 }
 
-fn escape(s: &str) -> String {
+/// Escapes text for an SVG document.
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

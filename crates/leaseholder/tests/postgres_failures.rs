@@ -1212,6 +1212,52 @@ async fn failover_conflict_and_shutdown_sqlstates_are_transient_errors_of_every_
     ));
 }
 
+/// A burst of acquires (1,000 new keys at once, each INSERT held 20 ms by
+/// a trigger) on a backend with a pool of two: the leader of another key
+/// on the same backend keeps renewing through it and keeps its term, and
+/// new keys get their leaders meanwhile. Acquires may wait for, or hold,
+/// at most half the pool; without that limit the renewals queued behind
+/// the burst (every late acquire still costs a round trip, and its
+/// campaign retries) missed their deadline and the term was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_acquires_does_not_starve_the_renewals_of_a_leader() {
+    let s = server().await;
+    let c = connect(&s).await;
+    let pg = PostgresBackend::builder()
+        .url(s.url())
+        .pool_size(2)
+        .build()
+        .unwrap();
+    let b = Backend::postgres(pg);
+    let ttl = Duration::from_secs(2);
+    let held = support::Many::lead(&b, "held", 1, ttl).await;
+    let token = held.tokens();
+    c.batch_execute(
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM pg_sleep(0.02); RETURN NEW; END $$; \
+         CREATE TRIGGER slow BEFORE INSERT ON public.leaseholder_leases \
+             FOR EACH ROW EXECUTE FUNCTION slow();",
+    )
+    .await
+    .unwrap();
+    let reader = backend(&s.url());
+    let r0 = held.revisions(&reader).await;
+    let burst = support::Many::start(&b, "burst", 1000, ttl);
+    // Five renewals (about 3.3 s) under the burst.
+    held.wait_renewed(&reader, &r0, 5).await;
+    assert_eq!(
+        held.tokens(),
+        token,
+        "the leader lost its term to the burst"
+    );
+    assert!(held.leaders[0].state().borrow().is_leader());
+    let led = burst.leading();
+    println!("{led} of 1000 new keys led during the leader's five renewals");
+    assert!(led > 0, "no new key led");
+    burst.stop().await;
+    held.stop().await;
+}
+
 /// 50 keys renewing in shared statements: a batch that the server fails
 /// as a whole (a serialization failure on its first row) fails every
 /// renewal in it; each of those keys retries alone before its deadline,

@@ -170,6 +170,8 @@ struct Inner {
     batch_renewals: bool,
     /// Renewal statements sent (one per renewal alone, one per batch).
     renew_statements: AtomicU64,
+    /// Acquires admitted to the pool at once: all its connections but one.
+    acquiring: tokio::sync::Semaphore,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -391,6 +393,7 @@ impl PostgresBuilder {
                 });
             }
         };
+        let pool_max = pool.status().max_size;
         let channel = channel_name(&schema, &table);
         let candidates_table = candidates_table_name(&table);
         let sql = Sql::new(
@@ -412,6 +415,7 @@ impl PostgresBuilder {
                 min_ttl_us: AtomicU64::new(u64::MAX),
                 batch_renewals: self.batch_renewals.unwrap_or(true),
                 renew_statements: AtomicU64::new(0),
+                acquiring: tokio::sync::Semaphore::new(pool_max.saturating_sub(1).max(1)),
             }),
         })
     }
@@ -1077,17 +1081,21 @@ impl PostgresBackend {
     async fn extend_many(&self, renewals: &[Renewal]) -> Vec<Result<Renewed, BackendError>> {
         let n = renewals.len();
         let every = |e: BackendError| super::batch::each(e, n);
-        let Some(shortest) = renewals.iter().map(|r| r.budget).min() else {
+        let Some(longest) = renewals.iter().map(|r| r.budget).max() else {
             return Vec::new();
         };
         for r in renewals {
             self.note_ttl(r.ttl);
         }
-        // Each leader's deadline goes to the server with its renewal; the
-        // statement is bounded by the soonest of them, so that no renewal
-        // commits after its leader gave up.
+        // Each leader's deadline goes to the server with its renewal, and
+        // the row is extended only before it. The statement is bounded by
+        // the latest of them, not the soonest: one renewal retried just
+        // before its deadline must not cancel the statement for every key
+        // in the batch. A row extended in time may then commit after its
+        // leader gave up, which only keeps an abandoned lease a little
+        // longer (the contract allows it; safety never depends on it).
         let now = Instant::now();
-        let until = now + shortest;
+        let until = now + longest;
         let client = match self.client().await {
             Ok(client) => client,
             Err(e) => return every(e),
@@ -1301,9 +1309,27 @@ impl BackendEdge for PostgresBackend {
         budget: Duration,
     ) -> Result<Acquired, BackendError> {
         self.note_ttl(ttl);
+        let called = Instant::now();
         // The campaign waits ttl - drift margin (more than ttl/2) for an
         // acquire; the server gives up well before.
-        let until = Instant::now() + self.bound().min(ttl / 3).min(budget);
+        let bound = self.bound().min(ttl / 3).min(budget);
+        // A burst of acquires (thousands of keys starting at once) must
+        // not queue for every connection of the pool: renewals waiting
+        // behind them would miss their deadlines, and acquires that waited
+        // past their bound would still cost a round trip each. All but one
+        // of the pool's connections may wait for or run acquires; the
+        // others wait here, in order, as long as they can while keeping
+        // their whole bound for the statement, else fail with `Timeout`
+        // (their campaigns back off and retry).
+        let admitted = tokio::time::timeout_at(
+            called + budget.saturating_sub(bound),
+            self.inner.acquiring.acquire(),
+        )
+        .await;
+        let Ok(Ok(_admitted)) = admitted else {
+            return Err(BackendError::Timeout(called.elapsed()));
+        };
+        let until = (Instant::now() + bound).min(called + budget);
         let client = self.client().await?;
         let value = LeaseValue {
             token: None,

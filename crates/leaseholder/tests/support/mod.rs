@@ -106,6 +106,34 @@ impl Many {
         n: usize,
         ttl: Duration,
     ) -> Many {
+        let many = Many::start(backend, prefix, n, ttl);
+        for l in &many.leaders {
+            timeout(
+                Duration::from_secs(60),
+                l.state().wait_for(State::is_leader),
+            )
+            .await
+            .expect("every key led within 60 s")
+            .unwrap();
+        }
+        many
+    }
+
+    /// How many of them lead now.
+    pub(crate) fn leading(&self) -> usize {
+        self.leaders
+            .iter()
+            .filter(|l| l.state().borrow().is_leader())
+            .count()
+    }
+
+    /// Starts `n` leaders on `backend` (keys `{prefix}-0000`, ...).
+    pub(crate) fn start(
+        backend: &leaseholder::Backend,
+        prefix: &str,
+        n: usize,
+        ttl: Duration,
+    ) -> Many {
         let keys: Vec<leaseholder::Key> = (0..n)
             .map(|i| leaseholder::Key::new(format!("{prefix}-{i:04}")).unwrap())
             .collect();
@@ -126,15 +154,6 @@ impl Many {
                 tokio::spawn(async move { l.start(Default::default()).await })
             })
             .collect();
-        for l in &leaders {
-            timeout(
-                Duration::from_secs(60),
-                l.state().wait_for(State::is_leader),
-            )
-            .await
-            .expect("every key led within 60 s")
-            .unwrap();
-        }
         Many {
             keys,
             leaders,
