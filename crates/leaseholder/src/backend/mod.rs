@@ -1100,22 +1100,16 @@ async fn guarded<'a, T>(
     .await
 }
 
-/// How the batcher of a backend sends a batch: the edge's `renew_many`,
-/// guarded like every other call; `None` once the backend is dropped.
+/// How the batcher of a backend sends a batch: [`Backend::renew_many`];
+/// `None` once the backend is dropped.
 fn sender(inner: std::sync::Weak<Inner>) -> batch::SendFn {
     Arc::new(move |renewals: Vec<Renewal>| {
         let inner = inner.clone();
         Box::pin(async move {
-            let inner = inner.upgrade()?;
-            let n = renewals.len();
-            let results = guarded(Op::Renew, || {
-                Box::pin(async { Ok(inner.edge.renew_many(&renewals).await) })
-            })
-            .await;
-            Some(match results {
-                Ok(results) => results,
-                Err(e) => batch::each(e, n),
-            })
+            let backend = Backend {
+                inner: inner.upgrade()?,
+            };
+            Some(backend.renew_many(&renewals).await)
         }) as batch::Sent
     })
 }
