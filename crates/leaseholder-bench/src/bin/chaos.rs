@@ -3,8 +3,18 @@
 //! property.
 //!
 //! ```text
-//! chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis|etcd] [--priorities] [--long]
+//! chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis|etcd]
+//!       [--cluster 3] [--keys 1] [--ttl 2s] [--drift D | --clock-rates R,R,..] [--priorities]
+//!       [--report DIR] [--long]
 //! ```
+//!
+//! `--keys K`: every candidate campaigns for K keys at once on one backend,
+//! each key checked on its own. `--cluster 3` (NATS): a 3-node cluster, the
+//! lease bucket replicated on all three, with the member faults etcd gets.
+//! `--clock-rates`: the candidates of those slots run on a tokio clock that
+//! much faster or slower (`--drift D`: `1-D,1+D`); see `check.rs` for how
+//! an overlap from such a clock is judged. `--report DIR`: JSON and SVG
+//! timelines (see `src/chaos/report.rs`).
 //!
 //! It starts the server (nats-server 2.11+, PostgreSQL 15+, redis-server
 //! 7+, or a 3-member etcd 3.4+ cluster, as installed by `scripts/setup`),
@@ -62,7 +72,7 @@ mod etcd_epoch;
 use chaos::check::FaultKind;
 use chaos::harness::{Options, Store};
 
-const USAGE: &str = "usage: chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis|etcd] [--long]";
+const USAGE: &str = "usage: chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis|etcd] [--cluster 3] [--keys 1] [--ttl 2s] [--drift D | --clock-rates R,R,..] [--priorities] [--report DIR] [--long]";
 
 /// `120`, `120s`, `1500ms`, `2m`.
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
@@ -90,6 +100,10 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
         ttl: Duration::from_secs(2),
         write_delay: Duration::from_millis(200),
         priorities: false,
+        keys: 1,
+        clock_rates: Vec::new(),
+        cluster: 1,
+        report: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -103,6 +117,26 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
             "--priorities" => opts.priorities = true,
             "--seed" => opts.seed = value()?.parse().context("--seed")?,
             "--candidates" => opts.candidates = value()?.parse().context("--candidates")?,
+            "--keys" => opts.keys = value()?.parse().context("--keys")?,
+            "--cluster" => opts.cluster = value()?.parse().context("--cluster")?,
+            "--ttl" => opts.ttl = parse_duration(value()?)?,
+            "--report" => opts.report = Some(value()?.into()),
+            "--drift" => {
+                let d: f64 = value()?.parse().context("--drift")?;
+                if !(0.0..0.9).contains(&d) {
+                    bail!("--drift {d}: from 0 to 0.9 (a fraction of real time)");
+                }
+                opts.clock_rates = vec![1.0 - d, 1.0 + d];
+            }
+            "--clock-rates" => {
+                opts.clock_rates = value()?
+                    .split(',')
+                    .map(|r| r.trim().parse::<f64>().context("--clock-rates"))
+                    .collect::<anyhow::Result<_>>()?;
+                if let Some(r) = opts.clock_rates.iter().find(|r| !(0.1..=10.0).contains(*r)) {
+                    bail!("--clock-rates: {r} is not from 0.1 to 10");
+                }
+            }
             "--store" => {
                 opts.store = match value()?.as_str() {
                     "nats" => Store::Nats,
@@ -123,6 +157,19 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
     if opts.candidates < 2 {
         bail!("--candidates must be at least 2");
     }
+    if !(1..=10_000).contains(&opts.keys) {
+        bail!("--keys {}: from 1 to 10,000", opts.keys);
+    }
+    if opts.ttl < Duration::from_secs(1) || opts.ttl > Duration::from_secs(60) {
+        bail!("--ttl: from 1 s to 60 s (NATS and Redis count whole seconds)");
+    }
+    if opts.cluster != 1 && !(opts.cluster == 3 && matches!(opts.store, Store::Nats | Store::Etcd))
+    {
+        bail!("--cluster 3 is for --store nats (etcd always runs 3 members)");
+    }
+    if opts.clock_rates.len() > opts.candidates {
+        bail!("--clock-rates: more rates than candidates");
+    }
     Ok(opts)
 }
 
@@ -130,13 +177,33 @@ fn ms(us: u64) -> String {
     format!("{:.1} ms", us as f64 / 1000.0)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("candidate") {
-        return chaos::candidate::run(&args[1..]).await;
+        // A candidate with a scaled clock runs on a paused current-thread
+        // runtime whose clock it moves itself (see `drive_clock`).
+        let runtime = if chaos::candidate::clock_rate()?.is_some() {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()?
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+        };
+        return runtime.block_on(chaos::candidate::run(&args[1..]));
     }
-    let opts = parse_args(&args)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(harness_main(&args))
+}
+
+async fn harness_main(args: &[String]) -> anyhow::Result<()> {
+    let opts = parse_args(args)?;
     let store = match opts.store {
         Store::Nats => "nats",
         Store::Postgres => "postgres",
@@ -144,11 +211,25 @@ async fn main() -> anyhow::Result<()> {
         Store::Redis => "redis",
         Store::Etcd => "etcd",
     };
+    let drift_margin = chaos::harness::drift_margin(opts.ttl)?;
+    let rates: Vec<String> = opts
+        .clock_rates
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| (**r - 1.0).abs() > f64::EPSILON)
+        .map(|(slot, r)| format!("slot {slot} {r}x"))
+        .collect();
     println!(
-        "chaos: seed {} (repeat the fault schedule with --seed {}), store {store}, {} candidates{}, {} s, ttl {} ms, write delay {} ms",
+        "chaos: seed {} (repeat the fault schedule with --seed {}), store {store}{}, {} candidates x {} keys{}, {} s, ttl {} ms (drift margin {} ms), write delay {} ms{}",
         opts.seed,
         opts.seed,
+        if opts.cluster > 1 {
+            format!(" ({}-node cluster)", opts.cluster)
+        } else {
+            String::new()
+        },
         opts.candidates,
+        opts.keys,
         if opts.priorities {
             " with priorities 0, 5, 10"
         } else {
@@ -156,9 +237,35 @@ async fn main() -> anyhow::Result<()> {
         },
         opts.duration.as_secs(),
         opts.ttl.as_millis(),
+        drift_margin.as_millis(),
         opts.write_delay.as_millis(),
+        if rates.is_empty() {
+            String::new()
+        } else {
+            format!(", clocks: {}", rates.join(", "))
+        },
     );
     let seed = opts.seed;
+    let ttl = opts.ttl;
+    let report_dir = opts.report.clone();
+    let opts_json = serde_json::json!({
+        "seed": seed,
+        "store": store,
+        "cluster": opts.cluster,
+        "candidates": opts.candidates,
+        "keys": opts.keys,
+        "duration_s": opts.duration.as_secs(),
+        "ttl_ms": opts.ttl.as_millis() as u64,
+        "drift_margin_ms": drift_margin.as_millis() as u64,
+        "write_delay_ms": opts.write_delay.as_millis() as u64,
+        "clock_rates": opts.clock_rates,
+        "priorities": opts.priorities,
+    });
+    let tolerated = opts
+        .clock_rates
+        .iter()
+        .map(|r| (1.0 - r).abs())
+        .fold(0.0f64, f64::max);
     let outcome = chaos::harness::run(opts).await?;
     let r = &outcome.report;
 
@@ -167,8 +274,9 @@ async fn main() -> anyhow::Result<()> {
         outcome.server
     );
     println!(
-        "transitions: {} ({} terms; {} LOST lines)",
+        "transitions: {} over {} keys ({} terms; {} LOST lines)",
         r.transitions(),
+        outcome.record.events.len(),
         r.terms.len(),
         r.lost
     );
@@ -215,6 +323,23 @@ async fn main() -> anyhow::Result<()> {
         ms(r.longest_work_after_resume),
         r.late_starts
     );
+    if !rates.is_empty() {
+        println!(
+            "clocks: {}; overlaps from a clock slower than the margin allows ({:.1}%): {} (largest {}); largest drift in the run: {:.1}%, {}",
+            rates.join(", "),
+            drift_margin.as_secs_f64() / ttl.as_secs_f64() * 100.0,
+            r.drift_overlaps,
+            ms(r.largest_drift_overlap),
+            tolerated * 100.0,
+            if r.drift_overlaps > 0 {
+                "beyond the stated limit: the overlaps above are what the margin guards against"
+            } else if r.violations.is_empty() {
+                "tolerated (no overlap)"
+            } else {
+                "see the violations"
+            }
+        );
+    }
     match &outcome.liveness {
         Ok(after) => println!(
             "liveness: a leader {:.1} s after healing",
@@ -232,8 +357,49 @@ async fn main() -> anyhow::Result<()> {
         println!("VIOLATION: {v}");
     }
     let count = |k| outcome.faults.get(&k).copied().unwrap_or(0);
+    let anomalies = outcome.unexpected_exits.len() + usize::from(outcome.liveness.is_err());
+    if let Some(dir) = &report_dir {
+        let mut summary = opts_json;
+        if let Some(obj) = summary.as_object_mut() {
+            let faults: serde_json::Map<String, serde_json::Value> = outcome
+                .faults
+                .iter()
+                .map(|(k, n)| (k.name().to_owned(), serde_json::json!(n)))
+                .collect();
+            let extra = serde_json::json!({
+                "server": outcome.server,
+                "faults": faults,
+                "transitions": r.transitions(),
+                "terms": r.terms.len(),
+                "lost_lines": r.lost,
+                "writes_accepted": r.accepted,
+                "writes_refused": r.rejected,
+                "refused_by_cause": r.rejected_by_cause,
+                "accepted_after_successor_started": r.accepted_after_successor_started,
+                "overlaps_excused_by_pause": r.excused_overlaps,
+                "overlaps_from_drift_beyond_margin": r.drift_overlaps,
+                "largest_overlap_us": r.largest_overlap,
+                "largest_overlap_between": r.largest_overlap_between.as_ref().map(|(a, b)| {
+                    [a.show(outcome.origin).to_string(), b.show(outcome.origin).to_string()]
+                }),
+                "largest_drift_overlap_us": r.largest_drift_overlap,
+                "longest_work_after_resume_us": r.longest_work_after_resume,
+                "late_starts": r.late_starts,
+                "liveness_s": outcome.liveness.as_ref().ok().map(Duration::as_secs_f64),
+                "liveness_error": outcome.liveness.as_ref().err(),
+                "anomalies": outcome.unexpected_exits,
+                "violations": r.violations,
+            });
+            if let Some(extra) = extra.as_object() {
+                obj.extend(extra.clone());
+            }
+        }
+        let files = chaos::report::write(dir, summary, &outcome.record, r)?;
+        println!("report: {} in {}", files.join(", "), dir.display());
+    }
     println!(
-        "CHAOS seed={seed} kill={} pause={} cut={} blackhole={} restart={} wipe={} member_kill={} member_pause={} transitions={} rejected={} largest_overlap_us={} violations={} anomalies={}",
+        "CHAOS seed={seed} store={store} keys={} kill={} pause={} cut={} blackhole={} restart={} wipe={} member_kill={} member_pause={} transitions={} rejected={} largest_overlap_us={} drift_overlaps={} violations={} anomalies={}",
+        outcome.record.events.len(),
         count(FaultKind::Kill),
         count(FaultKind::Pause),
         count(FaultKind::Cut),
@@ -245,8 +411,9 @@ async fn main() -> anyhow::Result<()> {
         r.transitions(),
         r.rejected,
         r.largest_overlap,
+        r.drift_overlaps,
         r.violations.len(),
-        outcome.unexpected_exits.len() + usize::from(outcome.liveness.is_err()),
+        anomalies,
     );
     if !r.violations.is_empty() {
         bail!("{} safety violations (seed {seed})", r.violations.len());

@@ -4,12 +4,21 @@
 //! events of different processes without trusting when it read them, and
 //! work dropped by the library says so (`DROP`) instead of ending silently.
 //!
-//! Lines: `<us> READY`, `<us> START <token>`, `<us> WRITE <token> <issued
-//! us>` (a write leaving the outbox), `<us> STOP <token>` (the work
-//! returned), `<us> DROP <token>` (the work future was dropped before it
-//! returned), `<us> LOST <token>` (the campaign stopped leading that term),
-//! `<us> EXIT`. SIGTERM shuts down gracefully. The process exits at once
-//! when its standard input closes (the harness is gone).
+//! A candidate campaigns for `keys` keys at once (`<prefix>-0`, `<prefix>-1`,
+//! …), one `Leader` each, all on one `Backend`, as a sharded service would.
+//!
+//! Lines: `<us> READY`, `<us> START <key> <token>`, `<us> WRITE <key>
+//! <token> <issued us>` (a write leaving the outbox), `<us> STOP <key>
+//! <token>` (the work returned), `<us> DROP <key> <token>` (the work future
+//! was dropped before it returned), `<us> LOST <key> <token>` (the campaign
+//! stopped leading that term), `<us> EXIT`; `<key>` is the key's index.
+//! SIGTERM shuts down gracefully. The process exits at once when its
+//! standard input closes (the harness is gone).
+//!
+//! With `LEASEHOLDER_CLOCK_RATE=r` in its environment the process runs on
+//! a tokio clock that moves `r` times as fast as the host's (0.8: a clock
+//! 20% slow): every timer of the library and of the work is scaled, the
+//! line stamps (the host's wall clock) are not. See [`drive_clock`].
 
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,8 +46,10 @@ fn say(what: &str) {
     let _ = out.flush();
 }
 
-/// Prints `DROP <token>` if the work future is dropped before it returns.
+/// Prints `DROP <key> <token>` if the work future is dropped before it
+/// returns.
 struct DropGuard {
+    key: usize,
     token: u64,
     returned: bool,
 }
@@ -46,7 +57,46 @@ struct DropGuard {
 impl Drop for DropGuard {
     fn drop(&mut self) {
         if !self.returned {
-            say(&format!("DROP {}", self.token));
+            say(&format!("DROP {} {}", self.key, self.token));
+        }
+    }
+}
+
+/// The environment variable naming the rate of a candidate's clock.
+pub(crate) const CLOCK_RATE: &str = "LEASEHOLDER_CLOCK_RATE";
+
+/// The clock rate asked for in the environment, if it is not 1.
+pub(crate) fn clock_rate() -> anyhow::Result<Option<f64>> {
+    let Ok(v) = std::env::var(CLOCK_RATE) else {
+        return Ok(None);
+    };
+    let rate: f64 = v.parse().with_context(|| format!("{CLOCK_RATE}={v:?}"))?;
+    anyhow::ensure!(
+        rate.is_finite() && (0.1..=10.0).contains(&rate),
+        "{CLOCK_RATE}={v}: a rate from 0.1 to 10"
+    );
+    Ok(((rate - 1.0).abs() > f64::EPSILON).then_some(rate))
+}
+
+/// Moves the paused tokio clock of this (current-thread) runtime `rate`
+/// times as fast as the host's monotonic clock, in steps of about a
+/// millisecond, for ever.
+///
+/// The runtime starts paused, so its clock moves only by `advance`. Each
+/// step waits for a blocking task that sleeps a millisecond of real time:
+/// while a blocking task is in flight, tokio does not jump a paused clock
+/// to the next timer when the runtime is idle, so the clock moves only
+/// here, and timers fire as the scaled clock passes them. The clock is
+/// set from the real time elapsed, so steps do not add up errors.
+pub(crate) async fn drive_clock(rate: f64) {
+    let real0 = std::time::Instant::now();
+    let mut moved = Duration::ZERO;
+    loop {
+        let _ = tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(1))).await;
+        let target = real0.elapsed().mul_f64(rate);
+        if target > moved {
+            tokio::time::advance(target - moved).await;
+            moved = target;
         }
     }
 }
@@ -56,13 +106,18 @@ impl Drop for DropGuard {
 const SETUP_PATIENCE: Duration = Duration::from_secs(60);
 
 pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
-    let [url, key, ttl, write_delay] = args else {
+    let [url, prefix, keys, ttl, write_delay] = args else {
         anyhow::bail!(
-            "usage: chaos candidate <nats-postgres-redis-or-etcd-url | sqlite:path> <key> <ttl-ms> <write-delay-ms>"
+            "usage: chaos candidate <nats-postgres-redis-or-etcd-url | sqlite:path> <key-prefix> <keys> <ttl-ms> <write-delay-ms>"
         );
     };
+    let keys: usize = keys.parse().context("keys")?;
+    anyhow::ensure!(keys >= 1, "keys: at least 1");
     let ttl = Duration::from_millis(ttl.parse().context("ttl-ms")?);
     let write_delay = Duration::from_millis(write_delay.parse().context("write-delay-ms")?);
+    if let Some(rate) = clock_rate()? {
+        tokio::spawn(drive_clock(rate));
+    }
 
     // The harness holds our stdin; when it goes away, so do we.
     tokio::spawn(async {
@@ -76,14 +131,23 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let backend = if let Some(path) = url.strip_prefix("sqlite:") {
         Backend::sqlite(leaseholder::SqliteBackend::builder().path(path).build()?)
     } else if url.starts_with("postgres") {
-        Backend::postgres(PostgresBackend::builder().url(url).pool_size(2).build()?)
+        // Two connections for one key; more for many, so acquires (one
+        // at a time on all connections but one) do not queue for long.
+        let pool = if keys > 1 { 4 } else { 2 };
+        Backend::postgres(
+            PostgresBackend::builder()
+                .url(url)
+                .pool_size(pool)
+                .build()?,
+        )
     } else if url.starts_with("redis") {
         Backend::redis(RedisBackend::builder().url(url).build()?)
     } else if url.starts_with("etcd://") {
         Backend::etcd(EtcdBackend::builder().url(url).build()?)
     } else {
         loop {
-            match tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url)).await {
+            let addrs = super::harness::nats_addrs(url)?;
+            match tokio::time::timeout(Duration::from_secs(2), async_nats::connect(addrs)).await {
                 Ok(Ok(client)) => break Backend::nats(client, "leases"),
                 Ok(Err(e)) if Instant::now() > patience => {
                     return Err(e).context(format!("connecting to {url}"));
@@ -92,80 +156,106 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
             }
         }
     };
-    let mut builder = Leader::builder(key.as_str()).backend(backend).ttl(ttl);
     // `--priorities`: a registry entry with this priority.
-    if let Ok(p) = std::env::var("LEASEHOLDER_PRIORITY") {
-        builder = builder.priority(p.parse().context("LEASEHOLDER_PRIORITY")?);
+    let priority = match std::env::var("LEASEHOLDER_PRIORITY") {
+        Ok(p) => Some(p.parse().context("LEASEHOLDER_PRIORITY")?),
+        Err(_) => None,
+    };
+    let mut leaders = Vec::with_capacity(keys);
+    for k in 0..keys {
+        let mut builder = Leader::builder(format!("{prefix}-{k}"))
+            .backend(backend.clone())
+            .ttl(ttl);
+        if let Some(p) = priority {
+            builder = builder.priority(p);
+        }
+        leaders.push(builder.build()?);
     }
-    let leader = builder.build()?;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), leader.setup()).await {
-            Ok(Ok(())) => break,
-            Ok(Err(e)) if Instant::now() > patience => return Err(e).context("setup"),
-            _ if Instant::now() > patience => anyhow::bail!("setup timed out"),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+    // One setup prepares the bucket or table for every key.
+    if let Some(first) = leaders.first() {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), first.setup()).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) if Instant::now() > patience => return Err(e).context("setup"),
+                _ if Instant::now() > patience => anyhow::bail!("setup timed out"),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
         }
     }
 
     let mut term_signal = signal(SignalKind::terminate())?;
-    let stopper = leader.clone();
+    let stoppers = leaders.clone();
     tokio::spawn(async move {
         term_signal.recv().await;
-        let _ = stopper.shutdown().await;
+        let _ = futures_util::future::join_all(stoppers.iter().map(Leader::shutdown)).await;
     });
 
-    let mut states = leader.state();
-    tokio::spawn(async move {
-        let mut leading = None;
-        loop {
-            let token = states.borrow_and_update().token();
-            if let Some(lost) = leading
-                && leading != token
-            {
-                say(&format!("LOST {lost}"));
+    for (k, leader) in leaders.iter().enumerate() {
+        let mut states = leader.state();
+        tokio::spawn(async move {
+            let mut leading = None;
+            loop {
+                let token = states.borrow_and_update().token();
+                if let Some(lost) = leading
+                    && leading != token
+                {
+                    say(&format!("LOST {k} {lost}"));
+                }
+                leading = token;
+                if matches!(*states.borrow(), State::Stopped) || states.changed().await.is_err() {
+                    break;
+                }
             }
-            leading = token;
-            if matches!(*states.borrow(), State::Stopped) || states.changed().await.is_err() {
-                break;
-            }
-        }
-    });
+        });
+    }
 
     // Writes leave `write_delay` after the work issued them, the way a
     // request sits in a queue or a socket buffer: one issued just before a
     // pause leaves after the process resumes.
-    let (outbox, mut queued) = mpsc::unbounded_channel::<(Instant, u64, u64)>();
+    let (outbox, mut queued) = mpsc::unbounded_channel::<(Instant, u64, usize, u64)>();
     tokio::spawn(async move {
-        while let Some((issued, issued_us, token)) = queued.recv().await {
+        while let Some((issued, issued_us, key, token)) = queued.recv().await {
             tokio::time::sleep_until(issued + write_delay).await;
-            say(&format!("WRITE {token} {issued_us}"));
+            say(&format!("WRITE {key} {token} {issued_us}"));
         }
     });
+    // One write per term every 50 ms with one key; with many, every
+    // 50 ms x keys/10 (at most a second), so the lines stay few.
+    let every = Duration::from_millis(50).max(Duration::from_millis(5) * keys.min(200) as u32);
 
     say("READY");
-    leader
-        .acquire_and_run(|term| {
-            let outbox = outbox.clone();
-            async move {
-                let token = term.fencing_token().get();
-                let mut guard = DropGuard {
-                    token,
-                    returned: false,
-                };
-                say(&format!("START {token}"));
-                while !term.is_cancelled() {
-                    let _ = outbox.send((Instant::now(), now_us(), token));
-                    tokio::select! {
-                        () = term.cancelled() => {}
-                        () = tokio::time::sleep(Duration::from_millis(50)) => {}
+    let campaigns = leaders.into_iter().enumerate().map(|(k, leader)| {
+        let outbox = outbox.clone();
+        async move {
+            leader
+                .acquire_and_run(|term| {
+                    let outbox = outbox.clone();
+                    async move {
+                        let token = term.fencing_token().get();
+                        let mut guard = DropGuard {
+                            key: k,
+                            token,
+                            returned: false,
+                        };
+                        say(&format!("START {k} {token}"));
+                        while !term.is_cancelled() {
+                            let _ = outbox.send((Instant::now(), now_us(), k, token));
+                            tokio::select! {
+                                () = term.cancelled() => {}
+                                () = tokio::time::sleep(every) => {}
+                            }
+                        }
+                        guard.returned = true;
+                        say(&format!("STOP {k} {token}"));
+                        Ok::<_, anyhow::Error>(())
                     }
-                }
-                guard.returned = true;
-                say(&format!("STOP {token}"));
-                Ok::<_, anyhow::Error>(())
-            }
-        })
-        .await?;
+                })
+                .await
+        }
+    });
+    for result in futures_util::future::join_all(campaigns).await {
+        result?;
+    }
     say("EXIT");
     Ok(())
 }

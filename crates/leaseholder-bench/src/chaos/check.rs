@@ -73,27 +73,34 @@ pub(crate) enum Event {
     Exit,
 }
 
-/// Parses `<micros> <WORD> [args]`.
-pub(crate) fn parse_line(line: &str) -> Option<(Micros, Event)> {
+/// Parses `<micros> <WORD> [<key> args]`: the stamp, the key's index
+/// (`None` for the lines of the process, `READY` and `EXIT`) and the event.
+pub(crate) fn parse_line(line: &str) -> Option<(Micros, Option<usize>, Event)> {
     let mut words = line.split_ascii_whitespace();
     let at = words.next()?.parse().ok()?;
     let word = words.next()?;
     let mut num = || words.next().and_then(|w| w.parse::<u64>().ok());
-    let event = match word {
-        "READY" => Event::Ready,
-        "START" => Event::Start(num()?),
-        "STOP" => Event::Stop(num()?),
-        "DROP" => Event::Drop(num()?),
-        "LOST" => Event::Lost(num()?),
-        "WRITE" => {
-            let token = num()?;
-            let issued = num()?;
-            Event::Write { token, issued }
+    let (key, event) = match word {
+        "READY" => (None, Event::Ready),
+        "EXIT" => (None, Event::Exit),
+        _ => {
+            let key = usize::try_from(num()?).ok()?;
+            let event = match word {
+                "START" => Event::Start(num()?),
+                "STOP" => Event::Stop(num()?),
+                "DROP" => Event::Drop(num()?),
+                "LOST" => Event::Lost(num()?),
+                "WRITE" => {
+                    let token = num()?;
+                    let issued = num()?;
+                    Event::Write { token, issued }
+                }
+                _ => return None,
+            };
+            (Some(key), event)
         }
-        "EXIT" => Event::Exit,
-        _ => return None,
     };
-    Some((at, event))
+    Some((at, key, event))
 }
 
 /// The faults the harness injects.
@@ -166,15 +173,21 @@ pub(crate) struct Instance {
     pub(crate) slot: usize,
     /// When the harness saw it gone (reaped), if it is.
     pub(crate) died: Option<Micros>,
+    /// How fast its tokio clock runs against the host's (1.0: the same).
+    pub(crate) clock_rate: f64,
 }
 
 /// Everything a run recorded.
 #[derive(Debug, Default)]
 pub(crate) struct Record {
     pub(crate) ttl: Micros,
+    /// The candidates' drift margin: a clock slower than `1 - margin/ttl`
+    /// is beyond what the library promises to tolerate.
+    pub(crate) drift_margin: Micros,
     pub(crate) instances: Vec<Instance>,
-    /// `(instance, stamp, event)` in the order they were read.
-    pub(crate) events: Vec<(usize, Micros, Event)>,
+    /// Each key's `(instance, stamp, event)`, in the order they were read;
+    /// every key is checked on its own.
+    pub(crate) events: Vec<Vec<(usize, Micros, Event)>>,
     pub(crate) faults: Vec<Fault>,
     /// When the run started (times in messages are shown from here).
     pub(crate) origin: Micros,
@@ -184,6 +197,8 @@ pub(crate) struct Record {
 /// One work interval.
 #[derive(Debug, Clone)]
 pub(crate) struct Term {
+    /// The key's index.
+    pub(crate) key: usize,
     pub(crate) inst: usize,
     pub(crate) token: u64,
     pub(crate) start: Micros,
@@ -205,7 +220,8 @@ impl fmt::Display for TermAt<'_> {
         let rel = |us: Micros| us.saturating_sub(self.1) as f64 / 1e6;
         write!(
             f,
-            "c{} token {} [{:.3} s, {:.3} s]",
+            "k{} c{} token {} [{:.3} s, {:.3} s]",
+            self.0.key,
             self.0.inst,
             self.0.token,
             rel(self.0.start),
@@ -217,7 +233,15 @@ impl fmt::Display for TermAt<'_> {
 /// What the checker found.
 #[derive(Debug, Default)]
 pub(crate) struct Report {
+    /// Every key's terms, key by key, each key's in START order.
     pub(crate) terms: Vec<Term>,
+    /// Leadership changes, summed over the keys (a key's terms less one).
+    pub(crate) transitions: usize,
+    /// Overlaps whose older term ran on a clock slower than the drift
+    /// margin allows (not violations: beyond the stated limit), and the
+    /// largest of them.
+    pub(crate) drift_overlaps: usize,
+    pub(crate) largest_drift_overlap: Micros,
     pub(crate) lost: usize,
     pub(crate) accepted: u64,
     pub(crate) rejected: u64,
@@ -235,12 +259,59 @@ pub(crate) struct Report {
     /// Terms that started, after a pause, with a token below an earlier
     /// start's.
     pub(crate) late_starts: usize,
+    /// `(key, instance, delivered at)` of each write the fence refused.
+    pub(crate) refused: Vec<(usize, usize, Micros)>,
     pub(crate) violations: Vec<String>,
+    /// `(key, violation)`: the keys that had any, for the report.
+    pub(crate) violating_keys: BTreeMap<usize, usize>,
 }
 
 impl Report {
     pub(crate) fn transitions(&self) -> usize {
-        self.terms.len().saturating_sub(1)
+        self.transitions
+    }
+
+    /// Adds key `key`'s report to this one.
+    fn merge(&mut self, key: usize, keys: usize, mut r: Report) {
+        self.transitions += r.terms.len().saturating_sub(1);
+        for t in &mut r.terms {
+            t.key = key;
+        }
+        if r.largest_overlap > self.largest_overlap {
+            self.largest_overlap = r.largest_overlap;
+            self.largest_overlap_between = r.largest_overlap_between.map(|(mut a, mut b)| {
+                a.key = key;
+                b.key = key;
+                (a, b)
+            });
+        }
+        self.terms.append(&mut r.terms);
+        self.drift_overlaps += r.drift_overlaps;
+        self.largest_drift_overlap = self.largest_drift_overlap.max(r.largest_drift_overlap);
+        self.lost += r.lost;
+        self.accepted += r.accepted;
+        self.rejected += r.rejected;
+        for (cause, n) in r.rejected_by_cause {
+            *self.rejected_by_cause.entry(cause).or_default() += n;
+        }
+        self.accepted_after_successor_started += r.accepted_after_successor_started;
+        self.excused_overlaps += r.excused_overlaps;
+        self.longest_work_after_resume = self
+            .longest_work_after_resume
+            .max(r.longest_work_after_resume);
+        self.late_starts += r.late_starts;
+        self.refused
+            .extend(r.refused.into_iter().map(|(_, i, at)| (key, i, at)));
+        if !r.violations.is_empty() {
+            self.violating_keys.insert(key, r.violations.len());
+        }
+        self.violations.extend(r.violations.into_iter().map(|v| {
+            if keys > 1 {
+                format!("key {key}: {v}")
+            } else {
+                v
+            }
+        }));
     }
 }
 
@@ -292,14 +363,38 @@ impl Faults<'_> {
             Some("member-kill")
         } else if self.any(FaultKind::MemberPause, None, lo, hi) {
             Some("member-pause")
+        } else if self.beyond_margin(inst) {
+            Some("clock-drift")
         } else {
             None
         }
     }
+
+    /// Whether `inst`'s clock runs slower than the drift margin allows:
+    /// its deadline, `ttl - margin` on its clock after a renewal was sent,
+    /// is then later than the store's expiry, `ttl` after it arrived.
+    fn beyond_margin(&self, inst: usize) -> bool {
+        let r = self.record;
+        let Some(i) = r.instances.get(inst) else {
+            return false;
+        };
+        let ttl = r.ttl as f64;
+        ttl > 0.0 && i.clock_rate < (ttl - r.drift_margin as f64) / ttl
+    }
 }
 
-/// Builds the intervals and replays the writes through the fence.
+/// Checks every key on its own, and sums what was found.
 pub(crate) fn check(record: &Record) -> Report {
+    let mut report = Report::default();
+    let keys = record.events.len();
+    for (key, events) in record.events.iter().enumerate() {
+        report.merge(key, keys, check_key(record, events));
+    }
+    report
+}
+
+/// Builds one key's intervals and replays its writes through the fence.
+fn check_key(record: &Record, events: &[(usize, Micros, Event)]) -> Report {
     let mut report = Report::default();
     let faults = Faults { record };
     let ttl = record.ttl;
@@ -309,7 +404,7 @@ pub(crate) fn check(record: &Record) -> Report {
     // Intervals.
     let mut open: HashMap<(usize, u64), (Micros, Option<Micros>)> = HashMap::new();
     let mut order: Vec<(usize, u64)> = Vec::new();
-    for (inst, at, event) in &record.events {
+    for (inst, at, event) in events {
         match event {
             Event::Start(token) => {
                 if open.insert((*inst, *token), (*at, None)).is_some() {
@@ -337,6 +432,7 @@ pub(crate) fn check(record: &Record) -> Report {
             let (start, end) = open.get(key)?;
             let died = record.instances.get(key.0).and_then(|i| i.died);
             Some(Term {
+                key: 0,
                 inst: key.0,
                 token: key.1,
                 start: *start,
@@ -360,6 +456,13 @@ pub(crate) fn check(record: &Record) -> Report {
             let lower = if a.token < b.token { a } else { b };
             let excused = a.inst != b.inst
                 && faults.paused(lower.inst, lower.start.saturating_sub(ttl), b.start);
+            if !excused && a.inst != b.inst && faults.beyond_margin(lower.inst) {
+                // A clock slower than the margin allows: the library's
+                // stated limit, measured, not a violation.
+                report.drift_overlaps += 1;
+                report.largest_drift_overlap = report.largest_drift_overlap.max(overlap);
+                continue;
+            }
             if !excused {
                 report.violations.push(format!(
                     "work intervals overlap by {}: {} and {} (not explained by a pause of the lower token's process)",
@@ -436,8 +539,7 @@ pub(crate) fn check(record: &Record) -> Report {
     // The fenced sink, fed in the order the writes left their processes.
     let by_key: HashMap<(usize, u64), &Term> =
         terms.iter().map(|t| ((t.inst, t.token), t)).collect();
-    let mut writes: Vec<(Micros, usize, usize, u64, Micros)> = record
-        .events
+    let mut writes: Vec<(Micros, usize, usize, u64, Micros)> = events
         .iter()
         .enumerate()
         .filter_map(|(seq, (inst, at, event))| match event {
@@ -476,6 +578,7 @@ pub(crate) fn check(record: &Record) -> Report {
             }
         } else {
             report.rejected += 1;
+            report.refused.push((0, inst, at));
             let slot = record.instances.get(inst).map_or(usize::MAX, |i| i.slot);
             match faults.cause(inst, slot, term.start.saturating_sub(ttl), at) {
                 Some(cause) => *report.rejected_by_cause.entry(cause).or_default() += 1,
@@ -501,17 +604,20 @@ mod tests {
     fn rec(events: &[(usize, Micros, Event)], faults: Vec<Fault>) -> Record {
         Record {
             ttl: TTL,
+            drift_margin: TTL / 10,
             instances: vec![
                 Instance {
                     slot: 0,
                     died: None,
+                    clock_rate: 1.0,
                 },
                 Instance {
                     slot: 1,
                     died: None,
+                    clock_rate: 1.0,
                 },
             ],
-            events: events.to_vec(),
+            events: vec![events.to_vec()],
             faults,
             origin: 0,
             end: 100_000_000,
@@ -524,11 +630,15 @@ mod tests {
 
     #[test]
     fn parses_lines() {
-        assert_eq!(parse_line("12 START 5"), Some((12, Event::Start(5))));
-        assert_eq!(parse_line("12 WRITE 5 10"), Some((12, w(5, 10))));
-        assert_eq!(parse_line("12 EXIT"), Some((12, Event::Exit)));
-        assert_eq!(parse_line("START 5"), None);
-        assert_eq!(parse_line("12 START"), None);
+        assert_eq!(
+            parse_line("12 START 3 5"),
+            Some((12, Some(3), Event::Start(5)))
+        );
+        assert_eq!(parse_line("12 WRITE 0 5 10"), Some((12, Some(0), w(5, 10))));
+        assert_eq!(parse_line("12 EXIT"), Some((12, None, Event::Exit)));
+        assert_eq!(parse_line("START 0 5"), None);
+        assert_eq!(parse_line("12 START 0"), None);
+        assert_eq!(parse_line("12 START x 5"), None);
     }
 
     #[test]
@@ -663,5 +773,55 @@ mod tests {
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!(r.terms[0].end, 1_000_000);
         assert_eq!(r.terms[1].end, 100_000_000);
+    }
+
+    #[test]
+    fn keys_are_checked_apart() {
+        // Two keys led at once by two processes: no overlap. An overlap
+        // inside key 1 is a violation named by its key.
+        let mut record = rec(
+            &[
+                (0, 10, Event::Start(1)),
+                (0, 500, Event::Stop(1)),
+                (1, 501, Event::Start(2)),
+            ],
+            vec![],
+        );
+        record.events.push(vec![
+            (1, 20, Event::Start(1)),
+            (0, 400, Event::Start(2)),
+            (1, 450, Event::Stop(1)),
+        ]);
+        let r = check(&record);
+        assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
+        assert!(r.violations[0].starts_with("key 1: "), "{:?}", r.violations);
+        assert_eq!(r.transitions(), 2);
+        assert_eq!(r.terms.iter().filter(|t| t.key == 1).count(), 2);
+        let (a, _) = r.largest_overlap_between.unwrap();
+        assert_eq!(a.key, 1);
+    }
+
+    #[test]
+    fn an_overlap_from_a_clock_beyond_the_margin_is_measured_not_excused_within_it() {
+        let events = [
+            (0, 10, Event::Start(1)),
+            (1, 3_000_000, Event::Start(2)),
+            (0, 3_200_000, Event::Stop(1)),
+        ];
+        // 20% slow against a 10% margin: beyond the stated limit.
+        let mut record = rec(&events, vec![]);
+        record.instances[0].clock_rate = 0.8;
+        let r = check(&record);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!(r.drift_overlaps, 1);
+        assert_eq!(r.largest_drift_overlap, 200_000);
+        // 5% slow is within it: the same overlap is a violation.
+        record.instances[0].clock_rate = 0.95;
+        let r = check(&record);
+        assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
+        assert_eq!(r.drift_overlaps, 0);
+        // A fast clock never excuses one.
+        record.instances[0].clock_rate = 1.5;
+        assert_eq!(check(&record).violations.len(), 1);
     }
 }

@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use leaseholder_testkit::{
-    ChildGuard, EtcdCluster, NatsServer, PostgresServer, RedisOptions, RedisServer, TcpProxy,
+    ChildGuard, EtcdCluster, NatsCluster, NatsServer, PostgresServer, RedisOptions, RedisServer,
+    TcpProxy,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -58,10 +59,31 @@ pub(crate) struct Options {
     /// slot (and a minimum term of one ttl), so preemptions and hold-offs
     /// happen among the faults.
     pub(crate) priorities: bool,
+    /// How many keys every candidate campaigns for at once, each checked
+    /// on its own.
+    pub(crate) keys: usize,
+    /// The clock rate of each slot's candidates (missing slots: 1.0), see
+    /// `LEASEHOLDER_CLOCK_RATE` in `candidate.rs`.
+    pub(crate) clock_rates: Vec<f64>,
+    /// NATS only: 3 runs a 3-node cluster with the lease bucket replicated
+    /// on every node (R3), and injects member faults as for etcd.
+    pub(crate) cluster: usize,
+    /// Where to write the report (JSON and SVG timelines), if anywhere.
+    pub(crate) report: Option<std::path::PathBuf>,
+}
+
+impl Options {
+    fn clock_rate(&self, slot: usize) -> f64 {
+        self.clock_rates.get(slot).copied().unwrap_or(1.0)
+    }
 }
 
 enum Server {
     Nats(NatsServer),
+    /// A 3-node NATS cluster, the lease bucket's stream replicated on all
+    /// three (R3), each candidate given every node's address (through
+    /// proxies of its own).
+    NatsCluster(NatsCluster),
     Postgres(PostgresServer),
     Redis(RedisServer),
     Etcd(EtcdCluster),
@@ -72,8 +94,18 @@ enum Server {
 }
 
 impl Server {
-    async fn start(store: Store, ttl: Duration) -> anyhow::Result<Server> {
-        let server = Server::start_only(store).await?;
+    async fn start(store: Store, cluster: usize, ttl: Duration) -> anyhow::Result<Server> {
+        let server = if store == Store::Nats && cluster > 1 {
+            let c = NatsCluster::start(cluster).await.context(
+                "starting a 3-node cluster of nats-server 2.11+ (install it with scripts/setup)",
+            )?;
+            create_replicated_bucket(&c, "leases").await?;
+            let server = Server::NatsCluster(c);
+            server.wait_healthy().await?;
+            server
+        } else {
+            Server::start_only(store).await?
+        };
         server.prepare(ttl).await?;
         Ok(server)
     }
@@ -106,6 +138,10 @@ impl Server {
             Server::Nats(s) => {
                 leaseholder::Backend::nats(async_nats::connect(s.url()).await?, "leases")
             }
+            Server::NatsCluster(c) => leaseholder::Backend::nats(
+                async_nats::connect(nats_addrs(&c.urls())?).await?,
+                "leases",
+            ),
             Server::Postgres(s) => leaseholder::Backend::postgres(
                 leaseholder::PostgresBackend::builder()
                     .url(s.url())
@@ -173,6 +209,7 @@ impl Server {
     fn addrs(&self) -> Vec<std::net::SocketAddr> {
         match self {
             Server::Nats(s) => vec![s.addr()],
+            Server::NatsCluster(c) => c.nodes().iter().map(NatsServer::addr).collect(),
             Server::Postgres(s) => vec![s.addr()],
             Server::Redis(s) => vec![s.addr()],
             Server::Etcd(c) => c.members().iter().map(|m| m.addr()).collect(),
@@ -187,6 +224,13 @@ impl Server {
         Ok(match (self, ports) {
             (Server::Sqlite { path, .. }, _) => format!("sqlite:{}", path.display()),
             (Server::Nats(_), [port]) => format!("nats://127.0.0.1:{port}"),
+            (Server::NatsCluster(_), ports) if !ports.is_empty() => {
+                let urls: Vec<String> = ports
+                    .iter()
+                    .map(|p| format!("nats://127.0.0.1:{p}"))
+                    .collect();
+                urls.join(",")
+            }
             (Server::Postgres(_), [port]) => {
                 format!("postgres://postgres@127.0.0.1:{port}/postgres")
             }
@@ -202,6 +246,11 @@ impl Server {
     fn describe(&self) -> String {
         match self {
             Server::Nats(s) => format!("nats-server {}", s.version()),
+            Server::NatsCluster(c) => format!(
+                "nats-server {}, a {}-node cluster, the lease bucket replicated on every node",
+                c.node(0).version(),
+                c.len()
+            ),
             Server::Postgres(s) => format!("PostgreSQL {}", s.version()),
             Server::Redis(s) => format!(
                 "redis-server {} (append-only file, fsync always)",
@@ -229,20 +278,20 @@ impl Server {
             Server::Nats(s) => s.restart().await?,
             Server::Postgres(s) => s.restart().await?,
             Server::Redis(s) => s.restart().await?,
-            Server::Etcd(c) => {
+            Server::Etcd(_) | Server::NatsCluster(_) => {
                 // The quorum loss: two members down for `stall`, then
                 // started again one after the other (the first one back
                 // restores the quorum with the survivor).
                 let survivor = rng_survivor;
-                let down: Vec<usize> = (0..c.len()).filter(|&i| i != survivor).collect();
+                let down: Vec<usize> = (0..self.members()).filter(|&i| i != survivor).collect();
                 for &i in &down {
-                    c.kill(i).await?;
+                    self.member_kill(i).await?;
                 }
                 tokio::time::sleep(stall).await;
                 for &i in &down {
-                    c.member_mut(i).restart().await?;
+                    self.member_restart(i).await?;
                 }
-                c.wait_healthy().await?;
+                self.wait_healthy().await?;
             }
             Server::Sqlite { path, .. } => {
                 let db = rusqlite::Connection::open(&*path)?;
@@ -270,25 +319,80 @@ impl Server {
         !self.addrs().is_empty()
     }
 
-    /// The members of a clustered store (etcd), else 0.
+    /// The members of a clustered store (etcd, a NATS cluster), else 0.
     fn members(&self) -> usize {
         match self {
             Server::Etcd(c) => c.len(),
+            Server::NatsCluster(c) => c.len(),
             _ => 0,
         }
     }
 
-    fn cluster(&mut self) -> anyhow::Result<&mut EtcdCluster> {
+    /// `SIGKILL`s member `i`; its ports and data are kept.
+    async fn member_kill(&mut self, i: usize) -> anyhow::Result<()> {
         match self {
-            Server::Etcd(c) => Ok(c),
+            Server::Etcd(c) => c.kill(i).await?,
+            Server::NatsCluster(c) => c.kill(i).await?,
             _ => anyhow::bail!("this store has no members"),
         }
+        Ok(())
     }
 
-    /// The member that is the Raft leader, if the members agree on one.
+    /// Starts member `i` again on its ports and data.
+    async fn member_restart(&mut self, i: usize) -> anyhow::Result<()> {
+        match self {
+            Server::Etcd(c) => c.member_mut(i).restart().await?,
+            Server::NatsCluster(c) => c.restart(i).await?,
+            _ => anyhow::bail!("this store has no members"),
+        }
+        Ok(())
+    }
+
+    /// `SIGSTOP`s member `i` (`resume` false) or `SIGCONT`s it.
+    fn member_signal(&self, i: usize, resume: bool) -> anyhow::Result<()> {
+        match (self, resume) {
+            (Server::Etcd(c), false) => c.member(i).pause()?,
+            (Server::Etcd(c), true) => c.member(i).resume()?,
+            (Server::NatsCluster(c), false) => c.node(i).pause()?,
+            (Server::NatsCluster(c), true) => c.node(i).resume()?,
+            _ => anyhow::bail!("this store has no members"),
+        }
+        Ok(())
+    }
+
+    /// Waits until every member is back in the cluster: etcd's health
+    /// check; for NATS, until the lease stream has a leader and every
+    /// replica is current.
+    async fn wait_healthy(&self) -> anyhow::Result<()> {
+        match self {
+            Server::Etcd(c) => c.wait_healthy().await?,
+            Server::NatsCluster(c) => {
+                let until = Instant::now() + Duration::from_secs(60);
+                loop {
+                    match nats_stream_health(c).await {
+                        Ok((Some(_), true)) => break,
+                        _ if Instant::now() > until => {
+                            anyhow::bail!("the R3 lease stream did not recover within 60 s")
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The member that leads: etcd's Raft leader, the lease stream's
+    /// leader on NATS; `None` if the members do not agree on one.
     async fn leader_member(&self) -> Option<usize> {
         match self {
             Server::Etcd(c) => c.leader_index().await.ok(),
+            Server::NatsCluster(c) => {
+                let (leader, _) = nats_stream_health(c).await.ok()?;
+                let leader = leader?;
+                c.nodes().iter().position(|n| n.name() == leader)
+            }
             _ => None,
         }
     }
@@ -340,8 +444,8 @@ struct Proc {
     /// The harness killed or stopped it on purpose.
     expected_exit: bool,
     gone: bool,
-    /// The token of its open work interval, if any.
-    leading: Option<u64>,
+    /// The token of its open work interval on each key it leads.
+    leading: BTreeMap<usize, u64>,
 }
 
 /// Something to undo or do later.
@@ -390,7 +494,7 @@ struct Harness {
     coverage_from: Instant,
 }
 
-/// The key the candidates campaign for.
+/// The prefix of the keys the candidates campaign for (`chaos-0`, …).
 const KEY: &str = "chaos";
 
 fn secs(d: Duration) -> String {
@@ -416,6 +520,7 @@ impl Harness {
             "candidate".to_owned(),
             url,
             KEY.to_owned(),
+            self.opts.keys.to_string(),
             self.opts.ttl.as_millis().to_string(),
             self.opts.write_delay.as_millis().to_string(),
         ])
@@ -424,6 +529,10 @@ impl Harness {
         .stderr(Stdio::inherit());
         if self.opts.priorities {
             cmd.env("LEASEHOLDER_PRIORITY", ((slot % 3) * 5).to_string());
+        }
+        let clock_rate = self.opts.clock_rate(slot);
+        if (clock_rate - 1.0).abs() > f64::EPSILON {
+            cmd.env(super::candidate::CLOCK_RATE, clock_rate.to_string());
         }
         let mut guard = ChildGuard::spawn(&mut cmd)?;
         let stdout = guard
@@ -444,9 +553,13 @@ impl Harness {
             paused: None,
             expected_exit: false,
             gone: false,
-            leading: None,
+            leading: BTreeMap::new(),
         });
-        self.record.instances.push(Instance { slot, died: None });
+        self.record.instances.push(Instance {
+            slot,
+            died: None,
+            clock_rate,
+        });
         if let Some(s) = self.slots.get_mut(slot) {
             *s = Some(inst);
         }
@@ -456,28 +569,41 @@ impl Harness {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Line(inst, line) => {
-                let Some((at, event)) = check::parse_line(&line) else {
+                let parsed = check::parse_line(&line);
+                let Some((at, key, event)) =
+                    parsed.filter(|(_, key, _)| key.is_none_or(|k| k < self.record.events.len()))
+                else {
                     self.log(&format!("c{inst}: unexpected line {line:?}"));
+                    return;
+                };
+                // READY and EXIT belong to no key; the checker needs
+                // neither.
+                let Some(key) = key else {
                     return;
                 };
                 match &event {
                     Event::Start(token) => {
                         if let Some(p) = self.procs.get_mut(inst) {
-                            p.leading = Some(*token);
+                            p.leading.insert(key, *token);
                         }
-                        let slot = self.record.instances.get(inst).map_or(0, |i| i.slot);
-                        self.log(&format!("c{inst} (slot {slot}) leads, token {token}"));
+                        // With many keys, the log names only key 0's leaders.
+                        if key == 0 {
+                            let slot = self.record.instances.get(inst).map_or(0, |i| i.slot);
+                            self.log(&format!("c{inst} (slot {slot}) leads k0, token {token}"));
+                        }
                     }
                     Event::Stop(token) | Event::Drop(token) => {
                         if let Some(p) = self.procs.get_mut(inst)
-                            && p.leading == Some(*token)
+                            && p.leading.get(&key) == Some(token)
                         {
-                            p.leading = None;
+                            p.leading.remove(&key);
                         }
                     }
                     _ => {}
                 }
-                self.record.events.push((inst, at, event));
+                if let Some(events) = self.record.events.get_mut(key) {
+                    events.push((inst, at, event));
+                }
             }
             Msg::Eof(inst) => {
                 let Some(p) = self.procs.get_mut(inst) else {
@@ -488,7 +614,7 @@ impl Harness {
                 }
                 // It exited on its own: note when, and replace it.
                 p.gone = true;
-                p.leading = None;
+                p.leading.clear();
                 let status = p.guard.try_wait().ok().flatten();
                 if let Some(i) = self.record.instances.get_mut(inst) {
                     i.died = Some(now_us());
@@ -519,18 +645,35 @@ impl Harness {
             .collect()
     }
 
-    fn leader(&self) -> Option<usize> {
-        self.live()
-            .into_iter()
-            .find(|&i| self.procs.get(i).is_some_and(|p| p.leading.is_some()))
+    /// The live candidate leading `key`, if one does.
+    fn leader(&self, key: usize) -> Option<usize> {
+        self.live().into_iter().find(|&i| {
+            self.procs
+                .get(i)
+                .is_some_and(|p| p.leading.contains_key(&key))
+        })
     }
 
-    /// The leader, most of the time, else any of `eligible`.
+    /// The keys no live candidate leads.
+    fn leaderless(&self) -> Vec<usize> {
+        (0..self.opts.keys)
+            .filter(|&k| self.leader(k).is_none())
+            .collect()
+    }
+
+    /// The leader of a key drawn at random, most of the time, else any of
+    /// `eligible`.
     fn pick(&mut self, eligible: &[usize]) -> Option<usize> {
         if eligible.is_empty() {
             return None;
         }
-        if let Some(l) = self.leader()
+        // Drawn every time, so the schedule of one key stays as it was.
+        let key = if self.opts.keys > 1 {
+            self.rng.below(self.opts.keys as u64) as usize
+        } else {
+            0
+        };
+        if let Some(l) = self.leader(key)
             && eligible.contains(&l)
             && self.rng.below(10) < 7
         {
@@ -550,7 +693,7 @@ impl Harness {
     fn role(&self, inst: usize) -> &'static str {
         let p = self.procs.get(inst);
         match (
-            p.is_some_and(|p| p.leading.is_some()),
+            p.is_some_and(|p| !p.leading.is_empty()),
             p.is_some_and(|p| p.paused.is_some()),
         ) {
             (true, false) => "the leader",
@@ -634,7 +777,7 @@ impl Harness {
                     p.expected_exit = true;
                     p.guard.kill().await?;
                     p.gone = true;
-                    p.leading = None;
+                    p.leading.clear();
                     let died = now_us();
                     if let Some(i) = self.record.instances.get_mut(inst) {
                         i.died = Some(died);
@@ -787,11 +930,10 @@ impl Harness {
                     "a Raft follower"
                 };
                 let length = self.fault_length();
-                let cluster = self.server.cluster()?;
                 if kind == FaultKind::MemberKill {
-                    cluster.kill(member).await?;
+                    self.server.member_kill(member).await?;
                 } else {
-                    cluster.member(member).pause()?;
+                    self.server.member_signal(member, false)?;
                 }
                 let fault = self.record.faults.len();
                 self.record.faults.push(Fault {
@@ -887,13 +1029,12 @@ impl Harness {
         let kind = self.record.faults.get(fault).map(|f| f.kind);
         let started = Instant::now();
         let to = now_us();
-        let cluster = self.server.cluster()?;
         if kind == Some(FaultKind::MemberKill) {
-            cluster.member_mut(member).restart().await?;
+            self.server.member_restart(member).await?;
         } else {
-            cluster.member(member).resume()?;
+            self.server.member_signal(member, true)?;
         }
-        cluster.wait_healthy().await?;
+        self.server.wait_healthy().await?;
         if let Some(f) = self.record.faults.get_mut(fault) {
             f.to = to;
         }
@@ -943,10 +1084,23 @@ pub(crate) struct Outcome {
     pub(crate) server: String,
     /// When the run started, for [`check::Term::show`].
     pub(crate) origin: Micros,
+    /// Everything recorded, for the report's timelines.
+    pub(crate) record: Record,
+}
+
+/// The drift margin the candidates get by default for `ttl`, from the
+/// library itself.
+pub(crate) fn drift_margin(ttl: Duration) -> anyhow::Result<Duration> {
+    let store = leaseholder::MemoryStore::new();
+    let leader = leaseholder::Leader::builder("probe")
+        .backend(leaseholder::Backend::memory(&store))
+        .ttl(ttl)
+        .build()?;
+    Ok(leader.config().drift_margin())
 }
 
 pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
-    let server = Server::start(opts.store, opts.ttl).await?;
+    let server = Server::start(opts.store, opts.cluster, opts.ttl).await?;
     let describe = server.describe();
     let mut proxies = Vec::with_capacity(opts.candidates);
     let addrs = server.addrs();
@@ -972,6 +1126,8 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
         procs: Vec::new(),
         record: Record {
             ttl: u64::try_from(opts.ttl.as_micros())?,
+            drift_margin: u64::try_from(drift_margin(opts.ttl)?.as_micros())?,
+            events: vec![Vec::new(); opts.keys],
             ..Record::default()
         },
         tx,
@@ -985,7 +1141,10 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
     };
     h.t0 = now_us();
     h.record.origin = h.t0;
-    h.log(&format!("{describe}, {} candidates", h.opts.candidates));
+    h.log(&format!(
+        "{describe}, {} candidates, {} keys each",
+        h.opts.candidates, h.opts.keys
+    ));
     for slot in 0..h.opts.candidates {
         h.spawn(slot)?;
     }
@@ -1028,13 +1187,17 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let give_up = healed + h.opts.ttl * 5 + Duration::from_secs(10);
     let liveness = loop {
         h.drain();
-        if h.leader().is_some() {
+        let leaderless = h.leaderless();
+        if leaderless.is_empty() {
             break Ok(healed.elapsed());
         }
         if Instant::now() >= give_up {
             break Err(format!(
-                "no leader {} after healing",
-                secs(healed.elapsed())
+                "{} of {} keys had no leader {} after healing (the first: k{})",
+                leaderless.len(),
+                h.opts.keys,
+                secs(healed.elapsed()),
+                leaderless[0]
             ));
         }
         h.pump_until(Instant::now() + Duration::from_millis(50))
@@ -1098,5 +1261,80 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
         clock_step,
         server: describe,
         origin: h.record.origin,
+        record: h.record,
     })
+}
+
+/// `nats://a,nats://b` as the addresses async-nats takes.
+pub(crate) fn nats_addrs(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    urls.split(',')
+        .map(|u| u.trim().parse().with_context(|| format!("NATS URL {u:?}")))
+        .collect()
+}
+
+/// The lease bucket's stream: its leader's server name, and whether every
+/// replica is current.
+async fn nats_stream_health(c: &NatsCluster) -> anyhow::Result<(Option<String>, bool)> {
+    let probe = async {
+        let client = async_nats::connect(nats_addrs(&c.urls())?).await?;
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("KV_leases").await?;
+        let info = stream.info().await?;
+        let cluster = info.cluster.clone();
+        anyhow::Ok(match cluster {
+            Some(cl) => {
+                let current =
+                    cl.replicas.len() + 1 == c.len() && cl.replicas.iter().all(|r| r.current);
+                (cl.leader, current)
+            }
+            None => (None, false),
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(3), probe)
+        .await
+        .context("the stream info timed out")?
+}
+
+/// Creates the lease bucket's stream replicated on every node of `c`, as
+/// the backend's setup would create it with one replica (setup accepts it
+/// as it finds it).
+async fn create_replicated_bucket(c: &NatsCluster, bucket: &str) -> anyhow::Result<()> {
+    use async_nats::jetstream::stream;
+    let client = async_nats::connect(nats_addrs(&c.urls())?).await?;
+    let js = async_nats::jetstream::new(client);
+    let first_sequence = u64::try_from(
+        SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros(),
+    )?;
+    let config = stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        allow_message_ttl: true,
+        subject_delete_marker_ttl: Some(Duration::from_secs(60)),
+        num_replicas: c.len(),
+        // Tokens keep increasing if the bucket is ever re-created (setup
+        // refuses a bucket without this).
+        first_sequence: Some(first_sequence),
+        ..Default::default()
+    };
+    // A young cluster can time out placing an R3 stream; creating the same
+    // config again is idempotent.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        match js.create_stream(config.clone()).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < until => {
+                eprintln!("creating the R3 stream: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e).context("creating the R3 lease stream"),
+        }
+    }
+    Ok(())
 }

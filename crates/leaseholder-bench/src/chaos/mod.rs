@@ -3,4 +3,5 @@
 pub(crate) mod candidate;
 pub(crate) mod check;
 pub(crate) mod harness;
+pub(crate) mod report;
 pub(crate) mod rng;
