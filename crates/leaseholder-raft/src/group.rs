@@ -1,0 +1,772 @@
+//! The group: one member's Raft node, its state machine, and the handler
+//! that serves lease operations on the member that leads the group
+//! (forwarding them there from the others).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use leaseholder::{Backend, Key};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::error::GroupError;
+use crate::net::{self, Message, MessageReply, Network, Transport};
+use crate::store::{MemoryLog, NodeId, Raft, StateMachine};
+use crate::table::{self, Command, HolderWire, Judged, Outcome};
+
+/// How long a group younger than this reports its setup as a creation (so
+/// that a campaign waits one ttl before its first acquire: a group formed
+/// again from empty data directories knows nothing of the old group's
+/// leaders).
+const YOUNG: Duration = Duration::from_secs(600);
+
+/// How many times a lease operation is passed on to the member named as
+/// the leader before the caller gets [`ServeError::NoLeader`].
+const MAX_HOPS: u8 = 3;
+
+/// A lease operation, served on the member that leads the group.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum Request {
+    Setup,
+    Acquire {
+        key: String,
+        nonce: u128,
+        id: [u8; 16],
+        metadata: Vec<u8>,
+        at_us: u64,
+        ttl_us: u64,
+    },
+    Renew {
+        key: String,
+        nonce: u128,
+        ttl_us: u64,
+        metadata: Option<Vec<u8>>,
+    },
+    Release {
+        key: String,
+        nonce: u128,
+    },
+    Holder {
+        key: String,
+    },
+    Keys,
+    PutRaw {
+        key: String,
+        value: Vec<u8>,
+        ttl_us: u64,
+    },
+    Register {
+        key: String,
+        id: [u8; 16],
+        value: Vec<u8>,
+        ttl_us: u64,
+    },
+    Deregister {
+        key: String,
+        id: [u8; 16],
+    },
+    Candidates {
+        key: String,
+    },
+}
+
+/// The answer to a [`Request`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum Reply {
+    Setup { created: bool },
+    Outcome(Outcome),
+    Holder(Option<HolderWire>),
+    Keys(Vec<String>),
+    Candidates(Vec<Vec<u8>>),
+}
+
+/// Why a [`Request`] was not served.
+#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error)]
+pub(crate) enum ServeError {
+    #[error("the group has no leader that this member can reach")]
+    NoLeader,
+    #[error("the group's leader did not answer within the budget")]
+    Timeout,
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What serving on this member found.
+enum Here {
+    /// Served.
+    Done(Reply),
+    /// Not the leader: pass it on to this one (if known).
+    Elsewhere(Option<NodeId>),
+}
+
+pub(crate) struct GroupInner {
+    pub(crate) id: NodeId,
+    pub(crate) raft: Raft,
+    pub(crate) machine: StateMachine,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) members: BTreeMap<NodeId, String>,
+}
+
+/// One member of a peer group: the replicas of a service elect among
+/// themselves, with no store, on a Raft group (openraft) of which each
+/// replica is a member.
+///
+/// Build it with [`PeerGroup::builder`], take a [`Backend`] from
+/// [`backend`](Self::backend), and campaign with [`leaseholder::Leader`]
+/// as on any store. Deliver the frames other members send to
+/// [`receive`](Self::receive).
+#[derive(Clone)]
+pub struct PeerGroup {
+    inner: Arc<GroupInner>,
+}
+
+impl std::fmt::Debug for PeerGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerGroup")
+            .field("id", &self.inner.id)
+            .field("members", &self.inner.members)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`PeerGroup`] member: its id, every member's id and address, a
+/// transport, the storage and the Raft timings.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), leaseholder_raft::GroupError> {
+/// use leaseholder_raft::{LocalNet, PeerGroup};
+///
+/// let net = LocalNet::new();
+/// let group = PeerGroup::builder()
+///     .node_id(1)
+///     .peers([(1, "local-1")])
+///     .transport(net.transport(1))
+///     .in_memory()
+///     .start()
+///     .await?;
+/// net.attach(&group);
+/// # group.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+pub struct PeerGroupBuilder {
+    node_id: Option<NodeId>,
+    peers: Vec<(NodeId, String)>,
+    transport: Option<Arc<dyn Transport>>,
+    in_memory: bool,
+    heartbeat: Duration,
+    election: (Duration, Duration),
+}
+
+impl std::fmt::Debug for PeerGroupBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerGroupBuilder")
+            .field("node_id", &self.node_id)
+            .field("peers", &self.peers)
+            .field("in_memory", &self.in_memory)
+            .field("heartbeat", &self.heartbeat)
+            .field("election", &self.election)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerGroup {
+    /// A builder with the default timings: heartbeat 50 ms, election
+    /// timeout 150 to 300 ms.
+    pub fn builder() -> PeerGroupBuilder {
+        PeerGroupBuilder {
+            node_id: None,
+            peers: Vec::new(),
+            transport: None,
+            in_memory: false,
+            heartbeat: Duration::from_millis(50),
+            election: (Duration::from_millis(150), Duration::from_millis(300)),
+        }
+    }
+
+    /// This member's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<GroupInner> {
+        &self.inner
+    }
+
+    /// A [`Backend`] on this group, to build [`leaseholder::Leader`]s
+    /// with. Every call it makes is served by the member that leads the
+    /// group, whichever member it is made on.
+    pub fn backend(&self) -> Backend {
+        Backend::new(crate::backend::RaftBackend::new(self.inner.clone()))
+    }
+
+    /// Handles a frame another member sent (through your [`Transport`])
+    /// and returns the reply frame to send back.
+    pub async fn receive(&self, frame: Bytes) -> Bytes {
+        receive(&self.inner, frame).await
+    }
+
+    /// The member this one believes leads the group, if any.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    /// `true` while this member leads the group.
+    pub fn is_leader(&self) -> bool {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.inner.id)
+    }
+
+    /// Waits until this member knows a leader of the group, at most
+    /// `timeout`; the leader's id.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, GroupError> {
+        let mut metrics = self.inner.raft.metrics();
+        let found = tokio::time::timeout(timeout, async {
+            loop {
+                if let Some(id) = metrics.borrow_and_update().current_leader {
+                    return Ok(id);
+                }
+                if metrics.changed().await.is_err() {
+                    return Err(GroupError::Stopped);
+                }
+            }
+        })
+        .await;
+        found.unwrap_or(Err(GroupError::NoLeader(timeout)))
+    }
+
+    /// Writes `value` under `key`, bypassing the lease contract, to live
+    /// `ttl`: what another program (or an operator) writing into the table
+    /// would do. The value is read back as a lease if it decodes as one
+    /// (with no token), else as a foreign lease. For tests (the
+    /// conformance suite plants foreign values with it).
+    pub async fn put_raw(&self, key: &Key, value: &[u8], ttl: Duration) -> Result<(), GroupError> {
+        let request = Request::PutRaw {
+            key: key.as_str().to_owned(),
+            value: value.to_vec(),
+            ttl_us: table::us(ttl),
+        };
+        serve(&self.inner, request, Duration::from_secs(10), 0)
+            .await
+            .map(|_| ())
+            .map_err(|e| GroupError::Unavailable(e.to_string()))
+    }
+
+    /// How many leases and registry entries this member's table holds
+    /// (live or not).
+    pub fn table_len(&self) -> (usize, usize) {
+        self.inner.machine.lock().table.len()
+    }
+
+    /// Stops this member's Raft node. Its backends fail from then on.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(member = self.inner.id, "raft shutdown: {e}");
+        }
+    }
+}
+
+/// What [`PeerGroupBuilder::check`] found: the id, the members, the transport.
+type Checked = (NodeId, BTreeMap<NodeId, String>, Arc<dyn Transport>);
+
+impl PeerGroupBuilder {
+    /// This member's id: one of the [`peers`](Self::peers).
+    pub fn node_id(mut self, id: NodeId) -> Self {
+        self.node_id = Some(id);
+        self
+    }
+
+    /// Every member of the group, this one included: id and the address
+    /// its transport reaches it at. Every member must be given the same
+    /// list when the group is first formed.
+    pub fn peers<A: Into<String>>(mut self, peers: impl IntoIterator<Item = (NodeId, A)>) -> Self {
+        self.peers = peers.into_iter().map(|(id, a)| (id, a.into())).collect();
+        self
+    }
+
+    /// The transport to the other members.
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// Keeps the Raft log and votes in memory only.
+    ///
+    /// **This gives up the group's guarantees across restarts.** A member
+    /// that restarts comes back with no log and no record of its votes: it
+    /// may vote twice in one Raft term (two leaders of one term are then
+    /// possible), and if every member restarts the group starts over (the
+    /// fencing tokens start again from a new base, still larger than the
+    /// old ones, but the leases the old group granted are forgotten). For
+    /// tests and examples only.
+    pub fn in_memory(mut self) -> Self {
+        self.in_memory = true;
+        self
+    }
+
+    /// How often the Raft leader sends heartbeats. Default 50 ms.
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every;
+        self
+    }
+
+    /// The election timeout range: a follower that hears nothing from a
+    /// leader for a random time in `min..max` stands for election.
+    /// Default 150 to 300 ms.
+    pub fn election_timeout(mut self, min: Duration, max: Duration) -> Self {
+        self.election = (min, max);
+        self
+    }
+
+    fn check(&self) -> Result<Checked, GroupError> {
+        let id = self
+            .node_id
+            .ok_or(GroupError::Config("node_id(..) is required".to_owned()))?;
+        if self.peers.is_empty() {
+            return Err(GroupError::Config(
+                "peers(..) is required: every member's id and address".to_owned(),
+            ));
+        }
+        let mut members = BTreeMap::new();
+        for (peer, addr) in &self.peers {
+            if addr.is_empty() {
+                return Err(GroupError::Config(format!(
+                    "member {peer} has an empty address"
+                )));
+            }
+            if members.insert(*peer, addr.clone()).is_some() {
+                return Err(GroupError::Config(format!("member {peer} is listed twice")));
+            }
+        }
+        if !members.contains_key(&id) {
+            return Err(GroupError::Config(format!(
+                "node_id {id} is not one of the peers {:?}",
+                members.keys().collect::<Vec<_>>()
+            )));
+        }
+        let transport = self
+            .transport
+            .clone()
+            .ok_or(GroupError::Config("transport(..) is required".to_owned()))?;
+        if !self.in_memory {
+            return Err(GroupError::Config(
+                "choose the storage: in_memory() (a durable data directory is not available yet)"
+                    .to_owned(),
+            ));
+        }
+        let (min, max) = self.election;
+        if self.heartbeat.is_zero() || min <= self.heartbeat || max <= min {
+            return Err(GroupError::Config(format!(
+                "timings: need 0 < heartbeat ({:?}) < election min ({min:?}) < election max ({max:?})",
+                self.heartbeat
+            )));
+        }
+        if max > Duration::from_secs(60) {
+            return Err(GroupError::Config(format!(
+                "election max {max:?} is over 60 s"
+            )));
+        }
+        Ok((id, members, transport))
+    }
+
+    /// Starts this member: its Raft node, and on a fresh log the group's
+    /// formation with the peers given (every member does the same, with
+    /// the same list; openraft makes that safe).
+    pub async fn start(self) -> Result<PeerGroup, GroupError> {
+        let (id, members, transport) = self.check()?;
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let config = Config {
+            cluster_name: "leaseholder".to_owned(),
+            heartbeat_interval: ms(self.heartbeat),
+            election_timeout_min: ms(self.election.0),
+            election_timeout_max: ms(self.election.1),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| GroupError::Config(format!("raft config: {e}")))?;
+        let machine = StateMachine::new();
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            Network {
+                transport: transport.clone(),
+            },
+            MemoryLog::default(),
+            machine.clone(),
+        )
+        .await
+        .map_err(|e| GroupError::Unavailable(format!("raft did not start: {e}")))?;
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| GroupError::Unavailable(e.to_string()))?;
+        if !initialized {
+            let nodes: BTreeMap<NodeId, BasicNode> = members
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            // Another member may have formed the group first: then this
+            // one has a log by now and openraft refuses, which is fine.
+            if let Err(e) = raft.initialize(nodes).await {
+                tracing::debug!(member = id, "initialize: {e}");
+            }
+        }
+        Ok(PeerGroup {
+            inner: Arc::new(GroupInner {
+                id,
+                raft,
+                machine,
+                transport,
+                members,
+            }),
+        })
+    }
+}
+
+/// Handles one frame from another member.
+pub(crate) async fn receive(inner: &Arc<GroupInner>, frame: Bytes) -> Bytes {
+    let reply = match net::decode::<Message>(&frame) {
+        Err(why) => MessageReply::Undecodable(why),
+        Ok(Message::Append(rpc)) => MessageReply::Append(inner.raft.append_entries(rpc).await),
+        Ok(Message::Vote(rpc)) => MessageReply::Vote(inner.raft.vote(rpc).await),
+        Ok(Message::Snapshot(rpc)) => {
+            MessageReply::Snapshot(inner.raft.install_snapshot(rpc).await)
+        }
+        Ok(Message::Client {
+            request,
+            budget_us,
+            hops,
+        }) => MessageReply::Client(
+            serve(inner, request, Duration::from_micros(budget_us), hops).await,
+        ),
+    };
+    net::encode(&reply)
+        .unwrap_or_else(|why| net::encode(&MessageReply::Undecodable(why)).unwrap_or_default())
+}
+
+/// Serves `request` on the member that leads the group: here, or passed
+/// on to the leader this member knows of.
+pub(crate) async fn serve(
+    inner: &Arc<GroupInner>,
+    request: Request,
+    budget: Duration,
+    hops: u8,
+) -> Result<Reply, ServeError> {
+    let deadline = Instant::now() + budget;
+    let mut hops = hops;
+    loop {
+        let here = tokio::time::timeout_at(deadline, serve_here(inner, &request, deadline))
+            .await
+            .map_err(|_| ServeError::Timeout)??;
+        let to = match here {
+            Here::Done(reply) => return Ok(reply),
+            Here::Elsewhere(Some(to)) if to != inner.id => to,
+            Here::Elsewhere(_) => {
+                // No leader known (an election under way): wait for one.
+                let mut metrics = inner.raft.metrics();
+                let known = tokio::time::timeout_at(deadline, async {
+                    loop {
+                        if metrics.changed().await.is_err() {
+                            return false;
+                        }
+                        if metrics.borrow().current_leader.is_some() {
+                            return true;
+                        }
+                    }
+                })
+                .await;
+                match known {
+                    Ok(true) => continue,
+                    Ok(false) => return Err(ServeError::Unavailable("raft stopped".to_owned())),
+                    Err(_) => return Err(ServeError::NoLeader),
+                }
+            }
+        };
+        if hops >= MAX_HOPS {
+            return Err(ServeError::NoLeader);
+        }
+        hops += 1;
+        let Some(addr) = leader_addr(inner, to) else {
+            return Err(ServeError::NoLeader);
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = Message::Client {
+            request: request.clone(),
+            budget_us: table::us(left),
+            hops,
+        };
+        let frame = net::encode(&message).map_err(ServeError::Unavailable)?;
+        let reply = inner
+            .transport
+            .call(to, &addr, frame, left)
+            .await
+            .map_err(|e| ServeError::Unavailable(format!("member {to}: {e}")))?;
+        return match net::decode::<MessageReply>(&reply) {
+            Ok(MessageReply::Client(result)) => result,
+            Ok(_) => Err(ServeError::Unavailable(format!(
+                "member {to} answered with another kind of reply"
+            ))),
+            Err(why) => Err(ServeError::Unavailable(format!("member {to}: {why}"))),
+        };
+    }
+}
+
+fn leader_addr(inner: &GroupInner, to: NodeId) -> Option<String> {
+    let metrics = inner.raft.metrics();
+    let m = metrics.borrow();
+    m.membership_config
+        .membership()
+        .get_node(&to)
+        .map(|n| n.addr.clone())
+        .or_else(|| inner.members.get(&to).cloned())
+}
+
+/// Serves `request` if this member leads the group.
+async fn serve_here(
+    inner: &Arc<GroupInner>,
+    request: &Request,
+    deadline: Instant,
+) -> Result<Here, ServeError> {
+    let (term, leading, leader) = {
+        let metrics = inner.raft.metrics();
+        let m = metrics.borrow();
+        (
+            m.current_term,
+            m.state == ServerState::Leader,
+            m.current_leader,
+        )
+    };
+    if !leading {
+        return Ok(Here::Elsewhere(leader));
+    }
+    // Once per Raft term: catch the state machine up with everything
+    // committed before this term, then let every lease last a full ttl
+    // from now (no lease may end sooner than its holder's deadline, which
+    // the old leader's clock timed).
+    let caught_up = inner.machine.lock().caught_up_term == Some(term);
+    let mut linearized = false;
+    if !caught_up {
+        if let Some(elsewhere) = linearize(inner).await? {
+            return Ok(elsewhere);
+        }
+        linearized = true;
+        let mut m = inner.machine.lock();
+        if m.caught_up_term != Some(term) {
+            m.table.extend_all(Instant::now());
+            m.caught_up_term = Some(term);
+        }
+    }
+    let _ = deadline;
+    match request {
+        Request::Setup => {
+            if let Some(elsewhere) = ensure_base(inner).await? {
+                return Ok(elsewhere);
+            }
+            let base = inner.machine.lock().table.base().unwrap_or(0);
+            let age = table::micros(SystemTime::now()).saturating_sub(base);
+            Ok(Here::Done(Reply::Setup {
+                created: Duration::from_micros(age) < YOUNG,
+            }))
+        }
+        Request::Acquire {
+            key,
+            nonce,
+            id,
+            metadata,
+            at_us,
+            ttl_us,
+        } => {
+            if let Some(elsewhere) = ensure_base(inner).await? {
+                return Ok(elsewhere);
+            }
+            let judged = inner
+                .machine
+                .lock()
+                .table
+                .judge_acquire(key, Instant::now());
+            match judged {
+                Judged::Held(holder) => Ok(Here::Done(Reply::Outcome(Outcome::Held(Some(holder))))),
+                Judged::Propose(expect) => {
+                    write(
+                        inner,
+                        Command::Acquire {
+                            key: key.clone(),
+                            nonce: *nonce,
+                            id: *id,
+                            metadata: metadata.clone(),
+                            at_us: *at_us,
+                            ttl_us: *ttl_us,
+                            expect,
+                        },
+                    )
+                    .await
+                }
+            }
+        }
+        Request::Renew {
+            key,
+            nonce,
+            ttl_us,
+            metadata,
+        } => {
+            // The state machine is caught up for this term: a lease it
+            // does not show live is not (a renewal in flight of the same
+            // lease applies only if no acquire replaced it first).
+            if !inner
+                .machine
+                .lock()
+                .table
+                .is_live(key, *nonce, Instant::now())
+            {
+                return Ok(Here::Done(Reply::Outcome(Outcome::Lost)));
+            }
+            write(
+                inner,
+                Command::Renew {
+                    key: key.clone(),
+                    nonce: *nonce,
+                    ttl_us: *ttl_us,
+                    metadata: metadata.clone(),
+                },
+            )
+            .await
+        }
+        Request::Release { key, nonce } => {
+            write(
+                inner,
+                Command::Release {
+                    key: key.clone(),
+                    nonce: *nonce,
+                },
+            )
+            .await
+        }
+        Request::PutRaw { key, value, ttl_us } => {
+            write(
+                inner,
+                Command::PutRaw {
+                    key: key.clone(),
+                    value: value.clone(),
+                    ttl_us: *ttl_us,
+                },
+            )
+            .await
+        }
+        Request::Register {
+            key,
+            id,
+            value,
+            ttl_us,
+        } => {
+            write(
+                inner,
+                Command::Register {
+                    key: key.clone(),
+                    id: *id,
+                    value: value.clone(),
+                    ttl_us: *ttl_us,
+                },
+            )
+            .await
+        }
+        Request::Deregister { key, id } => {
+            write(
+                inner,
+                Command::Deregister {
+                    key: key.clone(),
+                    id: *id,
+                },
+            )
+            .await
+        }
+        Request::Holder { key } => {
+            if !linearized && let Some(elsewhere) = linearize(inner).await? {
+                return Ok(elsewhere);
+            }
+            let holder = inner.machine.lock().table.holder(key, Instant::now());
+            Ok(Here::Done(Reply::Holder(holder)))
+        }
+        Request::Keys => {
+            if !linearized && let Some(elsewhere) = linearize(inner).await? {
+                return Ok(elsewhere);
+            }
+            Ok(Here::Done(Reply::Keys(inner.machine.lock().table.keys())))
+        }
+        Request::Candidates { key } => {
+            if !linearized && let Some(elsewhere) = linearize(inner).await? {
+                return Ok(elsewhere);
+            }
+            let (list, expired) = {
+                let m = inner.machine.lock();
+                let now = Instant::now();
+                (
+                    m.table.candidates(key, now),
+                    m.table.expired_candidates(key, now),
+                )
+            };
+            if !expired.is_empty() {
+                // Entries that expired are removed in the background, each
+                // only if it was not written again meanwhile.
+                let command = Command::Prune {
+                    key: key.clone(),
+                    entries: expired,
+                };
+                if let Err(e) = inner.raft.client_write_ff(command).await {
+                    tracing::debug!("prune: {e}");
+                }
+            }
+            Ok(Here::Done(Reply::Candidates(list)))
+        }
+    }
+}
+
+/// Confirms with a quorum that this member still leads and waits until
+/// its state machine has applied everything committed (a linearizable
+/// read). `Some` if another member leads.
+async fn linearize(inner: &GroupInner) -> Result<Option<Here>, ServeError> {
+    match inner.raft.ensure_linearizable().await {
+        Ok(_) => Ok(None),
+        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+            Ok(Some(Here::Elsewhere(f.leader_id)))
+        }
+        Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => Err(
+            ServeError::Unavailable(format!("no quorum confirms this member's leadership: {q}")),
+        ),
+        Err(RaftError::Fatal(f)) => Err(ServeError::Unavailable(format!("raft stopped: {f}"))),
+    }
+}
+
+/// Fixes the token base if the group has none yet (its first entry).
+async fn ensure_base(inner: &GroupInner) -> Result<Option<Here>, ServeError> {
+    if inner.machine.lock().table.has_base() {
+        return Ok(None);
+    }
+    let base = table::micros(SystemTime::now());
+    write(inner, Command::Genesis { base }).await.map(|_| None)
+}
+
+/// Proposes `command` and waits until it is committed and applied here.
+async fn write(inner: &GroupInner, command: Command) -> Result<Here, ServeError> {
+    match inner.raft.client_write(command).await {
+        Ok(response) => Ok(Here::Done(Reply::Outcome(response.data))),
+        // Leadership moved while the write was proposed: it may still be
+        // committed by the next leader, so it is not proposed again there
+        // (the caller reads the key back, as after any lost reply).
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(ServeError::Unavailable(format!(
+                "leadership moved to {:?} while the write was proposed; it may still apply",
+                f.leader_id
+            )))
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+            Err(ServeError::Unavailable(e.to_string()))
+        }
+        Err(RaftError::Fatal(f)) => Err(ServeError::Unavailable(format!("raft stopped: {f}"))),
+    }
+}

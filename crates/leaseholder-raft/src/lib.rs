@@ -1,0 +1,92 @@
+//! A peer group with no store: the replicas of a service elect a leader
+//! among themselves on a Raft group (the [openraft] engine) of which each
+//! replica is a member, and the group is a [`leaseholder::Backend`] like
+//! any store, so [`leaseholder::Leader`] works on it unchanged: terms,
+//! fencing tokens, deadlines, handoff, observers, candidates.
+//!
+//! ```
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use leaseholder::Leader;
+//! use leaseholder_raft::{LocalNet, PeerGroup};
+//!
+//! // Three members in one process, linked by an in-process network
+//! // (real deployments give each process its own member and a transport
+//! // between them).
+//! let net = LocalNet::new();
+//! let peers = [(1, "m1"), (2, "m2"), (3, "m3")];
+//! let mut members = Vec::new();
+//! for id in 1..=3 {
+//!     let group = PeerGroup::builder()
+//!         .node_id(id)
+//!         .peers(peers)
+//!         .transport(net.transport(id))
+//!         .in_memory()
+//!         .start()
+//!         .await?;
+//!     net.attach(&group);
+//!     members.push(group);
+//! }
+//! members[0].wait_for_leader(Duration::from_secs(10)).await?;
+//!
+//! let leader = Leader::builder("scheduler")
+//!     .backend(members[1].backend())
+//!     .ttl(Duration::from_secs(2))
+//!     .build()?;
+//! leader
+//!     .acquire_and_run(|term| async move {
+//!         println!("leading with token {}", term.fencing_token());
+//!         Ok::<_, std::io::Error>(())
+//!     })
+//!     .await?;
+//! leader.shutdown().await?;
+//! # for m in &members { m.shutdown().await; }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How the group keeps the lease contract
+//!
+//! - **A replicated lease table.** Acquire, renew, release and the
+//!   candidate registry are commands in the Raft log, applied in log order
+//!   by every member; reads (`holder`, `candidates`) are linearizable, on
+//!   the member that leads the group after a quorum confirms it still
+//!   does. Every call a member's backend makes is served there, forwarded
+//!   over the transport.
+//! - **Expiry on the Raft leader's clock.** Each member times every lease
+//!   on its own monotonic clock from the moment it applied the lease's
+//!   last write. The member that leads the group judges expiry, and an
+//!   acquire of an expired lease carries that lease's revision as a
+//!   condition, so a renewal that landed first makes the acquire fail.
+//!   When a member takes over the group's leadership it first applies
+//!   everything committed before, then lets every lease last at least its
+//!   full ttl from then (etcd's lessor rule): no lease ends sooner than its
+//!   holder's deadline assumes, whatever the old leader's clock said.
+//! - **A deposed leader cannot grant.** Writes need a quorum to commit and
+//!   reads a quorum's confirmation, so a member cut off in a minority
+//!   neither grants nor renews, and openraft's leader lease keeps the
+//!   majority from electing a new leader while the old one's is live.
+//! - **Fencing tokens.** A lease's token is the log index of the acquire
+//!   that created it plus the group's base (its birth in microseconds), so
+//!   tokens rise for the group's whole life.
+//!
+//! # Status
+//!
+//! The log lives in memory ([`PeerGroupBuilder::in_memory`]); read what
+//! that gives up there. The transport is yours ([`Transport`]) or the
+//! in-process [`LocalNet`].
+//!
+//! [openraft]: https://docs.rs/openraft
+
+mod backend;
+mod error;
+mod group;
+mod net;
+mod store;
+mod table;
+
+pub use error::GroupError;
+pub use group::{PeerGroup, PeerGroupBuilder};
+pub use net::{CallFuture, LocalNet, Transport, TransportError, WIRE_VERSION};
+pub use store::NodeId;

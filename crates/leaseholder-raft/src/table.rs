@@ -1,0 +1,693 @@
+//! The replicated lease table: what every member's state machine holds, the
+//! commands the log carries, and how a command applies.
+//!
+//! Applying is deterministic: a command's effect depends only on the table
+//! and the entry's log index, never on a clock, so every member that
+//! applies the same log holds the same table. Time enters in two places
+//! only, both local to a member and never replicated:
+//!
+//! - each lease and registry entry has a *deadline* on this member's
+//!   monotonic clock, set when the member applies the write (`now + ttl`),
+//!   and pushed to at least `now + ttl` for every entry when the member
+//!   becomes the Raft leader ([`Table::extend_all`], etcd's lessor rule);
+//! - the Raft leader *judges* expiry before it proposes an acquire, and
+//!   puts its judgment in the command as a condition
+//!   ([`Expect::Expired`] with the lease's revision), which the apply
+//!   checks: a renewal that landed in between changes the revision, so the
+//!   acquire fails instead of replacing a lease that was renewed.
+//!
+//! The fencing token of a lease is `base + index`, where `index` is the log
+//! index of the acquire that created it (log indexes only grow, for the
+//! group's whole life) and `base` the group's birth in microseconds since
+//! the Unix epoch, fixed by the first entry after the group is formed
+//! ([`Command::Genesis`]): a group formed again from empty data
+//! directories issues larger tokens than the old one did.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use leaseholder::{Candidate, FencingToken, Holder, LeaseValue, WatchEvent};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+/// Tokens stay below 2^63 (the contract of `BackendEdge`).
+const TOKEN_LIMIT: u64 = 1 << 63;
+
+/// What the Raft leader expects of a key when it proposes an acquire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Expect {
+    /// The key holds no lease.
+    Free,
+    /// The key holds the lease of this revision, which the leader judged
+    /// expired by its own clock.
+    Expired(u64),
+}
+
+/// A write to the table: the application data of a Raft log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Command {
+    /// Fixes the token base, if it is not fixed yet.
+    Genesis {
+        /// Microseconds since the Unix epoch, by the proposer's wall clock.
+        base: u64,
+    },
+    /// Creates a lease if the key is as `expect` says.
+    Acquire {
+        key: String,
+        nonce: u128,
+        id: [u8; 16],
+        metadata: Vec<u8>,
+        /// The claim's wall-clock time: microseconds since the Unix epoch.
+        at_us: u64,
+        ttl_us: u64,
+        expect: Expect,
+    },
+    /// Extends the lease with `nonce` (and replaces its metadata when
+    /// `metadata` is given: a proclaim).
+    Renew {
+        key: String,
+        nonce: u128,
+        ttl_us: u64,
+        metadata: Option<Vec<u8>>,
+    },
+    /// Ends the lease with `nonce`.
+    Release { key: String, nonce: u128 },
+    /// Writes a raw value, bypassing the contract (tests, operators).
+    PutRaw {
+        key: String,
+        value: Vec<u8>,
+        ttl_us: u64,
+    },
+    /// Writes a registry entry.
+    Register {
+        key: String,
+        id: [u8; 16],
+        value: Vec<u8>,
+        ttl_us: u64,
+    },
+    /// Removes a registry entry.
+    Deregister { key: String, id: [u8; 16] },
+    /// Removes registry entries the leader judged expired, each only if it
+    /// still has the revision the leader saw.
+    Prune {
+        key: String,
+        entries: Vec<([u8; 16], u64)>,
+    },
+}
+
+/// A lease as the table shows it, in the form a reply carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct HolderWire {
+    pub(crate) value: Vec<u8>,
+    pub(crate) token: Option<u64>,
+    pub(crate) revision: u64,
+    pub(crate) expires_in_us: Option<u64>,
+}
+
+impl HolderWire {
+    /// The holder this describes (a value that does not decode is foreign).
+    pub(crate) fn holder(&self) -> Holder {
+        Holder::decode(
+            &self.value,
+            self.token.map(FencingToken::new),
+            self.revision,
+            self.expires_in_us.map(Duration::from_micros),
+        )
+    }
+}
+
+/// The result of applying a [`Command`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Outcome {
+    /// Applied; nothing to report.
+    Done,
+    /// The acquire created a lease with this token and revision.
+    Won { token: u64, revision: u64 },
+    /// The acquire found the key held (or not as expected).
+    Held(Option<HolderWire>),
+    /// The renewal extended the lease; its new revision.
+    Renewed { revision: u64 },
+    /// No lease with the nonce.
+    Lost,
+}
+
+/// One lease of the table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Stored {
+    /// The encoded [`LeaseValue`] (or a raw value: foreign).
+    value: Vec<u8>,
+    /// The nonce of a lease the table created; `None` for a raw value.
+    nonce: Option<u128>,
+    token: Option<u64>,
+    revision: u64,
+    ttl_us: u64,
+    /// When this member's clock expires the lease; `None` until a member
+    /// that installed it from a snapshot sets it ([`Table::arm`]).
+    #[serde(skip)]
+    deadline: Option<Instant>,
+}
+
+/// One registry entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Entry {
+    value: Vec<u8>,
+    revision: u64,
+    ttl_us: u64,
+    #[serde(skip)]
+    deadline: Option<Instant>,
+}
+
+/// The replicated table with this member's deadlines.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Table {
+    base: Option<u64>,
+    leases: BTreeMap<String, Stored>,
+    registry: BTreeMap<String, BTreeMap<[u8; 16], Entry>>,
+}
+
+/// What the Raft leader concluded about a key it may acquire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Judged {
+    /// Propose an acquire with this expectation.
+    Propose(Expect),
+    /// A live lease holds the key.
+    Held(HolderWire),
+}
+
+fn later(now: Instant, ttl_us: u64) -> Instant {
+    now.checked_add(Duration::from_micros(ttl_us))
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
+}
+
+/// Microseconds since the Unix epoch (0 before it).
+pub(crate) fn micros(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// A duration in microseconds, saturating.
+pub(crate) fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl Stored {
+    fn live(&self, now: Instant) -> bool {
+        self.deadline.is_none_or(|d| d > now)
+    }
+
+    fn wire(&self, now: Instant) -> HolderWire {
+        HolderWire {
+            value: self.value.clone(),
+            token: self.token,
+            revision: self.revision,
+            expires_in_us: Some(
+                self.deadline
+                    .map_or(self.ttl_us, |d| us(d.saturating_duration_since(now))),
+            ),
+        }
+    }
+}
+
+impl Table {
+    /// The token base, once fixed.
+    pub(crate) fn base(&self) -> Option<u64> {
+        self.base
+    }
+
+    /// `true` once the token base is fixed.
+    pub(crate) fn has_base(&self) -> bool {
+        self.base.is_some()
+    }
+
+    /// Every member's deadlines start now: after a snapshot is installed
+    /// (the snapshot carries no clock), each entry lasts a full ttl from
+    /// here.
+    pub(crate) fn arm(&mut self, now: Instant) {
+        for s in self.leases.values_mut() {
+            s.deadline = Some(later(now, s.ttl_us));
+        }
+        for e in self.registry.values_mut().flat_map(|m| m.values_mut()) {
+            e.deadline = Some(later(now, e.ttl_us));
+        }
+    }
+
+    /// The Raft leader's takeover: every lease and entry lasts at least a
+    /// full ttl from `now`, so that none ends before its holder's deadline
+    /// assumes, whatever the old leader's clock said.
+    pub(crate) fn extend_all(&mut self, now: Instant) {
+        for s in self.leases.values_mut() {
+            let full = later(now, s.ttl_us);
+            s.deadline = Some(s.deadline.map_or(full, |d| d.max(full)));
+        }
+        for e in self.registry.values_mut().flat_map(|m| m.values_mut()) {
+            let full = later(now, e.ttl_us);
+            e.deadline = Some(e.deadline.map_or(full, |d| d.max(full)));
+        }
+    }
+
+    /// The Raft leader's view of `key` for an acquire.
+    pub(crate) fn judge_acquire(&self, key: &str, now: Instant) -> Judged {
+        match self.leases.get(key) {
+            None => Judged::Propose(Expect::Free),
+            Some(s) if s.live(now) => Judged::Held(s.wire(now)),
+            Some(s) => Judged::Propose(Expect::Expired(s.revision)),
+        }
+    }
+
+    /// `true` if the lease with `nonce` is live on `key` by this member's
+    /// clock.
+    pub(crate) fn is_live(&self, key: &str, nonce: u128, now: Instant) -> bool {
+        self.leases
+            .get(key)
+            .is_some_and(|s| s.nonce == Some(nonce) && s.live(now))
+    }
+
+    /// The live lease of `key`.
+    pub(crate) fn holder(&self, key: &str, now: Instant) -> Option<HolderWire> {
+        self.leases
+            .get(key)
+            .filter(|s| s.live(now))
+            .map(|s| s.wire(now))
+    }
+
+    /// Every key with a lease in the table (live or not).
+    pub(crate) fn keys(&self) -> Vec<String> {
+        self.leases.keys().cloned().collect()
+    }
+
+    /// The live registry entries of `key`, as stored.
+    pub(crate) fn candidates(&self, key: &str, now: Instant) -> Vec<Vec<u8>> {
+        self.registry
+            .get(key)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter(|e| e.deadline.is_none_or(|d| d > now))
+            .map(|e| e.value.clone())
+            .collect()
+    }
+
+    /// The registry entries of `key` that expired by this member's clock,
+    /// with their revisions (for a [`Command::Prune`]).
+    pub(crate) fn expired_candidates(&self, key: &str, now: Instant) -> Vec<([u8; 16], u64)> {
+        self.registry
+            .get(key)
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .filter(|(_, e)| e.deadline.is_some_and(|d| d <= now))
+            .map(|(id, e)| (*id, e.revision))
+            .collect()
+    }
+
+    /// How many leases and registry entries the table holds.
+    pub(crate) fn len(&self) -> (usize, usize) {
+        (
+            self.leases.len(),
+            self.registry.values().map(BTreeMap::len).sum(),
+        )
+    }
+
+    /// Applies `command`, the entry at log `index`, at `now` on this
+    /// member's clock. Returns the outcome and the watch event to send.
+    pub(crate) fn apply(
+        &mut self,
+        command: &Command,
+        index: u64,
+        now: Instant,
+    ) -> (Outcome, Option<WatchEvent>) {
+        match command {
+            Command::Genesis { base } => {
+                if self.base.is_none() {
+                    // Room for the log to grow: the base never takes a
+                    // token near the limit.
+                    self.base = Some((*base).min(TOKEN_LIMIT / 2));
+                }
+                (Outcome::Done, None)
+            }
+            Command::Acquire {
+                key,
+                nonce,
+                id,
+                metadata,
+                at_us,
+                ttl_us,
+                expect,
+            } => {
+                let current = self.leases.get(key);
+                let fits = match (expect, current) {
+                    (Expect::Free, None) => true,
+                    (Expect::Expired(rev), Some(s)) => s.revision == *rev,
+                    _ => false,
+                };
+                if !fits {
+                    return (Outcome::Held(current.map(|s| s.wire(now))), None);
+                }
+                let token = self.base.unwrap_or(0).saturating_add(index);
+                if token >= TOKEN_LIMIT {
+                    return (Outcome::Held(current.map(|s| s.wire(now))), None);
+                }
+                let value = LeaseValue {
+                    nonce: leaseholder::Nonce::from_u128(*nonce),
+                    id: leaseholder::LeaderId::from(uuid::Uuid::from_bytes(*id)),
+                    token: Some(FencingToken::new(token)),
+                    acquired_at: UNIX_EPOCH + Duration::from_micros(*at_us),
+                    metadata: Bytes::copy_from_slice(metadata),
+                };
+                let stored = Stored {
+                    value: value.encode().to_vec(),
+                    nonce: Some(*nonce),
+                    token: Some(token),
+                    revision: index,
+                    ttl_us: *ttl_us,
+                    deadline: Some(later(now, *ttl_us)),
+                };
+                let holder = stored.wire(now).holder();
+                let event = event_key(key).map(|k| WatchEvent::Updated(k, Some(holder)));
+                self.leases.insert(key.clone(), stored);
+                (
+                    Outcome::Won {
+                        token,
+                        revision: index,
+                    },
+                    event,
+                )
+            }
+            Command::Renew {
+                key,
+                nonce,
+                ttl_us,
+                metadata,
+            } => {
+                let Some(s) = self.leases.get_mut(key) else {
+                    return (Outcome::Lost, None);
+                };
+                if s.nonce != Some(*nonce) {
+                    return (Outcome::Lost, None);
+                }
+                if let Some(metadata) = metadata
+                    && let Ok(mut value) = LeaseValue::decode(&s.value)
+                {
+                    value.metadata = Bytes::copy_from_slice(metadata);
+                    s.value = value.encode().to_vec();
+                }
+                s.revision = index;
+                s.ttl_us = *ttl_us;
+                s.deadline = Some(later(now, *ttl_us));
+                let holder = s.wire(now).holder();
+                let event = event_key(key).map(|k| WatchEvent::Updated(k, Some(holder)));
+                (Outcome::Renewed { revision: index }, event)
+            }
+            Command::Release { key, nonce } => {
+                if self
+                    .leases
+                    .get(key)
+                    .is_some_and(|s| s.nonce == Some(*nonce))
+                {
+                    self.leases.remove(key);
+                    (Outcome::Done, event_key(key).map(WatchEvent::Released))
+                } else {
+                    (Outcome::Done, None)
+                }
+            }
+            Command::PutRaw { key, value, ttl_us } => {
+                let stored = Stored {
+                    value: value.clone(),
+                    nonce: LeaseValue::decode(value).ok().map(|v| v.nonce.as_u128()),
+                    token: None,
+                    revision: index,
+                    ttl_us: *ttl_us,
+                    deadline: Some(later(now, *ttl_us)),
+                };
+                let holder = stored.wire(now).holder();
+                let event = event_key(key).map(|k| WatchEvent::Updated(k, Some(holder)));
+                self.leases.insert(key.clone(), stored);
+                (Outcome::Done, event)
+            }
+            Command::Register {
+                key,
+                id,
+                value,
+                ttl_us,
+            } => {
+                let entries = self.registry.entry(key.clone()).or_default();
+                let changed = entries.get(id).is_none_or(|e| !same_entry(&e.value, value));
+                entries.insert(
+                    *id,
+                    Entry {
+                        value: value.clone(),
+                        revision: index,
+                        ttl_us: *ttl_us,
+                        deadline: Some(later(now, *ttl_us)),
+                    },
+                );
+                let event = event_key(key)
+                    .filter(|_| changed)
+                    .map(WatchEvent::Candidates);
+                (Outcome::Done, event)
+            }
+            Command::Deregister { key, id } => {
+                let removed = self.remove_entry(key, id, None);
+                let event = event_key(key)
+                    .filter(|_| removed)
+                    .map(WatchEvent::Candidates);
+                (Outcome::Done, event)
+            }
+            Command::Prune { key, entries } => {
+                let mut removed = false;
+                for (id, revision) in entries {
+                    removed |= self.remove_entry(key, id, Some(*revision));
+                }
+                let event = event_key(key)
+                    .filter(|_| removed)
+                    .map(WatchEvent::Candidates);
+                (Outcome::Done, event)
+            }
+        }
+    }
+
+    fn remove_entry(&mut self, key: &str, id: &[u8; 16], revision: Option<u64>) -> bool {
+        let Some(entries) = self.registry.get_mut(key) else {
+            return false;
+        };
+        let matches = entries
+            .get(id)
+            .is_some_and(|e| revision.is_none_or(|r| r == e.revision));
+        if matches {
+            entries.remove(id);
+        }
+        if entries.is_empty() {
+            self.registry.remove(key);
+        }
+        matches
+    }
+}
+
+/// Two registry values that say the same (a plain renewal rewrites the
+/// entry's `since` only if the candidate changed: compare decoded).
+fn same_entry(a: &[u8], b: &[u8]) -> bool {
+    match (Candidate::decode(a), Candidate::decode(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// A key of the table as a [`leaseholder::Key`], for a watch event. Table
+/// keys come from checked keys; one that the checks refuse (a peer running
+/// other rules) sends no event.
+fn event_key(key: &str) -> Option<leaseholder::Key> {
+    leaseholder::Key::new(key).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: u64 = 1_000_000;
+
+    fn acquire(key: &str, nonce: u128, expect: Expect) -> Command {
+        Command::Acquire {
+            key: key.to_owned(),
+            nonce,
+            id: [7; 16],
+            metadata: b"m".to_vec(),
+            at_us: 1,
+            ttl_us: TTL,
+            expect,
+        }
+    }
+
+    fn renew(key: &str, nonce: u128) -> Command {
+        Command::Renew {
+            key: key.to_owned(),
+            nonce,
+            ttl_us: TTL,
+            metadata: None,
+        }
+    }
+
+    #[test]
+    fn tokens_are_the_base_plus_the_log_index_and_rise_across_terms() {
+        let now = Instant::now();
+        let mut t = Table::default();
+        t.apply(&Command::Genesis { base: 1_000 }, 1, now);
+        // A second genesis (a late duplicate) changes nothing.
+        t.apply(&Command::Genesis { base: 5_000 }, 2, now);
+        let (won, _) = t.apply(&acquire("k", 1, Expect::Free), 3, now);
+        assert_eq!(
+            won,
+            Outcome::Won {
+                token: 1_003,
+                revision: 3
+            }
+        );
+        t.apply(
+            &Command::Release {
+                key: "k".into(),
+                nonce: 1,
+            },
+            4,
+            now,
+        );
+        let (won, _) = t.apply(&acquire("k", 2, Expect::Free), 9, now);
+        assert_eq!(
+            won,
+            Outcome::Won {
+                token: 1_009,
+                revision: 9
+            }
+        );
+    }
+
+    #[test]
+    fn an_acquire_judged_on_an_old_revision_fails_after_a_renewal_landed() {
+        let now = Instant::now();
+        let mut t = Table::default();
+        t.apply(&acquire("k", 1, Expect::Free), 1, now);
+        // The leader judged revision 1 expired; a renewal applied first.
+        t.apply(&renew("k", 1), 2, now);
+        let (out, _) = t.apply(&acquire("k", 2, Expect::Expired(1)), 3, now);
+        assert!(matches!(out, Outcome::Held(Some(_))), "{out:?}");
+        assert!(t.is_live("k", 1, now));
+        // Judged on the current revision, it replaces the lease.
+        let (out, _) = t.apply(&acquire("k", 2, Expect::Expired(2)), 4, now);
+        assert!(matches!(out, Outcome::Won { .. }), "{out:?}");
+        let (out, _) = t.apply(&renew("k", 1), 5, now);
+        assert_eq!(out, Outcome::Lost);
+    }
+
+    #[test]
+    fn an_acquire_expecting_a_free_key_never_overwrites() {
+        let now = Instant::now();
+        let mut t = Table::default();
+        t.apply(&acquire("k", 1, Expect::Free), 1, now);
+        let (out, event) = t.apply(&acquire("k", 2, Expect::Free), 2, now);
+        assert!(matches!(out, Outcome::Held(Some(_))), "{out:?}");
+        assert!(event.is_none());
+        // Expecting a lease where there is none fails too.
+        let (out, _) = t.apply(&acquire("j", 3, Expect::Expired(1)), 3, now);
+        assert_eq!(out, Outcome::Held(None));
+    }
+
+    #[test]
+    fn expiry_is_judged_on_this_members_clock_and_takeover_extends_every_lease() {
+        let now = Instant::now();
+        let mut t = Table::default();
+        t.apply(&acquire("k", 1, Expect::Free), 1, now);
+        let later = now + Duration::from_micros(TTL) + Duration::from_millis(1);
+        assert_eq!(
+            t.judge_acquire("k", later),
+            Judged::Propose(Expect::Expired(1))
+        );
+        assert!(!t.is_live("k", 1, later));
+        // A new Raft leader at `later` gives the lease a full ttl from then.
+        t.extend_all(later);
+        assert!(t.is_live("k", 1, later));
+        assert!(matches!(t.judge_acquire("k", later), Judged::Held(_)));
+        let end = later + Duration::from_micros(TTL);
+        assert!(!t.is_live("k", 1, end));
+        // Extending never shortens.
+        let mut u = Table::default();
+        u.apply(&acquire("k", 1, Expect::Free), 1, later);
+        u.extend_all(now);
+        assert!(u.is_live(
+            "k",
+            1,
+            later + Duration::from_micros(TTL) - Duration::from_millis(1)
+        ));
+    }
+
+    #[test]
+    fn a_snapshot_carries_no_clock_and_arms_every_lease_for_a_full_ttl() {
+        let now = Instant::now();
+        let mut t = Table::default();
+        t.apply(&Command::Genesis { base: 10 }, 1, now);
+        t.apply(&acquire("k", 1, Expect::Free), 2, now);
+        let bytes = postcard::to_stdvec(&t).unwrap_or_default();
+        let mut back: Table = postcard::from_bytes(&bytes).unwrap_or_default();
+        let at = now + Duration::from_secs(5);
+        back.arm(at);
+        assert!(back.is_live(
+            "k",
+            1,
+            at + Duration::from_micros(TTL) - Duration::from_millis(1)
+        ));
+        assert!(!back.is_live("k", 1, at + Duration::from_micros(TTL)));
+        assert_eq!(back.base(), Some(10));
+    }
+
+    #[test]
+    fn registry_entries_expire_and_prune_only_their_own_revision() {
+        let now = Instant::now();
+        let mut t = Table::default();
+        let entry = Candidate::new(leaseholder::LeaderId::new(), 3, "a");
+        let id = *entry.id().as_bytes();
+        let register = Command::Register {
+            key: "k".into(),
+            id,
+            value: entry.encode().to_vec(),
+            ttl_us: TTL,
+        };
+        let (_, event) = t.apply(&register, 1, now);
+        assert!(matches!(event, Some(WatchEvent::Candidates(_))));
+        // A plain renewal of the same entry sends no event.
+        let (_, event) = t.apply(&register, 2, now);
+        assert!(event.is_none());
+        let gone = now + Duration::from_micros(TTL);
+        assert!(t.candidates("k", gone).is_empty());
+        assert_eq!(t.expired_candidates("k", gone), vec![(id, 2)]);
+        // A prune judged on revision 1 leaves the entry written at 2.
+        t.apply(
+            &Command::Prune {
+                key: "k".into(),
+                entries: vec![(id, 1)],
+            },
+            3,
+            gone,
+        );
+        assert_eq!(t.len(), (0, 1));
+        t.apply(
+            &Command::Prune {
+                key: "k".into(),
+                entries: vec![(id, 2)],
+            },
+            4,
+            gone,
+        );
+        assert_eq!(t.len(), (0, 0));
+    }
+
+    #[test]
+    fn a_raw_value_that_does_not_decode_is_a_foreign_holder() {
+        let now = Instant::now();
+        let mut t = Table::default();
+        let raw = Command::PutRaw {
+            key: "k".into(),
+            value: b"not ours".to_vec(),
+            ttl_us: TTL,
+        };
+        t.apply(&raw, 1, now);
+        let holder = t.holder("k", now).map(|h| h.holder());
+        assert!(holder.is_some_and(|h| h.is_foreign()));
+        assert!(matches!(t.judge_acquire("k", now), Judged::Held(_)));
+    }
+}

@@ -1,0 +1,310 @@
+//! A group of members in one process, linked by [`LocalNet`], under
+//! partitions: the Raft leader cut into a minority, the loss of the Raft
+//! leader while the leading candidate lives, a majority lost. Work
+//! intervals are stamped on the one process clock, so the check is strict:
+//! no two terms' work overlaps at all, and tokens rise.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use leaseholder::Leader;
+use leaseholder_raft::{LocalNet, PeerGroup};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+
+const TTL: Duration = Duration::from_millis(1500);
+
+struct Cluster {
+    net: Arc<LocalNet>,
+    members: Vec<PeerGroup>,
+}
+
+async fn cluster(n: u64) -> Cluster {
+    let net = LocalNet::new();
+    let peers: Vec<(u64, String)> = (1..=n).map(|i| (i, format!("m{i}"))).collect();
+    let mut members = Vec::new();
+    for id in 1..=n {
+        let member = PeerGroup::builder()
+            .node_id(id)
+            .peers(peers.clone())
+            .transport(net.transport(id))
+            .in_memory()
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("member {id}: {e}"));
+        net.attach(&member);
+        members.push(member);
+    }
+    for m in &members {
+        m.wait_for_leader(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("member {}: {e}", m.id()));
+    }
+    Cluster { net, members }
+}
+
+impl Cluster {
+    /// The index of the member every member names as the leader (waits
+    /// until they agree).
+    async fn raft_leader(&self) -> usize {
+        let found = timeout(Duration::from_secs(20), async {
+            loop {
+                let named: Vec<Option<u64>> = self.members.iter().map(|m| m.leader()).collect();
+                if let Some(Some(id)) = named.first()
+                    && named.iter().all(|n| n == &Some(*id))
+                    && let Some(i) = self
+                        .members
+                        .iter()
+                        .position(|m| m.id() == *id && m.is_leader())
+                {
+                    return i;
+                }
+                let mut any = self.members[0].clone();
+                for m in &self.members {
+                    if !m.is_leader() {
+                        any = m.clone();
+                    }
+                }
+                let _ = any.wait_for_leader(Duration::from_millis(50)).await;
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("the members never agreed on a leader"))
+    }
+
+    async fn shutdown(&self) {
+        for m in &self.members {
+            m.shutdown().await;
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Work {
+    who: usize,
+    token: u64,
+    start: Instant,
+    end: Option<Instant>,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Started(usize, u64),
+    Ended(usize, u64),
+}
+
+struct Log {
+    work: Arc<Mutex<Vec<Work>>>,
+    tx: mpsc::UnboundedSender<Ev>,
+    rx: mpsc::UnboundedReceiver<Ev>,
+}
+
+impl Log {
+    fn new() -> Log {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Log {
+            work: Arc::new(Mutex::new(Vec::new())),
+            tx,
+            rx,
+        }
+    }
+
+    /// Starts candidate `who` on `member`'s backend.
+    fn candidate(&self, who: usize, member: &PeerGroup) -> (Leader, JoinHandle<()>) {
+        let leader = Leader::builder("job")
+            .backend(member.backend())
+            .ttl(TTL)
+            .build()
+            .unwrap_or_else(|e| panic!("build: {e}"));
+        let work = self.work.clone();
+        let tx = self.tx.clone();
+        let task = tokio::spawn({
+            let leader = leader.clone();
+            async move {
+                let _ = leader
+                    .acquire_and_run(move |term| {
+                        let work = work.clone();
+                        let tx = tx.clone();
+                        async move {
+                            let token = term.fencing_token().get();
+                            let i = {
+                                let mut w = work.lock().unwrap_or_else(|p| p.into_inner());
+                                w.push(Work {
+                                    who,
+                                    token,
+                                    start: Instant::now(),
+                                    end: None,
+                                });
+                                w.len() - 1
+                            };
+                            let _ = tx.send(Ev::Started(who, token));
+                            term.cancelled().await;
+                            work.lock().unwrap_or_else(|p| p.into_inner())[i].end =
+                                Some(Instant::now());
+                            let _ = tx.send(Ev::Ended(who, token));
+                            Ok::<_, std::io::Error>(())
+                        }
+                    })
+                    .await;
+            }
+        });
+        (leader, task)
+    }
+
+    async fn next(&mut self, within: Duration) -> Option<Ev> {
+        timeout(within, self.rx.recv()).await.ok().flatten()
+    }
+
+    async fn started(&mut self, within: Duration) -> (usize, u64) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left).await {
+                Some(Ev::Started(who, token)) => return (who, token),
+                Some(Ev::Ended(..)) => continue,
+                None => panic!("no term started within {within:?}"),
+            }
+        }
+    }
+
+    async fn ended(&mut self, within: Duration) -> (usize, u64) {
+        match self.next(within).await {
+            Some(Ev::Ended(who, token)) => (who, token),
+            other => panic!("expected a term to end within {within:?}, got {other:?}"),
+        }
+    }
+
+    /// No two terms' work overlaps (one process, one clock: not at all),
+    /// and tokens rise in the order the terms began.
+    fn check(&self) {
+        let mut work = self.work.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        work.sort_by_key(|w| w.start);
+        for pair in work.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            let a_end = a
+                .end
+                .unwrap_or_else(|| panic!("{a:?} still runs while {b:?} started"));
+            assert!(
+                a_end <= b.start,
+                "overlap: candidate {} and {}: {a:?} and {b:?}",
+                a.who,
+                b.who
+            );
+            assert!(a.token < b.token, "tokens out of order: {a:?} then {b:?}");
+        }
+    }
+}
+
+async fn stop(leaders: Vec<(Leader, JoinHandle<()>)>) {
+    for (leader, task) in leaders {
+        let _ = leader.shutdown().await;
+        let _ = timeout(Duration::from_secs(10), task).await;
+    }
+}
+
+/// The candidate that leads runs on the member that leads the group; that
+/// member is cut off into a minority of one. The term ends (no renewal
+/// commits without a quorum) before the majority side grants a new one,
+/// with a larger token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raft_leader_cut_into_a_minority_ends_its_term_before_the_majority_grants_one() {
+    let c = cluster(3).await;
+    let mut log = Log::new();
+    let r = c.raft_leader().await;
+    let first = log.candidate(r, &c.members[r]);
+    let (who, token) = log.started(Duration::from_secs(10)).await;
+    assert_eq!(who, r);
+    let mut leaders = vec![first];
+    for i in (0..3).filter(|&i| i != r) {
+        leaders.push(log.candidate(i, &c.members[i]));
+    }
+    c.net.isolate(c.members[r].id());
+    let (ended, _) = log.ended(TTL * 2).await;
+    assert_eq!(ended, r);
+    let (next, next_token) = log.started(TTL * 4).await;
+    assert_ne!(next, r, "the isolated member's candidate led again");
+    assert!(next_token > token);
+    c.net.heal();
+    stop(leaders).await;
+    log.check();
+    c.shutdown().await;
+}
+
+/// The member that leads the group is lost while the leading candidate,
+/// on another member, lives: a new Raft leader takes over, extends every
+/// lease, and the candidate keeps its term (no term ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_raft_leader_costs_the_leading_candidate_no_term() {
+    let c = cluster(3).await;
+    let mut log = Log::new();
+    let r = c.raft_leader().await;
+    let f = (r + 1) % 3;
+    let leaders = vec![log.candidate(f, &c.members[f])];
+    let (_, token) = log.started(Duration::from_secs(10)).await;
+    let cut_at = Instant::now();
+    c.net.isolate(c.members[r].id());
+    // The others elect a new leader.
+    let new = timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(id) = c.members[f].leader()
+                && id != c.members[r].id()
+            {
+                return id;
+            }
+            let _ = c.members[f]
+                .wait_for_leader(Duration::from_millis(20))
+                .await;
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no new Raft leader"));
+    assert_ne!(new, c.members[r].id());
+    // Two ttls with the old Raft leader gone: the term lives on.
+    if let Some(ev) = log.next(TTL * 2).await {
+        panic!("the term changed after the Raft leader was lost: {ev:?}");
+    }
+    let term = leaders[0]
+        .0
+        .current_term()
+        .unwrap_or_else(|| panic!("no current term"));
+    assert_eq!(term.fencing_token().get(), token);
+    assert!(term.is_valid());
+    assert!(
+        term.deadline() > cut_at + TTL,
+        "renewed through the new Raft leader"
+    );
+    c.net.heal();
+    stop(leaders).await;
+    log.check();
+    c.shutdown().await;
+}
+
+/// Every link cut: no quorum anywhere. The leading candidate's term ends,
+/// and no candidate leads while the group has no majority (safety over
+/// liveness); once the links are back, a term starts with a larger token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_majority_nobody_leads_until_the_links_come_back() {
+    let c = cluster(3).await;
+    let mut log = Log::new();
+    let mut leaders = vec![log.candidate(0, &c.members[0])];
+    let (_, token) = log.started(Duration::from_secs(10)).await;
+    for m in &c.members {
+        c.net.isolate(m.id());
+    }
+    let (ended, _) = log.ended(TTL * 2).await;
+    assert_eq!(ended, 0);
+    leaders.push(log.candidate(1, &c.members[1]));
+    leaders.push(log.candidate(2, &c.members[2]));
+    if let Some(ev) = log.next(TTL * 3).await {
+        panic!("a candidate led with no majority: {ev:?}");
+    }
+    c.net.heal();
+    let (_, next_token) = log.started(Duration::from_secs(15)).await;
+    assert!(next_token > token);
+    stop(leaders).await;
+    log.check();
+    c.shutdown().await;
+}
