@@ -159,6 +159,7 @@ pub struct PeerGroupBuilder {
     peers: Vec<(NodeId, String)>,
     transport: Option<Arc<dyn Transport>>,
     in_memory: bool,
+    data_dir: Option<std::path::PathBuf>,
     heartbeat: Duration,
     election: (Duration, Duration),
 }
@@ -169,6 +170,7 @@ impl std::fmt::Debug for PeerGroupBuilder {
             .field("node_id", &self.node_id)
             .field("peers", &self.peers)
             .field("in_memory", &self.in_memory)
+            .field("data_dir", &self.data_dir)
             .field("heartbeat", &self.heartbeat)
             .field("election", &self.election)
             .finish_non_exhaustive()
@@ -184,6 +186,7 @@ impl PeerGroup {
             peers: Vec::new(),
             transport: None,
             in_memory: false,
+            data_dir: None,
             heartbeat: Duration::from_millis(50),
             election: (Duration::from_millis(150), Duration::from_millis(300)),
         }
@@ -296,6 +299,16 @@ impl PeerGroupBuilder {
         self
     }
 
+    /// Keeps the Raft log, the votes and the snapshot in `dir` (created if
+    /// missing): every write is fsynced before the group counts it, so a
+    /// member that restarts on the same directory remembers its votes and
+    /// the log, and fencing tokens keep rising across restarts of every
+    /// member. One directory per member; never two members on one.
+    pub fn data_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
     /// Keeps the Raft log and votes in memory only.
     ///
     /// **This gives up the group's guarantees across restarts.** A member
@@ -354,11 +367,20 @@ impl PeerGroupBuilder {
             .transport
             .clone()
             .ok_or(GroupError::Config("transport(..) is required".to_owned()))?;
-        if !self.in_memory {
-            return Err(GroupError::Config(
-                "choose the storage: in_memory() (a durable data directory is not available yet)"
-                    .to_owned(),
-            ));
+        match (&self.data_dir, self.in_memory) {
+            (None, false) => {
+                return Err(GroupError::Config(
+                    "choose the storage: data_dir(..) (durable) or in_memory() (tests only)"
+                        .to_owned(),
+                ));
+            }
+            (Some(dir), true) => {
+                return Err(GroupError::Config(format!(
+                    "both data_dir({}) and in_memory() given: choose one",
+                    dir.display()
+                )));
+            }
+            _ => {}
         }
         let (min, max) = self.election;
         if self.heartbeat.is_zero() || min <= self.heartbeat || max <= min {
@@ -390,14 +412,25 @@ impl PeerGroupBuilder {
         }
         .validate()
         .map_err(|e| GroupError::Config(format!("raft config: {e}")))?;
-        let machine = StateMachine::new();
+        let (log, machine) = match &self.data_dir {
+            Some(dir) => {
+                let open = |what: &str, e: std::io::Error| {
+                    GroupError::Unavailable(format!("{what} in {}: {e}", dir.display()))
+                };
+                (
+                    MemoryLog::open(dir).map_err(|e| open("the log", e))?,
+                    StateMachine::open(dir).map_err(|e| open("the snapshot", e))?,
+                )
+            }
+            None => (MemoryLog::default(), StateMachine::new()),
+        };
         let raft = Raft::new(
             id,
             Arc::new(config),
             Network {
                 transport: transport.clone(),
             },
-            MemoryLog::default(),
+            log,
             machine.clone(),
         )
         .await

@@ -80,6 +80,7 @@
 //! [openraft]: https://docs.rs/openraft
 
 mod backend;
+mod disk;
 mod error;
 mod group;
 mod net;

@@ -4,10 +4,10 @@
 // openraft's storage error is large; it is openraft's type.
 #![allow(clippy::result_large_err)]
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use leaseholder::WatchEvent;
@@ -19,6 +19,7 @@ use openraft::{
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+use crate::disk::{self, LogFile, Replayed};
 use crate::table::{Command, Outcome, Table};
 
 /// A member's id in the group.
@@ -39,8 +40,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The log in memory: lost when the process ends (see the crate docs on
-/// what that gives up).
+/// The Raft log, served from memory; with a data directory every write
+/// is also in the log file, fsynced before openraft hears it is done.
 #[derive(Clone, Default)]
 pub(crate) struct MemoryLog {
     inner: Arc<Mutex<LogInner>>,
@@ -48,10 +49,25 @@ pub(crate) struct MemoryLog {
 
 #[derive(Default)]
 struct LogInner {
-    last_purged: Option<LogId<NodeId>>,
-    log: BTreeMap<u64, Entry<TypeConfig>>,
-    committed: Option<LogId<NodeId>>,
-    vote: Option<Vote<NodeId>>,
+    state: Replayed,
+    disk: Option<LogFile>,
+}
+
+fn io_err(e: &std::io::Error) -> StorageError<NodeId> {
+    StorageIOError::write_logs(e).into()
+}
+
+impl MemoryLog {
+    /// The log of the data directory `dir`, replayed.
+    pub(crate) fn open(dir: &Path) -> std::io::Result<MemoryLog> {
+        let (file, state) = LogFile::open(dir)?;
+        Ok(MemoryLog {
+            inner: Arc::new(Mutex::new(LogInner {
+                state,
+                disk: Some(file),
+            })),
+        })
+    }
 }
 
 impl RaftLogReader<TypeConfig> for MemoryLog {
@@ -60,6 +76,7 @@ impl RaftLogReader<TypeConfig> for MemoryLog {
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
         Ok(lock(&self.inner)
+            .state
             .log
             .range(range)
             .map(|(_, e)| e.clone())
@@ -73,13 +90,14 @@ impl RaftLogStorage<TypeConfig> for MemoryLog {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
         let inner = lock(&self.inner);
         let last = inner
+            .state
             .log
             .values()
             .next_back()
             .map(|e| *e.get_log_id())
-            .or(inner.last_purged);
+            .or(inner.state.last_purged);
         Ok(LogState {
-            last_purged_log_id: inner.last_purged,
+            last_purged_log_id: inner.state.last_purged,
             last_log_id: last,
         })
     }
@@ -89,24 +107,32 @@ impl RaftLogStorage<TypeConfig> for MemoryLog {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        lock(&self.inner).vote = Some(*vote);
+        let mut inner = lock(&self.inner);
+        if let Some(d) = inner.disk.as_mut() {
+            d.vote(*vote).map_err(|e| io_err(&e))?;
+        }
+        inner.state.vote = Some(*vote);
         Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        Ok(lock(&self.inner).vote)
+        Ok(lock(&self.inner).state.vote)
     }
 
     async fn save_committed(
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError<NodeId>> {
-        lock(&self.inner).committed = committed;
+        let mut inner = lock(&self.inner);
+        if let Some(d) = inner.disk.as_mut() {
+            d.committed(committed).map_err(|e| io_err(&e))?;
+        }
+        inner.state.committed = committed;
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        Ok(lock(&self.inner).committed)
+        Ok(lock(&self.inner).state.committed)
     }
 
     async fn append<I>(
@@ -118,29 +144,53 @@ impl RaftLogStorage<TypeConfig> for MemoryLog {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let written = {
             let mut inner = lock(&self.inner);
-            for entry in entries {
-                inner.log.insert(entry.get_log_id().index, entry);
+            let written = match inner.disk.as_mut() {
+                Some(d) => d.append(entries.clone()),
+                None => Ok(()),
+            };
+            if written.is_ok() {
+                for entry in entries {
+                    inner.state.log.insert(entry.get_log_id().index, entry);
+                }
+            }
+            written
+        };
+        match written {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let err = io_err(&e);
+                callback.log_io_completed(Err(e));
+                Err(err)
             }
         }
-        callback.log_io_completed(Ok(()));
-        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         let mut inner = lock(&self.inner);
-        let _ = inner.log.split_off(&log_id.index);
+        if let Some(d) = inner.disk.as_mut() {
+            d.truncate(log_id.index).map_err(|e| io_err(&e))?;
+        }
+        let _ = inner.state.log.split_off(&log_id.index);
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let mut inner = lock(&self.inner);
-        if inner.last_purged < Some(log_id) {
-            inner.last_purged = Some(log_id);
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        if inner.state.last_purged < Some(log_id) {
+            inner.state.last_purged = Some(log_id);
         }
-        let keep = inner.log.split_off(&(log_id.index + 1));
-        inner.log = keep;
+        let keep = inner.state.log.split_off(&(log_id.index + 1));
+        inner.state.log = keep;
+        if let Some(d) = inner.disk.as_mut() {
+            d.purge(log_id, &inner.state).map_err(|e| io_err(&e))?;
+        }
         Ok(())
     }
 }
@@ -163,6 +213,15 @@ pub(crate) struct Machine {
 pub(crate) struct StateMachine {
     inner: Arc<Mutex<Machine>>,
     events: broadcast::Sender<WatchEvent>,
+    /// Where the snapshot is kept (a durable member), if anywhere.
+    dir: Option<PathBuf>,
+}
+
+/// A snapshot as saved in the data directory.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
 }
 
 impl StateMachine {
@@ -178,7 +237,48 @@ impl StateMachine {
                 caught_up_term: None,
             })),
             events,
+            dir: None,
         }
+    }
+
+    /// The state machine of the data directory `dir`: its saved snapshot
+    /// if there is one (openraft applies the log's committed entries after
+    /// it), with every entry lasting a full ttl from now.
+    pub(crate) fn open(dir: &Path) -> std::io::Result<StateMachine> {
+        let mut sm = StateMachine::new();
+        sm.dir = Some(dir.to_owned());
+        if let Some(bytes) = disk::load_snapshot(dir)? {
+            let saved: Saved = postcard::from_bytes(&bytes).map_err(std::io::Error::other)?;
+            let mut table: Table =
+                postcard::from_bytes(&saved.data).map_err(std::io::Error::other)?;
+            table.arm(Instant::now());
+            let mut m = sm.lock();
+            m.table = table;
+            m.last_applied = saved.meta.last_log_id;
+            m.membership = saved.meta.last_membership.clone();
+            m.snapshot = Some((saved.meta, saved.data));
+            drop(m);
+        }
+        Ok(sm)
+    }
+
+    /// Saves the snapshot, if this member is durable.
+    fn save(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        data: &[u8],
+    ) -> Result<(), StorageError<NodeId>> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let saved = Saved {
+            meta: meta.clone(),
+            data: data.to_vec(),
+        };
+        let bytes = postcard::to_stdvec(&saved)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        disk::save_snapshot(dir, &bytes)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
     }
 
     /// The machine, locked (never across an await).
@@ -206,6 +306,8 @@ impl StateMachine {
             snapshot_id,
         };
         m.snapshot = Some((meta.clone(), data.clone()));
+        drop(m);
+        self.save(&meta, &data)?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -279,6 +381,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         // The snapshot has no clock: every entry lasts a full ttl from now.
         table.arm(Instant::now());
+        self.save(meta, &data)?;
         {
             let mut m = self.lock();
             m.table = table;

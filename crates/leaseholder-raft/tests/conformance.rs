@@ -12,20 +12,44 @@ use leaseholder_raft::{LocalNet, PeerGroup};
 
 struct Group {
     _net: Arc<LocalNet>,
+    _dir: Option<TempDir>,
     members: Vec<PeerGroup>,
     next: AtomicUsize,
 }
 
-async fn group(n: u64) -> Group {
+/// A fresh directory under the system's temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `n` members, durable (each in its own data directory) or in memory.
+async fn group(n: u64, durable: bool) -> Group {
     let net = LocalNet::new();
+    let dir = durable.then(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        TempDir(std::env::temp_dir().join(format!(
+            "leaseholder-raft-conformance-{}-{nanos}",
+            std::process::id()
+        )))
+    });
     let peers: Vec<(u64, String)> = (1..=n).map(|i| (i, format!("m{i}"))).collect();
     let mut members = Vec::new();
     for id in 1..=n {
-        let member = PeerGroup::builder()
+        let builder = PeerGroup::builder()
             .node_id(id)
             .peers(peers.clone())
-            .transport(net.transport(id))
-            .in_memory()
+            .transport(net.transport(id));
+        let builder = match &dir {
+            Some(dir) => builder.data_dir(dir.0.join(format!("m{id}"))),
+            None => builder.in_memory(),
+        };
+        let member = builder
             .start()
             .await
             .unwrap_or_else(|e| panic!("member {id}: {e}"));
@@ -39,6 +63,7 @@ async fn group(n: u64) -> Group {
     }
     Group {
         _net: net,
+        _dir: dir,
         members,
         next: AtomicUsize::new(0),
     }
@@ -64,9 +89,8 @@ impl Harness for Group {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_three_member_group_passes_the_contract() {
-    let g = group(3).await;
+async fn passes(durable: bool) {
+    let g = group(3, durable).await;
     let report = conformance::run(&g).await;
     println!("{report}");
     assert!(report.is_ok(), "{report}");
@@ -77,7 +101,20 @@ async fn a_three_member_group_passes_the_contract() {
             .all(|(row, _)| row.contains("process")),
         "{report}"
     );
+    assert_eq!(report.passed.len(), 20, "{report}");
     for m in &g.members {
         m.shutdown().await;
     }
+}
+
+/// Three members, each with its data directory (every write fsynced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_durable_group_passes_the_contract() {
+    passes(true).await;
+}
+
+/// Three members with their logs in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_group_in_memory_passes_the_contract() {
+    passes(false).await;
 }
