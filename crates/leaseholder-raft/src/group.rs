@@ -109,6 +109,8 @@ pub(crate) struct GroupInner {
     pub(crate) machine: StateMachine,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) members: BTreeMap<NodeId, String>,
+    /// Tasks to stop with the member (the TCP listener).
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// One member of a peer group: the replicas of a service elect among
@@ -160,6 +162,7 @@ pub struct PeerGroupBuilder {
     transport: Option<Arc<dyn Transport>>,
     in_memory: bool,
     data_dir: Option<std::path::PathBuf>,
+    listen: Option<String>,
     heartbeat: Duration,
     election: (Duration, Duration),
 }
@@ -187,6 +190,7 @@ impl PeerGroup {
             transport: None,
             in_memory: false,
             data_dir: None,
+            listen: None,
             heartbeat: Duration::from_millis(50),
             election: (Duration::from_millis(150), Duration::from_millis(300)),
         }
@@ -267,8 +271,18 @@ impl PeerGroup {
         self.inner.machine.lock().table.len()
     }
 
-    /// Stops this member's Raft node. Its backends fail from then on.
+    /// Stops this member's Raft node (and its TCP listener). Its backends
+    /// fail from then on.
     pub async fn shutdown(&self) {
+        for task in self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(member = self.inner.id, "raft shutdown: {e}");
         }
@@ -296,6 +310,17 @@ impl PeerGroupBuilder {
     /// The transport to the other members.
     pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
         self.transport = Some(transport);
+        self.listen = None;
+        self
+    }
+
+    /// Uses the built-in [`TcpTransport`](crate::TcpTransport): `start`
+    /// listens on `listen` (this member's address in the
+    /// [`peers`](Self::peers), or an address that reaches it, such as
+    /// `0.0.0.0:7001`), and dials the other members at their addresses.
+    pub fn tcp(mut self, listen: impl Into<String>) -> Self {
+        self.transport = Some(crate::tcp::TcpTransport::new());
+        self.listen = Some(listen.into());
         self
     }
 
@@ -402,6 +427,12 @@ impl PeerGroupBuilder {
     /// the same list; openraft makes that safe).
     pub async fn start(self) -> Result<PeerGroup, GroupError> {
         let (id, members, transport) = self.check()?;
+        let listener = match &self.listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                GroupError::Unavailable(format!("member {id} cannot listen on {addr}: {e}"))
+            })?),
+            None => None,
+        };
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let config = Config {
             cluster_name: "leaseholder".to_owned(),
@@ -450,15 +481,27 @@ impl PeerGroupBuilder {
                 tracing::debug!(member = id, "initialize: {e}");
             }
         }
-        Ok(PeerGroup {
+        let group = PeerGroup {
             inner: Arc::new(GroupInner {
                 id,
                 raft,
                 machine,
                 transport,
                 members,
+                tasks: std::sync::Mutex::new(Vec::new()),
             }),
-        })
+        };
+        if let Some(listener) = listener {
+            let tcp = crate::tcp::TcpTransport::new();
+            let server = tcp.serve(listener, &group);
+            group
+                .inner
+                .tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(server);
+        }
+        Ok(group)
     }
 }
 

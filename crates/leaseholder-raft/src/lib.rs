@@ -86,8 +86,10 @@ mod group;
 mod net;
 mod store;
 mod table;
+mod tcp;
 
 pub use error::GroupError;
 pub use group::{PeerGroup, PeerGroupBuilder};
 pub use net::{CallFuture, LocalNet, Transport, TransportError, WIRE_VERSION};
 pub use store::NodeId;
+pub use tcp::{DEFAULT_MAX_FRAME, TcpTransport};
