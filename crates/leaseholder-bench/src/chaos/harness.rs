@@ -383,6 +383,19 @@ impl Server {
         Ok(())
     }
 
+    /// `true` if every member is back in the cluster now (one check, at
+    /// most about 300 ms).
+    async fn healthy_now(&self) -> bool {
+        match self {
+            Server::NatsCluster(c) => matches!(nats_stream_health(c).await, Ok((Some(_), true))),
+            Server::Etcd(c) => matches!(
+                tokio::time::timeout(Duration::from_millis(300), c.wait_healthy()).await,
+                Ok(Ok(_))
+            ),
+            _ => true,
+        }
+    }
+
     /// The member that leads: etcd's Raft leader, the lease stream's
     /// leader on NATS; `None` if the members do not agree on one.
     async fn leader_member(&self) -> Option<usize> {
@@ -464,6 +477,14 @@ enum Later {
     MemberBack {
         member: usize,
         fault: usize,
+    },
+    /// Check whether the cluster is whole again after a member came back
+    /// (the member fault stays open until it is; other faults go on).
+    MemberHealthy {
+        member: usize,
+        fault: usize,
+        started: Instant,
+        restarted: bool,
     },
 }
 
@@ -731,8 +752,8 @@ impl Harness {
                 14..28 => FaultKind::Pause,
                 28..41 => FaultKind::Cut,
                 41..54 => FaultKind::Blackhole,
-                54..72 => FaultKind::MemberKill,
-                72..88 => FaultKind::MemberPause,
+                54..70 => FaultKind::MemberKill,
+                70..84 => FaultKind::MemberPause,
                 _ => FaultKind::Restart,
             }
         } else {
@@ -1052,34 +1073,83 @@ impl Harness {
                 self.log(&format!("c{inst} starts in slot {slot}"));
             }
             Later::MemberBack { member, fault } => self.member_back(member, fault).await?,
+            Later::MemberHealthy {
+                member,
+                fault,
+                started,
+                restarted,
+            } => {
+                self.member_healthy(member, fault, started, restarted, false)
+                    .await?
+            }
         }
         Ok(())
     }
 
     /// Ends a member fault: a killed member is started again (on its
     /// ports and data), a paused one woken; then waits until the whole
-    /// cluster is healthy, before another member fault may begin.
+    /// cluster is healthy (checked from the loop, other faults going on)
+    /// before another member fault may begin.
     async fn member_back(&mut self, member: usize, fault: usize) -> anyhow::Result<()> {
         let kind = self.record.faults.get(fault).map(|f| f.kind);
         let started = Instant::now();
         let to = now_us();
-        if kind == Some(FaultKind::MemberKill) {
+        let restarted = kind == Some(FaultKind::MemberKill);
+        if restarted {
             self.server.member_restart(member).await?;
         } else {
             self.server.member_signal(member, true)?;
         }
-        self.server.wait_healthy().await?;
         if let Some(f) = self.record.faults.get_mut(fault) {
             f.to = to;
         }
+        // The cluster heals while the other faults go on; the next member
+        // fault waits until it is whole.
+        self.later.push((
+            Instant::now(),
+            Later::MemberHealthy {
+                member,
+                fault,
+                started,
+                restarted,
+            },
+        ));
+        Ok(())
+    }
+
+    /// One health check after a member came back: closes the member fault
+    /// once the cluster is whole, else checks again in 100 ms (for at most
+    /// 60 s; `wait` makes it wait here instead, when the run heals).
+    async fn member_healthy(
+        &mut self,
+        member: usize,
+        fault: usize,
+        started: Instant,
+        restarted: bool,
+        wait: bool,
+    ) -> anyhow::Result<()> {
+        if wait {
+            self.server.wait_healthy().await?;
+        } else if !self.server.healthy_now().await {
+            if started.elapsed() > Duration::from_secs(60) {
+                anyhow::bail!("the cluster did not recover within 60 s of m{member} coming back");
+            }
+            self.later.push((
+                Instant::now() + Duration::from_millis(100),
+                Later::MemberHealthy {
+                    member,
+                    fault,
+                    started,
+                    restarted,
+                },
+            ));
+            return Ok(());
+        }
+        let _ = fault;
         self.member_fault = None;
         self.log(&format!(
             "m{member} {} and the cluster healthy after {:.0} ms",
-            if kind == Some(FaultKind::MemberKill) {
-                "restarted"
-            } else {
-                "resumed"
-            },
+            if restarted { "restarted" } else { "resumed" },
             started.elapsed().as_secs_f64() * 1000.0
         ));
         Ok(())
@@ -1196,7 +1266,11 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
         h.run_due(now).await?;
         if now >= next_fault {
             h.inject().await?;
-            next_fault = Instant::now() + h.opts.ttl.mul_f64(0.5 + h.rng.unit());
+            // A cluster's faults come twice as often: its member faults
+            // hold the cluster for seconds while it heals (one at a time),
+            // and the candidates' faults go on meanwhile.
+            let spread = if h.server.members() > 1 { 0.5 } else { 1.0 };
+            next_fault = Instant::now() + h.opts.ttl.mul_f64((0.5 + h.rng.unit()) * spread);
         }
         let wake = h
             .later
@@ -1214,6 +1288,22 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let pending: Vec<Later> = h.later.drain(..).map(|(_, what)| what).collect();
     for what in pending {
         h.do_later(what).await?;
+    }
+    // A member that came back just now: wait until the cluster is whole.
+    let checks: Vec<Later> = h.later.drain(..).map(|(_, what)| what).collect();
+    for what in checks {
+        match what {
+            Later::MemberHealthy {
+                member,
+                fault,
+                started,
+                restarted,
+            } => {
+                h.member_healthy(member, fault, started, restarted, true)
+                    .await?
+            }
+            other => h.do_later(other).await?,
+        }
     }
     let healed = Instant::now();
     // Liveness: a leader within a few ttl of healing (the store may still
