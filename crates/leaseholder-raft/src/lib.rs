@@ -71,11 +71,14 @@
 //!   that created it plus the group's base (its birth in microseconds), so
 //!   tokens rise for the group's whole life.
 //!
-//! # Status
+//! # Storage and transport
 //!
-//! The log lives in memory ([`PeerGroupBuilder::in_memory`]); read what
-//! that gives up there. The transport is yours ([`Transport`]) or the
-//! in-process [`LocalNet`].
+//! A member keeps its log, votes and snapshot in its data directory
+//! ([`PeerGroupBuilder::data_dir`]), fsynced before the group counts a
+//! write; [`PeerGroupBuilder::in_memory`] is for tests (read what it gives
+//! up). Members talk over the built-in [`TcpTransport`]
+//! ([`PeerGroupBuilder::tcp`]), your own [`Transport`], or the in-process
+//! [`LocalNet`].
 //!
 //! [openraft]: https://docs.rs/openraft
 
