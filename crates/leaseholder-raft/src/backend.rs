@@ -36,6 +36,37 @@ impl RaftBackend {
             })
     }
 
+    /// A renewal, replacing the lease's metadata when `metadata` is given
+    /// (a proclaim).
+    async fn renewal(
+        &self,
+        key: &Key,
+        lease: &Lease,
+        metadata: Option<&Bytes>,
+        ttl: Duration,
+        budget: Duration,
+    ) -> Result<Renewed, BackendError> {
+        let request = Request::Renew {
+            key: key_string(key),
+            nonce: lease.nonce().as_u128(),
+            ttl_us: table::us(ttl),
+            metadata: metadata.map(|m| m.to_vec()),
+        };
+        match self.outcome(request, budget).await? {
+            Outcome::Renewed { revision } => {
+                let lease = match metadata {
+                    Some(m) => lease.with_metadata(m.clone()),
+                    None => lease.clone(),
+                };
+                Ok(Renewed::Renewed(lease.with_revision(revision)))
+            }
+            Outcome::Lost => Ok(Renewed::Lost),
+            other => Err(BackendError::fatal(std::io::Error::other(format!(
+                "renew answered {other:?}"
+            )))),
+        }
+    }
+
     async fn outcome(&self, request: Request, budget: Duration) -> Result<Outcome, BackendError> {
         match self.call(request, budget).await? {
             Reply::Outcome(o) => Ok(o),
@@ -107,19 +138,7 @@ impl BackendEdge for RaftBackend {
         ttl: Duration,
         budget: Duration,
     ) -> Result<Renewed, BackendError> {
-        let request = Request::Renew {
-            key: key_string(key),
-            nonce: lease.nonce().as_u128(),
-            ttl_us: table::us(ttl),
-            metadata: None,
-        };
-        match self.outcome(request, budget).await? {
-            Outcome::Renewed { revision } => Ok(Renewed::Renewed(lease.with_revision(revision))),
-            Outcome::Lost => Ok(Renewed::Lost),
-            other => Err(BackendError::fatal(std::io::Error::other(format!(
-                "renew answered {other:?}"
-            )))),
-        }
+        self.renewal(key, lease, None, ttl, budget).await
     }
 
     async fn release(
@@ -186,23 +205,7 @@ impl BackendEdge for RaftBackend {
         ttl: Duration,
         budget: Duration,
     ) -> Result<Renewed, BackendError> {
-        let request = Request::Renew {
-            key: key_string(key),
-            nonce: lease.nonce().as_u128(),
-            ttl_us: table::us(ttl),
-            metadata: Some(metadata.to_vec()),
-        };
-        match self.outcome(request, budget).await? {
-            Outcome::Renewed { revision } => Ok(Renewed::Renewed(
-                lease
-                    .with_metadata(metadata.clone())
-                    .with_revision(revision),
-            )),
-            Outcome::Lost => Ok(Renewed::Lost),
-            other => Err(BackendError::fatal(std::io::Error::other(format!(
-                "proclaim answered {other:?}"
-            )))),
-        }
+        self.renewal(key, lease, Some(metadata), ttl, budget).await
     }
 
     async fn register(
