@@ -537,7 +537,7 @@ pub(crate) async fn serve(
     let deadline = Instant::now() + budget;
     let mut hops = hops;
     loop {
-        let here = tokio::time::timeout_at(deadline, serve_here(inner, &request, deadline))
+        let here = tokio::time::timeout_at(deadline, serve_here(inner, &request))
             .await
             .map_err(|_| ServeError::Timeout)??;
         let to = match here {
@@ -604,11 +604,7 @@ fn leader_addr(inner: &GroupInner, to: NodeId) -> Option<String> {
 }
 
 /// Serves `request` if this member leads the group.
-async fn serve_here(
-    inner: &Arc<GroupInner>,
-    request: &Request,
-    deadline: Instant,
-) -> Result<Here, ServeError> {
+async fn serve_here(inner: &Arc<GroupInner>, request: &Request) -> Result<Here, ServeError> {
     let (term, leading, leader) = {
         let metrics = inner.raft.metrics();
         let m = metrics.borrow();
@@ -638,7 +634,6 @@ async fn serve_here(
             m.caught_up_term = Some(term);
         }
     }
-    let _ = deadline;
     match request {
         Request::Setup => {
             if let Some(elsewhere) = ensure_base(inner).await? {
