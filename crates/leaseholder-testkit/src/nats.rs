@@ -13,7 +13,9 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use crate::process::log_tail;
-use crate::{ChildGuard, Error, TempDir, binary_version, find_binary_candidates, free_port};
+use crate::{
+    ChildGuard, Error, TcpProxy, TempDir, binary_version, find_binary_candidates, free_port,
+};
 
 /// The oldest `nats-server` (major, minor) that [`NatsServer::start`]
 /// accepts: 2.11 brought per-message TTL.
@@ -317,6 +319,13 @@ const CLUSTER_ATTEMPTS: u32 = 3;
 /// store directory, a unique `--server_name`, a shared `--cluster_name`
 /// and `--routes` to every other node.
 ///
+/// Every route runs through a [`TcpProxy`] of its own, one per directed
+/// link (node `i` dials node `j` through [`link(i, j)`](Self::link)), so
+/// that [`isolate`](Self::isolate) can partition one node from the others
+/// while its clients still reach it. Each node advertises a cluster
+/// address that refuses every connection, so no node learns a route
+/// around the proxies from another's gossip.
+///
 /// [`kill`](Self::kill) and [`restart`](Self::restart) act on one node;
 /// a restarted node keeps its ports and store, and rejoins the cluster.
 /// Every node is killed when the value is dropped.
@@ -325,6 +334,11 @@ pub struct NatsCluster {
     nodes: Vec<NatsServer>,
     monitor_ports: Vec<u16>,
     name: String,
+    /// `links[i * n + j]`: the proxy node `i` dials node `j` through
+    /// (`None` for `i == j`).
+    links: Vec<Option<TcpProxy>>,
+    /// What every node advertises as its cluster address: cut for good.
+    _gossip_sink: TcpProxy,
 }
 
 impl NatsCluster {
@@ -365,19 +379,32 @@ impl NatsCluster {
             .map(|_| Ok((distinct_port()?, distinct_port()?, distinct_port()?)))
             .collect::<Result<Vec<(u16, u16, u16)>, Error>>()?;
         let cluster_url = |port: u16| format!("nats://{}:{port}", Ipv4Addr::LOCALHOST);
+        let mut links = Vec::with_capacity(n * n);
+        for i in 0..n {
+            for (j, &(_, route, _)) in ports.iter().enumerate() {
+                links.push(if i == j {
+                    None
+                } else {
+                    Some(TcpProxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, route))).await?)
+                });
+            }
+        }
+        let gossip_sink = TcpProxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 9))).await?;
+        gossip_sink.cut();
         let mut nodes = Vec::with_capacity(n);
         for (i, &(client, cluster, monitor)) in ports.iter().enumerate() {
-            let routes: Vec<String> = ports
+            let routes: Vec<String> = links[i * n..(i + 1) * n]
                 .iter()
-                .enumerate()
-                .filter(|&(j, _)| j != i)
-                .map(|(_, &(_, route, _))| cluster_url(route))
+                .flatten()
+                .map(|proxy| cluster_url(proxy.url_port()))
                 .collect();
             let mut extra = vec![
                 "--cluster_name".to_owned(),
                 name.clone(),
                 "--cluster".to_owned(),
                 cluster_url(cluster),
+                "--cluster_advertise".to_owned(),
+                gossip_sink.addr().to_string(),
                 "-m".to_owned(),
                 monitor.to_string(),
             ];
@@ -394,6 +421,8 @@ impl NatsCluster {
             nodes,
             monitor_ports: ports.iter().map(|&(_, _, monitor)| monitor).collect(),
             name,
+            links,
+            _gossip_sink: gossip_sink,
         };
         for i in 0..n {
             cluster.wait_meta_leader(i).await?;
@@ -465,6 +494,44 @@ impl NatsCluster {
     pub async fn restart(&mut self, i: usize) -> Result<(), Error> {
         self.nodes[i].restart().await?;
         self.wait_meta_leader(i).await
+    }
+
+    /// The proxy that node `from` dials node `to` through. Panics if either
+    /// is not a node, or if they are the same.
+    pub fn link(&self, from: usize, to: usize) -> &TcpProxy {
+        let n = self.nodes.len();
+        assert!(from < n && to < n && from != to, "no link {from} -> {to}");
+        self.links[from * n + to]
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("every link but a node's own is set"))
+    }
+
+    /// Partitions node `i` from every other node: each route to or from
+    /// it is cut (its connections closed, new ones closed at once) until
+    /// [`heal`](Self::heal). Its clients still reach it; it just cannot
+    /// reach its peers, as on the wrong side of a network partition.
+    pub fn isolate(&self, i: usize) {
+        for j in (0..self.nodes.len()).filter(|&j| j != i) {
+            self.link(i, j).cut();
+            self.link(j, i).cut();
+        }
+    }
+
+    /// Brings every route of node `i` back up after
+    /// [`isolate`](Self::isolate); the nodes dial each other again on
+    /// their own.
+    pub fn heal(&self, i: usize) {
+        for j in (0..self.nodes.len()).filter(|&j| j != i) {
+            self.link(i, j).restore();
+            self.link(j, i).restore();
+        }
+    }
+
+    /// The number of routes node `i` has to other nodes now, from its
+    /// `GET /routez` monitoring endpoint.
+    pub async fn routes(&self, i: usize) -> Result<usize, Error> {
+        let body = http_get(self.monitor_ports[i], "/routez").await?;
+        Ok(json_number_field(&body, "num_routes").unwrap_or(0))
     }
 
     /// The JSON of node `i`'s `GET /jsz` monitoring endpoint.
@@ -699,6 +766,17 @@ fn json_string_field(json: &str, field: &str) -> Option<String> {
     let after_colon = after_key.trim_start().strip_prefix(':')?.trim_start();
     let value = after_colon.strip_prefix('"')?;
     Some(value[..value.find('"')?].to_owned())
+}
+
+/// The unsigned number of the first `"field": 123` in `json`.
+fn json_number_field(json: &str, field: &str) -> Option<usize> {
+    let key = format!("\"{field}\"");
+    let after_key = &json[json.find(&key)? + key.len()..];
+    let after_colon = after_key.trim_start().strip_prefix(':')?.trim_start();
+    let end = after_colon
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(after_colon.len());
+    after_colon[..end].parse().ok()
 }
 
 /// The first `MAJOR.MINOR[.PATCH]` in `text`, with an optional `v` prefix,

@@ -171,3 +171,61 @@ async fn a_three_node_cluster_survives_losing_a_node() {
         timeout(PATIENCE, node.ping()).await.unwrap().unwrap();
     }
 }
+
+/// Polls `routes(i)` (every 50 ms, within [`PATIENCE`]) until `ok` holds.
+async fn routes_until(cluster: &NatsCluster, i: usize, what: &str, ok: impl Fn(usize) -> bool) {
+    let mut last = None;
+    let reached = timeout(PATIENCE, async {
+        loop {
+            if let Ok(n) = cluster.routes(i).await {
+                last = Some(n);
+                if ok(n) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(reached.is_ok(), "node {i}: {what}; routes: {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_node_has_no_route_until_healed_and_its_clients_still_reach_it() {
+    let cluster = NatsCluster::start(3)
+        .await
+        .unwrap_or_else(|e| panic!("starting a nats cluster failed (run scripts/setup?): {e}"));
+    for i in 0..3 {
+        routes_until(&cluster, i, "routes to both peers", |n| n >= 2).await;
+    }
+    // Every route runs through the per-link proxies.
+    assert!(cluster.link(0, 1).connections() + cluster.link(1, 0).connections() > 0);
+
+    cluster.isolate(0);
+    routes_until(&cluster, 0, "no route once isolated", |n| n == 0).await;
+    for i in [1, 2] {
+        routes_until(&cluster, i, "its route to the other peer only", |n| n > 0).await;
+    }
+    // No route around the proxies: node 0 learned its peers' addresses
+    // from their gossip, and every one of them refuses. Both sides keep
+    // redialling meanwhile (NATS retries a route every second).
+    let held = async {
+        for _ in 0..30 {
+            assert_eq!(
+                cluster.routes(0).await.unwrap(),
+                0,
+                "a route around the cut"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    timeout(PATIENCE, held).await.unwrap();
+    // Its clients still reach it.
+    timeout(PATIENCE, cluster.node(0).ping())
+        .await
+        .unwrap()
+        .unwrap();
+
+    cluster.heal(0);
+    routes_until(&cluster, 0, "routes again once healed", |n| n >= 2).await;
+}
