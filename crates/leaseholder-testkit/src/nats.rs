@@ -761,22 +761,25 @@ fn protocol_error(addr: SocketAddr, expected: &str, got: &str) -> Error {
 /// The string value of `"field"` in a flat JSON object, found by simple
 /// string search (the `INFO` payload needs no more).
 fn json_string_field(json: &str, field: &str) -> Option<String> {
+    let value = json_field(json, field)?.strip_prefix('"')?;
+    Some(value[..value.find('"')?].to_owned())
+}
+
+/// What follows the colon of the first `"field":` in `json`, leading
+/// whitespace trimmed.
+fn json_field<'a>(json: &'a str, field: &str) -> Option<&'a str> {
     let key = format!("\"{field}\"");
     let after_key = &json[json.find(&key)? + key.len()..];
-    let after_colon = after_key.trim_start().strip_prefix(':')?.trim_start();
-    let value = after_colon.strip_prefix('"')?;
-    Some(value[..value.find('"')?].to_owned())
+    Some(after_key.trim_start().strip_prefix(':')?.trim_start())
 }
 
 /// The unsigned number of the first `"field": 123` in `json`.
 fn json_number_field(json: &str, field: &str) -> Option<usize> {
-    let key = format!("\"{field}\"");
-    let after_key = &json[json.find(&key)? + key.len()..];
-    let after_colon = after_key.trim_start().strip_prefix(':')?.trim_start();
-    let end = after_colon
+    let value = json_field(json, field)?;
+    let end = value
         .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(after_colon.len());
-    after_colon[..end].parse().ok()
+        .unwrap_or(value.len());
+    value[..end].parse().ok()
 }
 
 /// The first `MAJOR.MINOR[.PATCH]` in `text`, with an optional `v` prefix,

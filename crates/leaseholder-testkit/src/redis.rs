@@ -1026,10 +1026,20 @@ impl RedisSentinel {
     ///
     /// After a failover this is how long Sentinel takes to turn the old
     /// primary into a replica of the new one (it waits some seconds before
-    /// reconfiguring a server that still says it is a primary).
-    pub async fn wait_replicated(&self) -> Result<(), Error> {
+    /// reconfiguring a server that still says it is a primary). Before each
+    /// check the testkit's [`primary`](Self::primary) follows the server
+    /// the Sentinels name, once they have Sentinels, so a further failover
+    /// while waiting (the Sentinels may promote a restarted server again)
+    /// is followed rather than waited out.
+    pub async fn wait_replicated(&mut self) -> Result<(), Error> {
         let start = Instant::now();
         loop {
+            if !self.sentinels.is_empty()
+                && let Ok(addr) = self.current_primary_addr().await
+                && let Some(i) = self.node_index(addr)
+            {
+                self.primary = i;
+            }
             let last_error = match self.check_replicated().await {
                 Ok(()) => return Ok(()),
                 Err(problem) => problem,

@@ -188,6 +188,32 @@ impl WorkLog {
         Ok(intervals.len())
     }
 
+    /// The token half of [`check`](Self::check) alone: tokens strictly
+    /// increase in start order, whether or not intervals overlap. For tests
+    /// of an operator's forced release, where the old holder learns of it
+    /// only after the store has freed the key, so overlap is expected and
+    /// only fencing protects writes. Panics with every interval otherwise.
+    #[track_caller]
+    pub fn assert_tokens_increase(&self) {
+        let intervals = self.intervals();
+        for pair in intervals.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            if b.token <= a.token {
+                panic!(
+                    "{}",
+                    Violation {
+                        problem: format!(
+                            "token {} of {} is not larger than the earlier token {} of {}",
+                            b.token, b.who, a.token, a.who
+                        ),
+                        intervals: intervals.clone(),
+                    }
+                );
+            }
+        }
+        println!("{} work intervals, tokens increasing", intervals.len());
+    }
+
     /// [`check`](Self::check) for tests: prints how many intervals passed,
     /// or panics with the violation and every interval.
     #[track_caller]

@@ -380,10 +380,22 @@ async fn sentinel_fails_over_when_the_primary_is_killed() {
     assert_eq!(new_primary, old_replica);
     assert_eq!(cli(group.primary(), &["SET", "key", "value"]).await, "OK");
 
-    // The old primary comes back as a replica of the new one.
+    // The old primary comes back and the pair replicates again: as a
+    // replica of the new primary, normally; if the Sentinels promote it
+    // once more, the testkit follows them. Either way a write on the
+    // primary reaches the replica.
     let started = Instant::now();
     group.replica_mut().restart().await.unwrap();
     group.wait_replicated().await.unwrap();
-    println!("old primary back as a replica in {:?}", started.elapsed());
-    assert_eq!(cli(group.replica(), &["GET", "key"]).await, "value");
+    println!(
+        "pair replicating again in {:?}, primary {}",
+        started.elapsed(),
+        group.primary().addr()
+    );
+    assert_eq!(
+        cli(group.primary(), &["SET", "after", "restart"]).await,
+        "OK"
+    );
+    assert_eq!(cli(group.primary(), &["WAIT", "1", "5000"]).await, "1");
+    assert_eq!(cli(group.replica(), &["GET", "after"]).await, "restart");
 }

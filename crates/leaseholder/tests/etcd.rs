@@ -355,7 +355,10 @@ async fn an_operator_revoking_the_shared_lease_ends_every_term_on_it() {
     }
     for (l, task, log) in xs {
         stop(&l, task).await;
-        log.assert_safe();
+        // A revoke frees the keys in the store before x hears of it, so
+        // y may start before x's work ends (as after `release --force`):
+        // bounded above by ttl / 3, and fenced by the larger token.
+        log.assert_tokens_increase();
     }
 }
 
