@@ -101,7 +101,7 @@ async fn passes(durable: bool) {
             .all(|(row, _)| row.contains("process")),
         "{report}"
     );
-    assert_eq!(report.passed.len(), 20, "{report}");
+    assert_eq!(report.passed.len(), 21, "{report}");
     for m in &g.members {
         m.shutdown().await;
     }

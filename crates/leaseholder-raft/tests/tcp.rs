@@ -123,7 +123,7 @@ async fn a_three_member_group_over_tcp_passes_the_contract() {
     let report = conformance::run(&g).await;
     println!("{report}");
     assert!(report.is_ok(), "{report}");
-    assert_eq!(report.passed.len(), 20, "{report}");
+    assert_eq!(report.passed.len(), 21, "{report}");
     g.shutdown().await;
 }
 

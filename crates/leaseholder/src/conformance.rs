@@ -205,6 +205,10 @@ pub async fn run<H: Harness>(h: &H) -> Report {
             lost_reply_recognized_on_read_back(h).await,
         ),
         (
+            "revision_changes_only_with_a_write",
+            revision_changes_only_with_a_write(h).await,
+        ),
+        (
             "watch_fires_on_release_and_expiry",
             watch_fires_on_release_and_expiry(h).await,
         ),
@@ -857,6 +861,55 @@ pub async fn lost_reply_recognized_on_read_back<H: Harness>(h: &H) -> RowResult 
         }
         Some(other) => return Err(fail(ROW, format!("dropped acquire left {other:?}"))),
     }
+    Ok(Outcome::Passed)
+}
+
+/// A lease's revision records its last write: `holder` shows the revision
+/// the acquire or the last renewal returned, and the same one on every
+/// read until the next write, however much time passes between reads.
+///
+/// The campaign relies on it: after a renewal whose reply was lost it reads
+/// the key back, and a revision other than the one it knows proves that
+/// the renewal landed, so the term's deadline moves to that renewal's send
+/// time. A revision made of the time of the read (say, the server's clock
+/// plus the time to live left, in whole milliseconds) differs between
+/// reads of an unchanged lease, credits a renewal that never happened, and
+/// lets the leader work past the store's expiry.
+pub async fn revision_changes_only_with_a_write<H: Harness>(h: &H) -> RowResult {
+    const ROW: &str = "revision_changes_only_with_a_write";
+    let (key, a) = one_client(h, ROW, "revision").await?;
+    let ttl = h.ttl() * 4;
+    let c = claim();
+    let mut lease = acquire_won(ROW, &a, &key, &c, ttl).await?;
+    for write in 0..3 {
+        for read in 0..3 {
+            // Reads in other milliseconds than the write and each other.
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            let seen = ok(ROW, "holder", a.holder(&key).await)?
+                .ok_or_else(|| fail(ROW, "the lease is gone"))?;
+            if !seen.is_nonce(c.nonce) {
+                return Err(fail(ROW, format!("the key shows {seen:?}, not our lease")));
+            }
+            if seen.revision() != lease.revision() {
+                return Err(fail(
+                    ROW,
+                    format!(
+                        "read {read} after write {write} shows revision {}, but the write \
+                         returned {} and nothing was written since: a read-back would \
+                         take it for a renewal that landed",
+                        seen.revision(),
+                        lease.revision()
+                    ),
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        lease = match ok(ROW, "renew", a.renew(&key, &lease, ttl).await)? {
+            Renewed::Renewed(l) | Renewed::SentAt(l, _) => l,
+            Renewed::Lost => return Err(fail(ROW, "renewal of a live lease said Lost")),
+        };
+    }
+    ok(ROW, "release", a.release(&key, &lease).await)?;
     Ok(Outcome::Passed)
 }
 

@@ -50,6 +50,9 @@ enum Flaw {
     RegistryKeepsOne,
     /// `candidate` answers with whichever entry of the key comes first.
     CandidateReadsAnyEntry,
+    /// `holder` reports a revision that moves on every read (as one made of
+    /// the time of the read would), though nothing was written.
+    RevisionOfTheRead,
     /// `renew_many` answers in the reverse order.
     ManyReversed,
     /// `renew_many` leaves the last renewal unanswered.
@@ -60,6 +63,7 @@ enum Flaw {
 struct Broken {
     inner: MemoryBackend,
     flaw: Flaw,
+    reads: std::sync::atomic::AtomicU64,
 }
 
 impl BackendEdge for Broken {
@@ -182,6 +186,15 @@ impl BackendEdge for Broken {
         Ok(match self.flaw {
             Flaw::HolderHidesNonce => holder.map(|h| Holder::foreign(h.revision(), h.expires_in())),
             Flaw::TokensReset => holder.map(token_one),
+            Flaw::RevisionOfTheRead => {
+                let reads = self
+                    .reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                holder.map(|h| {
+                    let revision = h.revision() + 1 + reads;
+                    rebuilt(h, None, revision)
+                })
+            }
             _ => holder,
         })
     }
@@ -280,23 +293,25 @@ impl BackendEdge for Broken {
 
 /// The holder as a store whose tokens restart would show it: token 1.
 fn token_one(h: Holder) -> Holder {
+    let revision = h.revision();
+    rebuilt(h, Some(FencingToken::new(1)), revision)
+}
+
+/// `h` with another token (if `token` is given) and another revision.
+fn rebuilt(h: Holder, token: Option<FencingToken>, revision: u64) -> Holder {
     match (h.nonce(), h.id(), h.since()) {
         (Some(nonce), Some(id), Some(acquired_at)) => {
+            let token = token.or(h.token());
             let value = LeaseValue {
                 nonce,
                 id,
-                token: Some(FencingToken::new(1)),
+                token,
                 acquired_at,
                 metadata: h.metadata().clone(),
             };
-            Holder::from_value(
-                &value,
-                Some(FencingToken::new(1)),
-                h.revision(),
-                h.expires_in(),
-            )
+            Holder::from_value(&value, token, revision, h.expires_in())
         }
-        _ => h,
+        _ => Holder::foreign(revision, h.expires_in()),
     }
 }
 
@@ -319,6 +334,7 @@ impl Harness for BrokenHarness {
         Backend::new(Broken {
             inner: self.store.backend(),
             flaw: self.flaw,
+            reads: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -382,7 +398,7 @@ async fn the_wrapper_without_a_flaw_passes() {
             .all(|(row, _)| row.contains("process")),
         "{report}"
     );
-    assert_eq!(report.passed.len(), 20, "{report}");
+    assert_eq!(report.passed.len(), 21, "{report}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -636,6 +652,18 @@ async fn a_proclaim_that_stores_nothing() {
         conformance::proclaim_replaces_the_metadata_and_renews(&h).await,
     );
     assert_run_catches(flaw, &["proclaim_replaces_the_metadata_and_renews"]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revision_that_moves_on_every_read() {
+    let flaw = Flaw::RevisionOfTheRead;
+    let h = BrokenHarness::new(flaw);
+    assert_caught(
+        flaw,
+        "revision_changes_only_with_a_write",
+        conformance::revision_changes_only_with_a_write(&h).await,
+    );
+    assert_run_catches(flaw, &["revision_changes_only_with_a_write"]).await;
 }
 
 #[tokio::test(start_paused = true)]

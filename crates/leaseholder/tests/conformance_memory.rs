@@ -45,7 +45,7 @@ async fn memory_backend_passes_the_contract() {
             .all(|(row, _)| row.contains("process")),
         "{report}"
     );
-    assert_eq!(report.passed.len(), 20, "{report}");
+    assert_eq!(report.passed.len(), 21, "{report}");
 }
 
 /// The same on a real clock and the multi-thread runtime, with a short ttl.
@@ -62,5 +62,5 @@ async fn memory_backend_passes_on_the_multi_thread_runtime() {
 async fn memory_backend_passes_the_contract_with_batched_renewals() {
     let report = conformance::run(&Memory(MemoryStore::new(), Duration::from_secs(1), true)).await;
     assert!(report.is_ok(), "{report}");
-    assert_eq!(report.passed.len(), 20, "{report}");
+    assert_eq!(report.passed.len(), 21, "{report}");
 }

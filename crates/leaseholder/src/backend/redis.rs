@@ -28,11 +28,16 @@
 //! | renew | if the stored nonce is ours and the server's clock is still before the leader's deadline (mapped to it from earlier replies, early rather than late), `PEXPIRE` by the ttl and `PUBLISH` the holder with its expiry; a missing or replaced lease is [`Renewed::Lost`]. An expired key is gone, so it cannot be revived |
 //! | proclaim | as renew, but `SET … PX ttl` instead of `PEXPIRE`: the stored value's head (nonce, holder id, token, acquired at) kept as it is, followed by the new metadata; `PUBLISH` the holder with it |
 //! | release | compare-and-delete on the nonce, the token key kept; `PUBLISH` the release |
-//! | holder | the value and its `PTTL` (the expiry hint); a value we cannot decode, or a key of another type, is a foreign holder |
+//! | holder | the value, its `PTTL` (the expiry hint) and its `PEXPIRETIME` (the revision); a value we cannot decode, or a key of another type, is a foreign holder |
 //! | register | remove the key's expired entries (`ZRANGEBYSCORE … -inf now`, `HDEL`, `ZREMRANGEBYSCORE`); `HSET` the entry if it is new or its value changed; `ZADD` its expiry, the server's `TIME` + ttl; `PEXPIREAT` both keys to the latest expiry; `PUBLISH` a registry change only if an entry was added, rewritten with other contents or removed (never for a plain renewal) |
 //! | deregister | `HDEL` + `ZREM` of the entry; `PUBLISH` a registry change if it was live |
 //! | candidates | the ids scored after the server's `TIME` (`ZRANGEBYSCORE … (now +inf`), then their values (`HGET`); entries that do not decode are left out |
 //! | candidate | one id's score (`ZSCORE`), and its value (`HGET`) if that is after the server's `TIME` |
+//!
+//! A lease's revision is its stored expiry (`PEXPIRETIME`), which every
+//! script that writes the lease returns and every read shows unchanged
+//! until the next write: a read-back after a renewal's lost reply sees a
+//! new revision only if that renewal landed.
 //!
 //! The registry never touches the lease keys, nor they it. Its entries
 //! expire by the server's clock too, judged in the scripts (an expired
@@ -144,6 +149,7 @@ const LUA_COMMON: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function int(n) return string.format('%.0f', n) end
+local function expires(k) return redis.call('PEXPIRETIME', k) end
 local function get(k)
   local v = redis.pcall('GET', k)
   if type(v) == 'table' then return '' end
@@ -152,13 +158,14 @@ end
 ";
 
 /// KEYS: lease, token, epoch. ARGV: value, ttl ms, channel, key.
-/// Returns {0, value, pttl, now} (held), {1, token, now} (won) or
-/// {2, quiet ms, now} (the epoch is younger than a ttl).
+/// Returns {0, value, pttl, now, expiry} (held), {1, token, now, expiry}
+/// (won) or {2, quiet ms, now} (the epoch is younger than a ttl); the
+/// expiry is `PEXPIRETIME`, the lease's revision.
 const ACQUIRE: &str = r"
 local ttl = tonumber(ARGV[2])
 local cur = get(KEYS[1])
 if cur then
-  return {0, cur, redis.call('PTTL', KEYS[1]), int(now)}
+  return {0, cur, redis.call('PTTL', KEYS[1]), int(now), expires(KEYS[1])}
 end
 local epoch = tonumber(get(KEYS[3]))
 if not epoch then
@@ -183,13 +190,15 @@ for i = 8, 1, -1 do
 end
 local v = string.sub(ARGV[1], 1, 35) .. table.concat(b) .. string.sub(ARGV[1], 44)
 redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
-redis.call('PUBLISH', ARGV[3], 'U ' .. ARGV[2] .. ' ' .. int(now + ttl * 1000) .. ' ' .. ARGV[4] .. '\n' .. v)
-return {1, int(token), int(now)}
+local e = expires(KEYS[1])
+redis.call('PUBLISH', ARGV[3], 'U ' .. ARGV[2] .. ' ' .. e .. ' ' .. ARGV[4] .. '\n' .. v)
+return {1, int(token), int(now), e}
 ";
 
 /// KEYS: lease. ARGV: nonce, ttl ms, the deadline on the server's clock in
-/// µs ('' if unknown), channel, key. Returns {1, now} (renewed), {0, now}
-/// (lost) or {-1, now} (too late: nothing changed).
+/// µs ('' if unknown), channel, key. Returns {1, now, expiry} (renewed:
+/// the new `PEXPIRETIME`), {0, now} (lost) or {-1, now} (too late: nothing
+/// changed).
 const RENEW: &str = r"
 local cur = get(KEYS[1])
 if not cur or string.sub(cur, 4, 19) ~= ARGV[1] then
@@ -200,8 +209,9 @@ if deadline and now >= deadline then
   return {-1, int(now)}
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[4], 'U ' .. ARGV[2] .. ' ' .. int(now + tonumber(ARGV[2]) * 1000) .. ' ' .. ARGV[5] .. '\n' .. cur)
-return {1, int(now)}
+local e = expires(KEYS[1])
+redis.call('PUBLISH', ARGV[4], 'U ' .. ARGV[2] .. ' ' .. e .. ' ' .. ARGV[5] .. '\n' .. cur)
+return {1, int(now), e}
 ";
 
 /// KEYS: lease. ARGV: as for `RENEW`, then the tail of the new value (the
@@ -219,8 +229,9 @@ if deadline and now >= deadline then
 end
 local v = string.sub(cur, 1, 51) .. ARGV[6]
 redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
-redis.call('PUBLISH', ARGV[4], 'U ' .. ARGV[2] .. ' ' .. int(now + tonumber(ARGV[2]) * 1000) .. ' ' .. ARGV[5] .. '\n' .. v)
-return {1, int(now)}
+local e = expires(KEYS[1])
+redis.call('PUBLISH', ARGV[4], 'U ' .. ARGV[2] .. ' ' .. e .. ' ' .. ARGV[5] .. '\n' .. v)
+return {1, int(now), e}
 ";
 
 /// The bytes of an encoded value before the metadata's length: magic,
@@ -238,13 +249,13 @@ end
 return 0
 ";
 
-/// KEYS: lease. Returns {0, now} (free) or {1, now, value, pttl}.
+/// KEYS: lease. Returns {0, now} (free) or {1, now, value, pttl, expiry}.
 const HOLDER: &str = r"
 local cur = get(KEYS[1])
 if not cur then
   return {0, int(now)}
 end
-return {1, int(now), cur, redis.call('PTTL', KEYS[1])}
+return {1, int(now), cur, redis.call('PTTL', KEYS[1]), expires(KEYS[1])}
 ";
 
 /// KEYS: epoch. Returns 1 if it wrote the marker.
@@ -670,10 +681,10 @@ impl RedisBackend {
         };
         self.sample(key, now, received);
         match status {
-            1 => Ok(Renewed::Renewed(lease.with_revision(revision(
-                now,
-                i64::try_from(ttl_ms).unwrap_or(i64::MAX),
-            )))),
+            1 => match items.get(2).and_then(int_of) {
+                Some(expiry) => Ok(Renewed::Renewed(lease.with_revision(revision(expiry)))),
+                None => Err(unexpected(&Value::Array(items))),
+            },
             // Reached the server after the leader's deadline: it changed
             // nothing, like a reply that never came.
             -1 => Err(BackendError::Timeout(budget)),
@@ -1325,10 +1336,16 @@ fn expiry_hint(pttl: i64) -> Option<Duration> {
     u64::try_from(pttl).ok().map(Duration::from_millis)
 }
 
-/// The revision of a lease: its expiry on the server's clock in µs (later
-/// for every renewal of the same lease).
-fn revision(now_us: i64, pttl: i64) -> u64 {
-    u64::try_from(now_us.saturating_add(pttl.max(0).saturating_mul(1000))).unwrap_or(0)
+/// The revision of a lease: its expiry as the server stores it
+/// (`PEXPIRETIME`, Unix ms), in µs. Every read of an unchanged lease shows
+/// the same one, and a renewal in a later millisecond moves it: the
+/// campaign takes a changed revision on a read-back as proof that an
+/// unanswered renewal landed. (A revision made of the read's own time, as
+/// `TIME` + `PTTL`, differs between reads of an unchanged lease, and so
+/// once credited a renewal that never happened.) A key without an expiry
+/// (`-1`, a foreign value) or gone (`-2`) is revision 0.
+fn revision(expiry_ms: i64) -> u64 {
+    u64::try_from(expiry_ms.max(0).saturating_mul(1000)).unwrap_or(0)
 }
 
 /// A ttl in whole milliseconds, rounded up: the store never expires a
@@ -1386,7 +1403,7 @@ fn slot_tag(slot: u16) -> &'static str {
     tags.get(usize::from(slot)).map_or("0", String::as_str)
 }
 
-/// A published event: `U <ttl ms> <revision> <key>\n<value>`, `R <key>`
+/// A published event: `U <ttl ms> <expiry, Unix ms> <key>\n<value>`, `R <key>`
 /// or `C <key>` (the key's registry changed). Anything else is ignored.
 fn event_from(payload: &[u8]) -> Option<WatchEvent> {
     if let Some(key) = payload.strip_prefix(b"R ") {
@@ -1403,7 +1420,7 @@ fn event_from(payload: &[u8]) -> Option<WatchEvent> {
     let head = std::str::from_utf8(head).ok()?;
     let mut fields = head.splitn(3, ' ');
     let ttl: u64 = fields.next()?.parse().ok()?;
-    let rev: u64 = fields.next()?.parse().ok()?;
+    let rev = revision(fields.next()?.parse().ok()?);
     let key = Key::new(fields.next()?).ok()?;
     let holder = Holder::decode(value, None, rev, Some(Duration::from_millis(ttl)));
     Some(WatchEvent::Updated(key, Some(holder)))
@@ -1468,7 +1485,8 @@ impl BackendEdge for RedisBackend {
             Some(1) => {
                 let token = items.get(1).and_then(int_of);
                 let now = items.get(2).and_then(int_of);
-                let (Some(token), Some(now)) = (token, now) else {
+                let expiry = items.get(3).and_then(int_of);
+                let (Some(token), Some(now), Some(expiry)) = (token, now, expiry) else {
                     return Err(unexpected(&Value::Array(items)));
                 };
                 self.sample(key, now, received);
@@ -1476,7 +1494,7 @@ impl BackendEdge for RedisBackend {
                 if token == 0 || token >= LUA_EXACT {
                     return Err(unexpected(&Value::Array(items)));
                 }
-                let rev = revision(now, i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+                let rev = revision(expiry);
                 Ok(Acquired::Won(Lease::new(
                     claim,
                     FencingToken::new(token),
@@ -1486,11 +1504,11 @@ impl BackendEdge for RedisBackend {
             Some(0) => {
                 let value = items.get(1).and_then(bytes_of).unwrap_or_default();
                 let pttl = items.get(2).and_then(int_of).unwrap_or(-1);
-                let now = items.get(3).and_then(int_of).unwrap_or(0);
+                let expiry = items.get(4).and_then(int_of).unwrap_or(-1);
                 Ok(Acquired::Held(Holder::decode(
                     value,
                     None,
-                    revision(now, pttl),
+                    revision(expiry),
                     expiry_hint(pttl),
                 )))
             }
@@ -1556,10 +1574,11 @@ impl BackendEdge for RedisBackend {
                 self.sample(key, now, received);
                 let value = items.get(2).and_then(bytes_of).unwrap_or_default();
                 let pttl = items.get(3).and_then(int_of).unwrap_or(-1);
+                let expiry = items.get(4).and_then(int_of).unwrap_or(-1);
                 Ok(Some(Holder::decode(
                     value,
                     None,
-                    revision(now, pttl),
+                    revision(expiry),
                     expiry_hint(pttl),
                 )))
             }
@@ -1886,7 +1905,7 @@ mod tests {
                 assert_eq!(key.as_str(), "my key");
                 assert_eq!(h.nonce(), Some(value.nonce));
                 assert_eq!(h.token(), Some(FencingToken::new(77)));
-                assert_eq!(h.revision(), 1234);
+                assert_eq!(h.revision(), 1_234_000, "the expiry in ms, as µs");
                 assert_eq!(h.expires_in(), Some(Duration::from_millis(3000)));
             }
             other => panic!("{other:?}"),
