@@ -398,7 +398,7 @@ async fn harness_main(args: &[String]) -> anyhow::Result<()> {
         println!("report: {} in {}", files.join(", "), dir.display());
     }
     println!(
-        "CHAOS seed={seed} store={store} keys={} kill={} pause={} cut={} blackhole={} restart={} wipe={} member_kill={} member_pause={} transitions={} rejected={} largest_overlap_us={} drift_overlaps={} violations={} anomalies={}",
+        "CHAOS seed={seed} store={store} keys={} kill={} pause={} cut={} blackhole={} restart={} wipe={} member_kill={} member_pause={} member_cut={} transitions={} rejected={} largest_overlap_us={} drift_overlaps={} violations={} anomalies={}",
         outcome.record.events.len(),
         count(FaultKind::Kill),
         count(FaultKind::Pause),
@@ -408,6 +408,7 @@ async fn harness_main(args: &[String]) -> anyhow::Result<()> {
         count(FaultKind::Wipe),
         count(FaultKind::MemberKill),
         count(FaultKind::MemberPause),
+        count(FaultKind::MemberCut),
         r.transitions(),
         r.rejected,
         r.largest_overlap,

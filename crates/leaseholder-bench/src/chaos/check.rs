@@ -124,10 +124,16 @@ pub(crate) enum FaultKind {
     MemberKill,
     /// `SIGSTOP` one member of a cluster, later `SIGCONT`.
     MemberPause,
+    /// Cut one member of a cluster off from its peers (every route through
+    /// the testkit's per-link proxies closed) while its clients still reach
+    /// it, later heal the routes: the member is on the minority side of a
+    /// partition. NATS clusters only (etcd members advertise one peer URL
+    /// that every peer dials, so one member cannot be cut alone).
+    MemberCut,
 }
 
 impl FaultKind {
-    pub(crate) const ALL: [FaultKind; 8] = [
+    pub(crate) const ALL: [FaultKind; 9] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Cut,
@@ -136,6 +142,7 @@ impl FaultKind {
         FaultKind::Wipe,
         FaultKind::MemberKill,
         FaultKind::MemberPause,
+        FaultKind::MemberCut,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -148,6 +155,7 @@ impl FaultKind {
             FaultKind::Wipe => "wipe",
             FaultKind::MemberKill => "member-kill",
             FaultKind::MemberPause => "member-pause",
+            FaultKind::MemberCut => "member-cut",
         }
     }
 }
@@ -363,6 +371,8 @@ impl Faults<'_> {
             Some("member-kill")
         } else if self.any(FaultKind::MemberPause, None, lo, hi) {
             Some("member-pause")
+        } else if self.any(FaultKind::MemberCut, None, lo, hi) {
+            Some("member-cut")
         } else if self.beyond_margin(inst) {
             Some("clock-drift")
         } else {

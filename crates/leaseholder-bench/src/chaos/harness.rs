@@ -66,7 +66,9 @@ pub(crate) struct Options {
     /// `LEASEHOLDER_CLOCK_RATE` in `candidate.rs`.
     pub(crate) clock_rates: Vec<f64>,
     /// NATS only: 3 runs a 3-node cluster with the lease bucket replicated
-    /// on every node (R3), and injects member faults as for etcd.
+    /// on every node (R3), and injects member faults as for etcd, and
+    /// one more: a member cut off from its peers while its clients still
+    /// reach it ([`FaultKind::MemberCut`]).
     pub(crate) cluster: usize,
     /// Where to write the report (JSON and SVG timelines), if anywhere.
     pub(crate) report: Option<std::path::PathBuf>,
@@ -356,6 +358,24 @@ impl Server {
             (Server::NatsCluster(c), false) => c.node(i).pause()?,
             (Server::NatsCluster(c), true) => c.node(i).resume()?,
             _ => anyhow::bail!("this store has no members"),
+        }
+        Ok(())
+    }
+
+    /// Whether one member can be cut off from its peers alone
+    /// ([`FaultKind::MemberCut`]): a NATS cluster, whose routes run
+    /// through a proxy per link.
+    fn can_partition(&self) -> bool {
+        matches!(self, Server::NatsCluster(_))
+    }
+
+    /// Cuts member `i`'s routes to its peers (`cut` true) or heals them;
+    /// its clients still reach it.
+    fn member_cut(&self, i: usize, cut: bool) -> anyhow::Result<()> {
+        match (self, cut) {
+            (Server::NatsCluster(c), true) => c.isolate(i),
+            (Server::NatsCluster(c), false) => c.heal(i),
+            _ => anyhow::bail!("this store cannot cut one member off"),
         }
         Ok(())
     }
@@ -736,6 +756,7 @@ impl Harness {
                 FaultKind::Cut | FaultKind::Blackhole => self.server.has_link(),
                 FaultKind::Wipe => self.server.can_lose_data(),
                 FaultKind::MemberKill | FaultKind::MemberPause => self.server.members() > 1,
+                FaultKind::MemberCut => self.server.can_partition(),
                 FaultKind::Kill | FaultKind::Pause | FaultKind::Restart => true,
             })
             .collect()
@@ -752,8 +773,10 @@ impl Harness {
                 14..28 => FaultKind::Pause,
                 28..41 => FaultKind::Cut,
                 41..54 => FaultKind::Blackhole,
-                54..70 => FaultKind::MemberKill,
-                70..84 => FaultKind::MemberPause,
+                54..66 => FaultKind::MemberKill,
+                66..76 => FaultKind::MemberPause,
+                76..87 if self.server.can_partition() => FaultKind::MemberCut,
+                76..87 => FaultKind::MemberPause,
                 _ => FaultKind::Restart,
             }
         } else {
@@ -786,7 +809,10 @@ impl Harness {
         let cluster_kind = |k: FaultKind| {
             matches!(
                 k,
-                FaultKind::MemberKill | FaultKind::MemberPause | FaultKind::Restart
+                FaultKind::MemberKill
+                    | FaultKind::MemberPause
+                    | FaultKind::MemberCut
+                    | FaultKind::Restart
             ) && self.server.members() > 1
         };
         let deferred = if self.member_fault.is_none() {
@@ -959,7 +985,7 @@ impl Harness {
                     started.elapsed().as_secs_f64() * 1000.0
                 ));
             }
-            FaultKind::MemberKill | FaultKind::MemberPause => {
+            FaultKind::MemberKill | FaultKind::MemberPause | FaultKind::MemberCut => {
                 if self.member_fault.is_some() {
                     // One member at a time: the cluster keeps its quorum.
                     self.log(&format!(
@@ -985,10 +1011,10 @@ impl Harness {
                     "a Raft follower"
                 };
                 let length = self.fault_length();
-                if kind == FaultKind::MemberKill {
-                    self.server.member_kill(member).await?;
-                } else {
-                    self.server.member_signal(member, false)?;
+                match kind {
+                    FaultKind::MemberKill => self.server.member_kill(member).await?,
+                    FaultKind::MemberCut => self.server.member_cut(member, true)?,
+                    _ => self.server.member_signal(member, false)?,
                 }
                 let fault = self.record.faults.len();
                 self.record.faults.push(Fault {
@@ -1000,10 +1026,10 @@ impl Harness {
                 self.member_fault = Some(fault);
                 self.log(&format!(
                     "fault: {} m{member} ({role}) for {}",
-                    if kind == FaultKind::MemberKill {
-                        "SIGKILL"
-                    } else {
-                        "SIGSTOP"
+                    match kind {
+                        FaultKind::MemberKill => "SIGKILL",
+                        FaultKind::MemberCut => "cut the routes of",
+                        _ => "SIGSTOP",
                     },
                     secs(length)
                 ));
@@ -1095,10 +1121,10 @@ impl Harness {
         let started = Instant::now();
         let to = now_us();
         let restarted = kind == Some(FaultKind::MemberKill);
-        if restarted {
-            self.server.member_restart(member).await?;
-        } else {
-            self.server.member_signal(member, true)?;
+        match kind {
+            Some(FaultKind::MemberKill) => self.server.member_restart(member).await?,
+            Some(FaultKind::MemberCut) => self.server.member_cut(member, false)?,
+            _ => self.server.member_signal(member, true)?,
         }
         if let Some(f) = self.record.faults.get_mut(fault) {
             f.to = to;
@@ -1145,11 +1171,14 @@ impl Harness {
             ));
             return Ok(());
         }
-        let _ = fault;
+        let back = match self.record.faults.get(fault).map(|f| f.kind) {
+            _ if restarted => "restarted",
+            Some(FaultKind::MemberCut) => "healed",
+            _ => "resumed",
+        };
         self.member_fault = None;
         self.log(&format!(
-            "m{member} {} and the cluster healthy after {:.0} ms",
-            if restarted { "restarted" } else { "resumed" },
+            "m{member} {back} and the cluster healthy after {:.0} ms",
             started.elapsed().as_secs_f64() * 1000.0
         ));
         Ok(())

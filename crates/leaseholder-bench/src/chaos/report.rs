@@ -171,6 +171,7 @@ pub(crate) fn timeline(
             FaultKind::Wipe => (store_row, "#b6992d", "wipe"),
             FaultKind::MemberKill => (store_row, "#ff9d9a", "member kill"),
             FaultKind::MemberPause => (store_row, "#d4a6c8", "member pause"),
+            FaultKind::MemberCut => (store_row, "#b07aa1", "member cut"),
         };
         let (x0, x1) = (x(f.from), x(end).max(x(f.from) + 2.0));
         let _ = writeln!(

@@ -905,6 +905,14 @@ pub trait BackendEdge: Send + Sync + 'static {
 
     /// The live lease for `key`, if any, with an expiry hint.
     ///
+    /// The holder's [revision](Holder::revision) must be the one the
+    /// lease's last write (acquire, renew, proclaim) returned, and the same
+    /// on every read until the next write: after a renewal whose reply was
+    /// lost, the campaign reads the key back and takes any other revision
+    /// as proof that the renewal landed. A revision computed from the time
+    /// of the read breaks that (the conformance row
+    /// `revision_changes_only_with_a_write` checks it).
+    ///
     /// `budget`: see [the trait docs](BackendEdge#the-budget-of-a-call).
     fn holder(
         &self,
