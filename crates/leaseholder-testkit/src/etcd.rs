@@ -10,8 +10,8 @@ use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command as StdCommand, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -21,6 +21,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use crate::binary::{parse_major_minor, pick_by_version};
+use crate::peer_links::{Partition, PeerLinks};
 use crate::process::{log_tail, wait_stopped};
 use crate::{ChildGuard, Error, TempDir, find_binary_candidates, free_port};
 
@@ -214,6 +215,13 @@ pub struct EtcdServer {
     binary: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// The peer port the other members dial (`--initial-advertise-peer-urls`):
+    /// the peer port itself, or in a cluster the port of its front (see
+    /// [`EtcdCluster::isolate`]).
+    advertised_peer_port: u16,
+    /// In a cluster: the fronts' shared state and this member's index, to
+    /// record each new PID in.
+    partition: Option<(Arc<Partition>, usize)>,
     membership: Membership,
     /// The member ID, learnt when the member first became ready (0 until
     /// then); it is the same after a restart.
@@ -245,7 +253,13 @@ impl EtcdServer {
                 name,
                 token,
             };
-            let mut server = Self::spawn_new(&binary, client_port, peer_port, membership)?;
+            let mut server = Self::spawn_new(
+                &binary,
+                client_port,
+                (peer_port, peer_port),
+                None,
+                membership,
+            )?;
             match server.wait_ready(READY_DEADLINE).await {
                 Ok(()) => return Ok(server),
                 Err(error) if attempt < START_ATTEMPTS && port_taken(&error) => {
@@ -259,28 +273,42 @@ impl EtcdServer {
 
     /// Spawns a member with a fresh directory, without waiting for it to be
     /// ready.
+    /// `peer_ports`: the one it listens on, the one it advertises.
     fn spawn_new(
         binary: &Path,
         client_port: u16,
-        peer_port: u16,
+        peer_ports: (u16, u16),
+        partition: Option<(Arc<Partition>, usize)>,
         membership: Membership,
     ) -> Result<Self, Error> {
         let dir = TempDir::new("leaseholder-etcd")?;
+        let (peer_port, advertised_peer_port) = peer_ports;
         let child = spawn(
             binary,
             dir.path(),
-            &args(dir.path(), client_port, peer_port, &membership),
+            &args(dir.path(), client_port, peer_ports, &membership),
         )?;
-        Ok(Self {
+        let server = Self {
             child,
             dir,
             binary: binary.to_owned(),
             client_port,
             peer_port,
+            advertised_peer_port,
+            partition,
             membership,
             member_id: 0,
             version: String::new(),
-        })
+        };
+        server.record_pid();
+        Ok(server)
+    }
+
+    /// Tells the cluster's peer fronts the current PID.
+    fn record_pid(&self) {
+        if let Some((partition, i)) = &self.partition {
+            partition.set_pid(*i, self.child.pid());
+        }
     }
 
     /// The client URL, `http://127.0.0.1:PORT`, as etcd clients and
@@ -303,6 +331,14 @@ impl EtcdServer {
     /// talk Raft on.
     pub fn peer_port(&self) -> u16 {
         self.peer_port
+    }
+
+    /// The peer port the other members dial (`--initial-advertise-peer-urls`):
+    /// [`peer_port`](Self::peer_port) for a single member; in an
+    /// [`EtcdCluster`] the port of the member's front, which forwards to
+    /// it (see [`EtcdCluster::isolate`]).
+    pub fn advertised_peer_port(&self) -> u16 {
+        self.advertised_peer_port
     }
 
     /// The member's name (`--name`), unique within this process.
@@ -375,6 +411,7 @@ impl EtcdServer {
     pub async fn restart(&mut self) -> Result<(), Error> {
         self.child.kill().await?;
         self.child = spawn(&self.binary, self.dir.path(), &self.args())?;
+        self.record_pid();
         self.wait_ready(READY_DEADLINE).await
     }
 
@@ -552,7 +589,7 @@ impl EtcdServer {
         args(
             self.dir.path(),
             self.client_port,
-            self.peer_port,
+            (self.peer_port, self.advertised_peer_port),
             &self.membership,
         )
     }
@@ -574,12 +611,18 @@ impl Drop for EtcdServer {
 ///
 /// [`kill`](Self::kill) and [`restart`](Self::restart) act on one member;
 /// a restarted member keeps its ports and its data directory (so its
-/// identity and data), and rejoins. Every member is killed when the value
-/// is dropped.
+/// identity and data), and rejoins. [`isolate`](Self::isolate) cuts one
+/// member off from the others while its clients still reach it, and
+/// [`heal`](Self::heal) joins it up again: the members of a cluster
+/// advertise peer URLs of fronts in this process, which forward to their
+/// peer ports. Every member is killed when the value is dropped.
 #[derive(Debug)]
 pub struct EtcdCluster {
+    // The members are dropped (killed) before their fronts.
     members: Vec<EtcdServer>,
     token: String,
+    /// The fronts of the members' peer ports (clusters of 2 or more).
+    links: Option<PeerLinks>,
 }
 
 impl EtcdCluster {
@@ -634,20 +677,36 @@ impl EtcdCluster {
             let port = other_free_port(&ports)?;
             ports.push(port);
         }
-        let (client_ports, peer_ports) = ports.split_at_mut(n);
+        let (client_ports, peer_ports) = ports.split_at(n);
+        // A cluster's members advertise the ports of fronts that forward to
+        // their peer ports, so that one can be cut off (`isolate`).
+        let mut links = if n > 1 {
+            Some(PeerLinks::bind(n, &ports).await?)
+        } else {
+            None
+        };
         // The first member gets the first peer URL in string order, the
         // one the others ask first (see `wait_serving_peers`).
-        peer_ports.sort_by_key(|&port| local_url(port));
+        let advertised: Vec<u16> = match &mut links {
+            Some(links) => {
+                links.sort_by_url();
+                links.start(peer_ports);
+                links.ports().to_vec()
+            }
+            None => peer_ports.to_vec(),
+        };
+        let partition = links.as_ref().map(PeerLinks::partition);
         let names: Vec<String> = (0..n).map(|i| format!("{token}-m{i}")).collect();
         let initial_cluster = names
             .iter()
-            .zip(peer_ports.iter())
+            .zip(advertised.iter())
             .map(|(name, &port)| format!("{name}={}", local_url(port)))
             .collect::<Vec<_>>()
             .join(",");
         let mut cluster = Self {
             members: Vec::with_capacity(n),
             token,
+            links,
         };
         for (i, name) in names.into_iter().enumerate() {
             let membership = Membership {
@@ -658,7 +717,8 @@ impl EtcdCluster {
             cluster.members.push(EtcdServer::spawn_new(
                 binary,
                 client_ports[i],
-                peer_ports[i],
+                (peer_ports[i], advertised[i]),
+                partition.clone().map(|p| (p, i)),
                 membership,
             )?);
             if i == 0 && n > 1 {
@@ -855,6 +915,42 @@ impl EtcdCluster {
     pub async fn restart(&mut self, i: usize) -> Result<(), Error> {
         self.members[i].restart().await?;
         self.wait_healthy().await
+    }
+
+    /// Cuts member `i` off from the other members, as on the minority side
+    /// of a network partition, until [`heal`](Self::heal): every
+    /// connection between it and another member is closed, and new ones
+    /// are closed as soon as they are accepted, both ways. Its clients
+    /// still reach it (a member without a quorum answers no linearizable
+    /// request; a Raft leader steps down after an election timeout, as etcd
+    /// checks its quorum), and so do the testkit's probes.
+    ///
+    /// Each member advertises the address of a front that forwards to its
+    /// peer port and tells which member dialed a connection by the process
+    /// that owns the other end (`/proc/net/tcp` and `/proc/<pid>/fd`), so
+    /// this works on Linux only; elsewhere, and for a single member, it
+    /// fails with [`Error::Io`]. Panics if there is no member `i`.
+    pub fn isolate(&self, i: usize) -> Result<(), Error> {
+        assert!(i < self.members.len(), "there is no member {i}");
+        match &self.links {
+            Some(links) => links.isolate(i),
+            None => Err(Error::io(
+                "cutting an etcd member off",
+                std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "a single member has no peers to be cut off from",
+                ),
+            )),
+        }
+    }
+
+    /// Lets member `i` reach the other members again after
+    /// [`isolate`](Self::isolate); they dial each other again on their own
+    /// (see [`wait_healthy`](Self::wait_healthy) to wait for it).
+    pub fn heal(&self, i: usize) {
+        if let Some(links) = &self.links {
+            links.heal(i);
+        }
     }
 
     /// Waits until every member answers `GET /health` with `true` and the
@@ -1108,10 +1204,17 @@ fn other_free_port(taken: &[u16]) -> Result<u16, Error> {
     }
 }
 
-/// The command line of a member.
-fn args(dir: &Path, client_port: u16, peer_port: u16, membership: &Membership) -> Vec<String> {
+/// The command line of a member; `peer_ports`: the one it listens on, the
+/// one it advertises.
+fn args(
+    dir: &Path,
+    client_port: u16,
+    peer_ports: (u16, u16),
+    membership: &Membership,
+) -> Vec<String> {
     let client_url = local_url(client_port);
-    let peer = local_url(peer_port);
+    let peer = local_url(peer_ports.0);
+    let advertised = local_url(peer_ports.1);
     [
         "--name",
         &membership.name,
@@ -1124,7 +1227,7 @@ fn args(dir: &Path, client_port: u16, peer_port: u16, membership: &Membership) -
         "--listen-peer-urls",
         &peer,
         "--initial-advertise-peer-urls",
-        &peer,
+        &advertised,
         "--initial-cluster",
         &membership.initial_cluster,
         "--initial-cluster-state",

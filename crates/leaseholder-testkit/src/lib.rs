@@ -32,6 +32,7 @@ mod binary;
 mod error;
 mod etcd;
 mod nats;
+mod peer_links;
 mod port;
 mod postgres;
 mod process;

@@ -268,6 +268,91 @@ async fn a_cluster_survives_the_loss_of_its_leader_and_takes_it_back() {
     assert!(cluster.leader_index().await.is_ok());
 }
 
+/// The first member among `members` that says it is the Raft leader,
+/// asked until `PATIENCE` runs out.
+async fn leader_among(cluster: &EtcdCluster, members: &[usize]) -> Option<usize> {
+    timeout(PATIENCE, async {
+        loop {
+            for &i in members {
+                if let Ok(Ok(status)) = timeout(SHORT, cluster.member(i).status()).await
+                    && status.is_leader()
+                {
+                    return i;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_steps_down_the_others_elect_one_and_it_rejoins_when_healed() {
+    let cluster = EtcdCluster::start(3)
+        .await
+        .unwrap_or_else(|e| panic!("starting an etcd cluster failed (run scripts/setup?): {e}"));
+    let leader = cluster.leader_index().await.unwrap();
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    for member in cluster.members() {
+        assert_ne!(member.advertised_peer_port(), member.peer_port());
+    }
+    assert_eq!(
+        ctl(cluster.member(leader), &["put", "k", "before"]).await,
+        "OK"
+    );
+
+    cluster.isolate(leader).unwrap();
+    let cut = Instant::now();
+    // The majority elects a leader among themselves...
+    let new_leader = leader_among(&cluster, &others)
+        .await
+        .expect("the majority elects a leader");
+    println!(
+        "m{new_leader} leads {:?} after m{leader} was cut off",
+        cut.elapsed()
+    );
+    // ...and the cut-off member steps down (etcd checks its quorum).
+    let stepped_down = timeout(PATIENCE, async {
+        loop {
+            match timeout(SHORT, cluster.member(leader).status()).await {
+                Ok(Ok(status)) if !status.is_leader() => return,
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    assert!(
+        stepped_down.is_ok(),
+        "the isolated leader never stepped down"
+    );
+    // Its clients still reach it, but without a quorum it takes no write.
+    let put = timeout(
+        PATIENCE,
+        cluster
+            .member(leader)
+            .ctl(&["put", "k", "cut", "--command-timeout=1s"]),
+    )
+    .await
+    .expect("etcdctl gives up by its command timeout");
+    assert!(put.is_err(), "a write through the isolated member: {put:?}");
+    assert_eq!(
+        ctl(cluster.member(new_leader), &["put", "k", "during"]).await,
+        "OK"
+    );
+
+    // Healed, it rejoins and catches up.
+    cluster.heal(leader);
+    timeout(Duration::from_secs(40), cluster.wait_healthy())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ctl(cluster.member(leader), &["get", "k", "--print-value-only"]).await,
+        "during"
+    );
+}
+
 #[test]
 fn a_cluster_needs_a_member() {
     let runtime = tokio::runtime::Builder::new_current_thread()

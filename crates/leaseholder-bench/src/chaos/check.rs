@@ -127,8 +127,8 @@ pub(crate) enum FaultKind {
     /// Cut one member of a cluster off from its peers (every route through
     /// the testkit's per-link proxies closed) while its clients still reach
     /// it, later heal the routes: the member is on the minority side of a
-    /// partition. NATS clusters only (etcd members advertise one peer URL
-    /// that every peer dials, so one member cannot be cut alone).
+    /// partition. NATS (routes through per-link proxies) and etcd (peer
+    /// ports behind fronts that tell who dialed).
     MemberCut,
 }
 

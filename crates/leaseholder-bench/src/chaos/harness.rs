@@ -34,8 +34,9 @@ pub(crate) enum Store {
     /// A 3-member etcd cluster, each candidate given every member's
     /// endpoint (through proxies of its own). Besides the faults of the
     /// other stores: one member killed and restarted later
-    /// ([`FaultKind::MemberKill`]) or paused ([`FaultKind::MemberPause`]),
-    /// never more than one at a time, so the cluster keeps its quorum; and
+    /// ([`FaultKind::MemberKill`]), paused ([`FaultKind::MemberPause`]) or
+    /// cut off from its peers ([`FaultKind::MemberCut`]), never more than
+    /// one at a time, so the cluster keeps its quorum; and
     /// as its restart, a quorum loss: two members killed, then started
     /// again one after the other.
     Etcd,
@@ -364,9 +365,10 @@ impl Server {
 
     /// Whether one member can be cut off from its peers alone
     /// ([`FaultKind::MemberCut`]): a NATS cluster, whose routes run
-    /// through a proxy per link.
+    /// through a proxy per link, and etcd, whose members' peer ports sit
+    /// behind fronts that know who dialed.
     fn can_partition(&self) -> bool {
-        matches!(self, Server::NatsCluster(_))
+        matches!(self, Server::NatsCluster(_) | Server::Etcd(_))
     }
 
     /// Cuts member `i`'s routes to its peers (`cut` true) or heals them;
@@ -375,6 +377,8 @@ impl Server {
         match (self, cut) {
             (Server::NatsCluster(c), true) => c.isolate(i),
             (Server::NatsCluster(c), false) => c.heal(i),
+            (Server::Etcd(c), true) => c.isolate(i)?,
+            (Server::Etcd(c), false) => c.heal(i),
             _ => anyhow::bail!("this store cannot cut one member off"),
         }
         Ok(())
