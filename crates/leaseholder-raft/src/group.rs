@@ -72,16 +72,25 @@ pub(crate) enum Request {
     Candidates {
         key: String,
     },
+    /// Make exactly these the group's voting members (new ones added as
+    /// learners first, until they caught up).
+    SetMembers {
+        members: Vec<(NodeId, String)>,
+    },
 }
 
 /// The answer to a [`Request`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) enum Reply {
-    Setup { created: bool },
+    Setup {
+        created: bool,
+    },
     Outcome(Outcome),
     Holder(Option<HolderWire>),
     Keys(Vec<String>),
     Candidates(Vec<Vec<u8>>),
+    /// The membership change committed.
+    Members,
 }
 
 /// Why a [`Request`] was not served.
@@ -165,6 +174,7 @@ pub struct PeerGroupBuilder {
     listen: Option<String>,
     heartbeat: Duration,
     election: (Duration, Duration),
+    join: bool,
 }
 
 impl std::fmt::Debug for PeerGroupBuilder {
@@ -176,6 +186,7 @@ impl std::fmt::Debug for PeerGroupBuilder {
             .field("data_dir", &self.data_dir)
             .field("heartbeat", &self.heartbeat)
             .field("election", &self.election)
+            .field("join", &self.join)
             .finish_non_exhaustive()
     }
 }
@@ -193,6 +204,7 @@ impl PeerGroup {
             listen: None,
             heartbeat: Duration::from_millis(50),
             election: (Duration::from_millis(150), Duration::from_millis(300)),
+            join: false,
         }
     }
 
@@ -265,6 +277,79 @@ impl PeerGroup {
             .map_err(|e| GroupError::Unavailable(e.to_string()))
     }
 
+    /// The group's voting members as this member last learnt them: id and
+    /// address, in id order.
+    pub fn members(&self) -> Vec<(NodeId, String)> {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        membership
+            .voter_ids()
+            .map(|id| {
+                let addr = membership
+                    .get_node(&id)
+                    .map(|n| n.addr.clone())
+                    .unwrap_or_default();
+                (id, addr)
+            })
+            .collect()
+    }
+
+    /// Makes exactly `members` (id and address) the group's voting
+    /// members, at run time, from any member (the call is served by the
+    /// member that leads the group). A new member must be running, started
+    /// with [`join`](PeerGroupBuilder::join): it is added as a learner and
+    /// caught up with the log first, then the change is committed by joint
+    /// consensus (openraft's), so at every step a quorum of the old and of
+    /// the new members agrees. A member left out stops being counted; shut
+    /// it down once this returns.
+    ///
+    /// Leases are untouched: a lease lives in the replicated table, so a
+    /// candidate that leads keeps its term, also when the member that led
+    /// the group is removed (the next one extends every lease to a full
+    /// ttl from its takeover, as after any change of Raft leader).
+    ///
+    /// Fails with [`GroupError::Config`] for an empty list, an id listed
+    /// twice or an empty address, and with [`GroupError::Unavailable`] if
+    /// the change did not commit within `timeout` (it may still commit:
+    /// read [`members`](Self::members) and call again, the call is
+    /// idempotent).
+    pub async fn set_members<A: Into<String>>(
+        &self,
+        members: impl IntoIterator<Item = (NodeId, A)>,
+        timeout: Duration,
+    ) -> Result<(), GroupError> {
+        let mut list: Vec<(NodeId, String)> = Vec::new();
+        for (id, addr) in members {
+            let addr = addr.into();
+            if addr.is_empty() {
+                return Err(GroupError::Config(format!(
+                    "member {id} has an empty address"
+                )));
+            }
+            if list.iter().any(|(other, _)| *other == id) {
+                return Err(GroupError::Config(format!("member {id} is listed twice")));
+            }
+            list.push((id, addr));
+        }
+        if list.is_empty() {
+            return Err(GroupError::Config(
+                "set_members needs at least one member".to_owned(),
+            ));
+        }
+        match serve(
+            &self.inner,
+            Request::SetMembers { members: list },
+            timeout,
+            0,
+        )
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => Err(GroupError::Unavailable(e.to_string())),
+        }
+    }
+
     /// How many leases and registry entries this member's table holds
     /// (live or not).
     pub fn table_len(&self) -> (usize, usize) {
@@ -293,6 +378,16 @@ impl PeerGroup {
 type Checked = (NodeId, BTreeMap<NodeId, String>, Arc<dyn Transport>);
 
 impl PeerGroupBuilder {
+    /// Starts this member to join a group that runs already, instead of
+    /// forming one: it waits, with an empty log, until a member of the
+    /// group adds it with [`PeerGroup::set_members`]. The
+    /// [`peers`](Self::peers) must still list this member (its address);
+    /// the others' addresses come from the group.
+    pub fn join(mut self) -> Self {
+        self.join = true;
+        self
+    }
+
     /// This member's id: one of the [`peers`](Self::peers).
     pub fn node_id(mut self, id: NodeId) -> Self {
         self.node_id = Some(id);
@@ -470,7 +565,7 @@ impl PeerGroupBuilder {
             .is_initialized()
             .await
             .map_err(|e| GroupError::Unavailable(e.to_string()))?;
-        if !initialized {
+        if !initialized && !self.join {
             let nodes: BTreeMap<NodeId, BasicNode> = members
                 .iter()
                 .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
@@ -605,15 +700,36 @@ fn leader_addr(inner: &GroupInner, to: NodeId) -> Option<String> {
 
 /// Serves `request` if this member leads the group.
 async fn serve_here(inner: &Arc<GroupInner>, request: &Request) -> Result<Here, ServeError> {
-    let (term, leading, leader) = {
+    let (term, leading, leader, state, member) = {
         let metrics = inner.raft.metrics();
         let m = metrics.borrow();
         (
             m.current_term,
             m.state == ServerState::Leader,
             m.current_leader,
+            m.state,
+            m.membership_config
+                .membership()
+                .nodes()
+                .any(|(id, _)| *id == inner.id),
         )
     };
+    // A member that has shut down, or is not (or no longer) in the group,
+    // says so at once: waiting for a leader it will never hear of would
+    // hold a caller (another member that still names it the leader, just
+    // after it was removed) for the whole budget.
+    if state == ServerState::Shutdown {
+        return Err(ServeError::Unavailable(format!(
+            "member {} has shut down",
+            inner.id
+        )));
+    }
+    if !member {
+        return Err(ServeError::Unavailable(format!(
+            "member {} is not in the group (removed, or not added yet)",
+            inner.id
+        )));
+    }
     if !leading {
         return Ok(Here::Elsewhere(leader));
     }
@@ -756,6 +872,7 @@ async fn serve_here(inner: &Arc<GroupInner>, request: &Request) -> Result<Here, 
             )
             .await
         }
+        Request::SetMembers { members } => set_members(inner, members).await,
         Request::Holder { key } => {
             if !linearized && let Some(elsewhere) = linearize(inner).await? {
                 return Ok(elsewhere);
@@ -810,6 +927,47 @@ async fn linearize(inner: &GroupInner) -> Result<Option<Here>, ServeError> {
             ServeError::Unavailable(format!("no quorum confirms this member's leadership: {q}")),
         ),
         Err(RaftError::Fatal(f)) => Err(ServeError::Unavailable(format!("raft stopped: {f}"))),
+    }
+}
+
+/// Adds the members not yet in the group as learners (each call returns
+/// once the learner has caught up with the log), then commits `members` as
+/// the voters, by joint consensus.
+async fn set_members(inner: &GroupInner, members: &[(NodeId, String)]) -> Result<Here, ServeError> {
+    let known: Vec<NodeId> = {
+        let metrics = inner.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    for (id, addr) in members {
+        if known.contains(id) {
+            continue;
+        }
+        let node = BasicNode { addr: addr.clone() };
+        if let Err(e) = inner.raft.add_learner(*id, node, true).await {
+            return match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                    Ok(Here::Elsewhere(f.leader_id))
+                }
+                other => Err(ServeError::Unavailable(format!(
+                    "adding member {id} as a learner: {other}"
+                ))),
+            };
+        }
+    }
+    let voters: std::collections::BTreeSet<NodeId> = members.iter().map(|(id, _)| *id).collect();
+    match inner.raft.change_membership(voters, false).await {
+        Ok(_) => Ok(Here::Done(Reply::Members)),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Ok(Here::Elsewhere(f.leader_id))
+        }
+        Err(e) => Err(ServeError::Unavailable(format!(
+            "changing the members: {e}"
+        ))),
     }
 }
 

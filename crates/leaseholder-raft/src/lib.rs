@@ -80,6 +80,18 @@
 //! ([`PeerGroupBuilder::tcp`]), your own [`Transport`], or the in-process
 //! [`LocalNet`].
 //!
+//! # Membership
+//!
+//! The members are explicit: every member is started with the same
+//! [`peers`](PeerGroupBuilder::peers) when the group is first formed. To
+//! change them at run time, start a new member with
+//! [`join`](PeerGroupBuilder::join) (it forms no group of its own) and
+//! call [`PeerGroup::set_members`] on any member with the new list: new
+//! members are added as learners and caught up first, then the change
+//! commits by joint consensus. Leases live in the replicated table, so a
+//! term survives a change of members, also the removal of the member that
+//! leads the group.
+//!
 //! [openraft]: https://docs.rs/openraft
 
 mod backend;

@@ -381,3 +381,124 @@ async fn every_member_restarting_on_its_data_directory_keeps_tokens_rising() {
     log.check();
     c.shutdown().await;
 }
+
+/// Waits until `member` reports exactly `want` as the group's members.
+async fn wait_members(member: &PeerGroup, want: &[(u64, String)]) {
+    let seen = timeout(Duration::from_secs(10), async {
+        loop {
+            if member.members() == want {
+                return;
+            }
+            let _ = member.wait_for_leader(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        seen.is_ok(),
+        "member {} shows {:?}, not {want:?}",
+        member.id(),
+        member.members()
+    );
+}
+
+/// Membership at run time: a fourth member joins (a learner first, then a
+/// voter), then the member that leads the group is removed and shut down.
+/// The leading candidate, on a member that stays, keeps its term through
+/// both changes; handed over, the next term (on the new member) has a
+/// larger token. Bad lists are refused before anything is proposed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_added_and_removed_at_run_time_keep_the_term_and_tokens_rising() {
+    let mut c = cluster(3).await;
+    let mut log = Log::new();
+    let r = c.raft_leader().await;
+    let f = (r + 1) % 3;
+    let mut leaders = vec![log.candidate(f, &c.members[f])];
+    let (_, token) = log.started(Duration::from_secs(10)).await;
+
+    for bad in [
+        vec![],
+        vec![(1, "m1".to_owned()), (1, "m1".to_owned())],
+        vec![(1, String::new())],
+    ] {
+        let refused = c.members[f]
+            .set_members(bad.clone(), Duration::from_secs(5))
+            .await;
+        assert!(
+            matches!(refused, Err(leaseholder_raft::GroupError::Config(_))),
+            "{bad:?}: {refused:?}"
+        );
+    }
+
+    let joiner = PeerGroup::builder()
+        .node_id(4)
+        .peers([(4, "m4")])
+        .transport(c.net.transport(4))
+        .in_memory()
+        .join()
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("member 4: {e}"));
+    c.net.attach(&joiner);
+    assert_eq!(joiner.leader(), None, "a joining member forms no group");
+    let all: Vec<(u64, String)> = (1..=4).map(|i| (i, format!("m{i}"))).collect();
+    c.members[f]
+        .set_members(all.clone(), Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("adding member 4: {e}"));
+    wait_members(&c.members[f], &all).await;
+    wait_members(&joiner, &all).await;
+    c.members.push(joiner);
+
+    let removed = c.members[r].id();
+    let rest: Vec<(u64, String)> = all
+        .iter()
+        .filter(|(id, _)| *id != removed)
+        .cloned()
+        .collect();
+    c.members[f]
+        .set_members(rest.clone(), Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("removing member {removed}: {e}"));
+    c.members[r].shutdown().await;
+    wait_members(&c.members[f], &rest).await;
+    // The members left elect a leader among themselves.
+    let elected = timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(id) = c.members[f].leader()
+                && id != removed
+            {
+                return id;
+            }
+            let _ = c.members[f]
+                .wait_for_leader(Duration::from_millis(20))
+                .await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(elected.is_ok(), "no leader after member {removed} left");
+
+    // Two ttls after the changes: the term lives on.
+    if let Some(ev) = log.next(TTL * 2).await {
+        panic!("the term changed with the membership: {ev:?}");
+    }
+    let term = leaders[0]
+        .0
+        .current_term()
+        .unwrap_or_else(|| panic!("no current term"));
+    assert_eq!(term.fencing_token().get(), token);
+    assert!(term.is_valid());
+
+    // Handed over to a candidate on the new member: a larger token.
+    leaders.push(log.candidate(3, &c.members[3]));
+    let (first, task) = leaders.remove(0);
+    let _ = first.shutdown().await;
+    let _ = timeout(Duration::from_secs(10), task).await;
+    let (who, next) = log.started(TTL * 4).await;
+    assert_eq!(who, 3);
+    assert!(next > token, "token {next} after {token}");
+    stop(leaders).await;
+    log.check();
+    c.shutdown().await;
+}
