@@ -175,6 +175,8 @@ pub struct PeerGroupBuilder {
     heartbeat: Duration,
     election: (Duration, Duration),
     join: bool,
+    /// The built-in transport, when [`tcp`](Self::tcp) chose it.
+    tcp: Option<Arc<crate::tcp::TcpTransport>>,
 }
 
 impl std::fmt::Debug for PeerGroupBuilder {
@@ -205,6 +207,7 @@ impl PeerGroup {
             heartbeat: Duration::from_millis(50),
             election: (Duration::from_millis(150), Duration::from_millis(300)),
             join: false,
+            tcp: None,
         }
     }
 
@@ -406,6 +409,7 @@ impl PeerGroupBuilder {
     pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
         self.transport = Some(transport);
         self.listen = None;
+        self.tcp = None;
         self
     }
 
@@ -414,8 +418,21 @@ impl PeerGroupBuilder {
     /// [`peers`](Self::peers), or an address that reaches it, such as
     /// `0.0.0.0:7001`), and dials the other members at their addresses.
     pub fn tcp(mut self, listen: impl Into<String>) -> Self {
-        self.transport = Some(crate::tcp::TcpTransport::new());
+        let tcp = crate::tcp::TcpTransport::new();
+        self.transport = Some(tcp.clone());
+        self.tcp = Some(tcp);
         self.listen = Some(listen.into());
+        self
+    }
+
+    /// With [`tcp`](Self::tcp): dials member `to` at `addr` instead of its
+    /// address in the [`peers`](Self::peers), a link of this member's own
+    /// (see [`TcpTransport::route`](crate::TcpTransport::route)). Ignored
+    /// for other transports.
+    pub fn tcp_route(self, to: NodeId, addr: impl Into<String>) -> Self {
+        if let Some(tcp) = &self.tcp {
+            tcp.route(to, addr);
+        }
         self
     }
 
@@ -587,7 +604,10 @@ impl PeerGroupBuilder {
             }),
         };
         if let Some(listener) = listener {
-            let tcp = crate::tcp::TcpTransport::new();
+            let tcp = self
+                .tcp
+                .clone()
+                .unwrap_or_else(crate::tcp::TcpTransport::new);
             let server = tcp.serve(listener, &group);
             group
                 .inner

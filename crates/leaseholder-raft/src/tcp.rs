@@ -50,6 +50,9 @@ struct Conn {
 /// [`PeerGroupBuilder::tcp`]: crate::PeerGroupBuilder::tcp
 pub struct TcpTransport {
     conns: Mutex<HashMap<NodeId, Arc<Conn>>>,
+    /// Members dialed at another address than the group's (see
+    /// [`route`](TcpTransport::route)).
+    routes: Mutex<HashMap<NodeId, String>>,
     max_frame: usize,
 }
 
@@ -57,6 +60,7 @@ impl std::fmt::Debug for TcpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcpTransport")
             .field("connections", &lock(&self.conns).len())
+            .field("routes", &*lock(&self.routes))
             .field("max_frame", &self.max_frame)
             .finish()
     }
@@ -73,8 +77,43 @@ impl TcpTransport {
     pub fn with_max_frame(max_frame: usize) -> Arc<TcpTransport> {
         Arc::new(TcpTransport {
             conns: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
             max_frame,
         })
+    }
+
+    /// Dials member `to` at `addr` from now on, instead of the address the
+    /// group knows it by: a link of this member's own (through a proxy, a
+    /// tunnel, a test's cuttable link), while the others still dial `to`
+    /// at its group address. The open connection to `to`, if any, is
+    /// closed, so the next call dials `addr`.
+    ///
+    /// ```
+    /// use leaseholder_raft::TcpTransport;
+    ///
+    /// let tcp = TcpTransport::new();
+    /// tcp.route(2, "127.0.0.1:17002");
+    /// assert_eq!(tcp.route_of(2).as_deref(), Some("127.0.0.1:17002"));
+    /// tcp.unroute(2);
+    /// assert_eq!(tcp.route_of(2), None);
+    /// ```
+    pub fn route(&self, to: NodeId, addr: impl Into<String>) {
+        lock(&self.routes).insert(to, addr.into());
+        lock(&self.conns).remove(&to);
+    }
+
+    /// Dials member `to` at its group address again (closing the open
+    /// connection to it).
+    pub fn unroute(&self, to: NodeId) {
+        if lock(&self.routes).remove(&to).is_some() {
+            lock(&self.conns).remove(&to);
+        }
+    }
+
+    /// The address member `to` is dialed at instead of its group address,
+    /// if [`route`](Self::route) set one.
+    pub fn route_of(&self, to: NodeId) -> Option<String> {
+        lock(&self.routes).get(&to).cloned()
     }
 
     /// Serves the frames other members send to `listener`, handing them to
@@ -136,7 +175,7 @@ impl TcpTransport {
 
 impl Transport for TcpTransport {
     fn call(&self, to: NodeId, addr: &str, frame: Bytes, timeout: Duration) -> CallFuture<'_> {
-        let addr = addr.to_owned();
+        let addr = self.route_of(to).unwrap_or_else(|| addr.to_owned());
         Box::pin(async move {
             let work = async {
                 let conn = self.connect(to, &addr).await.map_err(|e| {

@@ -4,14 +4,16 @@
 //! intervals are stamped on the one process clock, so the check is strict:
 //! no two terms' work overlaps at all, and tokens rise.
 
-use std::sync::{Arc, Mutex};
+mod support;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use leaseholder::Leader;
 use leaseholder_raft::{LocalNet, PeerGroup};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use leaseholder_testkit::TempDir;
 use tokio::time::{Instant, timeout};
+
+use support::{Log, stop};
 
 const TTL: Duration = Duration::from_millis(1500);
 
@@ -90,129 +92,6 @@ impl Cluster {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Work {
-    who: usize,
-    token: u64,
-    start: Instant,
-    end: Option<Instant>,
-}
-
-#[derive(Debug)]
-enum Ev {
-    Started(usize, u64),
-    Ended(usize, u64),
-}
-
-struct Log {
-    work: Arc<Mutex<Vec<Work>>>,
-    tx: mpsc::UnboundedSender<Ev>,
-    rx: mpsc::UnboundedReceiver<Ev>,
-}
-
-impl Log {
-    fn new() -> Log {
-        let (tx, rx) = mpsc::unbounded_channel();
-        Log {
-            work: Arc::new(Mutex::new(Vec::new())),
-            tx,
-            rx,
-        }
-    }
-
-    /// Starts candidate `who` on `member`'s backend.
-    fn candidate(&self, who: usize, member: &PeerGroup) -> (Leader, JoinHandle<()>) {
-        let leader = Leader::builder("job")
-            .backend(member.backend())
-            .ttl(TTL)
-            .build()
-            .unwrap_or_else(|e| panic!("build: {e}"));
-        let work = self.work.clone();
-        let tx = self.tx.clone();
-        let task = tokio::spawn({
-            let leader = leader.clone();
-            async move {
-                let _ = leader
-                    .acquire_and_run(move |term| {
-                        let work = work.clone();
-                        let tx = tx.clone();
-                        async move {
-                            let token = term.fencing_token().get();
-                            let i = {
-                                let mut w = work.lock().unwrap_or_else(|p| p.into_inner());
-                                w.push(Work {
-                                    who,
-                                    token,
-                                    start: Instant::now(),
-                                    end: None,
-                                });
-                                w.len() - 1
-                            };
-                            let _ = tx.send(Ev::Started(who, token));
-                            term.cancelled().await;
-                            work.lock().unwrap_or_else(|p| p.into_inner())[i].end =
-                                Some(Instant::now());
-                            let _ = tx.send(Ev::Ended(who, token));
-                            Ok::<_, std::io::Error>(())
-                        }
-                    })
-                    .await;
-            }
-        });
-        (leader, task)
-    }
-
-    async fn next(&mut self, within: Duration) -> Option<Ev> {
-        timeout(within, self.rx.recv()).await.ok().flatten()
-    }
-
-    async fn started(&mut self, within: Duration) -> (usize, u64) {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.next(left).await {
-                Some(Ev::Started(who, token)) => return (who, token),
-                Some(Ev::Ended(..)) => continue,
-                None => panic!("no term started within {within:?}"),
-            }
-        }
-    }
-
-    async fn ended(&mut self, within: Duration) -> (usize, u64) {
-        match self.next(within).await {
-            Some(Ev::Ended(who, token)) => (who, token),
-            other => panic!("expected a term to end within {within:?}, got {other:?}"),
-        }
-    }
-
-    /// No two terms' work overlaps (one process, one clock: not at all),
-    /// and tokens rise in the order the terms began.
-    fn check(&self) {
-        let mut work = self.work.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        work.sort_by_key(|w| w.start);
-        for pair in work.windows(2) {
-            let (a, b) = (pair[0], pair[1]);
-            let a_end = a
-                .end
-                .unwrap_or_else(|| panic!("{a:?} still runs while {b:?} started"));
-            assert!(
-                a_end <= b.start,
-                "overlap: candidate {} and {}: {a:?} and {b:?}",
-                a.who,
-                b.who
-            );
-            assert!(a.token < b.token, "tokens out of order: {a:?} then {b:?}");
-        }
-    }
-}
-
-async fn stop(leaders: Vec<(Leader, JoinHandle<()>)>) {
-    for (leader, task) in leaders {
-        let _ = leader.shutdown().await;
-        let _ = timeout(Duration::from_secs(10), task).await;
-    }
-}
-
 /// The candidate that leads runs on the member that leads the group; that
 /// member is cut off into a minority of one. The term ends (no renewal
 /// commits without a quorum) before the majority side grants a new one,
@@ -220,7 +99,7 @@ async fn stop(leaders: Vec<(Leader, JoinHandle<()>)>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_raft_leader_cut_into_a_minority_ends_its_term_before_the_majority_grants_one() {
     let c = cluster(3).await;
-    let mut log = Log::new();
+    let mut log = Log::new(TTL);
     let r = c.raft_leader().await;
     let first = log.candidate(r, &c.members[r]);
     let (who, token) = log.started(Duration::from_secs(10)).await;
@@ -247,7 +126,7 @@ async fn the_raft_leader_cut_into_a_minority_ends_its_term_before_the_majority_g
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_raft_leader_costs_the_leading_candidate_no_term() {
     let c = cluster(3).await;
-    let mut log = Log::new();
+    let mut log = Log::new(TTL);
     let r = c.raft_leader().await;
     let f = (r + 1) % 3;
     let leaders = vec![log.candidate(f, &c.members[f])];
@@ -297,7 +176,7 @@ async fn losing_the_raft_leader_costs_the_leading_candidate_no_term() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_majority_nobody_leads_until_the_links_come_back() {
     let c = cluster(3).await;
-    let mut log = Log::new();
+    let mut log = Log::new(TTL);
     let mut leaders = vec![log.candidate(0, &c.members[0])];
     let (_, token) = log.started(Duration::from_secs(10)).await;
     for m in &c.members {
@@ -318,29 +197,6 @@ async fn with_no_majority_nobody_leads_until_the_links_come_back() {
     c.shutdown().await;
 }
 
-/// A fresh directory under the system's temp dir, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "leaseholder-raft-{name}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Every member restarts on its data directory, twice: once after the
 /// leading candidate resigned, once while it led (every member stopped
 /// under it). The group remembers its log: tokens keep rising, and the
@@ -348,17 +204,17 @@ impl Drop for TempDir {
 /// after they come back (no term starts while the old one may still run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_member_restarting_on_its_data_directory_keeps_tokens_rising() {
-    let dir = TempDir::new("restart");
-    let mut log = Log::new();
+    let dir = TempDir::new("leaseholder-raft-restart").unwrap_or_else(|e| panic!("{e}"));
+    let mut log = Log::new(TTL);
 
-    let c = cluster_in(3, Some(&dir.0)).await;
+    let c = cluster_in(3, Some(dir.path())).await;
     let first = log.candidate(0, &c.members[0]);
     let (_, t1) = log.started(Duration::from_secs(10)).await;
     stop(vec![first]).await;
     c.shutdown().await;
     drop(c);
 
-    let c = cluster_in(3, Some(&dir.0)).await;
+    let c = cluster_in(3, Some(dir.path())).await;
     let second = log.candidate(1, &c.members[1]);
     let (_, t2) = log.started(Duration::from_secs(15)).await;
     assert!(
@@ -372,7 +228,7 @@ async fn every_member_restarting_on_its_data_directory_keeps_tokens_rising() {
     let (ended, _) = log.ended(TTL * 2).await;
     assert_eq!(ended, 1);
 
-    let c = cluster_in(3, Some(&dir.0)).await;
+    let c = cluster_in(3, Some(dir.path())).await;
     let third = log.candidate(2, &c.members[2]);
     let (_, t3) = log.started(Duration::from_secs(15)).await;
     assert!(t3 > t2, "token {t3} after the second restart, {t2} before");
@@ -410,7 +266,7 @@ async fn wait_members(member: &PeerGroup, want: &[(u64, String)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_added_and_removed_at_run_time_keep_the_term_and_tokens_rising() {
     let mut c = cluster(3).await;
-    let mut log = Log::new();
+    let mut log = Log::new(TTL);
     let r = c.raft_leader().await;
     let f = (r + 1) % 3;
     let mut leaders = vec![log.candidate(f, &c.members[f])];

@@ -1,35 +1,19 @@
 //! Members linked by the built-in TCP transport on loopback, each with its
 //! data directory: the conformance suite over TCP, and a member that
 //! restarts on its port and directory rejoining the group (the others
-//! dial it again).
+//! dial it again), and members whose every link runs through a testkit
+//! proxy of its own (`TcpTransport::route`), so that one can be cut off.
 
+mod support;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use leaseholder::conformance::{self, Harness};
 use leaseholder::{Backend, BoxError, Key, Leader};
 use leaseholder_raft::PeerGroup;
-use leaseholder_testkit::free_port;
-
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        TempDir(std::env::temp_dir().join(format!(
-            "leaseholder-raft-tcp-{name}-{}-{nanos}",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use leaseholder_testkit::{TcpProxy, TempDir, free_port};
 
 struct Tcp {
     dir: TempDir,
@@ -47,7 +31,8 @@ impl Tcp {
             })
             .collect();
         let mut tcp = Tcp {
-            dir: TempDir::new(name),
+            dir: TempDir::new(&format!("leaseholder-raft-tcp-{name}"))
+                .unwrap_or_else(|e| panic!("{e}")),
             peers,
             members: Vec::new(),
             next: AtomicUsize::new(0),
@@ -75,7 +60,7 @@ impl Tcp {
             .node_id(id)
             .peers(self.peers.clone())
             .tcp(addr)
-            .data_dir(self.dir.0.join(format!("m{id}")))
+            .data_dir(self.dir.path().join(format!("m{id}")))
             .start()
             .await
             .unwrap_or_else(|e| panic!("member {id}: {e}"))
@@ -173,4 +158,153 @@ async fn a_member_restarting_on_its_port_and_directory_rejoins() {
     let _ = leader.shutdown().await;
     let _ = task.await;
     g.shutdown().await;
+}
+
+/// Three members over TCP, each dialing each other member through a proxy
+/// of its own (one per directed link).
+struct Proxied {
+    _dir: TempDir,
+    members: Vec<PeerGroup>,
+    /// `(from, to)` (member ids) to the proxy `from` dials `to` through.
+    links: HashMap<(u64, u64), TcpProxy>,
+}
+
+impl Proxied {
+    async fn new(n: u64) -> Proxied {
+        let dir = TempDir::new("leaseholder-raft-proxied").unwrap_or_else(|e| panic!("{e}"));
+        let peers: Vec<(u64, String)> = (1..=n)
+            .map(|i| {
+                let port = free_port().unwrap_or_else(|e| panic!("free port: {e}"));
+                (i, format!("127.0.0.1:{port}"))
+            })
+            .collect();
+        let mut links = HashMap::new();
+        for (from, _) in &peers {
+            for (to, addr) in &peers {
+                if from != to {
+                    let upstream = addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"));
+                    let proxy = TcpProxy::start(upstream)
+                        .await
+                        .unwrap_or_else(|e| panic!("proxy: {e}"));
+                    links.insert((*from, *to), proxy);
+                }
+            }
+        }
+        let mut members = Vec::new();
+        for (id, addr) in &peers {
+            let mut builder = PeerGroup::builder()
+                .node_id(*id)
+                .peers(peers.clone())
+                .tcp(addr.clone())
+                .data_dir(dir.path().join(format!("m{id}")));
+            for ((from, to), proxy) in &links {
+                if from == id {
+                    builder = builder.tcp_route(*to, proxy.addr().to_string());
+                }
+            }
+            let member = builder
+                .start()
+                .await
+                .unwrap_or_else(|e| panic!("member {id}: {e}"));
+            members.push(member);
+        }
+        for m in &members {
+            m.wait_for_leader(Duration::from_secs(20))
+                .await
+                .unwrap_or_else(|e| panic!("member {}: {e}", m.id()));
+        }
+        Proxied {
+            _dir: dir,
+            members,
+            links,
+        }
+    }
+
+    /// Cuts (or restores) every link from and to member `id`.
+    fn cut(&self, id: u64, cut: bool) {
+        for ((from, to), proxy) in &self.links {
+            if *from == id || *to == id {
+                if cut {
+                    proxy.cut();
+                } else {
+                    proxy.restore();
+                }
+            }
+        }
+    }
+
+    /// The index of the member that leads the group, once one says so.
+    async fn raft_leader(&self) -> usize {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Some(i) = self.members.iter().position(PeerGroup::is_leader) {
+                    return i;
+                }
+                let _ = self.members[0]
+                    .wait_for_leader(Duration::from_millis(20))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no member leads the group"))
+    }
+}
+
+/// Every link of the member that leads the group runs through a proxy;
+/// cutting them puts it in a minority of one while it runs on. Its
+/// candidate's term ends (no renewal commits), a candidate on the majority
+/// side then leads with a larger token, and once the links are back the
+/// cut-off member follows again. The traffic went through the proxies:
+/// the routes took effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raft_leader_cut_off_through_its_proxies_ends_its_term_before_a_new_one() {
+    const TTL: Duration = Duration::from_millis(1500);
+    let g = Proxied::new(3).await;
+    let mut log = support::Log::new(TTL);
+    let r = g.raft_leader().await;
+    let rid = g.members[r].id();
+    assert!(
+        g.links
+            .iter()
+            .filter(|((from, _), _)| *from == rid)
+            .all(|(_, p)| p.connections() > 0),
+        "the leader dials every follower through its proxy"
+    );
+    let mut leaders = vec![log.candidate(r, &g.members[r])];
+    let (who, token) = log.started(Duration::from_secs(10)).await;
+    assert_eq!(who, r);
+    for i in (0..3).filter(|&i| i != r) {
+        leaders.push(log.candidate(i, &g.members[i]));
+    }
+    g.cut(g.members[r].id(), true);
+    let (ended, _) = log.ended(TTL * 2).await;
+    assert_eq!(ended, r);
+    let (next, next_token) = log.started(TTL * 4).await;
+    assert_ne!(next, r, "the cut-off member's candidate led again");
+    assert!(next_token > token);
+    g.cut(g.members[r].id(), false);
+    let back = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(leader) = g.members[r].leader()
+                && leader != g.members[r].id()
+            {
+                return leader;
+            }
+            let _ = g.members[r]
+                .wait_for_leader(Duration::from_millis(20))
+                .await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        back.is_ok(),
+        "the healed member never followed the new leader"
+    );
+    support::stop(leaders).await;
+    log.check();
+    for m in &g.members {
+        m.shutdown().await;
+    }
 }
