@@ -9,8 +9,7 @@ use std::time::Duration;
 use leaseholder::{Backend, Leader, PostgresBackend};
 use leaseholder_testkit::ChildGuard;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::mpsc;
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::{Instant, timeout};
 
 mod support;
 use support::*;
@@ -24,119 +23,6 @@ mod fenced_write;
 
 /// The longest any single wait for an event may take.
 const WAIT: Duration = Duration::from_secs(60);
-
-/// The path of example `name`, which cargo builds next to the test
-/// binaries (`target/<profile>/examples/`) when it builds all the tests,
-/// but not for `--test operability` alone: then the binary may be missing
-/// or older than its source, and this says so.
-fn example(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let path = profile_dir.join("examples").join(name);
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("{name}.rs"));
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    assert!(
-        modified(&path) >= modified(&source),
-        "{} is missing or older than {}: build the examples first \
-         (`cargo build -p leaseholder-examples --examples`, or run the tests without `--test`)",
-        path.display(),
-        source.display()
-    );
-    path
-}
-
-/// One line a copy printed (or `EOF` when its stdout closed): the copy's
-/// index, when the test read it, and the line.
-#[derive(Clone, Debug)]
-struct Line {
-    copy: usize,
-    at: Instant,
-    text: String,
-}
-
-/// Copies of one example as processes, and every line they printed, in
-/// the order the test read them (each copy's own lines in the order it
-/// printed them).
-struct Copies {
-    procs: Vec<ChildGuard>,
-    tx: mpsc::UnboundedSender<Line>,
-    rx: mpsc::UnboundedReceiver<Line>,
-    seen: Vec<Line>,
-}
-
-impl Copies {
-    fn new() -> Copies {
-        let (tx, rx) = mpsc::unbounded_channel();
-        Copies {
-            procs: Vec::new(),
-            tx,
-            rx,
-            seen: Vec::new(),
-        }
-    }
-
-    fn spawn(&mut self, name: &str, url: &str) -> usize {
-        let mut cmd = tokio::process::Command::new(example(name));
-        cmd.env("DATABASE_URL", url)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut guard = ChildGuard::spawn(&mut cmd).unwrap();
-        let stdout = guard.child_mut().stdout.take().unwrap();
-        let copy = self.procs.len();
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(text)) = lines.next_line().await {
-                let _ = tx.send(Line {
-                    copy,
-                    at: Instant::now(),
-                    text,
-                });
-            }
-            let _ = tx.send(Line {
-                copy,
-                at: Instant::now(),
-                text: "EOF".into(),
-            });
-        });
-        self.procs.push(guard);
-        copy
-    }
-
-    /// The first line, seen or still to come, that `want` matches; waits
-    /// at most [`WAIT`].
-    async fn until(&mut self, what: &str, want: impl Fn(&Line) -> bool) -> Line {
-        if let Some(line) = self.seen.iter().find(|l| want(l)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let Ok(next) = timeout_at(deadline, self.rx.recv()).await else {
-                panic!("no {what} within {WAIT:?}; seen: {:#?}", self.texts());
-            };
-            let line = next.expect("the copies hold a sender");
-            self.seen.push(line.clone());
-            if want(&line) {
-                return line;
-            }
-        }
-    }
-
-    /// Where `line` is in [`seen`](Self::seen).
-    fn position(&self, line: &Line) -> usize {
-        self.seen
-            .iter()
-            .position(|l| l.copy == line.copy && l.at == line.at && l.text == line.text)
-            .unwrap()
-    }
-
-    fn texts(&self) -> Vec<String> {
-        self.seen
-            .iter()
-            .map(|l| format!("{}: {}", l.copy, l.text))
-            .collect()
-    }
-}
 
 fn token_in(line: &Line) -> u64 {
     line.text
@@ -159,8 +45,8 @@ async fn kubernetes_shutdown_drains_the_unit_in_progress_then_hands_over_at_once
         .await
         .unwrap();
     let mut copies = Copies::new();
-    copies.spawn("kubernetes_shutdown", &url);
-    copies.spawn("kubernetes_shutdown", &url);
+    copies.spawn("kubernetes_shutdown", &[("DATABASE_URL", &url)]);
+    copies.spawn("kubernetes_shutdown", &[("DATABASE_URL", &url)]);
     let leading = |l: &Line| l.text.starts_with("leading with fencing token ");
     let first = copies.until("leader", leading).await;
     let (leader, other, t1) = (first.copy, 1 - first.copy, token_in(&first));

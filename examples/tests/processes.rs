@@ -438,20 +438,6 @@ async fn a_paused_leader_is_refused_by_the_fence(url: String) {
     assert_eq!(fleet.sink.highest, fresh);
 }
 
-/// The path of example `name`, which cargo builds next to the test
-/// binaries (`target/<profile>/examples/`) whenever it builds the tests.
-fn example(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let path = profile_dir.join("examples").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: `cargo test` / `cargo nextest run` build the examples with the tests",
-        path.display()
-    );
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn noleaders_example_program_runs_on_nats_with_only_the_crate_path_changed() {
     let server = nats_with_bucket("mytestbucket").await;

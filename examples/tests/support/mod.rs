@@ -4,7 +4,19 @@
 //! running leader), which these tests are not about.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use leaseholder_testkit::{EtcdServer, NatsServer, PostgresServer, RedisServer, TempDir};
+use std::process::Stdio;
+use std::time::Duration;
+
+use leaseholder_testkit::{
+    ChildGuard, EtcdServer, NatsServer, PostgresServer, RedisServer, TempDir,
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout_at};
+
+/// The longest a copy of an example may take to print a line a test
+/// waits for.
+pub(crate) const LINE_WAIT: Duration = Duration::from_secs(60);
 
 /// The message a test gives when PostgreSQL is not installed.
 pub(crate) const NO_POSTGRES: &str = "PostgreSQL 15+: run scripts/setup";
@@ -91,4 +103,118 @@ pub(crate) async fn etcd_in_use() -> EtcdServer {
 /// The candidate's store argument for `server`: `etcd://127.0.0.1:PORT`.
 pub(crate) fn etcd_url(server: &EtcdServer) -> String {
     format!("etcd://{}", server.addr())
+}
+
+/// The path of example `name`, which cargo builds next to the test
+/// binaries (`target/<profile>/examples/`) when it builds all the tests,
+/// but not for `--test operability` alone: then the binary may be missing
+/// or older than its source, and this says so.
+pub(crate) fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let path = profile_dir.join("examples").join(name);
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("{name}.rs"));
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    assert!(
+        modified(&path) >= modified(&source),
+        "{} is missing or older than {}: build the examples first \
+         (`cargo build -p leaseholder-examples --examples`, or run the tests without `--test`)",
+        path.display(),
+        source.display()
+    );
+    path
+}
+
+/// One line a copy printed (or `EOF` when its stdout closed): the copy's
+/// index, when the test read it, and the line.
+#[derive(Clone, Debug)]
+pub(crate) struct Line {
+    pub(crate) copy: usize,
+    pub(crate) at: Instant,
+    pub(crate) text: String,
+}
+
+/// Copies of one example as processes, and every line they printed, in
+/// the order the test read them (each copy's own lines in the order it
+/// printed them).
+pub(crate) struct Copies {
+    pub(crate) procs: Vec<ChildGuard>,
+    tx: mpsc::UnboundedSender<Line>,
+    rx: mpsc::UnboundedReceiver<Line>,
+    pub(crate) seen: Vec<Line>,
+}
+
+impl Copies {
+    pub(crate) fn new() -> Copies {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Copies {
+            procs: Vec::new(),
+            tx,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Starts a copy of example `name` with `envs` set; its index.
+    pub(crate) fn spawn(&mut self, name: &str, envs: &[(&str, &str)]) -> usize {
+        let mut cmd = tokio::process::Command::new(example(name));
+        cmd.envs(envs.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut guard = ChildGuard::spawn(&mut cmd).unwrap();
+        let stdout = guard.child_mut().stdout.take().unwrap();
+        let copy = self.procs.len();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(text)) = lines.next_line().await {
+                let _ = tx.send(Line {
+                    copy,
+                    at: Instant::now(),
+                    text,
+                });
+            }
+            let _ = tx.send(Line {
+                copy,
+                at: Instant::now(),
+                text: "EOF".into(),
+            });
+        });
+        self.procs.push(guard);
+        copy
+    }
+
+    /// The first line, seen or still to come, that `want` matches; waits
+    /// at most [`LINE_WAIT`].
+    pub(crate) async fn until(&mut self, what: &str, want: impl Fn(&Line) -> bool) -> Line {
+        if let Some(line) = self.seen.iter().find(|l| want(l)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + LINE_WAIT;
+        loop {
+            let Ok(next) = timeout_at(deadline, self.rx.recv()).await else {
+                panic!("no {what} within {LINE_WAIT:?}; seen: {:#?}", self.texts());
+            };
+            let line = next.expect("the copies hold a sender");
+            self.seen.push(line.clone());
+            if want(&line) {
+                return line;
+            }
+        }
+    }
+
+    /// Where `line` is in [`seen`](Self::seen).
+    pub(crate) fn position(&self, line: &Line) -> usize {
+        self.seen
+            .iter()
+            .position(|l| l.copy == line.copy && l.at == line.at && l.text == line.text)
+            .unwrap()
+    }
+
+    pub(crate) fn texts(&self) -> Vec<String> {
+        self.seen
+            .iter()
+            .map(|l| format!("{}: {}", l.copy, l.text))
+            .collect()
+    }
 }
