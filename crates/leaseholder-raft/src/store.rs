@@ -58,6 +58,24 @@ fn io_err(e: &std::io::Error) -> StorageError<NodeId> {
 }
 
 impl MemoryLog {
+    /// Runs `f` on the log: on a blocking thread if the log has a file
+    /// (its writes fsync, which must not stall the runtime's workers),
+    /// else here.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut LogInner) -> T + Send + 'static,
+    ) -> Result<T, StorageError<NodeId>> {
+        if lock(&self.inner).disk.is_none() {
+            return Ok(f(&mut lock(&self.inner)));
+        }
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&mut lock(&inner)))
+            .await
+            .map_err(|e| io_err(&std::io::Error::other(e)))
+    }
+}
+
+impl MemoryLog {
     /// The log of the data directory `dir`, replayed.
     pub(crate) fn open(dir: &Path) -> std::io::Result<MemoryLog> {
         let (file, state) = LogFile::open(dir)?;
@@ -107,12 +125,15 @@ impl RaftLogStorage<TypeConfig> for MemoryLog {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let mut inner = lock(&self.inner);
-        if let Some(d) = inner.disk.as_mut() {
-            d.vote(*vote).map_err(|e| io_err(&e))?;
-        }
-        inner.state.vote = Some(*vote);
-        Ok(())
+        let vote = *vote;
+        self.with(move |inner| {
+            if let Some(d) = inner.disk.as_mut() {
+                d.vote(vote).map_err(|e| io_err(&e))?;
+            }
+            inner.state.vote = Some(vote);
+            Ok(())
+        })
+        .await?
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -123,12 +144,14 @@ impl RaftLogStorage<TypeConfig> for MemoryLog {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError<NodeId>> {
-        let mut inner = lock(&self.inner);
-        if let Some(d) = inner.disk.as_mut() {
-            d.committed(committed).map_err(|e| io_err(&e))?;
-        }
-        inner.state.committed = committed;
-        Ok(())
+        self.with(move |inner| {
+            if let Some(d) = inner.disk.as_mut() {
+                d.committed(committed).map_err(|e| io_err(&e))?;
+            }
+            inner.state.committed = committed;
+            Ok(())
+        })
+        .await?
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -145,19 +168,20 @@ impl RaftLogStorage<TypeConfig> for MemoryLog {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        let written = {
-            let mut inner = lock(&self.inner);
-            let written = match inner.disk.as_mut() {
-                Some(d) => d.append(entries.clone()),
-                None => Ok(()),
-            };
-            if written.is_ok() {
-                for entry in entries {
-                    inner.state.log.insert(entry.get_log_id().index, entry);
+        let written = self
+            .with(move |inner| {
+                let written = match inner.disk.as_mut() {
+                    Some(d) => d.append(entries.clone()),
+                    None => Ok(()),
+                };
+                if written.is_ok() {
+                    for entry in entries {
+                        inner.state.log.insert(entry.get_log_id().index, entry);
+                    }
                 }
-            }
-            written
-        };
+                written
+            })
+            .await?;
         match written {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
@@ -172,26 +196,29 @@ impl RaftLogStorage<TypeConfig> for MemoryLog {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let mut inner = lock(&self.inner);
-        if let Some(d) = inner.disk.as_mut() {
-            d.truncate(log_id.index).map_err(|e| io_err(&e))?;
-        }
-        let _ = inner.state.log.split_off(&log_id.index);
-        Ok(())
+        self.with(move |inner| {
+            if let Some(d) = inner.disk.as_mut() {
+                d.truncate(log_id.index).map_err(|e| io_err(&e))?;
+            }
+            let _ = inner.state.log.split_off(&log_id.index);
+            Ok(())
+        })
+        .await?
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let mut guard = lock(&self.inner);
-        let inner = &mut *guard;
-        if inner.state.last_purged < Some(log_id) {
-            inner.state.last_purged = Some(log_id);
-        }
-        let keep = inner.state.log.split_off(&(log_id.index + 1));
-        inner.state.log = keep;
-        if let Some(d) = inner.disk.as_mut() {
-            d.purge(log_id, &inner.state).map_err(|e| io_err(&e))?;
-        }
-        Ok(())
+        self.with(move |inner| {
+            if inner.state.last_purged < Some(log_id) {
+                inner.state.last_purged = Some(log_id);
+            }
+            let keep = inner.state.log.split_off(&(log_id.index + 1));
+            inner.state.log = keep;
+            if let Some(d) = inner.disk.as_mut() {
+                d.purge(log_id, &inner.state).map_err(|e| io_err(&e))?;
+            }
+            Ok(())
+        })
+        .await?
     }
 }
 
