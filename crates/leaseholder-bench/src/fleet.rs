@@ -46,7 +46,7 @@ pub(crate) struct Events {
 }
 
 impl Events {
-    fn new() -> Events {
+    pub(crate) fn new() -> Events {
         let (tx, rx) = mpsc::unbounded_channel();
         Events {
             tx,
@@ -56,8 +56,13 @@ impl Events {
         }
     }
 
+    /// A sender for the events of an in-process candidate.
+    pub(crate) fn sender(&self) -> mpsc::UnboundedSender<Event> {
+        self.tx.clone()
+    }
+
     /// Records an event the bench itself caused.
-    fn mark(&mut self, who: usize, ev: Ev) {
+    pub(crate) fn mark(&mut self, who: usize, ev: Ev) {
         self.log.push(Event {
             who,
             at: Instant::now(),

@@ -6,6 +6,7 @@
 mod counting;
 mod etcd_epoch;
 mod fleet;
+mod peer_group;
 mod registry;
 mod report;
 mod scale_graph;
@@ -70,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
                 opts.noleader = false;
             }
             "--out" => opts.out = PathBuf::from(it.next().context("--out DIR")?),
+            "--peer-group" => {}
             "--scale" => {
                 let keys = match it.as_slice().first() {
                     Some(list) if !list.starts_with("--") => {
@@ -88,11 +90,17 @@ async fn main() -> anyhow::Result<()> {
                 opts.scale = Some(keys);
             }
             other => anyhow::bail!(
-                "unknown argument {other:?}; usage: leaseholder-bench [--quick] [--out DIR] [--no-noleader] [--registry-only] [--scale [N,N,...]]"
+                "unknown argument {other:?}; usage: leaseholder-bench [--quick] [--out DIR] [--no-noleader] [--registry-only] [--scale [N,N,...]] [--peer-group]"
             ),
         }
     }
     let out_given = args.iter().any(|a| a == "--out");
+    if args.iter().any(|a| a == "--peer-group") {
+        if !out_given {
+            opts.out = opts.out.join("peer-group");
+        }
+        return peer_group_only(&opts.out, opts.quick).await;
+    }
     if let Some(keys) = opts.scale.clone() {
         if !out_given {
             opts.out = opts.out.join("scale");
@@ -580,6 +588,115 @@ alone, one per batch). Graph: [scale.svg](scale.svg).\n",
         nats.version(),
         pg.version(),
         window.as_secs()
+    );
+    let md = report::markdown(&sink.rows, &header);
+    report::write(out, "RESULTS.md", &md)?;
+    println!("{md}");
+    Ok(())
+}
+
+/// `--peer-group`: the peer group's rows (three members in this process
+/// over loopback TCP, durable, a candidate on each): first election,
+/// graceful handoff and crash failover (a crash takes the candidate's
+/// member down too), and the idle cost per member.
+async fn peer_group_only(out: &Path, quick: bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut sink = Sink {
+        dir: out.to_path_buf(),
+        rows: Vec::new(),
+    };
+    let backend = "peer group";
+    let runs = if quick { 5 } else { 20 };
+    log(start, &format!("{backend}: first election, {runs} runs"));
+    let t = scenarios::first_election(
+        |key| peer_group::RaftFleet::new(key, Duration::from_secs(10)),
+        "peer-group",
+        runs,
+        3,
+        Duration::from_secs(30),
+        &format!("{backend}: first election"),
+    )
+    .await?;
+    sink.timed(
+        backend,
+        "leaseholder",
+        "first election (3 candidates, a fresh group)",
+        t,
+        Some(("p99 <= 50 ms".into(), 50.0)),
+    )?;
+    let ttls: &[u64] = if quick { &[2] } else { &[2, 10] };
+    for &ttl_s in ttls {
+        let ttl = Duration::from_secs(ttl_s);
+        let rounds = if quick { 5 } else { 20 };
+        log(
+            start,
+            &format!("{backend}: handoff and crash failover, ttl {ttl_s} s, {rounds} rounds"),
+        );
+        let mut fleet = peer_group::RaftFleet::new("handoff", ttl);
+        let (_, handoff, failover) = scenarios::handoff_and_crash(
+            &mut fleet,
+            rounds,
+            true,
+            true,
+            ttl * 3 + Duration::from_secs(10),
+            &format!("{backend} ttl {ttl_s} s"),
+        )
+        .await?;
+        sink.timed(
+            backend,
+            "leaseholder",
+            &format!("graceful handoff (ttl {ttl_s} s)"),
+            handoff,
+            Some(("p99 <= 10 ms".into(), 10.0)),
+        )?;
+        let limit = (ttl_s * 1000 + 100) as f64;
+        sink.timed(
+            backend,
+            "leaseholder",
+            &format!("crash failover, member down with it (ttl {ttl_s} s)"),
+            failover,
+            Some((format!("p99 <= ttl + 100 ms = {limit} ms"), limit)),
+        )?;
+    }
+    let window = Duration::from_secs(if quick { 10 } else { 30 });
+    log(start, &format!("{backend}: idle cost, {window:?}"));
+    let idle = peer_group::idle(Duration::from_secs(10), window).await?;
+    sink.figure(
+        backend,
+        "idle: frames sent per second, each member".into(),
+        "frames/s",
+        idle.frames_per_s.clone(),
+        None,
+        format!(
+            "one leader holding a lease (ttl 10 s) over {:.1} s; heartbeats every 50 ms",
+            idle.window.as_secs_f64()
+        ),
+    );
+    sink.figure(
+        backend,
+        "idle: CPU per member".into(),
+        "% of a core",
+        vec![idle.cpu_pct_per_member],
+        None,
+        "the process's CPU over the window, divided by the 3 members".into(),
+    );
+    let wall = start.elapsed();
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let meta = [
+        ("mode", "--peer-group".to_owned()),
+        ("quick", quick.to_string()),
+        ("wall_time_s", format!("{:.1}", wall.as_secs_f64())),
+        ("cpus", cpus.to_string()),
+    ];
+    report::write(out, "results.json", &report::json(&sink.rows, &meta))?;
+    let header = format!(
+        "# leaseholder peer group results\n\nRun by `scripts/bench --peer-group{}`; wall time {:.0} s on {cpus} CPUs. \
+Three members of a `leaseholder-raft` group in one process, over the built-in TCP transport on loopback, each \
+with its data directory (fsynced), heartbeat 50 ms, election timeout 150 to 300 ms, and a candidate on each \
+member. A graceful handoff is the leader's `shutdown()`; a crash takes its member down with it (one process), \
+and its replacement starts the member again on its port and directory.\n",
+        if quick { " --quick" } else { "" },
+        wall.as_secs_f64(),
     );
     let md = report::markdown(&sink.rows, &header);
     report::write(out, "RESULTS.md", &md)?;

@@ -120,6 +120,16 @@ pub(crate) struct GroupInner {
     pub(crate) members: BTreeMap<NodeId, String>,
     /// Tasks to stop with the member (the TCP listener).
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Set by [`PeerGroup::shutdown`]: the TCP server closes its
+    /// connections rather than answer for a stopped node.
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl GroupInner {
+    /// Whether [`PeerGroup::shutdown`] was called.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// One member of a peer group: the replicas of a service elect among
@@ -359,9 +369,13 @@ impl PeerGroup {
         self.inner.machine.lock().table.len()
     }
 
-    /// Stops this member's Raft node (and its TCP listener). Its backends
-    /// fail from then on.
+    /// Stops this member's Raft node (and its TCP listener; the
+    /// connections its server accepted close at their next frame, so the
+    /// peers dial again). Its backends fail from then on.
     pub async fn shutdown(&self) {
+        self.inner
+            .stopped
+            .store(true, std::sync::atomic::Ordering::Release);
         for task in self
             .inner
             .tasks
@@ -601,6 +615,7 @@ impl PeerGroupBuilder {
                 transport,
                 members,
                 tasks: std::sync::Mutex::new(Vec::new()),
+                stopped: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         if let Some(listener) = listener {

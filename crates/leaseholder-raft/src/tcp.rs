@@ -131,7 +131,7 @@ impl TcpTransport {
                         continue;
                     }
                 };
-                if weak.strong_count() == 0 {
+                if weak.upgrade().is_none_or(|inner| inner.is_stopped()) {
                     return;
                 }
                 let _ = stream.set_nodelay(true);
@@ -250,7 +250,10 @@ async fn serve_conn(stream: TcpStream, group: Weak<crate::group::GroupInner>, ma
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_frames(write, rx));
     while let Ok((id, frame)) = read_frame(&mut read, max).await {
-        let Some(inner) = group.upgrade() else {
+        // A member that was shut down (its process may go on) closes the
+        // connection, so the peer dials again: a member started anew on
+        // the same address then gets the traffic.
+        let Some(inner) = group.upgrade().filter(|inner| !inner.is_stopped()) else {
             break;
         };
         let tx = tx.clone();
