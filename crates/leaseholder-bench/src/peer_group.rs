@@ -159,11 +159,13 @@ impl Group {
     }
 }
 
-/// A candidate: its leader handle, its member slot and its task.
+/// A candidate: its leader handle, its member slot, its task, and whether
+/// it still holds its slot (from its start until it is stopped or killed).
 struct Cand {
     leader: Leader,
     slot: usize,
     task: Option<JoinHandle<()>>,
+    holds_slot: bool,
 }
 
 /// Candidates on a [`Group`]: at most one per member, as one process each.
@@ -187,14 +189,9 @@ impl RaftFleet {
         }
     }
 
-    /// A member with no live candidate.
+    /// A member with no candidate.
     fn free_slot(&self) -> Option<usize> {
-        (0..MEMBERS).find(|&slot| {
-            !self
-                .cands
-                .iter()
-                .any(|c| c.slot == slot && c.task.as_ref().is_some_and(|t| !t.is_finished()))
-        })
+        (0..MEMBERS).find(|&slot| !self.cands.iter().any(|c| c.slot == slot && c.holds_slot))
     }
 }
 
@@ -224,8 +221,10 @@ impl Fleet for RaftFleet {
             leader,
             slot,
             task: None,
+            holds_slot: true,
         });
         self.events.mark(who, Ev::Ready);
+        tracing::debug!(who, slot, "peer-group candidate ready");
         Ok(who)
     }
 
@@ -260,6 +259,7 @@ impl Fleet for RaftFleet {
 
     fn terminate(&mut self, i: usize) -> anyhow::Result<()> {
         self.events.mark(i, Ev::Term);
+        self.cands[i].holds_slot = false;
         let leader = self.cands[i].leader.clone();
         tokio::spawn(async move { leader.shutdown().await });
         Ok(())
@@ -267,10 +267,12 @@ impl Fleet for RaftFleet {
 
     async fn kill(&mut self, i: usize) -> anyhow::Result<()> {
         self.events.mark(i, Ev::Kill);
+        self.cands[i].holds_slot = false;
         if let Some(task) = self.cands[i].task.take() {
             task.abort();
         }
         let slot = self.cands[i].slot;
+        tracing::debug!(who = i, slot, "peer-group candidate and member killed");
         if let Some(group) = self.group.as_mut() {
             group.down(slot).await;
         }

@@ -18,12 +18,6 @@ use crate::net::{self, Message, MessageReply, Network, Transport};
 use crate::store::{MemoryLog, NodeId, Raft, StateMachine};
 use crate::table::{self, Command, HolderWire, Judged, Outcome};
 
-/// How long a group younger than this reports its setup as a creation (so
-/// that a campaign waits one ttl before its first acquire: a group formed
-/// again from empty data directories knows nothing of the old group's
-/// leaders).
-const YOUNG: Duration = Duration::from_secs(600);
-
 /// How many times a lease operation is passed on to the member named as
 /// the leader before the caller gets [`ServeError::NoLeader`].
 const MAX_HOPS: u8 = 3;
@@ -787,14 +781,14 @@ async fn serve_here(inner: &Arc<GroupInner>, request: &Request) -> Result<Here, 
     }
     match request {
         Request::Setup => {
+            // Created if this call formed the table's genesis (two setups
+            // racing may both say so; each then waits a ttl, harmlessly).
+            // Acquires wait for the group to be a ttl old either way.
+            let created = !inner.machine.lock().table.has_base();
             if let Some(elsewhere) = ensure_base(inner).await? {
                 return Ok(elsewhere);
             }
-            let base = inner.machine.lock().table.base().unwrap_or(0);
-            let age = table::micros(SystemTime::now()).saturating_sub(base);
-            Ok(Here::Done(Reply::Setup {
-                created: Duration::from_micros(age) < YOUNG,
-            }))
+            Ok(Here::Done(Reply::Setup { created }))
         }
         Request::Acquire {
             key,
@@ -807,11 +801,21 @@ async fn serve_here(inner: &Arc<GroupInner>, request: &Request) -> Result<Here, 
             if let Some(elsewhere) = ensure_base(inner).await? {
                 return Ok(elsewhere);
             }
-            let judged = inner
-                .machine
-                .lock()
-                .table
-                .judge_acquire(key, Instant::now());
+            let now = Instant::now();
+            let quiet = inner.machine.lock().table.quiet_left(now, *ttl_us);
+            if let Some(left) = quiet {
+                // Held by nobody we know: a foreign holder that expires
+                // when the group is a ttl old.
+                return Ok(Here::Done(Reply::Outcome(Outcome::Held(Some(
+                    HolderWire {
+                        value: Vec::new(),
+                        token: None,
+                        revision: 0,
+                        expires_in_us: Some(table::us(left)),
+                    },
+                )))));
+            }
+            let judged = inner.machine.lock().table.judge_acquire(key, now);
             match judged {
                 Judged::Held(holder) => Ok(Here::Done(Reply::Outcome(Outcome::Held(Some(holder))))),
                 Judged::Propose(expect) => {

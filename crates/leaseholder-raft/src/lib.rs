@@ -70,6 +70,12 @@
 //! - **Fencing tokens.** A lease's token is the log index of the acquire
 //!   that created it plus the group's base (its birth in microseconds), so
 //!   tokens rise for the group's whole life.
+//! - **A new group waits a ttl.** A group formed again from empty data
+//!   directories knows nothing of the old group's leases, which may still
+//!   be led: no acquire succeeds until the group is one ttl old, measured
+//!   on the Raft leader's monotonic clock from when it applied the group's
+//!   first entry (later than the group's birth, never earlier); an acquire
+//!   before then finds a foreign holder that expires at that moment.
 //!
 //! # Storage and transport
 //!

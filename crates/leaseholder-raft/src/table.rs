@@ -162,6 +162,12 @@ struct Entry {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Table {
     base: Option<u64>,
+    /// When this member applied the group's first entry (the genesis), or
+    /// armed a table with a base (a snapshot, a restart): never earlier
+    /// than the group's birth, so the group's age measured from it on this
+    /// member's monotonic clock is never more than its true age.
+    #[serde(skip)]
+    born: Option<Instant>,
     leases: BTreeMap<String, Stored>,
     registry: BTreeMap<String, BTreeMap<[u8; 16], Entry>>,
 }
@@ -211,6 +217,7 @@ impl Stored {
 
 impl Table {
     /// The token base, once fixed.
+    #[cfg(test)]
     pub(crate) fn base(&self) -> Option<u64> {
         self.base
     }
@@ -224,6 +231,9 @@ impl Table {
     /// (the snapshot carries no clock), each entry lasts a full ttl from
     /// here.
     pub(crate) fn arm(&mut self, now: Instant) {
+        if self.base.is_some() && self.born.is_none() {
+            self.born = Some(now);
+        }
         for s in self.leases.values_mut() {
             s.deadline = Some(later(now, s.ttl_us));
         }
@@ -244,6 +254,21 @@ impl Table {
             let full = later(now, e.ttl_us);
             e.deadline = Some(e.deadline.map_or(full, |d| d.max(full)));
         }
+    }
+
+    /// How long acquires must still wait because the group is younger
+    /// than `ttl_us` by this member's clock (see `born`): `None` once it is
+    /// older. A group formed again from empty data directories knows
+    /// nothing of the old group's leases, which may still be led for up to
+    /// a ttl: no acquire succeeds until then (as the epoch marker of the
+    /// other stores). A table with a base but no birth yet (restored) is
+    /// born now.
+    pub(crate) fn quiet_left(&mut self, now: Instant, ttl_us: u64) -> Option<Duration> {
+        let born = *self.born.get_or_insert(now);
+        let age = now.saturating_duration_since(born);
+        Duration::from_micros(ttl_us)
+            .checked_sub(age)
+            .filter(|left| !left.is_zero())
     }
 
     /// The Raft leader's view of `key` for an acquire.
@@ -317,6 +342,9 @@ impl Table {
     ) -> (Outcome, Option<WatchEvent>) {
         match command {
             Command::Genesis { base } => {
+                if self.born.is_none() {
+                    self.born = Some(now);
+                }
                 if self.base.is_none() {
                     // Room for the log to grow: the base never takes a
                     // token near the limit.
@@ -689,5 +717,32 @@ mod tests {
         let holder = t.holder("k", now).map(|h| h.holder());
         assert!(holder.is_some_and(|h| h.is_foreign()));
         assert!(matches!(t.judge_acquire("k", now), Judged::Held(_)));
+    }
+
+    #[test]
+    fn acquires_wait_until_the_group_is_a_ttl_old_by_this_members_clock() {
+        let now = Instant::now();
+        let mut t = Table::default();
+        t.apply(&Command::Genesis { base: 1_000 }, 1, now);
+        let ttl = us(Duration::from_secs(2));
+        assert_eq!(t.quiet_left(now, ttl), Some(Duration::from_secs(2)));
+        assert_eq!(
+            t.quiet_left(now + Duration::from_millis(500), ttl),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(t.quiet_left(now + Duration::from_secs(2), ttl), None);
+        // A second genesis does not make the group younger.
+        t.apply(
+            &Command::Genesis { base: 5_000 },
+            2,
+            now + Duration::from_secs(5),
+        );
+        assert_eq!(t.quiet_left(now + Duration::from_secs(5), ttl), None);
+        // A restored table (no clock) is born when armed.
+        let bytes = postcard::to_stdvec(&t).unwrap_or_default();
+        let mut back: Table = postcard::from_bytes(&bytes).unwrap_or_default();
+        let later = now + Duration::from_secs(60);
+        back.arm(later);
+        assert_eq!(back.quiet_left(later, ttl), Some(Duration::from_secs(2)));
     }
 }

@@ -358,3 +358,43 @@ async fn members_added_and_removed_at_run_time_keep_the_term_and_tokens_rising()
     log.check();
     c.shutdown().await;
 }
+
+/// A new group (as one formed again from empty data directories, which
+/// knows nothing of the old group's leases) grants no lease until it is a
+/// ttl old by the Raft leader's clock: an acquire before then finds a
+/// foreign holder that expires when the group is a ttl old; after that,
+/// it wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_group_grants_no_lease_until_it_is_a_ttl_old() {
+    let c = cluster(3).await;
+    let backend = c.members[0].backend();
+    let key = leaseholder::Key::new("young").unwrap_or_else(|e| panic!("{e}"));
+    let claim = leaseholder::Claim::new(leaseholder::LeaderId::new(), Default::default());
+    let ttl = Duration::from_secs(2);
+    let held = backend
+        .acquire(&key, &claim, ttl)
+        .await
+        .unwrap_or_else(|e| panic!("acquire: {e}"));
+    // The hint was taken on the Raft leader before the reply came: the
+    // group is a ttl old at the latest `wait` after the reply.
+    let replied = Instant::now();
+    let wait = match held {
+        leaseholder::Acquired::Held(h) => {
+            assert!(h.is_foreign(), "{h:?}");
+            h.expires_in()
+                .unwrap_or_else(|| panic!("no expiry hint: {h:?}"))
+        }
+        leaseholder::Acquired::Won(l) => panic!("a new group granted {l:?}"),
+    };
+    assert!(wait <= ttl, "{wait:?}");
+    tokio::time::sleep_until(replied + wait).await;
+    match backend
+        .acquire(&key, &claim, ttl)
+        .await
+        .unwrap_or_else(|e| panic!("acquire: {e}"))
+    {
+        leaseholder::Acquired::Won(_) => {}
+        leaseholder::Acquired::Held(h) => panic!("a ttl later the key is still held: {h:?}"),
+    }
+    c.shutdown().await;
+}
