@@ -268,13 +268,15 @@ impl Fleet for RaftFleet {
     async fn kill(&mut self, i: usize) -> anyhow::Result<()> {
         self.events.mark(i, Ev::Kill);
         self.cands[i].holds_slot = false;
-        if let Some(task) = self.cands[i].task.take() {
-            task.abort();
-        }
+        // The member first, as in a crash of their process: the candidate,
+        // dropped next, must not reach the group to release its lease.
         let slot = self.cands[i].slot;
         tracing::debug!(who = i, slot, "peer-group candidate and member killed");
         if let Some(group) = self.group.as_mut() {
             group.down(slot).await;
+        }
+        if let Some(task) = self.cands[i].task.take() {
+            task.abort();
         }
         Ok(())
     }

@@ -775,6 +775,11 @@ async fn serve_here(inner: &Arc<GroupInner>, request: &Request) -> Result<Here, 
         linearized = true;
         let mut m = inner.machine.lock();
         if m.caught_up_term != Some(term) {
+            tracing::debug!(
+                member = inner.id,
+                term,
+                "leading the group: every lease lasts a full ttl from now"
+            );
             m.table.extend_all(Instant::now());
             m.caught_up_term = Some(term);
         }
