@@ -277,30 +277,7 @@ impl Fleet for MemFleet {
 
     async fn go(&mut self, i: usize) -> anyhow::Result<()> {
         let leader = self.cands[i].0.clone();
-        let tx = self.events.tx.clone();
-        let send = move |ev| {
-            let _ = tx.send(Event {
-                who: i,
-                at: Instant::now(),
-                ev,
-            });
-        };
-        self.cands[i].2 = Some(tokio::spawn(async move {
-            let work_send = send.clone();
-            let _ = leader
-                .acquire_and_run(|term| {
-                    let send = work_send.clone();
-                    async move {
-                        let token = term.fencing_token().get();
-                        send(Ev::Start(token));
-                        term.cancelled().await;
-                        send(Ev::Stop(token));
-                        Ok::<_, std::convert::Infallible>(())
-                    }
-                })
-                .await;
-            send(Ev::Exit);
-        }));
+        self.cands[i].2 = Some(campaign(leader, i, self.events.sender()));
         Ok(())
     }
 
@@ -330,4 +307,37 @@ impl Fleet for MemFleet {
             }
         }
     }
+}
+
+/// Runs candidate `who`'s campaign in this process, reporting its terms'
+/// starts and stops and its exit on `tx`, as a candidate process does on
+/// its stdout.
+pub(crate) fn campaign(
+    leader: Leader,
+    who: usize,
+    tx: mpsc::UnboundedSender<Event>,
+) -> JoinHandle<()> {
+    let send = move |ev| {
+        let _ = tx.send(Event {
+            who,
+            at: Instant::now(),
+            ev,
+        });
+    };
+    tokio::spawn(async move {
+        let work_send = send.clone();
+        let _ = leader
+            .acquire_and_run(|term| {
+                let send = work_send.clone();
+                async move {
+                    let token = term.fencing_token().get();
+                    send(Ev::Start(token));
+                    term.cancelled().await;
+                    send(Ev::Stop(token));
+                    Ok::<_, std::convert::Infallible>(())
+                }
+            })
+            .await;
+        send(Ev::Exit);
+    })
 }

@@ -20,7 +20,7 @@ use leaseholder_testkit::{TempDir, free_port};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::fleet::{Ev, Event, Events, Fleet};
+use crate::fleet::{Ev, Events, Fleet};
 
 /// The members of a bench group.
 const MEMBERS: usize = 3;
@@ -230,30 +230,7 @@ impl Fleet for RaftFleet {
 
     async fn go(&mut self, i: usize) -> anyhow::Result<()> {
         let leader = self.cands[i].leader.clone();
-        let tx = self.events.sender();
-        let send = move |ev| {
-            let _ = tx.send(Event {
-                who: i,
-                at: Instant::now(),
-                ev,
-            });
-        };
-        self.cands[i].task = Some(tokio::spawn(async move {
-            let work_send = send.clone();
-            let _ = leader
-                .acquire_and_run(|term| {
-                    let send = work_send.clone();
-                    async move {
-                        let token = term.fencing_token().get();
-                        send(Ev::Start(token));
-                        term.cancelled().await;
-                        send(Ev::Stop(token));
-                        Ok::<_, std::convert::Infallible>(())
-                    }
-                })
-                .await;
-            send(Ev::Exit);
-        }));
+        self.cands[i].task = Some(crate::fleet::campaign(leader, i, self.events.sender()));
         Ok(())
     }
 
