@@ -303,34 +303,58 @@ async fn fleet_scenarios<F: Fleet>(
             &format!("{backend}: handoff and crash failover, ttl {ttl_s} s, {rounds} rounds"),
         );
         let key = format!("{backend}-hc-{ttl_s}-{}", uuid::Uuid::now_v7().simple());
-        let mut fleet = make(&key, ttl);
-        let (_, handoff, failover) = scenarios::handoff_and_crash(
-            &mut fleet,
+        let handoff_target = (backend != "memory").then(|| ("p99 <= 5 ms".to_owned(), 5.0));
+        handoff_rows(
+            sink,
+            backend,
+            &mut make(&key, ttl),
+            ttl_s,
             rounds,
-            true,
-            true,
-            ttl * 3 + Duration::from_secs(10),
-            &format!("{backend} ttl {ttl_s} s"),
+            handoff_target,
+            "crash failover",
         )
         .await?;
-        let handoff_target = (backend != "memory").then(|| ("p99 <= 5 ms".to_owned(), 5.0));
-        sink.timed(
-            backend,
-            "leaseholder",
-            &format!("graceful handoff (ttl {ttl_s} s)"),
-            handoff,
-            handoff_target,
-        )?;
-        let limit = (ttl_s * 1000 + 100) as f64;
-        sink.timed(
-            backend,
-            "leaseholder",
-            &format!("crash failover (ttl {ttl_s} s)"),
-            failover,
-            Some((format!("p99 <= ttl + 100 ms = {limit} ms"), limit)),
-        )?;
     }
     Ok(())
+}
+
+/// Graceful handoff and crash failover on `fleet` (ttl `ttl_s`), `rounds`
+/// each: the two rows, the failover one named `failover` and held to ttl
+/// + 100 ms.
+async fn handoff_rows<F: Fleet>(
+    sink: &mut Sink,
+    backend: &str,
+    fleet: &mut F,
+    ttl_s: u64,
+    rounds: usize,
+    handoff_target: Option<(String, f64)>,
+    failover_name: &str,
+) -> anyhow::Result<()> {
+    let ttl = Duration::from_secs(ttl_s);
+    let (_, handoff, failover) = scenarios::handoff_and_crash(
+        fleet,
+        rounds,
+        true,
+        true,
+        ttl * 3 + Duration::from_secs(10),
+        &format!("{backend} ttl {ttl_s} s"),
+    )
+    .await?;
+    sink.timed(
+        backend,
+        "leaseholder",
+        &format!("graceful handoff (ttl {ttl_s} s)"),
+        handoff,
+        handoff_target,
+    )?;
+    let limit = (ttl_s * 1000 + 100) as f64;
+    sink.timed(
+        backend,
+        "leaseholder",
+        &format!("{failover_name} (ttl {ttl_s} s)"),
+        failover,
+        Some((format!("p99 <= ttl + 100 ms = {limit} ms"), limit)),
+    )
 }
 
 async fn steady_and_scale(
@@ -641,31 +665,16 @@ async fn peer_group_only(out: &Path, quick: bool) -> anyhow::Result<()> {
             start,
             &format!("{backend}: handoff and crash failover, ttl {ttl_s} s, {rounds} rounds"),
         );
-        let mut fleet = peer_group::RaftFleet::new("handoff", ttl);
-        let (_, handoff, failover) = scenarios::handoff_and_crash(
-            &mut fleet,
+        handoff_rows(
+            &mut sink,
+            backend,
+            &mut peer_group::RaftFleet::new("handoff", ttl),
+            ttl_s,
             rounds,
-            true,
-            true,
-            ttl * 3 + Duration::from_secs(10),
-            &format!("{backend} ttl {ttl_s} s"),
+            Some(("p99 <= 10 ms".into(), 10.0)),
+            "crash failover, member down with it",
         )
         .await?;
-        sink.timed(
-            backend,
-            "leaseholder",
-            &format!("graceful handoff (ttl {ttl_s} s)"),
-            handoff,
-            Some(("p99 <= 10 ms".into(), 10.0)),
-        )?;
-        let limit = (ttl_s * 1000 + 100) as f64;
-        sink.timed(
-            backend,
-            "leaseholder",
-            &format!("crash failover, member down with it (ttl {ttl_s} s)"),
-            failover,
-            Some((format!("p99 <= ttl + 100 ms = {limit} ms"), limit)),
-        )?;
     }
     let window = Duration::from_secs(if quick { 10 } else { 30 });
     log(start, &format!("{backend}: idle cost, {window:?}"));

@@ -2,6 +2,8 @@
 //! every row of the lease contract, with the rows' clients spread over the
 //! three members (calls on a follower are forwarded to the leader).
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -9,6 +11,7 @@ use std::time::Duration;
 use leaseholder::conformance::{self, Harness};
 use leaseholder::{Backend, BoxError, Key};
 use leaseholder_raft::{LocalNet, PeerGroup};
+use leaseholder_testkit::TempDir;
 
 struct Group {
     _net: Arc<LocalNet>,
@@ -17,27 +20,11 @@ struct Group {
     next: AtomicUsize,
 }
 
-/// A fresh directory under the system's temp dir, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// `n` members, durable (each in its own data directory) or in memory.
 async fn group(n: u64, durable: bool) -> Group {
     let net = LocalNet::new();
-    let dir = durable.then(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        TempDir(std::env::temp_dir().join(format!(
-            "leaseholder-raft-conformance-{}-{nanos}",
-            std::process::id()
-        )))
-    });
+    let dir = durable
+        .then(|| TempDir::new("leaseholder-raft-conformance").unwrap_or_else(|e| panic!("{e}")));
     let peers: Vec<(u64, String)> = (1..=n).map(|i| (i, format!("m{i}"))).collect();
     let mut members = Vec::new();
     for id in 1..=n {
@@ -46,7 +33,7 @@ async fn group(n: u64, durable: bool) -> Group {
             .peers(peers.clone())
             .transport(net.transport(id));
         let builder = match &dir {
-            Some(dir) => builder.data_dir(dir.0.join(format!("m{id}"))),
+            Some(dir) => builder.data_dir(dir.path().join(format!("m{id}"))),
             None => builder.in_memory(),
         };
         let member = builder
@@ -91,16 +78,7 @@ impl Harness for Group {
 
 async fn passes(durable: bool) {
     let g = group(3, durable).await;
-    // A group older than the longest ttl the rows ask for (20 × the
-    // harness's, the registry rows' lease): on a new group no acquire
-    // succeeds until it is a ttl old (the group's own tests check that
-    // wait), which is not what the rows are about.
-    g.backend()
-        .await
-        .setup()
-        .await
-        .unwrap_or_else(|e| panic!("setup: {e}"));
-    tokio::time::sleep(g.ttl() * 20 + Duration::from_millis(100)).await;
+    support::age_for_the_rows(&g).await;
     let report = conformance::run(&g).await;
     println!("{report}");
     assert!(report.is_ok(), "{report}");

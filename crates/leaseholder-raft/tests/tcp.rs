@@ -105,16 +105,7 @@ impl Harness for Tcp {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_member_group_over_tcp_passes_the_contract() {
     let mut g = Tcp::new(3, "conformance").await;
-    // A group older than the longest ttl the rows ask for (20 × the
-    // harness's, the registry rows' lease): on a new group no acquire
-    // succeeds until it is a ttl old (the group's own tests check that
-    // wait), which is not what the rows are about.
-    g.backend()
-        .await
-        .setup()
-        .await
-        .unwrap_or_else(|e| panic!("setup: {e}"));
-    tokio::time::sleep(g.ttl() * 20 + Duration::from_millis(100)).await;
+    support::age_for_the_rows(&g).await;
     let report = conformance::run(&g).await;
     println!("{report}");
     assert!(report.is_ok(), "{report}");

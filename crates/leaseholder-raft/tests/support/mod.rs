@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use leaseholder::Leader;
+use leaseholder::conformance::Harness;
 use leaseholder_raft::PeerGroup;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -137,4 +138,18 @@ pub(crate) async fn stop(leaders: Vec<(Leader, JoinHandle<()>)>) {
         let _ = leader.shutdown().await;
         let _ = timeout(Duration::from_secs(10), task).await;
     }
+}
+
+/// Sets the group up and waits until it is older than the longest ttl the
+/// conformance rows ask for (20 × the harness's, the registry rows'
+/// lease): on a new group no acquire succeeds until it is a ttl old (the
+/// group's own tests check that wait), which is not what the rows are
+/// about.
+pub(crate) async fn age_for_the_rows<H: Harness>(h: &H) {
+    h.backend()
+        .await
+        .setup()
+        .await
+        .unwrap_or_else(|e| panic!("setup: {e}"));
+    tokio::time::sleep(h.ttl() * 20 + Duration::from_millis(100)).await;
 }
