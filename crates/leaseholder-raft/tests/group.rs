@@ -170,6 +170,58 @@ async fn losing_the_raft_leader_costs_the_leading_candidate_no_term() {
     c.shutdown().await;
 }
 
+/// A new Raft leader extends every lease to a full ttl from its takeover
+/// (etcd's lessor rule), not from the first request it serves: a lease
+/// whose holder went down with the old Raft leader is free a ttl after the
+/// election, however late the next acquire comes to ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_raft_leader_extends_leases_from_its_takeover_not_from_its_first_request() {
+    let c = cluster(3).await;
+    let r = c.raft_leader().await;
+    let f = (r + 1) % 3;
+    let key = leaseholder::Key::new("takeover").unwrap_or_else(|e| panic!("{e}"));
+    let ttl = Duration::from_secs(10);
+    c.members[r]
+        .put_raw(&key, b"held elsewhere", ttl)
+        .await
+        .unwrap_or_else(|e| panic!("put: {e}"));
+    c.net.isolate(c.members[r].id());
+    timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(id) = c.members[f].leader()
+                && id != c.members[r].id()
+            {
+                return;
+            }
+            let _ = c.members[f]
+                .wait_for_leader(Duration::from_millis(20))
+                .await;
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no new Raft leader"));
+    // Time passes with nobody asking the new leader anything.
+    let quiet = Duration::from_secs(1);
+    tokio::time::sleep(quiet).await;
+    let holder = c.members[f]
+        .backend()
+        .holder(&key)
+        .await
+        .unwrap_or_else(|e| panic!("holder: {e}"))
+        .unwrap_or_else(|| panic!("the lease is gone a second after the takeover"));
+    let left = holder.expires_in().unwrap_or_else(|| panic!("no expiry"));
+    // From the first request, a full ttl would be left; from the takeover,
+    // at most the ttl less the quiet second (half of it, for the time the
+    // takeover took to show in the new leader's metrics).
+    assert!(
+        left <= ttl - quiet / 2,
+        "{left:?} left of a {ttl:?} lease {quiet:?} after the takeover"
+    );
+    c.net.heal();
+    c.shutdown().await;
+}
+
 /// Every link cut: no quorum anywhere. The leading candidate's term ends,
 /// and no candidate leads while the group has no majority (safety over
 /// liveness); once the links are back, a term starts with a larger token.
