@@ -50,7 +50,10 @@ async fn run() -> anyhow::Result<()> {
         .context("set PEER_ID to this copy's member id (1, 2 or 3)")?
         .parse()
         .context("PEER_ID must be a number")?;
-    let peers = parse_peers(&std::env::var("PEERS").unwrap_or_else(|_| DEFAULT_PEERS.into()))?;
+    let peers = leaseholder_raft::parse_members(
+        &std::env::var("PEERS").unwrap_or_else(|_| DEFAULT_PEERS.into()),
+    )
+    .context("PEERS")?;
     let addr = peers
         .iter()
         .find(|(peer, _)| *peer == id)
@@ -112,20 +115,4 @@ async fn run() -> anyhow::Result<()> {
     group.shutdown().await;
     println!("stopped");
     Ok(())
-}
-
-/// `1=host:port,2=host:port,...`
-fn parse_peers(text: &str) -> anyhow::Result<Vec<(u64, String)>> {
-    text.split(',')
-        .map(|entry| {
-            let (id, addr) = entry
-                .split_once('=')
-                .with_context(|| format!("PEERS entry {entry:?} is not ID=HOST:PORT"))?;
-            let id = id
-                .trim()
-                .parse()
-                .with_context(|| format!("PEERS entry {entry:?}: the id is not a number"))?;
-            Ok((id, addr.trim().to_owned()))
-        })
-        .collect()
 }

@@ -1,10 +1,12 @@
 //! The chaos harness for two minutes on a real nats-server (kills, pauses,
 //! link cuts and blackholes, server restarts), for one on a SQLite file
 //! (kills, pauses, file stalls), for one on a real redis-server (the
-//! NATS faults, and the server losing its data) and for one on a real
+//! NATS faults, and the server losing its data), for one on a real
 //! 3-member etcd cluster (the NATS faults, a member killed or paused, and
-//! a quorum loss): no safety violation, every kind of fault injected, and
-//! leadership changing hands several times.
+//! a quorum loss) and for one on a peer group whose members are the
+//! candidates (member kills, pauses and partitions, quorum losses): no
+//! safety violation, every kind of fault injected, and leadership
+//! changing hands several times.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
@@ -117,6 +119,19 @@ fn a_minute_of_chaos_on_etcd_keeps_the_safety_property() {
         assert!(field(&line, kind) > 0, "no {kind} fault injected: {line}");
     }
     assert_eq!(field(&line, "wipe"), 0, "{line}");
+    assert!(started.elapsed() < Duration::from_secs(180));
+}
+
+#[test]
+fn a_minute_of_chaos_on_a_peer_group_keeps_the_safety_property() {
+    let started = Instant::now();
+    // Three candidates that are the members of a peer group: kills and
+    // pauses of members, a member's links cut or blackholed (a
+    // partition), and quorum losses (restart).
+    let line = chaos(&["--duration", "60s", "--store", "raft", "--keys", "3"]);
+    for kind in ["kill", "pause", "cut", "blackhole", "restart"] {
+        assert!(field(&line, kind) > 0, "no {kind} fault injected: {line}");
+    }
     assert!(started.elapsed() < Duration::from_secs(180));
 }
 

@@ -104,6 +104,7 @@ mod backend;
 mod disk;
 mod error;
 mod group;
+mod members;
 mod net;
 mod store;
 mod table;
@@ -111,6 +112,7 @@ mod tcp;
 
 pub use error::GroupError;
 pub use group::{PeerGroup, PeerGroupBuilder};
+pub use members::parse_members;
 pub use net::{CallFuture, LocalNet, Transport, TransportError, WIRE_VERSION};
 pub use store::NodeId;
 pub use tcp::{DEFAULT_MAX_FRAME, TcpTransport};

@@ -3,7 +3,7 @@
 //! property.
 //!
 //! ```text
-//! chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis|etcd]
+//! chaos [--duration 120s] [--seed N] [--candidates 4 (raft: 3)] [--store nats|postgres|sqlite|redis|etcd|raft]
 //!       [--cluster 3] [--keys 1] [--ttl 2s] [--drift D | --clock-rates R,R,..] [--priorities]
 //!       [--report DIR] [--long]
 //! ```
@@ -45,6 +45,16 @@
 //!   killed, kept down for up to 1.25 ttl, started again one after the
 //!   other.
 //!
+//! With `--store raft` there is no server: the candidates (3 by default,
+//! an odd number) are the members of a peer group (`leaseholder-raft` over
+//! TCP, each with its fsynced log in a data directory kept across its
+//! restarts), and every link between two members runs through a proxy of
+//! its own. A kill or pause of a candidate is one of a member too; a cut
+//! or blackhole acts on every link into and out of the candidate's member
+//! (a partition of that member); the restart is a quorum loss, every
+//! member but one killed and started again on its directory up to 1.25
+//! ttl later.
+//!
 //! With SQLite (no server, no link) the faults are kills, pauses and
 //! stalls of the file, counted as restarts. Half-way through a run, a
 //! kind of fault not injected yet is taken in place of the one drawn, so
@@ -72,7 +82,7 @@ mod etcd_epoch;
 use chaos::check::FaultKind;
 use chaos::harness::{Options, Store};
 
-const USAGE: &str = "usage: chaos [--duration 120s] [--seed N] [--candidates 4] [--store nats|postgres|sqlite|redis|etcd] [--cluster 3] [--keys 1] [--ttl 2s] [--drift D | --clock-rates R,R,..] [--priorities] [--report DIR] [--long]";
+const USAGE: &str = "usage: chaos [--duration 120s] [--seed N] [--candidates 4 (raft: 3)] [--store nats|postgres|sqlite|redis|etcd|raft] [--cluster 3] [--keys 1] [--ttl 2s] [--drift D | --clock-rates R,R,..] [--priorities] [--report DIR] [--long]";
 
 /// `120`, `120s`, `1500ms`, `2m`.
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
@@ -105,6 +115,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
         cluster: 1,
         report: None,
     };
+    let mut candidates_given = false;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || {
@@ -116,7 +127,10 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
             "--long" => opts.duration = Duration::from_secs(20 * 60),
             "--priorities" => opts.priorities = true,
             "--seed" => opts.seed = value()?.parse().context("--seed")?,
-            "--candidates" => opts.candidates = value()?.parse().context("--candidates")?,
+            "--candidates" => {
+                opts.candidates = value()?.parse().context("--candidates")?;
+                candidates_given = true;
+            }
             "--keys" => opts.keys = value()?.parse().context("--keys")?,
             "--cluster" => opts.cluster = value()?.parse().context("--cluster")?,
             "--ttl" => opts.ttl = parse_duration(value()?)?,
@@ -144,7 +158,8 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
                     "sqlite" => Store::Sqlite,
                     "redis" => Store::Redis,
                     "etcd" => Store::Etcd,
-                    other => bail!("--store {other}: nats, postgres, sqlite, redis or etcd"),
+                    "raft" => Store::Raft,
+                    other => bail!("--store {other}: nats, postgres, sqlite, redis, etcd or raft"),
                 }
             }
             "-h" | "--help" => {
@@ -152,6 +167,18 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if opts.store == Store::Raft {
+        // The candidates are the group's members: an odd number of them.
+        if !candidates_given {
+            opts.candidates = 3;
+        }
+        if opts.candidates < 3 || opts.candidates.is_multiple_of(2) {
+            bail!(
+                "--candidates {} with --store raft: the candidates are the peer group's members, 3, 5 or another odd number",
+                opts.candidates
+            );
         }
     }
     if opts.candidates < 2 {
@@ -210,6 +237,7 @@ async fn harness_main(args: &[String]) -> anyhow::Result<()> {
         Store::Sqlite => "sqlite",
         Store::Redis => "redis",
         Store::Etcd => "etcd",
+        Store::Raft => "raft",
     };
     let drift_margin = chaos::harness::drift_margin(opts.ttl)?;
     let rates: Vec<String> = opts

@@ -15,6 +15,14 @@
 //! SIGTERM shuts down gracefully. The process exits at once when its
 //! standard input closes (the harness is gone).
 //!
+//! With the store `raft:<data-dir>` the process is a member of a peer
+//! group (`leaseholder-raft` over TCP, its log fsynced in `<data-dir>`) and
+//! campaigns on the group's backend: `LEASEHOLDER_RAFT_ID` is its member
+//! id, `LEASEHOLDER_RAFT_PEERS` every member's listen address
+//! (`ID=HOST:PORT,…`, its own entry where it listens) and the optional
+//! `LEASEHOLDER_RAFT_ROUTES` the addresses it dials its peers at instead
+//! (the harness's proxies). It leaves the group after its campaigns end.
+//!
 //! With `LEASEHOLDER_CLOCK_RATE=r` in its environment the process runs on
 //! a tokio clock that moves `r` times as fast as the host's (0.8: a clock
 //! 20% slow): every timer of the library and of the work is scaled, the
@@ -60,6 +68,41 @@ impl Drop for DropGuard {
             say(&format!("DROP {} {}", self.key, self.token));
         }
     }
+}
+
+/// A peer-group candidate's member id (see the module docs).
+pub(crate) const RAFT_ID: &str = "LEASEHOLDER_RAFT_ID";
+/// A peer-group candidate's members and their listen addresses.
+pub(crate) const RAFT_PEERS: &str = "LEASEHOLDER_RAFT_PEERS";
+/// Where a peer-group candidate dials each peer (its proxy), if not at
+/// the peer's listen address.
+pub(crate) const RAFT_ROUTES: &str = "LEASEHOLDER_RAFT_ROUTES";
+
+/// Starts this process's member of the peer group, configured by the
+/// environment, with its log in `dir`.
+async fn raft_member(dir: &str) -> anyhow::Result<leaseholder_raft::PeerGroup> {
+    let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
+    let id: leaseholder_raft::NodeId = var(RAFT_ID)?.parse().context(RAFT_ID)?;
+    let peers = leaseholder_raft::parse_members(&var(RAFT_PEERS)?).context(RAFT_PEERS)?;
+    let listen = peers
+        .iter()
+        .find(|(m, _)| *m == id)
+        .map(|(_, addr)| addr.clone())
+        .with_context(|| format!("{RAFT_ID} {id} is not one of the {RAFT_PEERS}"))?;
+    let mut builder = leaseholder_raft::PeerGroup::builder()
+        .node_id(id)
+        .peers(peers)
+        .tcp(listen)
+        .data_dir(dir);
+    match std::env::var(RAFT_ROUTES) {
+        Ok(routes) if !routes.is_empty() => {
+            for (to, addr) in leaseholder_raft::parse_members(&routes).context(RAFT_ROUTES)? {
+                builder = builder.tcp_route(to, addr);
+            }
+        }
+        _ => {}
+    }
+    Ok(builder.start().await?)
 }
 
 /// The environment variable naming the rate of a candidate's clock.
@@ -108,7 +151,7 @@ const SETUP_PATIENCE: Duration = Duration::from_secs(60);
 pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let [url, prefix, keys, ttl, write_delay] = args else {
         anyhow::bail!(
-            "usage: chaos candidate <nats-postgres-redis-or-etcd-url | sqlite:path> <key-prefix> <keys> <ttl-ms> <write-delay-ms>"
+            "usage: chaos candidate <nats-postgres-redis-or-etcd-url | sqlite:path | raft:dir> <key-prefix> <keys> <ttl-ms> <write-delay-ms>"
         );
     };
     let keys: usize = keys.parse().context("keys")?;
@@ -128,7 +171,13 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     });
 
     let patience = Instant::now() + SETUP_PATIENCE;
-    let backend = if let Some(path) = url.strip_prefix("sqlite:") {
+    let mut group = None;
+    let backend = if let Some(dir) = url.strip_prefix("raft:") {
+        let member = raft_member(dir).await?;
+        let backend = member.backend();
+        group = Some(member);
+        backend
+    } else if let Some(path) = url.strip_prefix("sqlite:") {
         Backend::sqlite(leaseholder::SqliteBackend::builder().path(path).build()?)
     } else if url.starts_with("postgres") {
         // Two connections for one key; more for many, so acquires (one
@@ -255,6 +304,9 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     });
     for result in futures_util::future::join_all(campaigns).await {
         result?;
+    }
+    if let Some(group) = group {
+        group.shutdown().await;
     }
     say("EXIT");
     Ok(())

@@ -40,6 +40,15 @@ pub(crate) enum Store {
     /// as its restart, a quorum loss: two members killed, then started
     /// again one after the other.
     Etcd,
+    /// A peer group (`leaseholder-raft`): no server, the candidate
+    /// processes are the members of a Raft group over TCP, each with its
+    /// fsynced log in a data directory kept across its restarts. Every
+    /// link between two members runs through a proxy of its own, so a
+    /// link fault cuts (or blackholes) one member off from the others
+    /// both ways; a kill or pause of a candidate is one of a member; the
+    /// restart is a quorum loss: every member but one killed, and started
+    /// again on its directory after the stall.
+    Raft,
 }
 
 /// The members of the etcd cluster.
@@ -94,10 +103,29 @@ enum Server {
         _dir: leaseholder_testkit::TempDir,
         path: std::path::PathBuf,
     },
+    /// The peer group's layout: the candidates start the members.
+    Raft {
+        _dir: leaseholder_testkit::TempDir,
+        /// Member `i + 1` (slot `i`) keeps its log in `m<i + 1>` here.
+        dir: std::path::PathBuf,
+        /// Each member's listen port.
+        listen: Vec<u16>,
+        /// `links[i][j]`: the proxy through which member `i + 1` dials
+        /// member `j + 1` (none from a member to itself).
+        links: Vec<Vec<Option<TcpProxy>>>,
+    },
 }
 
 impl Server {
-    async fn start(store: Store, cluster: usize, ttl: Duration) -> anyhow::Result<Server> {
+    async fn start(
+        store: Store,
+        cluster: usize,
+        ttl: Duration,
+        candidates: usize,
+    ) -> anyhow::Result<Server> {
+        if store == Store::Raft {
+            return Server::raft(candidates).await;
+        }
         let server = if store == Store::Nats && cluster > 1 {
             let c = NatsCluster::start(cluster).await.context(
                 "starting a 3-node cluster of nats-server 2.11+ (install it with scripts/setup)",
@@ -128,6 +156,9 @@ impl Server {
     /// a throwaway key is campaigned for until it leads.
     async fn prepare(&self, ttl: Duration) -> anyhow::Result<()> {
         let backend = match self {
+            // The group forms when its members start; their setup waits
+            // until it is a ttl old.
+            Server::Raft { .. } => return Ok(()),
             Server::Etcd(cluster) => {
                 let backend = leaseholder::EtcdBackend::builder()
                     .endpoints(cluster.endpoints())
@@ -168,6 +199,84 @@ impl Server {
         Ok(())
     }
 
+    /// The peer group of `members` members, each link through its proxy.
+    /// Nothing runs yet: each candidate process starts its member.
+    async fn raft(members: usize) -> anyhow::Result<Server> {
+        let dir = leaseholder_testkit::TempDir::new("leaseholder-chaos-raft")?;
+        let listen = (0..members)
+            .map(|_| leaseholder_testkit::free_port())
+            .collect::<Result<Vec<u16>, _>>()?;
+        let mut links = Vec::with_capacity(members);
+        for i in 0..members {
+            let mut row = Vec::with_capacity(members);
+            for (j, port) in listen.iter().enumerate() {
+                row.push(if i == j {
+                    None
+                } else {
+                    Some(
+                        TcpProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], *port)))
+                            .await?,
+                    )
+                });
+            }
+            links.push(row);
+        }
+        Ok(Server::Raft {
+            dir: dir.path().to_owned(),
+            _dir: dir,
+            listen,
+            links,
+        })
+    }
+
+    /// How the candidate in `slot` is a member of the peer group: its
+    /// store argument and environment (see `candidate.rs`).
+    fn raft_member(&self, slot: usize) -> Option<(String, Vec<(&'static str, String)>)> {
+        let Server::Raft {
+            dir, listen, links, ..
+        } = self
+        else {
+            return None;
+        };
+        let peers: Vec<String> = listen
+            .iter()
+            .enumerate()
+            .map(|(j, port)| format!("{}=127.0.0.1:{port}", j + 1))
+            .collect();
+        let routes: Vec<String> = links
+            .get(slot)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(j, p)| p.as_ref().map(|p| format!("{}={}", j + 1, p.addr())))
+            .collect();
+        Some((
+            format!("raft:{}", dir.join(format!("m{}", slot + 1)).display()),
+            vec![
+                (super::candidate::RAFT_ID, (slot + 1).to_string()),
+                (super::candidate::RAFT_PEERS, peers.join(",")),
+                (super::candidate::RAFT_ROUTES, routes.join(",")),
+            ],
+        ))
+    }
+
+    /// The proxies a link fault on `slot` acts on: its own (one per server
+    /// address), or in a peer group every link into and out of its member.
+    fn link_proxies<'a>(&'a self, proxies: &'a [Vec<TcpProxy>], slot: usize) -> Vec<&'a TcpProxy> {
+        match self {
+            Server::Raft { links, .. } => links
+                .iter()
+                .enumerate()
+                .flat_map(|(i, row)| {
+                    row.iter()
+                        .enumerate()
+                        .filter_map(move |(j, p)| p.as_ref().filter(|_| i == slot || j == slot))
+                })
+                .collect(),
+            _ => proxies.get(slot).into_iter().flatten().collect(),
+        }
+    }
+
     async fn start_only(store: Store) -> anyhow::Result<Server> {
         Ok(match store {
             Store::Nats => Server::Nats(
@@ -199,6 +308,7 @@ impl Server {
             Store::Etcd => Server::Etcd(EtcdCluster::start(ETCD_MEMBERS).await.context(
                 "starting a 3-member etcd 3.4+ cluster (install it with scripts/setup)",
             )?),
+            Store::Raft => anyhow::bail!("a peer group has no server to start"),
             Store::Sqlite => {
                 let dir = leaseholder_testkit::TempDir::new("leaseholder-chaos")?;
                 let path = dir.path().join("leases.db");
@@ -216,7 +326,7 @@ impl Server {
             Server::Postgres(s) => vec![s.addr()],
             Server::Redis(s) => vec![s.addr()],
             Server::Etcd(c) => c.members().iter().map(|m| m.addr()).collect(),
-            Server::Sqlite { .. } => Vec::new(),
+            Server::Sqlite { .. } | Server::Raft { .. } => Vec::new(),
         }
     }
 
@@ -265,6 +375,10 @@ impl Server {
                 c.len()
             ),
             Server::Sqlite { path, .. } => format!("SQLite file {}", path.display()),
+            Server::Raft { listen, .. } => format!(
+                "a peer group of {} members (leaseholder-raft over TCP, fsynced logs), one in each candidate process, every link through a proxy",
+                listen.len()
+            ),
         }
     }
 
@@ -296,6 +410,11 @@ impl Server {
                 }
                 self.wait_healthy().await?;
             }
+            Server::Raft { .. } => {
+                anyhow::bail!(
+                    "a peer group's quorum loss is the harness's (its members are the candidates)"
+                )
+            }
             Server::Sqlite { path, .. } => {
                 let db = rusqlite::Connection::open(&*path)?;
                 db.busy_timeout(Duration::from_millis(100))?;
@@ -319,7 +438,7 @@ impl Server {
     }
 
     fn has_link(&self) -> bool {
-        !self.addrs().is_empty()
+        matches!(self, Server::Raft { .. }) || !self.addrs().is_empty()
     }
 
     /// The members of a clustered store (etcd, a NATS cluster), else 0.
@@ -563,8 +682,12 @@ impl Harness {
             .get(slot)
             .map(|ps| ps.iter().map(TcpProxy::url_port).collect())
             .unwrap_or_default();
-        let url = self.server.url_via(&ports)?;
+        let (url, env) = match self.server.raft_member(slot) {
+            Some(member) => member,
+            None => (self.server.url_via(&ports)?, Vec::new()),
+        };
         let mut cmd = tokio::process::Command::new(&self.self_exe);
+        cmd.envs(env);
         cmd.args([
             "candidate".to_owned(),
             url,
@@ -796,6 +919,9 @@ impl Harness {
                 // (each at least a seventh of the draws: every kind is
                 // injected 100 times in the long run).
                 72..86 if self.server.can_lose_data() => FaultKind::Wipe,
+                // A peer group's restart is a quorum loss: half as often
+                // as a server's restart, the rest member kills.
+                72..86 if matches!(self.server, Server::Raft { .. }) => FaultKind::Kill,
                 _ => FaultKind::Restart,
             }
         };
@@ -854,19 +980,9 @@ impl Harness {
                 };
                 let role = self.role(inst);
                 let slot = self.record.instances.get(inst).map_or(0, |i| i.slot);
-                let Some(p) = self.procs.get_mut(inst) else {
-                    return Ok(());
-                };
                 if kind == FaultKind::Kill {
                     let from = now_us();
-                    p.expected_exit = true;
-                    p.guard.kill().await?;
-                    p.gone = true;
-                    p.leading.clear();
-                    let died = now_us();
-                    if let Some(i) = self.record.instances.get_mut(inst) {
-                        i.died = Some(died);
-                    }
+                    let died = self.kill_inst(inst).await?;
                     self.record.faults.push(Fault {
                         kind,
                         target: inst,
@@ -881,6 +997,9 @@ impl Harness {
                     self.later
                         .push((Instant::now() + respawn, Later::Respawn { slot }));
                 } else {
+                    let Some(p) = self.procs.get_mut(inst) else {
+                        return Ok(());
+                    };
                     p.guard.pause()?;
                     let from = now_us();
                     p.paused = Some(self.record.faults.len());
@@ -916,9 +1035,10 @@ impl Harness {
                 };
                 let role = self.role(inst);
                 let slot = self.record.instances.get(inst).map_or(0, |i| i.slot);
-                let Some(proxies) = self.proxies.get(slot) else {
+                let proxies = self.server.link_proxies(&self.proxies, slot);
+                if proxies.is_empty() {
                     return Ok(());
-                };
+                }
                 for proxy in proxies {
                     if kind == FaultKind::Cut {
                         proxy.cut();
@@ -944,6 +1064,10 @@ impl Harness {
                 ));
                 self.later
                     .push((Instant::now() + length, Later::Restore { slot, fault }));
+            }
+            FaultKind::Restart if matches!(self.server, Server::Raft { .. }) => {
+                let stall = self.fault_length() / 2;
+                self.quorum_loss(stall).await?;
             }
             FaultKind::Restart => {
                 let stall = self.fault_length() / 2;
@@ -1065,6 +1189,64 @@ impl Harness {
         Ok(())
     }
 
+    /// `SIGKILL`s candidate `inst` and notes its death (the caller records
+    /// the fault and when its slot gets a new candidate).
+    async fn kill_inst(&mut self, inst: usize) -> anyhow::Result<Micros> {
+        if let Some(p) = self.procs.get_mut(inst) {
+            p.expected_exit = true;
+            p.guard.kill().await?;
+            p.gone = true;
+            p.leading.clear();
+        }
+        let died = now_us();
+        if let Some(i) = self.record.instances.get_mut(inst) {
+            i.died = Some(died);
+        }
+        Ok(died)
+    }
+
+    /// A peer group's quorum loss: every member but one drawn at random
+    /// killed (its candidate with it), each started again on its data
+    /// directory after `stall`. A member paused, or already down and
+    /// waiting for its restart, is left as it is.
+    async fn quorum_loss(&mut self, stall: Duration) -> anyhow::Result<()> {
+        let members = self.opts.candidates;
+        let survivor = self.rng.below(members as u64) as usize;
+        let from = now_us();
+        let mut killed = Vec::new();
+        for slot in (0..members).filter(|&s| s != survivor) {
+            let Some(inst) = self.slots.get(slot).copied().flatten() else {
+                continue;
+            };
+            let up = self
+                .procs
+                .get(inst)
+                .is_some_and(|p| !p.gone && p.paused.is_none());
+            if !up {
+                continue;
+            }
+            self.kill_inst(inst).await?;
+            killed.push(slot);
+            self.later
+                .push((Instant::now() + stall, Later::Respawn { slot }));
+        }
+        if killed.is_empty() {
+            self.log("fault skipped: quorum loss with every other member down or paused already");
+            return Ok(());
+        }
+        self.record.faults.push(Fault {
+            kind: FaultKind::Restart,
+            target: survivor,
+            from,
+            to: from + u64::try_from(stall.as_micros()).unwrap_or(u64::MAX),
+        });
+        self.log(&format!(
+            "fault: quorum loss, members of slots {killed:?} killed (slot {survivor} survives), started again in {}",
+            secs(stall)
+        ));
+        Ok(())
+    }
+
     fn resume(&mut self, inst: usize) -> anyhow::Result<()> {
         let Some(p) = self.procs.get_mut(inst) else {
             return Ok(());
@@ -1085,7 +1267,7 @@ impl Harness {
         if let Some(f) = self.record.faults.get_mut(fault) {
             f.to = now_us();
         }
-        for p in self.proxies.get(slot).into_iter().flatten() {
+        for p in self.server.link_proxies(&self.proxies, slot) {
             p.restore();
         }
         if let Some(f) = self.link_fault.get_mut(slot) {
@@ -1237,7 +1419,7 @@ pub(crate) fn drift_margin(ttl: Duration) -> anyhow::Result<Duration> {
 }
 
 pub(crate) async fn run(opts: Options) -> anyhow::Result<Outcome> {
-    let server = Server::start(opts.store, opts.cluster, opts.ttl).await?;
+    let server = Server::start(opts.store, opts.cluster, opts.ttl, opts.candidates).await?;
     let describe = server.describe();
     let mut proxies = Vec::with_capacity(opts.candidates);
     let addrs = server.addrs();
