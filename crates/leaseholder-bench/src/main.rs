@@ -329,7 +329,7 @@ async fn handoff_rows<F: Fleet>(
     rounds: usize,
     handoff_target: Option<(String, f64)>,
     failover_name: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<f64>> {
     let ttl = Duration::from_secs(ttl_s);
     let (_, handoff, failover) = scenarios::handoff_and_crash(
         fleet,
@@ -348,13 +348,15 @@ async fn handoff_rows<F: Fleet>(
         handoff_target,
     )?;
     let limit = (ttl_s * 1000 + 100) as f64;
+    let samples = failover.samples.clone();
     sink.timed(
         backend,
         "leaseholder",
         &format!("{failover_name} (ttl {ttl_s} s)"),
         failover,
         Some((format!("p99 <= ttl + 100 ms = {limit} ms"), limit)),
-    )
+    )?;
+    Ok(samples)
 }
 
 async fn steady_and_scale(
@@ -665,16 +667,49 @@ async fn peer_group_only(out: &Path, quick: bool) -> anyhow::Result<()> {
             start,
             &format!("{backend}: handoff and crash failover, ttl {ttl_s} s, {rounds} rounds"),
         );
-        handoff_rows(
+        let mut fleet = peer_group::RaftFleet::new("handoff", ttl);
+        let failovers = handoff_rows(
             &mut sink,
             backend,
-            &mut peer_group::RaftFleet::new("handoff", ttl),
+            &mut fleet,
             ttl_s,
             rounds,
             Some(("p99 <= 10 ms".into(), 10.0)),
             "crash failover, member down with it",
         )
         .await?;
+        // The same crashes, split by the role of the member that went
+        // down: a Raft follower, or the Raft leader too (then the new Raft
+        // leader lets every lease last a full ttl from its takeover, which
+        // comes an election timeout after the crash).
+        let limit = (ttl_s * 1000 + 100) as f64;
+        for (raft_leader, name, target) in [
+            (
+                false,
+                "crash failover, member a Raft follower",
+                Some((format!("p99 <= ttl + 100 ms = {limit} ms"), limit)),
+            ),
+            (true, "crash failover, member the Raft leader", None),
+        ] {
+            let samples: Vec<f64> = failovers
+                .iter()
+                .zip(fleet.killed_raft_leader())
+                .filter(|(_, was)| **was == raft_leader)
+                .map(|(ms, _)| *ms)
+                .collect();
+            let note = (samples.is_empty()).then(|| "no crash of this kind in the run".to_owned());
+            sink.timed(
+                backend,
+                "leaseholder",
+                &format!("{name} (ttl {ttl_s} s)"),
+                scenarios::Timed {
+                    samples,
+                    svg: None,
+                    note,
+                },
+                target,
+            )?;
+        }
     }
     let window = Duration::from_secs(if quick { 10 } else { 30 });
     log(start, &format!("{backend}: idle cost, {window:?}"));

@@ -176,6 +176,9 @@ pub(crate) struct RaftFleet {
     ttl: Duration,
     cands: Vec<Cand>,
     events: Events,
+    /// For each kill, in order: whether the member that went down led the
+    /// Raft group then.
+    killed_raft_leader: Vec<bool>,
 }
 
 impl RaftFleet {
@@ -186,7 +189,14 @@ impl RaftFleet {
             ttl,
             cands: Vec::new(),
             events: Events::new(),
+            killed_raft_leader: Vec::new(),
         }
+    }
+
+    /// For each kill so far, in order: whether its member led the Raft
+    /// group when it went down.
+    pub(crate) fn killed_raft_leader(&self) -> &[bool] {
+        &self.killed_raft_leader
     }
 
     /// A member with no candidate.
@@ -250,6 +260,8 @@ impl Fleet for RaftFleet {
         let slot = self.cands[i].slot;
         tracing::debug!(who = i, slot, "peer-group candidate and member killed");
         if let Some(group) = self.group.as_mut() {
+            let leading = group.member(slot).is_some_and(PeerGroup::is_leader);
+            self.killed_raft_leader.push(leading);
             group.down(slot).await;
         }
         if let Some(task) = self.cands[i].task.take() {
