@@ -10,7 +10,8 @@ use std::time::Duration;
 use leaseholder_testkit::{
     ChildGuard, EtcdServer, NatsServer, PostgresServer, RedisServer, TempDir,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::ChildStdin;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
@@ -139,6 +140,9 @@ pub(crate) struct Line {
 /// printed them).
 pub(crate) struct Copies {
     pub(crate) procs: Vec<ChildGuard>,
+    /// Each copy's stdin, if it was started with one to write to
+    /// ([`spawn_program`](Self::spawn_program)).
+    stdins: Vec<Option<ChildStdin>>,
     tx: mpsc::UnboundedSender<Line>,
     rx: mpsc::UnboundedReceiver<Line>,
     pub(crate) seen: Vec<Line>,
@@ -149,6 +153,7 @@ impl Copies {
         let (tx, rx) = mpsc::unbounded_channel();
         Copies {
             procs: Vec::new(),
+            stdins: Vec::new(),
             tx,
             rx,
             seen: Vec::new(),
@@ -158,11 +163,30 @@ impl Copies {
     /// Starts a copy of example `name` with `envs` set; its index.
     pub(crate) fn spawn(&mut self, name: &str, envs: &[(&str, &str)]) -> usize {
         let mut cmd = tokio::process::Command::new(example(name));
-        cmd.envs(envs.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.envs(envs.iter().copied());
+        self.start(cmd)
+    }
+
+    /// Starts `program` with `args` and `envs` as one more copy, its stdin
+    /// a pipe for [`send`](Self::send); its index.
+    pub(crate) fn spawn_program(
+        &mut self,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[String],
+        envs: &[(&str, String)],
+    ) -> usize {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::piped());
+        self.start(cmd)
+    }
+
+    fn start(&mut self, mut cmd: tokio::process::Command) -> usize {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut guard = ChildGuard::spawn(&mut cmd).unwrap();
         let stdout = guard.child_mut().stdout.take().unwrap();
+        let stdin = guard.child_mut().stdin.take();
         let copy = self.procs.len();
         let tx = self.tx.clone();
         tokio::spawn(async move {
@@ -181,7 +205,43 @@ impl Copies {
             });
         });
         self.procs.push(guard);
+        self.stdins.push(stdin);
         copy
+    }
+
+    /// Writes `line` and a newline to the stdin of `copy` (started with
+    /// [`spawn_program`](Self::spawn_program)).
+    pub(crate) async fn send(&mut self, copy: usize, line: &str) {
+        let stdin = self.stdins[copy]
+            .as_mut()
+            .unwrap_or_else(|| panic!("copy {copy} has no stdin to write to"));
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("writing to copy {copy}: {e}"));
+        stdin.flush().await.unwrap();
+    }
+
+    /// Waits until `done`, called on every line seen so far after each new
+    /// one, returns `Some`; at most [`LINE_WAIT`].
+    pub(crate) async fn until_seen<T>(
+        &mut self,
+        what: &str,
+        mut done: impl FnMut(&[Line]) -> Option<T>,
+    ) -> T {
+        if let Some(found) = done(&self.seen) {
+            return found;
+        }
+        let deadline = Instant::now() + LINE_WAIT;
+        loop {
+            let Ok(next) = timeout_at(deadline, self.rx.recv()).await else {
+                panic!("no {what} within {LINE_WAIT:?}; seen: {:#?}", self.texts());
+            };
+            self.seen.push(next.expect("the copies hold a sender"));
+            if let Some(found) = done(&self.seen) {
+                return found;
+            }
+        }
     }
 
     /// The first line, seen or still to come, that `want` matches; waits
@@ -211,9 +271,12 @@ impl Copies {
             .unwrap()
     }
 
+    /// Every line seen, as `copy: text`, but for the `WRITE` lines of the
+    /// candidate binary (one per 50 ms while it leads).
     pub(crate) fn texts(&self) -> Vec<String> {
         self.seen
             .iter()
+            .filter(|l| !l.text.starts_with("WRITE "))
             .map(|l| format!("{}: {}", l.copy, l.text))
             .collect()
     }
