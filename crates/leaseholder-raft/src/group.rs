@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::error::GroupError;
-use crate::net::{self, Message, MessageReply, Network, Transport};
+use crate::net::{self, Envelope, Message, MessageReply, Network, Transport};
 use crate::store::{MemoryLog, NodeId, Raft, StateMachine};
 use crate::table::{self, Command, HolderWire, Judged, Outcome};
 
@@ -98,6 +98,9 @@ pub(crate) enum ServeError {
     Unavailable(String),
 }
 
+/// The name of a group whose builder was given none.
+const DEFAULT_NAME: &str = "leaseholder";
+
 /// What serving on this member found.
 enum Here {
     /// Served.
@@ -108,6 +111,8 @@ enum Here {
 
 pub(crate) struct GroupInner {
     pub(crate) id: NodeId,
+    /// The group's name ([`PeerGroupBuilder::name`]), on every frame.
+    pub(crate) name: Arc<str>,
     pub(crate) raft: Raft,
     pub(crate) machine: StateMachine,
     pub(crate) transport: Arc<dyn Transport>,
@@ -210,6 +215,7 @@ impl std::fmt::Debug for PeerGroup {
 /// # }
 /// ```
 pub struct PeerGroupBuilder {
+    name: String,
     node_id: Option<NodeId>,
     peers: Vec<(NodeId, String)>,
     transport: Option<Arc<dyn Transport>>,
@@ -226,6 +232,7 @@ pub struct PeerGroupBuilder {
 impl std::fmt::Debug for PeerGroupBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeerGroupBuilder")
+            .field("name", &self.name)
             .field("node_id", &self.node_id)
             .field("peers", &self.peers)
             .field("in_memory", &self.in_memory)
@@ -242,6 +249,7 @@ impl PeerGroup {
     /// timeout 150 to 300 ms.
     pub fn builder() -> PeerGroupBuilder {
         PeerGroupBuilder {
+            name: DEFAULT_NAME.to_owned(),
             node_id: None,
             peers: Vec::new(),
             transport: None,
@@ -508,7 +516,25 @@ impl PeerGroupBuilder {
         self
     }
 
+    /// The group's name, the same on every member. Every frame carries it
+    /// and the id of the member it is for, and a member refuses a frame
+    /// for another group or member, so a stale address or a port reused by
+    /// another group's member cannot feed one group's log into another.
+    /// Give each group that runs on the same hosts a name of its own.
+    /// Default `leaseholder`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// How often the Raft leader sends heartbeats. Default 50 ms.
+    ///
+    /// openraft also gives every append (a heartbeat or a batch of writes)
+    /// one heartbeat interval to be answered: the round trip to a
+    /// follower, its fsync included, must fit in it, or nothing commits
+    /// while the followers, who still hear the heartbeats, keep the Raft
+    /// leader in place. Raise it (and the election timeout with it) on
+    /// slow links or disks.
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.heartbeat = every;
         self
@@ -523,6 +549,9 @@ impl PeerGroupBuilder {
     }
 
     fn check(&self) -> Result<Checked, GroupError> {
+        if self.name.is_empty() {
+            return Err(GroupError::Config("name(..) is empty".to_owned()));
+        }
         let id = self
             .node_id
             .ok_or(GroupError::Config("node_id(..) is required".to_owned()))?;
@@ -587,6 +616,7 @@ impl PeerGroupBuilder {
     /// the same list; openraft makes that safe).
     pub async fn start(self) -> Result<PeerGroup, GroupError> {
         let (id, members, transport) = self.check()?;
+        let name: Arc<str> = Arc::from(self.name.as_str());
         let listener = match &self.listen {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                 GroupError::Unavailable(format!("member {id} cannot listen on {addr}: {e}"))
@@ -595,7 +625,7 @@ impl PeerGroupBuilder {
         };
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let config = Config {
-            cluster_name: "leaseholder".to_owned(),
+            cluster_name: self.name.clone(),
             heartbeat_interval: ms(self.heartbeat),
             election_timeout_min: ms(self.election.0),
             election_timeout_max: ms(self.election.1),
@@ -620,6 +650,7 @@ impl PeerGroupBuilder {
             Arc::new(config),
             Network {
                 transport: transport.clone(),
+                group: name.clone(),
             },
             log,
             machine.clone(),
@@ -644,6 +675,7 @@ impl PeerGroupBuilder {
         let group = PeerGroup {
             inner: Arc::new(GroupInner {
                 id,
+                name,
                 raft,
                 machine,
                 transport,
@@ -679,23 +711,39 @@ impl PeerGroupBuilder {
 
 /// Handles one frame from another member.
 pub(crate) async fn receive(inner: &Arc<GroupInner>, frame: Bytes) -> Bytes {
-    let reply = match net::decode::<Message>(&frame) {
+    let reply = match net::decode::<Envelope>(&frame) {
         Err(why) => MessageReply::Undecodable(why),
-        Ok(Message::Append(rpc)) => MessageReply::Append(inner.raft.append_entries(rpc).await),
-        Ok(Message::Vote(rpc)) => MessageReply::Vote(inner.raft.vote(rpc).await),
-        Ok(Message::Snapshot(rpc)) => {
-            MessageReply::Snapshot(inner.raft.install_snapshot(rpc).await)
+        Ok(Envelope { group, to, .. }) if *group != *inner.name || to != inner.id => {
+            tracing::warn!(
+                member = inner.id,
+                group = %inner.name,
+                "refused a frame for member {to} of group {group:?}: a peer's address for that member leads here"
+            );
+            MessageReply::Misdelivered(format!(
+                "a frame for member {to} of group {group:?} reached member {} of group {:?}",
+                inner.id, inner.name
+            ))
         }
-        Ok(Message::Client {
-            request,
-            budget_us,
-            hops,
-        }) => MessageReply::Client(
-            serve(inner, request, Duration::from_micros(budget_us), hops).await,
-        ),
+        Ok(Envelope { message, .. }) => receive_message(inner, message).await,
     };
     net::encode(&reply)
         .unwrap_or_else(|why| net::encode(&MessageReply::Undecodable(why)).unwrap_or_default())
+}
+
+/// Handles a message meant for this member.
+async fn receive_message(inner: &Arc<GroupInner>, message: Message) -> MessageReply {
+    match message {
+        Message::Append(rpc) => MessageReply::Append(inner.raft.append_entries(rpc).await),
+        Message::Vote(rpc) => MessageReply::Vote(inner.raft.vote(rpc).await),
+        Message::Snapshot(rpc) => MessageReply::Snapshot(inner.raft.install_snapshot(rpc).await),
+        Message::Client {
+            request,
+            budget_us,
+            hops,
+        } => MessageReply::Client(
+            serve(inner, request, Duration::from_micros(budget_us), hops).await,
+        ),
+    }
 }
 
 /// Serves `request` on the member that leads the group: here, or passed
@@ -744,10 +792,14 @@ pub(crate) async fn serve(
             return Err(ServeError::NoLeader);
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        let message = Message::Client {
-            request: request.clone(),
-            budget_us: table::us(left),
-            hops,
+        let message = Envelope {
+            group: inner.name.to_string(),
+            to,
+            message: Message::Client {
+                request: request.clone(),
+                budget_us: table::us(left),
+                hops,
+            },
         };
         let frame = net::encode(&message).map_err(ServeError::Unavailable)?;
         let reply = inner
@@ -757,6 +809,7 @@ pub(crate) async fn serve(
             .map_err(|e| ServeError::Unavailable(format!("member {to}: {e}")))?;
         return match net::decode::<MessageReply>(&reply) {
             Ok(MessageReply::Client(result)) => result,
+            Ok(MessageReply::Misdelivered(why)) => Err(ServeError::Unavailable(why)),
             Ok(_) => Err(ServeError::Unavailable(format!(
                 "member {to} answered with another kind of reply"
             ))),

@@ -23,7 +23,8 @@ use crate::group::{GroupInner, Reply, Request, ServeError};
 use crate::store::{NodeId, TypeConfig};
 
 /// The version of the wire format: the first byte of every frame.
-pub const WIRE_VERSION: u8 = 1;
+/// Version 2 addresses every request to a group and a member.
+pub const WIRE_VERSION: u8 = 2;
 
 /// The future a [`Transport`] returns.
 pub type CallFuture<'a> = Pin<Box<dyn Future<Output = Result<Bytes, TransportError>> + Send + 'a>>;
@@ -77,6 +78,18 @@ pub enum TransportError {
     Failed(String),
 }
 
+/// A request frame's contents: the group and member it is for, and the
+/// message. A member refuses a frame meant for another group or member
+/// ([`MessageReply::Misdelivered`]): a stale address, a port reused by
+/// another process or a misconfigured peer list must never feed one
+/// group's log into another's.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Envelope {
+    pub(crate) group: String,
+    pub(crate) to: NodeId,
+    pub(crate) message: Message,
+}
+
 /// A message between members.
 #[derive(Serialize, Deserialize)]
 pub(crate) enum Message {
@@ -100,6 +113,9 @@ pub(crate) enum MessageReply {
     Client(Result<Reply, ServeError>),
     /// The frame could not be decoded (another wire version, garbage).
     Undecodable(String),
+    /// The frame was for another group or member: the sender's address
+    /// for its peer leads somewhere else.
+    Misdelivered(String),
 }
 
 /// Encodes a value as a frame: the version byte, then postcard.
@@ -124,10 +140,13 @@ pub(crate) fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> Result<T, Strin
 #[derive(Clone)]
 pub(crate) struct Network {
     pub(crate) transport: Arc<dyn Transport>,
+    /// The group's name, on every frame.
+    pub(crate) group: Arc<str>,
 }
 
 pub(crate) struct Link {
     transport: Arc<dyn Transport>,
+    group: Arc<str>,
     target: NodeId,
     addr: String,
 }
@@ -138,6 +157,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Link {
         Link {
             transport: self.transport.clone(),
+            group: self.group.clone(),
             target,
             addr: node.addr.clone(),
         }
@@ -147,10 +167,16 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 impl Link {
     async fn rpc<E: std::error::Error>(
         &self,
-        message: &Message,
+        message: Message,
         timeout: Duration,
     ) -> Result<MessageReply, RPCError<NodeId, BasicNode, E>> {
-        let frame = encode(message).map_err(|e| RPCError::Network(NetworkError::new(&Text(e))))?;
+        let envelope = Envelope {
+            group: self.group.to_string(),
+            to: self.target,
+            message,
+        };
+        let frame =
+            encode(&envelope).map_err(|e| RPCError::Network(NetworkError::new(&Text(e))))?;
         let reply = self
             .transport
             .call(self.target, &self.addr, frame, timeout)
@@ -159,7 +185,15 @@ impl Link {
                 TransportError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
                 _ => RPCError::Network(NetworkError::new(&e)),
             })?;
-        decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&Text(e))))
+        match decode(&reply) {
+            // Whoever answers at that address is not the peer: as good as
+            // unreachable (openraft backs off), never a reply to apply.
+            Ok(MessageReply::Misdelivered(why)) => {
+                Err(RPCError::Unreachable(Unreachable::new(&Text(why))))
+            }
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&Text(e)))),
+        }
     }
 }
 
@@ -178,6 +212,7 @@ impl std::error::Error for Text {}
 fn unexpected<E: std::error::Error>(reply: MessageReply) -> RPCError<NodeId, BasicNode, E> {
     let what = match reply {
         MessageReply::Undecodable(why) => format!("the member could not decode the frame: {why}"),
+        MessageReply::Misdelivered(why) => why,
         _ => "a reply of another kind".to_owned(),
     };
     RPCError::Network(NetworkError::new(&Text(what)))
@@ -189,7 +224,7 @@ impl RaftNetwork<TypeConfig> for Link {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        match self.rpc(&Message::Append(rpc), option.hard_ttl()).await? {
+        match self.rpc(Message::Append(rpc), option.hard_ttl()).await? {
             MessageReply::Append(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -205,7 +240,7 @@ impl RaftNetwork<TypeConfig> for Link {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        match self.rpc(&Message::Snapshot(rpc), option.hard_ttl()).await? {
+        match self.rpc(Message::Snapshot(rpc), option.hard_ttl()).await? {
             MessageReply::Snapshot(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -218,7 +253,7 @@ impl RaftNetwork<TypeConfig> for Link {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        match self.rpc(&Message::Vote(rpc), option.hard_ttl()).await? {
+        match self.rpc(Message::Vote(rpc), option.hard_ttl()).await? {
             MessageReply::Vote(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }

@@ -309,3 +309,98 @@ async fn the_raft_leader_cut_off_through_its_proxies_ends_its_term_before_a_new_
         m.shutdown().await;
     }
 }
+
+/// Starts member `id` of `peers` (named `name`) over TCP, durable in `dir`.
+async fn member_of(
+    name: &str,
+    id: u64,
+    peers: &[(u64, String)],
+    dir: &std::path::Path,
+) -> PeerGroup {
+    let addr = peers
+        .iter()
+        .find(|(i, _)| *i == id)
+        .map(|(_, a)| a.clone())
+        .unwrap_or_default();
+    PeerGroup::builder()
+        .name(name)
+        .node_id(id)
+        .peers(peers.to_vec())
+        .tcp(addr)
+        .data_dir(dir.join(format!("{name}-m{id}")))
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("{name} member {id}: {e}"))
+}
+
+/// A peer list whose address for one member leads to a member of another
+/// group (a stale address, a port reused): that member refuses every
+/// frame meant for another member or group, so neither group's log
+/// reaches the other. Group `a` names member 3 at the address of group
+/// `b`'s only member (id 1: the ids differ); group `c`, named otherwise,
+/// names its member 1 there (the same id: only the name differs). Both
+/// elect among their two running members, and `b` goes on alone, its
+/// leases its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_refuses_frames_meant_for_another_member_or_group() {
+    let dir = TempDir::new("leaseholder-raft-misdelivered").unwrap_or_else(|e| panic!("{e}"));
+    let port = || {
+        format!(
+            "127.0.0.1:{}",
+            free_port().unwrap_or_else(|e| panic!("{e}"))
+        )
+    };
+    let b_addr = port();
+    let b_peers = vec![(1, b_addr.clone())];
+    let b = member_of("b", 1, &b_peers, dir.path()).await;
+    b.wait_for_leader(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("b: {e}"));
+    let a_peers = vec![(1, port()), (2, port()), (3, b_addr.clone())];
+    let c_peers = vec![(1, b_addr.clone()), (2, port()), (3, port())];
+    let a1 = member_of("a", 1, &a_peers, dir.path()).await;
+    let a2 = member_of("a", 2, &a_peers, dir.path()).await;
+    let c2 = member_of("c", 2, &c_peers, dir.path()).await;
+    let c3 = member_of("c", 3, &c_peers, dir.path()).await;
+    for m in [&a1, &a2, &c2, &c3] {
+        m.wait_for_leader(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("member {}: {e}", m.id()));
+    }
+    let ttl = Duration::from_secs(30);
+    let a_key = Key::new("of-a").unwrap_or_else(|e| panic!("{e}"));
+    let c_key = Key::new("of-c").unwrap_or_else(|e| panic!("{e}"));
+    a1.put_raw(&a_key, b"a", ttl)
+        .await
+        .unwrap_or_else(|e| panic!("a: {e}"));
+    c2.put_raw(&c_key, b"c", ttl)
+        .await
+        .unwrap_or_else(|e| panic!("c: {e}"));
+    // Both groups have sent appends, votes and heartbeats to b's address
+    // all along; b still leads its own group of one, and holds only its
+    // own keys.
+    let b_key = Key::new("of-b").unwrap_or_else(|e| panic!("{e}"));
+    b.put_raw(&b_key, b"b", ttl)
+        .await
+        .unwrap_or_else(|e| panic!("b no longer serves: {e}"));
+    assert!(b.is_leader(), "b lost the lead of its own group");
+    assert_eq!(b.members(), b_peers);
+    let backend = b.backend();
+    for (key, theirs) in [(&a_key, "a"), (&c_key, "c")] {
+        let held = backend
+            .holder(key)
+            .await
+            .unwrap_or_else(|e| panic!("b: {e}"));
+        assert!(held.is_none(), "group {theirs}'s lease reached b: {held:?}");
+    }
+    assert!(
+        backend
+            .holder(&b_key)
+            .await
+            .unwrap_or_else(|e| panic!("b: {e}"))
+            .is_some()
+    );
+    for m in [&a1, &a2, &c2, &c3, &b] {
+        m.shutdown().await;
+    }
+}
