@@ -85,6 +85,27 @@ impl Cluster {
         found.unwrap_or_else(|_| panic!("the members never agreed on a leader"))
     }
 
+    /// The Raft leader that member `f` names once it names one other than
+    /// member `r` (waits up to 10 s).
+    async fn new_raft_leader(&self, f: usize, r: usize) -> u64 {
+        let old = self.members[r].id();
+        timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(id) = self.members[f].leader()
+                    && id != old
+                {
+                    return id;
+                }
+                let _ = self.members[f]
+                    .wait_for_leader(Duration::from_millis(20))
+                    .await;
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no new Raft leader"))
+    }
+
     async fn shutdown(&self) {
         for m in &self.members {
             m.shutdown().await;
@@ -134,21 +155,7 @@ async fn losing_the_raft_leader_costs_the_leading_candidate_no_term() {
     let cut_at = Instant::now();
     c.net.isolate(c.members[r].id());
     // The others elect a new leader.
-    let new = timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(id) = c.members[f].leader()
-                && id != c.members[r].id()
-            {
-                return id;
-            }
-            let _ = c.members[f]
-                .wait_for_leader(Duration::from_millis(20))
-                .await;
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no new Raft leader"));
+    let new = c.new_raft_leader(f, r).await;
     assert_ne!(new, c.members[r].id());
     // Two ttls with the old Raft leader gone: the term lives on.
     if let Some(ev) = log.next(TTL * 2).await {
@@ -186,21 +193,7 @@ async fn a_new_raft_leader_extends_leases_from_its_takeover_not_from_its_first_r
         .await
         .unwrap_or_else(|e| panic!("put: {e}"));
     c.net.isolate(c.members[r].id());
-    timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(id) = c.members[f].leader()
-                && id != c.members[r].id()
-            {
-                return;
-            }
-            let _ = c.members[f]
-                .wait_for_leader(Duration::from_millis(20))
-                .await;
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no new Raft leader"));
+    c.new_raft_leader(f, r).await;
     // Time passes with nobody asking the new leader anything.
     let quiet = Duration::from_secs(1);
     tokio::time::sleep(quiet).await;
