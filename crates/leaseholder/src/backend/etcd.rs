@@ -1333,6 +1333,15 @@ impl BackendEdge for EtcdBackend {
                 });
             }
         }
+        if stale_leader_revokes(&version) {
+            tracing::warn!(
+                version = %version,
+                "etcd before 3.4.31 and 3.5.13 lets a Raft leader that stalled (a pause, a slow disk) \
+                 revoke leases that the new leader kept alive (etcd-io/etcd#15247): a lease can end \
+                 before its holder's deadline, so two leaders may overlap until the old one sees the \
+                 delete; upgrade the cluster"
+            );
+        }
         // Nothing to create: the first acquire on a cluster with no epoch
         // marker writes it, and every acquire waits for the fresh marker
         // to expire (see the module docs), which covers what
@@ -2256,6 +2265,31 @@ fn parse_version(version: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
+/// Whether etcd `version` has the bug fixed in 3.4.31 and 3.5.13: a Raft
+/// leader that stalled and lost its leadership still revokes the leases
+/// its stale clock thinks expired, and the new leader commits the revoke
+/// (etcd-io/etcd#15247, fixed by etcd-io/etcd#17425 and #17465).
+fn stale_leader_revokes(version: &str) -> bool {
+    let patch = version
+        .trim()
+        .split('.')
+        .nth(2)
+        .and_then(|p| {
+            p.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse::<u32>()
+                .ok()
+        })
+        .unwrap_or(0);
+    match parse_version(version) {
+        Some((3, 4)) => patch < 31,
+        Some((3, 5)) => patch < 13,
+        Some((3, minor)) => minor < 4,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -2303,6 +2337,11 @@ mod tests {
         assert_eq!(parse_version("3.4.23"), Some((3, 4)));
         assert_eq!(parse_version("3.6.0-rc.1"), Some((3, 6)));
         assert_eq!(parse_version("garbage"), None);
+        assert!(stale_leader_revokes("3.4.23"));
+        assert!(!stale_leader_revokes("3.4.31"));
+        assert!(stale_leader_revokes("3.5.12"));
+        assert!(!stale_leader_revokes("3.5.16"));
+        assert!(!stale_leader_revokes("3.6.0-rc.1"));
     }
 
     #[test]
