@@ -50,20 +50,7 @@ impl Tcp {
     }
 
     async fn start(&self, id: u64) -> PeerGroup {
-        let addr = self
-            .peers
-            .iter()
-            .find(|(i, _)| *i == id)
-            .map(|(_, a)| a.clone())
-            .unwrap_or_default();
-        PeerGroup::builder()
-            .node_id(id)
-            .peers(self.peers.clone())
-            .tcp(addr)
-            .data_dir(self.dir.path().join(format!("m{id}")))
-            .start()
-            .await
-            .unwrap_or_else(|e| panic!("member {id}: {e}"))
+        member_of("leaseholder", id, &self.peers, self.dir.path()).await
     }
 
     fn member(&self, i: usize) -> &PeerGroup {
