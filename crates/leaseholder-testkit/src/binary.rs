@@ -108,13 +108,36 @@ pub(crate) fn pick_by_version(
     setup: &str,
     version_of: impl Fn(&Path) -> Option<String>,
 ) -> Result<PathBuf, Error> {
-    let required = format!("{name} >= {}.{}", min.0, min.1);
+    pick_accepted(
+        candidates,
+        &format!("{name} >= {}.{}", min.0, min.1),
+        setup,
+        version_of,
+        |version| parse_major_minor(version).is_some_and(|found| found >= min),
+    )
+}
+
+/// The first of `candidates` whose version, as `version_of` reads it,
+/// `accept` takes; `required` says which ones those are, in errors
+/// (`etcd >= 3.5.13`).
+///
+/// Returns [`Error::UnsupportedVersion`] (naming the first candidate that
+/// was refused) if `accept` refuses every readable one, and
+/// [`Error::MissingBinary`] if none could be read; both name `setup` as the
+/// install command.
+pub(crate) fn pick_accepted(
+    candidates: Vec<PathBuf>,
+    required: &str,
+    setup: &str,
+    version_of: impl Fn(&Path) -> Option<String>,
+    accept: impl Fn(&str) -> bool,
+) -> Result<PathBuf, Error> {
     let mut too_old = None;
     for candidate in candidates {
         let version = version_of(&candidate);
-        tracing::debug!(candidate = %candidate.display(), ?version, "{name} candidate");
+        tracing::debug!(candidate = %candidate.display(), ?version, "{required} candidate");
         let Some(version) = version else { continue };
-        if parse_major_minor(&version).is_some_and(|found| found >= min) {
+        if accept(&version) {
             return Ok(candidate);
         }
         too_old.get_or_insert((candidate, version));
@@ -123,15 +146,24 @@ pub(crate) fn pick_by_version(
         Some((binary, found)) => Err(Error::UnsupportedVersion {
             binary,
             found,
-            required,
+            required: required.to_owned(),
             setup: setup.to_owned(),
         }),
         None => Err(Error::MissingBinary {
-            name: required,
+            name: required.to_owned(),
             dirs: Vec::new(),
             setup: setup.to_owned(),
         }),
     }
+}
+
+/// (major, minor, patch) of `MAJOR.MINOR.PATCH[...]`: the patch's leading
+/// digits (`3.6.0-rc.1` is 3.6.0).
+pub(crate) fn parse_major_minor_patch(version: &str) -> Option<(u32, u32, u32)> {
+    let (major, minor) = parse_major_minor(version)?;
+    let patch = version.split('.').nth(2)?;
+    let digits: String = patch.chars().take_while(char::is_ascii_digit).collect();
+    Some((major, minor, digits.parse().ok()?))
 }
 
 /// (major, minor) of `MAJOR.MINOR[.PATCH...]`.

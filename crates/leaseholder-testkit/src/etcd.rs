@@ -20,15 +20,50 @@ use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::time::Instant;
 
-use crate::binary::{parse_major_minor, pick_by_version};
+use crate::binary::{parse_major_minor, parse_major_minor_patch, pick_accepted};
 use crate::peer_links::{Partition, PeerLinks};
 use crate::process::{log_tail, wait_stopped};
 use crate::{ChildGuard, Error, TempDir, find_binary_candidates, free_port};
 
-/// The oldest etcd (major, minor) that [`find_etcd`] and [`find_etcdctl`]
-/// accept: 3.4 is what Debian 12 ships, and the first with the gRPC
-/// gateway under `/v3/` (not `/v3beta/`).
-pub const MIN_ETCD_VERSION: (u32, u32) = (3, 4);
+/// The oldest etcd (major, minor, patch) of the 3.5 line that
+/// [`find_etcd`] and [`find_etcdctl`] accept; see [`etcd_version_accepted`]
+/// for the whole rule.
+///
+/// Before 3.5.13 (and 3.4.31), a Raft leader that stalled (`SIGSTOP`, a
+/// slow disk) and then resumed could still revoke leases that its
+/// successor had seen renewed (etcd issue 15247), so a lease holder could
+/// lose its keys while it rightly believed it held them: a chaos run on
+/// Debian 12's 3.4.23 showed overlapping terms each time. The tests pause
+/// and cut members on purpose, so they need a server without that bug;
+/// `scripts/setup` installs 3.5.16.
+pub const MIN_ETCD_VERSION: (u32, u32, u32) = (3, 5, 13);
+
+/// The oldest 3.4 release with the fix that [`MIN_ETCD_VERSION`] is about.
+const MIN_ETCD_34: (u32, u32, u32) = (3, 4, 31);
+
+/// What [`find_etcd`] and [`find_etcdctl`] ask for, in errors.
+const REQUIRED: &str = ">= 3.5.13 (or 3.4.31+)";
+
+/// Whether the testkit runs etcd (or etcdctl) `version`, e.g. `3.5.16`:
+/// 3.4.31 or later in the 3.4 line, [`MIN_ETCD_VERSION`] or later in 3.5,
+/// and any release from 3.6 on.
+///
+/// ```
+/// use leaseholder_testkit::etcd_version_accepted;
+///
+/// assert!(etcd_version_accepted("3.5.16"));
+/// assert!(etcd_version_accepted("3.4.31"));
+/// assert!(etcd_version_accepted("3.6.0-rc.1"));
+/// assert!(!etcd_version_accepted("3.4.23"));
+/// assert!(!etcd_version_accepted("3.5.12"));
+/// ```
+pub fn etcd_version_accepted(version: &str) -> bool {
+    match parse_major_minor_patch(version) {
+        Some(found @ (3, 4, _)) => found >= MIN_ETCD_34,
+        Some(found) => found >= MIN_ETCD_VERSION,
+        None => false,
+    }
+}
 
 /// The `--heartbeat-interval` of every member the testkit starts: how often
 /// the Raft leader tells the followers it is alive (etcd's default is
@@ -80,8 +115,8 @@ const LOG_FILE: &str = "etcd.log";
 /// creates it with mode 0700.
 const DATA_DIR: &str = "data";
 
-/// Finds an `etcd` of at least [`MIN_ETCD_VERSION`] on `PATH`, judging by
-/// its `--version`.
+/// Finds the first `etcd` on `PATH` whose `--version`
+/// [`etcd_version_accepted`] takes.
 ///
 /// Returns [`Error::MissingBinary`], naming `scripts/setup`, if there is no
 /// `etcd` on `PATH`, and [`Error::UnsupportedVersion`] (with the version
@@ -91,18 +126,22 @@ pub fn find_etcd() -> Result<PathBuf, Error> {
     pick_etcd_binary("etcd", find_binary_candidates("etcd", &[]))
 }
 
-/// Finds an `etcdctl` of at least [`MIN_ETCD_VERSION`] on `PATH`, judging
-/// by its `version` (with `ETCDCTL_API=3`), like [`find_etcd`].
+/// Finds the first `etcdctl` on `PATH` whose `version` (with
+/// `ETCDCTL_API=3`) [`etcd_version_accepted`] takes, like [`find_etcd`].
 pub fn find_etcdctl() -> Result<PathBuf, Error> {
     pick_etcd_binary("etcdctl", find_binary_candidates("etcdctl", &[]))
 }
 
-/// The first of `candidates` whose version is at least
-/// [`MIN_ETCD_VERSION`].
+/// The first of `candidates` whose version [`etcd_version_accepted`]
+/// takes.
 fn pick_etcd_binary(name: &str, candidates: Vec<PathBuf>) -> Result<PathBuf, Error> {
-    pick_by_version(name, candidates, MIN_ETCD_VERSION, SETUP, |path| {
-        version_text(path, name).and_then(|text| version_token(&text).map(str::to_owned))
-    })
+    pick_accepted(
+        candidates,
+        &format!("{name} {REQUIRED}"),
+        SETUP,
+        |path| version_text(path, name).and_then(|text| version_token(&text).map(str::to_owned)),
+        etcd_version_accepted,
+    )
 }
 
 /// What `etcd --version` or `etcdctl version` prints (`etcdctl` has no
@@ -1451,15 +1490,43 @@ mod tests {
                 if *binary == old && found == "3.3.25"),
             "{error:?}"
         );
-        assert!(message.contains("etcd >= 3.4"), "{message}");
+        assert!(message.contains("etcd >= 3.5.13 (or 3.4.31+)"), "{message}");
         assert!(message.contains("scripts/setup"), "{message}");
 
+        // Debian 12's 3.4.23 has the stale-leader bug: it is passed over
+        // for a fixed one later on PATH.
+        let debian_dir = TempDir::new("testkit-etcd-version").unwrap();
+        let debian = fake_binary(debian_dir.path(), "etcd", "etcd Version: 3.4.23");
         let new_dir = TempDir::new("testkit-etcd-version").unwrap();
         let new = fake_binary(new_dir.path(), "etcd", "etcd Version: 3.5.17");
         assert_eq!(
-            pick_etcd_binary("etcd", vec![old, new.clone()]).unwrap(),
+            pick_etcd_binary("etcd", vec![old, debian.clone(), new.clone()]).unwrap(),
             new
         );
+        let error = pick_etcd_binary("etcd", vec![debian.clone()]).unwrap_err();
+        assert!(
+            matches!(&error, Error::UnsupportedVersion { binary, found, .. }
+                if *binary == debian && found == "3.4.23"),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn versions_with_the_stale_leader_fix_are_accepted() {
+        for version in [
+            "3.4.31",
+            "3.4.40",
+            "3.5.13",
+            "3.5.16",
+            "3.6.0",
+            "3.6.0-rc.1",
+            "4.0.0",
+        ] {
+            assert!(etcd_version_accepted(version), "{version}");
+        }
+        for version in ["3.3.25", "3.4.23", "3.4.30", "3.5.0", "3.5.12", "3.5", "x"] {
+            assert!(!etcd_version_accepted(version), "{version}");
+        }
     }
 
     #[test]
@@ -1467,7 +1534,7 @@ mod tests {
         let error = pick_etcd_binary("etcdctl", Vec::new()).unwrap_err();
         assert!(
             matches!(&error, Error::MissingBinary { name, setup, .. }
-                if name == "etcdctl >= 3.4" && setup == "scripts/setup"),
+                if name == "etcdctl >= 3.5.13 (or 3.4.31+)" && setup == "scripts/setup"),
             "{error:?}"
         );
     }

@@ -44,7 +44,7 @@ pub use binary::{binary_version, find_binary, find_binary_candidates, find_binar
 pub use error::Error;
 pub use etcd::{
     ETCD_ELECTION_TIMEOUT, ETCD_HEARTBEAT_INTERVAL, EtcdCluster, EtcdServer, EtcdStatus,
-    MIN_ETCD_VERSION, find_etcd, find_etcdctl,
+    MIN_ETCD_VERSION, etcd_version_accepted, find_etcd, find_etcdctl,
 };
 pub use nats::{DEBIAN_NATS_SERVER, MIN_NATS_VERSION, NatsCluster, NatsServer, find_nats_server};
 pub use port::free_port;
