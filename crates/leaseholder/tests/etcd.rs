@@ -882,6 +882,49 @@ async fn a_key_nobody_renews_is_swept_off_the_shared_lease() {
     log.assert_safe();
 }
 
+/// An acquire whose reply was lost may have written the key, and the
+/// campaign, which could not read it back, gives that attempt up and later
+/// acquires with a new nonce. The key is bound to the shared lease that the
+/// backend's other keys keep alive, so it would never expire: the backend
+/// keeps the given-up attempt aside and deletes its key once a ttl has
+/// passed without a call for it, and a candidate elsewhere takes the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_written_by_an_abandoned_acquire_is_deleted_and_taken() {
+    let ttl = Duration::from_secs(2);
+    let s = server().await;
+    let eb = etcd_backend(&[s.endpoint()]);
+    let shared = Backend::etcd(eb.clone());
+    let key = Key::new("abandoned").unwrap();
+    // The attempt whose reply the campaign never saw: it won.
+    let lost = Claim::new(LeaderId::new(), Default::default());
+    let won = shared.acquire(&key, &lost, ttl).await.unwrap();
+    assert!(matches!(won, Acquired::Won(_)), "{won:?}");
+    let attempted = Instant::now();
+    // The campaign's next attempt, with a new nonce, finds the key held.
+    let next = Claim::new(LeaderId::new(), Default::default());
+    let held = shared.acquire(&key, &next, ttl).await.unwrap();
+    assert!(matches!(held, Acquired::Held(_)), "{held:?}");
+    // Another key keeps the shared lease alive.
+    let log = WorkLog::new();
+    let keeper = leader_for("busy", shared.clone(), ttl);
+    let (tk, _) = run_reporting_terms(&keeper, "keeper", &log);
+    timeout(WAIT, log.wait_for_start(1)).await.unwrap();
+    let other = WorkLog::new();
+    let taker = leader_for("abandoned", backend(&s.endpoint()), ttl);
+    let (tt, _) = run_reporting_terms(&taker, "taker", &other);
+    let taken = timeout(WAIT, other.wait_for_start(1))
+        .await
+        .expect("the abandoned attempt's key is deleted and taken");
+    println!(
+        "the abandoned attempt's key taken {:?} after it was written",
+        taken.start - attempted
+    );
+    assert!(taken.start - attempted >= ttl);
+    stop(&taker, tt).await;
+    stop(&keeper, tk).await;
+    log.assert_safe();
+}
+
 // ----- the candidate registry -------------------------------------------------
 
 /// The next registry event of the watch (lease events are skipped).

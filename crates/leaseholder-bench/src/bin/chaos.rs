@@ -207,6 +207,21 @@ fn ms(us: u64) -> String {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("candidate") {
+        // `LEASEHOLDER_CHAOS_LOG=leaseholder=debug` (a tracing filter) makes
+        // every candidate log to the harness's standard error, each line
+        // with the candidate's pid: for finding out what a failed run did.
+        if let Ok(filter) = std::env::var("LEASEHOLDER_CHAOS_LOG") {
+            let pid = std::process::id();
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .fmt_fields(tracing_subscriber::fmt::format::DefaultFields::new())
+                .event_format(tracing_subscriber::fmt::format().with_target(false))
+                .with_span_events(tracing_subscriber::fmt::format::FmtSpan::NONE)
+                .init();
+            tracing::info!(pid, "chaos candidate logging");
+        }
         // A candidate with a scaled clock runs on a paused current-thread
         // runtime whose clock it moves itself (see `drive_clock`).
         let runtime = if chaos::candidate::clock_rate()?.is_some() {

@@ -352,6 +352,7 @@ impl EtcdBuilder {
                 connecting: tokio::sync::Mutex::new(()),
                 keepers: Mutex::new(HashMap::new()),
                 held: Mutex::new(HashMap::new()),
+                abandoned: Mutex::new(Vec::new()),
                 entries: Mutex::new(Entries::default()),
                 watch: WatchState::default(),
                 highest_token: AtomicU64::new(0),
@@ -465,6 +466,14 @@ struct Inner {
     keepers: Mutex<HashMap<i64, Arc<Keeper>>>,
     /// The keys this backend holds (or may hold: an acquire in flight).
     held: Mutex<HashMap<Key, Held>>,
+    /// Keys this backend may still hold under a nonce its campaign gave
+    /// up: a later acquire of the key (with a new nonce) replaced their
+    /// [`Held`] entry. An acquire whose reply was lost, and whose read-back
+    /// failed until the campaign stopped asking, may still have written
+    /// the key; bound to the shared lease, which the backend's other keys
+    /// keep alive, it would never expire. Deleted once untouched for a ttl,
+    /// like any key nobody renews ([`EtcdBackend::sweep`]).
+    abandoned: Mutex<Vec<(Key, Held)>>,
     /// The registry entries this backend wrote.
     entries: Mutex<Entries>,
     watch: WatchState,
@@ -905,6 +914,49 @@ impl EtcdBackend {
                 self.forget(key, held.nonce);
             }
         }
+        let abandoned: Vec<(Key, Held)> = lock(&self.inner.abandoned)
+            .iter()
+            .filter(|(_, h)| h.lease == lease && h.untouched_since(now))
+            .cloned()
+            .collect();
+        for (key, held) in &abandoned {
+            let Ok((kv, _)) = self.read(key, budget).await else {
+                continue;
+            };
+            let ours = kv.filter(|kv| is_bound(kv, held));
+            let gone = match ours {
+                Some(kv) => {
+                    let deleted = self
+                        .delete_created(key, kv.create_revision(), budget)
+                        .await
+                        .is_ok();
+                    if deleted {
+                        tracing::info!(%key, "deleted a key an abandoned acquire had written");
+                    }
+                    deleted
+                }
+                None => true,
+            };
+            if gone {
+                self.drop_abandoned(key, held.nonce);
+            }
+        }
+    }
+
+    /// Forgets the abandoned entry of `key` with `nonce`.
+    fn drop_abandoned(&self, key: &Key, nonce: Nonce) {
+        lock(&self.inner.abandoned).retain(|(k, h)| !(k == key && h.nonce == nonce));
+    }
+
+    /// The abandoned entry that `kv` (the key as read) is bound to, if it
+    /// has gone a ttl without a call: nothing can lead on it any more, so
+    /// the key may be deleted.
+    fn abandoned_and_stale(&self, key: &Key, kv: &KeyValue) -> Option<Held> {
+        let now = Instant::now();
+        lock(&self.inner.abandoned)
+            .iter()
+            .find(|(k, h)| k == key && is_bound(kv, h) && h.untouched_since(now))
+            .map(|(_, h)| h.clone())
     }
 
     /// Deletes `key` if it is still the one created at revision `rev`.
@@ -923,6 +975,12 @@ impl EtcdBackend {
             .and_then(vec![TxnOp::delete(self.lease_key(key), None)]);
         self.txn(txn, budget).await.map(drop)
     }
+}
+
+/// Whether `kv` (a lease key as read) is the one `held` describes: bound
+/// to its shared lease, with its nonce.
+fn is_bound(kv: &KeyValue, held: &Held) -> bool {
+    kv.lease() == held.lease && LeaseValue::decode(kv.value()).is_ok_and(|v| v.nonce == held.nonce)
 }
 
 /// The whole-second ttl of an etcd lease for `ttl`: rounded up, at least 1.
@@ -1185,6 +1243,7 @@ impl Keeper {
                         // Every key and registry entry on it is gone with
                         // it: the next register puts its entry again.
                         lock(&backend.inner.held).retain(|_, h| h.lease != *id);
+                        lock(&backend.inner.abandoned).retain(|(_, h)| h.lease != *id);
                         lock(&backend.inner.entries)
                             .by_slot
                             .retain(|_, e| e.lease != *id);
@@ -1193,7 +1252,10 @@ impl Keeper {
                         let now = Instant::now();
                         let stale = lock(&backend.inner.held)
                             .values()
-                            .any(|h| h.lease == *id && h.untouched_since(now));
+                            .any(|h| h.lease == *id && h.untouched_since(now))
+                            || lock(&backend.inner.abandoned)
+                                .iter()
+                                .any(|(_, h)| h.lease == *id && h.untouched_since(now));
                         if stale {
                             let backend = backend.clone();
                             let budget = self.ttl();
@@ -1882,9 +1944,11 @@ impl EtcdBackend {
             });
         }
         let keeper = self.keeper(ttl);
-        // Two rounds at most: a lease that expired between its keep-alive
-        // and the put is replaced once.
-        for _ in 0..2 {
+        let mut swept = false;
+        // Three rounds at most: a lease that expired between its keep-alive
+        // and the put is replaced once, and a key an abandoned acquire of
+        // ours left is deleted once, each followed by another try.
+        for _ in 0..3 {
             // A lease confirmed by a request sent after this call began
             // lives a ttl from then at least: so does the key bound to it.
             let lease = match keeper.confirm(self, called).await {
@@ -1894,8 +1958,11 @@ impl EtcdBackend {
             };
             let generation = self.generation();
             // Recorded before the put: if the reply is lost, the sweep
-            // still finds the key should its campaign give it up.
-            lock(&self.inner.held).insert(
+            // still finds the key should its campaign give it up. An entry
+            // under another nonce is one the campaign gave up (it acquires
+            // only when it does not lead): kept aside, since that acquire
+            // may have written the key.
+            let replaced = lock(&self.inner.held).insert(
                 key.clone(),
                 Held {
                     nonce: claim.nonce,
@@ -1906,6 +1973,12 @@ impl EtcdBackend {
                     ttl,
                 },
             );
+            if let Some(old) = replaced.filter(|old| old.nonce != claim.nonce) {
+                let mut abandoned = lock(&self.inner.abandoned);
+                if !abandoned.iter().any(|(k, h)| k == key && h.nonce == old.nonce) {
+                    abandoned.push((key.clone(), old));
+                }
+            }
             let name = self.lease_key(key);
             let value = LeaseValue {
                 token: None,
@@ -1981,6 +2054,22 @@ impl EtcdBackend {
                 gets.next().flatten(),
             );
             if let Some(kv) = kv {
+                if !swept
+                    && let Some(old) = self.abandoned_and_stale(key, &kv)
+                {
+                    // Our own key, written by an acquire the campaign gave
+                    // up a ttl ago or more: delete it and try again.
+                    swept = true;
+                    if self
+                        .delete_created(key, kv.create_revision(), budget)
+                        .await
+                        .is_ok()
+                    {
+                        tracing::info!(%key, "deleted a key an abandoned acquire had written");
+                        self.drop_abandoned(key, old.nonce);
+                        continue;
+                    }
+                }
                 let base = self.base_of(epoch.as_ref());
                 return Ok(Acquired::Held(self.holder_of(&kv, base, budget).await));
             }
