@@ -189,6 +189,13 @@ impl BackendEdge for RaftBackend {
         Ok(Some(Box::pin(events)))
     }
 
+    /// A member tells its watchers when a lease expires on its own clock
+    /// (once per write; see the store's expiry timer), so followers try the
+    /// key within a millisecond of its expiry instead of at their timers.
+    fn watch_reports_expiry(&self) -> bool {
+        true
+    }
+
     fn supports_candidates(&self) -> bool {
         true
     }

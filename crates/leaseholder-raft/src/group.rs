@@ -122,10 +122,6 @@ pub(crate) struct GroupInner {
     /// Set by [`PeerGroup::shutdown`]: the TCP server closes its
     /// connections rather than answer for a stopped node.
     stopped: std::sync::atomic::AtomicBool,
-    /// The Raft term this member last became the leader in, and when (on
-    /// its monotonic clock, as soon as its metrics said so): the takeover
-    /// that every lease is extended from.
-    took_over: std::sync::Mutex<Option<(u64, Instant)>>,
 }
 
 impl GroupInner {
@@ -133,42 +129,6 @@ impl GroupInner {
     pub(crate) fn is_stopped(&self) -> bool {
         self.stopped.load(std::sync::atomic::Ordering::Acquire)
     }
-
-    /// When this member became the Raft leader in `term`: the instant its
-    /// metrics first showed it, or now if they have not been seen yet
-    /// (later than the takeover, so every lease lasts longer, never less).
-    fn took_over_in(&self, term: u64) -> Instant {
-        match *self.took_over.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some((t, at)) if t == term => at,
-            _ => Instant::now(),
-        }
-    }
-}
-
-/// Notes when this member becomes the Raft leader (see
-/// [`GroupInner::took_over_in`]); ends with the Raft node.
-fn watch_takeovers(inner: &Arc<GroupInner>) -> tokio::task::JoinHandle<()> {
-    let mut metrics = inner.raft.metrics();
-    let weak = Arc::downgrade(inner);
-    tokio::spawn(async move {
-        loop {
-            let (state, term) = {
-                let m = metrics.borrow_and_update();
-                (m.state, m.current_term)
-            };
-            let Some(inner) = weak.upgrade() else { return };
-            if state == ServerState::Leader {
-                let mut took = inner.took_over.lock().unwrap_or_else(|p| p.into_inner());
-                if took.is_none_or(|(t, _)| t != term) {
-                    *took = Some((term, Instant::now()));
-                }
-            }
-            drop(inner);
-            if metrics.changed().await.is_err() {
-                return;
-            }
-        }
-    })
 }
 
 /// One member of a peer group: the replicas of a service elect among
@@ -361,8 +321,9 @@ impl PeerGroup {
     ///
     /// Leases are untouched: a lease lives in the replicated table, so a
     /// candidate that leads keeps its term, also when the member that led
-    /// the group is removed (the next one extends every lease to a full
-    /// ttl from its takeover, as after any change of Raft leader).
+    /// the group is removed (the next one times every lease from when it
+    /// applied the lease's last write, as after any change of Raft
+    /// leader).
     ///
     /// Fails with [`GroupError::Config`] for an empty list, an id listed
     /// twice or an empty address, and with [`GroupError::Unavailable`] if
@@ -682,16 +643,15 @@ impl PeerGroupBuilder {
                 members,
                 tasks: std::sync::Mutex::new(Vec::new()),
                 stopped: std::sync::atomic::AtomicBool::new(false),
-                took_over: std::sync::Mutex::new(None),
             }),
         };
-        let watcher = watch_takeovers(&group.inner);
+        let timer = tokio::spawn(group.inner.machine.expiry_timer());
         group
             .inner
             .tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(watcher);
+            .push(timer);
         if let Some(listener) = listener {
             let tcp = self
                 .tcp
@@ -864,12 +824,12 @@ async fn serve_here(inner: &Arc<GroupInner>, request: &Request) -> Result<Here, 
         return Ok(Here::Elsewhere(leader));
     }
     // Once per Raft term: catch the state machine up with everything
-    // committed before this term, then let every lease last a full ttl
-    // from the takeover (no lease may end sooner than its holder's
-    // deadline, which the old leader's clock timed). From the takeover,
-    // not from this first request: a lease whose holder died with the old
-    // Raft leader is then free a ttl after the election, not a ttl after
-    // the first acquire that came to ask.
+    // committed before this term, so that this member judges on the whole
+    // table. Each lease already lasts a ttl from the moment this member
+    // applied its last write, which came after the holder sent that write
+    // (the holder's deadline counts from the send), so no lease ends here
+    // sooner than its holder's deadline assumes, whichever clock the old
+    // Raft leader timed it by; nothing needs extending at the takeover.
     let caught_up = inner.machine.lock().caught_up_term == Some(term);
     let mut linearized = false;
     if !caught_up {
@@ -882,9 +842,8 @@ async fn serve_here(inner: &Arc<GroupInner>, request: &Request) -> Result<Here, 
             tracing::debug!(
                 member = inner.id,
                 term,
-                "leading the group: every lease lasts a full ttl from the takeover"
+                "leading the group: caught up with the log"
             );
-            m.table.extend_all(inner.took_over_in(term));
             m.caught_up_term = Some(term);
         }
     }

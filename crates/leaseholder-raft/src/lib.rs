@@ -60,9 +60,15 @@
 //!   acquire of an expired lease carries that lease's revision as a
 //!   condition, so a renewal that landed first makes the acquire fail.
 //!   When a member takes over the group's leadership it first applies
-//!   everything committed before, then lets every lease last at least its
-//!   full ttl from then (etcd's lessor rule): no lease ends sooner than its
-//!   holder's deadline assumes, whatever the old leader's clock said.
+//!   everything committed before, then judges by its own deadlines. It
+//!   applied every write after the holder sent it, and the holder's
+//!   deadline counts from the send, so no lease ends sooner than its
+//!   holder's deadline assumes, whatever the old leader's clock said, and
+//!   nothing is extended at the takeover. (etcd's lessor extends every
+//!   lease by a full ttl when its leader changes because its keep-alives
+//!   are not in the log; every renewal here is, so that would only make a
+//!   lease whose holder died with the Raft leader outlive its ttl by the
+//!   election.)
 //! - **A deposed leader cannot grant.** Writes need a quorum to commit and
 //!   reads a quorum's confirmation, so a member cut off in a minority
 //!   neither grants nor renews, and openraft's leader lease keeps the

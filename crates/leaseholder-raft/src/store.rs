@@ -16,7 +16,7 @@ use openraft::{
     BasicNode, Entry, EntryPayload, LogId, LogState, RaftLogId, RaftLogReader, RaftSnapshotBuilder,
     SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
 use crate::disk::{self, LogFile, Replayed};
@@ -230,8 +230,11 @@ pub(crate) struct Machine {
     snapshot: Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>,
     snapshots: u64,
     /// The Raft term in which this member, as the Raft leader, last caught
-    /// up and extended every lease (see [`Table::extend_all`]).
+    /// up with everything committed before it.
     pub(crate) caught_up_term: Option<u64>,
+    /// When the expiry timer ([`StateMachine::run_expiry`]) wakes next:
+    /// the earliest deadline of a live lease it has not told of yet.
+    next_expiry: Option<Instant>,
 }
 
 /// The state machine openraft drives, shared with the group's request
@@ -240,6 +243,9 @@ pub(crate) struct Machine {
 pub(crate) struct StateMachine {
     inner: Arc<Mutex<Machine>>,
     events: broadcast::Sender<WatchEvent>,
+    /// Wakes the expiry timer when a write set a deadline earlier than the
+    /// one it sleeps until.
+    expiry: Arc<Notify>,
     /// Where the snapshot is kept (a durable member), if anywhere.
     dir: Option<PathBuf>,
 }
@@ -262,9 +268,76 @@ impl StateMachine {
                 snapshot: None,
                 snapshots: 0,
                 caught_up_term: None,
+                next_expiry: None,
             })),
             events,
+            expiry: Arc::new(Notify::new()),
             dir: None,
+        }
+    }
+
+    /// Tells this member's watchers, with [`WatchEvent::Released`], of each
+    /// lease that expires on this member's clock, once per write, so that
+    /// followers try the key at once rather than at their own timers (the
+    /// expiry hint plus a spread of up to a tenth of the retry interval).
+    /// Runs until the member is gone (`machine` no longer upgrades) or the
+    /// task is aborted at shutdown.
+    ///
+    /// Only a wake-up: the Raft leader still judges every acquire on its
+    /// own deadlines, so a member whose clock ends a lease before the
+    /// leader's does costs the follower one acquire that finds it held.
+    pub(crate) async fn run_expiry(
+        machine: std::sync::Weak<Mutex<Machine>>,
+        expiry: Arc<Notify>,
+        events: broadcast::Sender<WatchEvent>,
+    ) {
+        loop {
+            let Some(inner) = machine.upgrade() else {
+                return;
+            };
+            let (expired, next) = {
+                let mut m = lock(&inner);
+                let (expired, next) = m.table.tell_expired(Instant::now());
+                m.next_expiry = next;
+                (expired, next)
+            };
+            drop(inner);
+            for key in expired {
+                if let Ok(key) = leaseholder::Key::new(key) {
+                    // No subscriber is fine: nobody watches.
+                    let _ = events.send(WatchEvent::Released(key));
+                }
+            }
+            match next {
+                Some(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = expiry.notified() => {}
+                    }
+                }
+                None => expiry.notified().await,
+            }
+        }
+    }
+
+    /// The expiry timer of this machine ([`run_expiry`](Self::run_expiry)),
+    /// as a future to spawn.
+    pub(crate) fn expiry_timer(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        StateMachine::run_expiry(
+            Arc::downgrade(&self.inner),
+            self.expiry.clone(),
+            self.events.clone(),
+        )
+    }
+
+    /// Wakes the expiry timer if a write since the last call set a deadline
+    /// earlier than the one it sleeps until (or it sleeps with none).
+    fn wake_expiry(&self, m: &mut Machine) {
+        if let Some(earliest) = m.table.take_earliest_set()
+            && m.next_expiry.is_none_or(|next| earliest < next)
+        {
+            m.next_expiry = Some(earliest);
+            self.expiry.notify_one();
         }
     }
 
@@ -384,6 +457,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                 }
             }
+            self.wake_expiry(&mut m);
         }
         for event in events {
             // No subscriber is fine: nobody watches.
@@ -416,6 +490,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             m.membership = meta.last_membership.clone();
             m.snapshot = Some((meta.clone(), data));
             m.caught_up_term = None;
+            // A new table: the timer looks at it afresh.
+            m.next_expiry = None;
+            self.wake_expiry(&mut m);
         }
         let _ = self.events.send(WatchEvent::Resync);
         Ok(())

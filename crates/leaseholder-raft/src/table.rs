@@ -7,9 +7,13 @@
 //! only, both local to a member and never replicated:
 //!
 //! - each lease and registry entry has a *deadline* on this member's
-//!   monotonic clock, set when the member applies the write (`now + ttl`),
-//!   and pushed to at least `now + ttl` for every entry when the member
-//!   becomes the Raft leader ([`Table::extend_all`], etcd's lessor rule);
+//!   monotonic clock, set when the member applies the write (`now + ttl`).
+//!   Every member applies a write after its holder sent it, and the
+//!   holder's own deadline counts from the send, so no member's deadline
+//!   is earlier than the holder's: the member that takes over the group's
+//!   leadership judges by the deadlines it already has, with no extension
+//!   (etcd's lessor extends every lease at a takeover because etcd's
+//!   keep-alives are not in the log; here every renewal is);
 //! - the Raft leader *judges* expiry before it proposes an acquire, and
 //!   puts its judgment in the command as a condition
 //!   ([`Expect::Expired`] with the lease's revision), which the apply
@@ -146,6 +150,10 @@ struct Stored {
     /// that installed it from a snapshot sets it ([`Table::arm`]).
     #[serde(skip)]
     deadline: Option<Instant>,
+    /// Whether this member's watchers were told that the lease expired
+    /// (see [`Table::tell_expired`]); cleared by every write.
+    #[serde(skip)]
+    told: bool,
 }
 
 /// One registry entry.
@@ -170,6 +178,10 @@ pub(crate) struct Table {
     born: Option<Instant>,
     leases: BTreeMap<String, Stored>,
     registry: BTreeMap<String, BTreeMap<[u8; 16], Entry>>,
+    /// The earliest lease deadline set since [`Table::take_earliest_set`]
+    /// last took it: whether the expiry timer must wake sooner.
+    #[serde(skip)]
+    earliest_set: Option<Instant>,
 }
 
 /// What the Raft leader concluded about a key it may acquire.
@@ -235,25 +247,47 @@ impl Table {
             self.born = Some(now);
         }
         for s in self.leases.values_mut() {
-            s.deadline = Some(later(now, s.ttl_us));
+            let deadline = later(now, s.ttl_us);
+            s.deadline = Some(deadline);
+            s.told = false;
+            self.earliest_set = Some(self.earliest_set.map_or(deadline, |e| e.min(deadline)));
         }
         for e in self.registry.values_mut().flat_map(|m| m.values_mut()) {
             e.deadline = Some(later(now, e.ttl_us));
         }
     }
 
-    /// The Raft leader's takeover: every lease and entry lasts at least a
-    /// full ttl from `now`, so that none ends before its holder's deadline
-    /// assumes, whatever the old leader's clock said.
-    pub(crate) fn extend_all(&mut self, now: Instant) {
-        for s in self.leases.values_mut() {
-            let full = later(now, s.ttl_us);
-            s.deadline = Some(s.deadline.map_or(full, |d| d.max(full)));
+    /// Notes that a lease's deadline is now `deadline`.
+    fn set_deadline(&mut self, deadline: Instant) {
+        self.earliest_set = Some(self.earliest_set.map_or(deadline, |e| e.min(deadline)));
+    }
+
+    /// The earliest lease deadline set since the last call, if any.
+    pub(crate) fn take_earliest_set(&mut self) -> Option<Instant> {
+        self.earliest_set.take()
+    }
+
+    /// The leases that expired by `now` on this member's clock and whose
+    /// expiry this member's watchers were not told of yet (each is told
+    /// once per write), and the earliest deadline of those still live: when
+    /// to look again. The leases stay in the table: an acquire replaces an
+    /// expired one only on the Raft leader's judgment.
+    pub(crate) fn tell_expired(&mut self, now: Instant) -> (Vec<String>, Option<Instant>) {
+        let mut expired = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (key, s) in &mut self.leases {
+            let Some(deadline) = s.deadline else { continue };
+            if s.told {
+                continue;
+            }
+            if deadline <= now {
+                s.told = true;
+                expired.push(key.clone());
+            } else {
+                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+            }
         }
-        for e in self.registry.values_mut().flat_map(|m| m.values_mut()) {
-            let full = later(now, e.ttl_us);
-            e.deadline = Some(e.deadline.map_or(full, |d| d.max(full)));
-        }
+        (expired, next)
     }
 
     /// How long acquires must still wait because the group is younger
@@ -381,13 +415,16 @@ impl Table {
                     acquired_at: UNIX_EPOCH + Duration::from_micros(*at_us),
                     metadata: Bytes::copy_from_slice(metadata),
                 };
+                let deadline = later(now, *ttl_us);
+                self.set_deadline(deadline);
                 let stored = Stored {
                     value: value.encode().to_vec(),
                     nonce: Some(*nonce),
                     token: Some(token),
                     revision: index,
                     ttl_us: *ttl_us,
-                    deadline: Some(later(now, *ttl_us)),
+                    deadline: Some(deadline),
+                    told: false,
                 };
                 let holder = stored.wire(now).holder();
                 let event = event_key(key).map(|k| WatchEvent::Updated(k, Some(holder)));
@@ -420,8 +457,11 @@ impl Table {
                 }
                 s.revision = index;
                 s.ttl_us = *ttl_us;
-                s.deadline = Some(later(now, *ttl_us));
+                let deadline = later(now, *ttl_us);
+                s.deadline = Some(deadline);
+                s.told = false;
                 let holder = s.wire(now).holder();
+                self.set_deadline(deadline);
                 let event = event_key(key).map(|k| WatchEvent::Updated(k, Some(holder)));
                 (Outcome::Renewed { revision: index }, event)
             }
@@ -438,13 +478,16 @@ impl Table {
                 }
             }
             Command::PutRaw { key, value, ttl_us } => {
+                let deadline = later(now, *ttl_us);
+                self.set_deadline(deadline);
                 let stored = Stored {
                     value: value.clone(),
                     nonce: LeaseValue::decode(value).ok().map(|v| v.nonce.as_u128()),
                     token: None,
                     revision: index,
                     ttl_us: *ttl_us,
-                    deadline: Some(later(now, *ttl_us)),
+                    deadline: Some(deadline),
+                    told: false,
                 };
                 let holder = stored.wire(now).holder();
                 let event = event_key(key).map(|k| WatchEvent::Updated(k, Some(holder)));
@@ -617,31 +660,74 @@ mod tests {
     }
 
     #[test]
-    fn expiry_is_judged_on_this_members_clock_and_takeover_extends_every_lease() {
+    fn expiry_is_judged_on_this_members_clock_from_when_it_applied_the_write() {
         let now = Instant::now();
+        let ttl = Duration::from_micros(TTL);
         let mut t = Table::default();
         t.apply(&acquire("k", 1, Expect::Free), 1, now);
-        let later = now + Duration::from_micros(TTL) + Duration::from_millis(1);
+        let just_before = now + ttl - Duration::from_millis(1);
+        assert!(t.is_live("k", 1, just_before));
+        assert!(matches!(t.judge_acquire("k", just_before), Judged::Held(_)));
+        let after = now + ttl + Duration::from_millis(1);
         assert_eq!(
-            t.judge_acquire("k", later),
+            t.judge_acquire("k", after),
             Judged::Propose(Expect::Expired(1))
         );
-        assert!(!t.is_live("k", 1, later));
-        // A new Raft leader at `later` gives the lease a full ttl from then.
-        t.extend_all(later);
-        assert!(t.is_live("k", 1, later));
-        assert!(matches!(t.judge_acquire("k", later), Judged::Held(_)));
-        let end = later + Duration::from_micros(TTL);
-        assert!(!t.is_live("k", 1, end));
-        // Extending never shortens.
-        let mut u = Table::default();
-        u.apply(&acquire("k", 1, Expect::Free), 1, later);
-        u.extend_all(now);
-        assert!(u.is_live(
-            "k",
-            1,
-            later + Duration::from_micros(TTL) - Duration::from_millis(1)
-        ));
+        assert!(!t.is_live("k", 1, after));
+        // A member that applied the same entry later (a follower that
+        // learned of the commit a heartbeat on) times the lease from then:
+        // never sooner than the member that applied it first.
+        let mut follower = Table::default();
+        let applied = now + Duration::from_millis(50);
+        follower.apply(&acquire("k", 1, Expect::Free), 1, applied);
+        assert!(follower.is_live("k", 1, after));
+        assert!(!follower.is_live("k", 1, applied + ttl));
+        // A renewal times it anew from its own apply.
+        let renewed = now + ttl / 2;
+        t.apply(&renew("k", 1), 2, renewed);
+        assert!(t.is_live("k", 1, after));
+        assert!(!t.is_live("k", 1, renewed + ttl));
+    }
+
+    #[test]
+    fn each_expiry_is_told_once_per_write() {
+        let now = Instant::now();
+        let ttl = Duration::from_micros(TTL);
+        let mut t = Table::default();
+        t.apply(&acquire("k", 1, Expect::Free), 1, now);
+        t.apply(&acquire("j", 2, Expect::Free), 2, now + ttl / 2);
+        // The timer learns of the earliest new deadline, once.
+        assert_eq!(t.take_earliest_set(), Some(now + ttl));
+        assert_eq!(t.take_earliest_set(), None);
+        let (told, next) = t.tell_expired(now);
+        assert!(told.is_empty(), "{told:?}");
+        assert_eq!(next, Some(now + ttl));
+        let (told, next) = t.tell_expired(now + ttl);
+        assert_eq!(told, ["k"]);
+        assert_eq!(next, Some(now + ttl / 2 + ttl));
+        // Told once: the expired lease is no reason to wake again.
+        let (told, next) = t.tell_expired(now + ttl);
+        assert!(told.is_empty(), "{told:?}");
+        assert_eq!(next, Some(now + ttl / 2 + ttl));
+        // A write makes its expiry worth telling again.
+        t.apply(&renew("k", 1), 3, now + ttl);
+        assert_eq!(t.take_earliest_set(), Some(now + ttl * 2));
+        let (told, next) = t.tell_expired(now + ttl * 3);
+        assert_eq!(told, ["j", "k"]);
+        assert_eq!(next, None);
+        // A released lease is gone: nothing to tell.
+        t.apply(&acquire("r", 3, Expect::Free), 4, now);
+        t.apply(
+            &Command::Release {
+                key: "r".to_owned(),
+                nonce: 3,
+            },
+            5,
+            now,
+        );
+        let (told, next) = t.tell_expired(now + ttl * 3);
+        assert!(told.is_empty(), "{told:?}");
+        assert_eq!(next, None);
     }
 
     #[test]

@@ -177,39 +177,54 @@ async fn losing_the_raft_leader_costs_the_leading_candidate_no_term() {
     c.shutdown().await;
 }
 
-/// A new Raft leader extends every lease to a full ttl from its takeover
-/// (etcd's lessor rule), not from the first request it serves: a lease
-/// whose holder went down with the old Raft leader is free a ttl after the
-/// election, however late the next acquire comes to ask.
+/// A new Raft leader times each lease from when it applied the lease's
+/// last write, as every member does, not from its takeover (etcd's lessor
+/// rule) nor from the first request it serves: a lease whose holder went
+/// down with the old Raft leader is free a ttl after its last write, and
+/// never sooner than a ttl after that write was sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_raft_leader_extends_leases_from_its_takeover_not_from_its_first_request() {
+async fn a_new_raft_leader_times_leases_from_their_last_write_not_from_its_takeover() {
     let c = cluster(3).await;
     let r = c.raft_leader().await;
     let f = (r + 1) % 3;
     let key = leaseholder::Key::new("takeover").unwrap_or_else(|e| panic!("{e}"));
     let ttl = Duration::from_secs(10);
+    let sent = Instant::now();
     c.members[r]
         .put_raw(&key, b"held elsewhere", ttl)
         .await
         .unwrap_or_else(|e| panic!("put: {e}"));
+    let written = Instant::now();
+    // Time passes before the Raft leader changes (the other members apply
+    // the write within a heartbeat of its commit).
+    let before = Duration::from_secs(1);
+    tokio::time::sleep(before).await;
     c.net.isolate(c.members[r].id());
     c.new_raft_leader(f, r).await;
-    // Time passes with nobody asking the new leader anything.
-    let quiet = Duration::from_secs(1);
-    tokio::time::sleep(quiet).await;
+    let asked = Instant::now();
     let holder = c.members[f]
         .backend()
         .holder(&key)
         .await
         .unwrap_or_else(|e| panic!("holder: {e}"))
-        .unwrap_or_else(|| panic!("the lease is gone a second after the takeover"));
+        .unwrap_or_else(|| panic!("the lease is gone right after the takeover"));
+    let answered = Instant::now();
     let left = holder.expires_in().unwrap_or_else(|| panic!("no expiry"));
-    // From the first request, a full ttl would be left; from the takeover,
-    // at most the ttl less the quiet second (half of it, for the time the
-    // takeover took to show in the new leader's metrics).
+    // Never sooner than a ttl after the write was sent (the holder's
+    // deadline counts from there; 1 ms for the hint's rounding).
     assert!(
-        left <= ttl - quiet / 2,
-        "{left:?} left of a {ttl:?} lease {quiet:?} after the takeover"
+        answered + left + Duration::from_millis(1) >= sent + ttl,
+        "the lease ends {:?} before a ttl from its send",
+        (sent + ttl).saturating_duration_since(answered + left)
+    );
+    // A ttl from the write (half a second for the follower's apply and the
+    // election's own requests), not from the takeover, which came more
+    // than `before` later.
+    let slack = before / 2;
+    assert!(
+        asked + left <= written + ttl + slack,
+        "the lease ends {:?} after a ttl from its write: extended at the takeover",
+        (asked + left).saturating_duration_since(written + ttl)
     );
     c.net.heal();
     c.shutdown().await;

@@ -1975,7 +1975,10 @@ impl EtcdBackend {
             );
             if let Some(old) = replaced.filter(|old| old.nonce != claim.nonce) {
                 let mut abandoned = lock(&self.inner.abandoned);
-                if !abandoned.iter().any(|(k, h)| k == key && h.nonce == old.nonce) {
+                if !abandoned
+                    .iter()
+                    .any(|(k, h)| k == key && h.nonce == old.nonce)
+                {
                     abandoned.push((key.clone(), old));
                 }
             }
@@ -2054,9 +2057,7 @@ impl EtcdBackend {
                 gets.next().flatten(),
             );
             if let Some(kv) = kv {
-                if !swept
-                    && let Some(old) = self.abandoned_and_stale(key, &kv)
-                {
+                if !swept && let Some(old) = self.abandoned_and_stale(key, &kv) {
                     // Our own key, written by an acquire the campaign gave
                     // up a ttl ago or more: delete it and try again.
                     swept = true;
