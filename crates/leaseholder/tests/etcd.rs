@@ -845,6 +845,34 @@ async fn a_cluster_recreated_on_empty_data_waits_a_ttl_and_tokens_still_rise() {
 
 // ----- a key whose release never reached the server ----------------------------
 
+/// While another key keeps `shared`'s lease alive, a candidate on another
+/// backend campaigns for `key`, which `shared` left bound to that lease;
+/// it must begin to lead at least a ttl after `written`.
+async fn taken_from_the_shared_lease(
+    s: &EtcdServer,
+    shared: &Backend,
+    key: &str,
+    ttl: Duration,
+    written: Instant,
+) {
+    let log = WorkLog::new();
+    let keeper = leader_for("busy", shared.clone(), ttl);
+    let (tk, _) = run_reporting_terms(&keeper, "keeper", &log);
+    timeout(WAIT, log.wait_for_start(1)).await.unwrap();
+    let other = WorkLog::new();
+    let taker = leader_for(key, backend(&s.endpoint()), ttl);
+    let (tt, _) = run_reporting_terms(&taker, "taker", &other);
+    let taken = timeout(WAIT, other.wait_for_start(1))
+        .await
+        .unwrap_or_else(|_| panic!("{key} is never deleted and taken"));
+    let after = taken.start - written;
+    println!("{key} taken {after:?} after it was written");
+    assert!(after >= ttl, "{key} taken {after:?} after it was written");
+    stop(&taker, tt).await;
+    stop(&keeper, tk).await;
+    log.assert_safe();
+}
+
 /// A key acquired through a backend that then neither renews nor releases
 /// it (its campaign gone while the link was down, say) would stay alive as
 /// long as the backend's other keys keep the shared lease alive. The
@@ -854,32 +882,12 @@ async fn a_cluster_recreated_on_empty_data_waits_a_ttl_and_tokens_still_rise() {
 async fn a_key_nobody_renews_is_swept_off_the_shared_lease() {
     let ttl = Duration::from_secs(2);
     let s = server().await;
-    let eb = etcd_backend(&[s.endpoint()]);
-    let shared = Backend::etcd(eb.clone());
+    let shared = Backend::etcd(etcd_backend(&[s.endpoint()]));
     let claim = Claim::new(LeaderId::new(), Default::default());
     let orphan = Key::new("orphan").unwrap();
     let won = shared.acquire(&orphan, &claim, ttl).await.unwrap();
     assert!(matches!(won, Acquired::Won(_)), "{won:?}");
-    let acquired = Instant::now();
-    // Another key keeps the shared lease alive.
-    let log = WorkLog::new();
-    let keeper = leader_for("busy", shared.clone(), ttl);
-    let (tk, _) = run_reporting_terms(&keeper, "keeper", &log);
-    timeout(WAIT, log.wait_for_start(1)).await.unwrap();
-    let other = WorkLog::new();
-    let taker = leader_for("orphan", backend(&s.endpoint()), ttl);
-    let (tt, _) = run_reporting_terms(&taker, "taker", &other);
-    let taken = timeout(WAIT, other.wait_for_start(1))
-        .await
-        .expect("the orphan is swept and taken");
-    println!(
-        "orphan taken {:?} after it was acquired",
-        taken.start - acquired
-    );
-    assert!(taken.start - acquired >= ttl);
-    stop(&taker, tt).await;
-    stop(&keeper, tk).await;
-    log.assert_safe();
+    taken_from_the_shared_lease(&s, &shared, "orphan", ttl, Instant::now()).await;
 }
 
 /// An acquire whose reply was lost may have written the key, and the
@@ -892,37 +900,18 @@ async fn a_key_nobody_renews_is_swept_off_the_shared_lease() {
 async fn a_key_written_by_an_abandoned_acquire_is_deleted_and_taken() {
     let ttl = Duration::from_secs(2);
     let s = server().await;
-    let eb = etcd_backend(&[s.endpoint()]);
-    let shared = Backend::etcd(eb.clone());
+    let shared = Backend::etcd(etcd_backend(&[s.endpoint()]));
     let key = Key::new("abandoned").unwrap();
     // The attempt whose reply the campaign never saw: it won.
     let lost = Claim::new(LeaderId::new(), Default::default());
     let won = shared.acquire(&key, &lost, ttl).await.unwrap();
     assert!(matches!(won, Acquired::Won(_)), "{won:?}");
-    let attempted = Instant::now();
+    let written = Instant::now();
     // The campaign's next attempt, with a new nonce, finds the key held.
     let next = Claim::new(LeaderId::new(), Default::default());
     let held = shared.acquire(&key, &next, ttl).await.unwrap();
     assert!(matches!(held, Acquired::Held(_)), "{held:?}");
-    // Another key keeps the shared lease alive.
-    let log = WorkLog::new();
-    let keeper = leader_for("busy", shared.clone(), ttl);
-    let (tk, _) = run_reporting_terms(&keeper, "keeper", &log);
-    timeout(WAIT, log.wait_for_start(1)).await.unwrap();
-    let other = WorkLog::new();
-    let taker = leader_for("abandoned", backend(&s.endpoint()), ttl);
-    let (tt, _) = run_reporting_terms(&taker, "taker", &other);
-    let taken = timeout(WAIT, other.wait_for_start(1))
-        .await
-        .expect("the abandoned attempt's key is deleted and taken");
-    println!(
-        "the abandoned attempt's key taken {:?} after it was written",
-        taken.start - attempted
-    );
-    assert!(taken.start - attempted >= ttl);
-    stop(&taker, tt).await;
-    stop(&keeper, tk).await;
-    log.assert_safe();
+    taken_from_the_shared_lease(&s, &shared, "abandoned", ttl, written).await;
 }
 
 // ----- the candidate registry -------------------------------------------------
