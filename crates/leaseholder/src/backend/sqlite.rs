@@ -647,6 +647,23 @@ impl SqliteBackend {
         }
     }
 
+    /// Opens the file ([`open`](Self::open)), trying again until `deadline`
+    /// while SQLite answers busy or locked: switching a new file to WAL mode
+    /// takes an exclusive lock that another process opening it at the same
+    /// moment may hold, and SQLite can report that without waiting out its
+    /// busy timeout.
+    fn open_until(&self, deadline: Instant) -> Result<Conn, SqlFail> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.open(left) {
+                Err(e) if is_busy(&e) && Instant::now() + OPEN_RETRY < deadline => {
+                    std::thread::sleep(OPEN_RETRY);
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Opens the file: WAL mode, full sync.
     fn open(&self, budget: Duration) -> Result<Conn, SqlFail> {
         let db = Connection::open(&self.inner.path)?;
@@ -683,7 +700,7 @@ impl SqliteBackend {
         let mut guard = self.lock(deadline, budget)?;
         let left = deadline.saturating_duration_since(Instant::now());
         if guard.is_none() {
-            *guard = Some(self.open(left).map_err(|e| self.classify(e))?);
+            *guard = Some(self.open_until(deadline).map_err(|e| self.classify(e))?);
         }
         let conn = guard
             .as_mut()
@@ -748,6 +765,18 @@ impl SqliteBackend {
         }
         Ok(tx)
     }
+}
+
+/// The pause between two tries to open a file that SQLite reports busy.
+const OPEN_RETRY: Duration = Duration::from_millis(5);
+
+/// Whether `e` is SQLite's busy or locked answer.
+fn is_busy(e: &SqlFail) -> bool {
+    matches!(
+        e,
+        SqlFail::Sql(rusqlite::Error::SqliteFailure(failure, _))
+            if matches!(failure.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
 }
 
 /// The file's device and inode, to notice it being replaced.
