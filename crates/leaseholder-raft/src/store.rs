@@ -286,7 +286,7 @@ impl StateMachine {
     /// Only a wake-up: the Raft leader still judges every acquire on its
     /// own deadlines, so a member whose clock ends a lease before the
     /// leader's does costs the follower one acquire that finds it held.
-    pub(crate) async fn run_expiry(
+    async fn run_expiry(
         machine: std::sync::Weak<Mutex<Machine>>,
         expiry: Arc<Notify>,
         events: broadcast::Sender<WatchEvent>,

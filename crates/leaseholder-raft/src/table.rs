@@ -246,11 +246,15 @@ impl Table {
         if self.base.is_some() && self.born.is_none() {
             self.born = Some(now);
         }
+        let mut earliest = None;
         for s in self.leases.values_mut() {
             let deadline = later(now, s.ttl_us);
             s.deadline = Some(deadline);
             s.told = false;
-            self.earliest_set = Some(self.earliest_set.map_or(deadline, |e| e.min(deadline)));
+            earliest = Some(earliest.map_or(deadline, |e: Instant| e.min(deadline)));
+        }
+        if let Some(deadline) = earliest {
+            self.set_deadline(deadline);
         }
         for e in self.registry.values_mut().flat_map(|m| m.values_mut()) {
             e.deadline = Some(later(now, e.ttl_us));
